@@ -1,0 +1,45 @@
+"""tfaca: neural ordinary differential equations for TensorFlow and Keras, with exact,
+memory-light gradients by the adaptive checkpoint adjoint (ACA) method."""
+
+from tfaca._control import StepSizeController
+from tfaca._gradients import AbstractGradient, ACAGradient, NaiveGradient, get_gradient
+from tfaca._odeint import odeint, solve
+from tfaca._solution import Solution, SolveError, Stats, Status
+from tfaca._solvers import (
+    RK4,
+    AbstractSolver,
+    Bosh3,
+    Dopri5,
+    Euler,
+    HeunEuler,
+    Midpoint,
+    Tsit5,
+    get_solver,
+)
+from tfaca._tableau import ButcherTableau
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ACAGradient",
+    "AbstractGradient",
+    "AbstractSolver",
+    "Bosh3",
+    "ButcherTableau",
+    "Dopri5",
+    "Euler",
+    "HeunEuler",
+    "Midpoint",
+    "NaiveGradient",
+    "RK4",
+    "Solution",
+    "SolveError",
+    "Stats",
+    "Status",
+    "StepSizeController",
+    "Tsit5",
+    "get_gradient",
+    "get_solver",
+    "odeint",
+    "solve",
+]

@@ -1,0 +1,257 @@
+"""The one integration loop, shared by every gradient strategy.
+
+Algorithm (Hairer, Nørsett & Wanner I, II.4; Zhuang et al., ICML 2020, Algorithm 1):
+start at `ts[0]` with `f0 = func(t0, y0)` and a first step `dt`; repeat
+
+1. aim at the next output time `ts[i]`: if `dt` would reach or pass it, shorten the
+   step to land on it exactly (outputs are therefore exact, not interpolated, and
+   their gradient is exact too);
+2. take a trial step of the embedded pair and its error ratio;
+3. accept it if the ratio is <= 1, by *selection* (`where(accept, new, old)`): a
+   rejected trial changes nothing and, under ACA, leaves nothing behind;
+4. propose the next `dt` from the error ratio.
+
+The loop is one `tf.while_loop` of static `max_steps` iterations at most, with every
+buffer sized from `max_steps` and `len(ts)`, so it compiles under XLA. With
+`record=True` it also keeps, for each accepted step, its start `(t_i, dt_i, y_i)` and
+which output interval it lies in: the checkpoints the ACA backward pass replays.
+Buffers are written at the index of the next accepted step on every trial; a rejected
+trial's entry is overwritten by the retry, so only accepted steps survive.
+"""
+
+from typing import Any, NamedTuple
+
+import tensorflow as tf
+
+from tfaca._solution import Stats, Status
+
+_RUNNING = -1
+
+
+class Checkpoints(NamedTuple):
+    """Accepted steps of a forward solve: entry `i < num_steps` is step `i`.
+
+    Attributes:
+        t: `[max_steps]` start times.
+        dt: `[max_steps]` step sizes.
+        interval: `[max_steps]` int32 index `j` of the output interval
+            `[ts[j - 1], ts[j]]` the step lies in.
+        hit: `[max_steps]` bool, whether the step ends exactly on `ts[j]`.
+        y: flat list of `[max_steps, ...]` start states.
+        num_steps: int32 scalar.
+    """
+
+    t: Any
+    dt: Any
+    interval: Any
+    hit: Any
+    y: Any
+    num_steps: Any
+
+
+class Trajectory(NamedTuple):
+    ys: Any  # flat list of [len(ts), ...] tensors
+    stats: Stats
+    status: Any
+    t_final: Any
+    checkpoints: Any  # Checkpoints or None
+
+
+class _State(NamedTuple):
+    t: Any
+    dt: Any
+    y: Any
+    f: Any
+    i_out: Any
+    num_trials: Any
+    num_steps: Any
+    num_rejected: Any
+    num_fevals: Any
+    status: Any
+    ys: Any
+    record: Any  # tuple of TensorArrays (t, dt, interval, hit, *y) or ()
+
+
+def _tensor_array(dtype, size, element_shape):
+    return tf.TensorArray(dtype, size=size, element_shape=element_shape, clear_after_read=False)
+
+
+def integrate(solver, controller, func, ts, y0, *, step_size, first_step, max_steps, record):
+    """Integrates `func` from `ts[0]` through every `ts[i]`.
+
+    Args:
+        solver: an `AbstractSolver`.
+        controller: a `StepSizeController` (unused with a fixed `step_size`).
+        func: `func(t, y) -> dy/dt` on flat lists of tensors.
+        ts: 1-D tensor of strictly monotone output times.
+        y0: flat list of state tensors at `ts[0]`.
+        step_size: `None` for adaptive stepping, else the fixed step size.
+        first_step: `None` to select it automatically, else the first trial step size.
+        max_steps: Python int, the largest number of trial steps.
+        record: Python bool, whether to keep the ACA checkpoints.
+
+    Returns:
+        A `Trajectory`.
+    """
+    dtype = ts.dtype
+    num_out = tf.shape(ts)[0]
+    t0 = ts[0]
+    direction = tf.sign(ts[1] - ts[0])
+    f0 = func(t0, y0)
+    num_fevals = tf.constant(1, tf.int32)
+
+    adaptive = step_size is None
+    if not adaptive:
+        dt0 = direction * tf.cast(step_size, dtype)
+    elif first_step is not None:
+        dt0 = controller.clip(direction * tf.abs(tf.cast(first_step, dtype)))
+    else:
+        dt0 = controller.first_step(func, t0, y0, f0, solver.error_order, direction)
+        num_fevals += 1
+
+    ys = [
+        _tensor_array(y.dtype, num_out, y.shape).write(0, y) for y in y0
+    ]
+    if record:
+        recorded = (
+            _tensor_array(dtype, max_steps, []),
+            _tensor_array(dtype, max_steps, []),
+            _tensor_array(tf.int32, max_steps, []),
+            _tensor_array(tf.bool, max_steps, []),
+        ) + tuple(_tensor_array(y.dtype, max_steps, y.shape) for y in y0)
+    else:
+        recorded = ()
+
+    fsal = solver.tableau.fsal
+    trial_fevals = solver.tableau.stages - 1
+
+    def body(s):
+        t_target = ts[s.i_out]
+        remaining = t_target - s.t
+        hit = tf.abs(s.dt) >= tf.abs(remaining)
+        dt = tf.where(hit, remaining, s.dt)
+        y1, f1, y_error = solver.step(func, s.t, s.y, s.f, dt)
+        t1 = tf.where(hit, t_target, s.t + dt)
+
+        if adaptive:
+            err = controller.error_ratio(s.y, y1, y_error)
+            accept = err <= 1.0  # False for NaN
+            err_finite = tf.math.is_finite(err)
+            dt_next = controller.next_step(dt, err, solver.error_order)
+        else:
+            finite = [tf.reduce_all(tf.math.is_finite(y)) for y in y1]
+            err_finite = tf.reduce_all(tf.stack(finite))
+            accept = err_finite
+            dt_next = s.dt
+
+        y_new = [tf.where(accept, a, b) for a, b in zip(y1, s.y)]
+        if fsal:
+            f_new = [tf.where(accept, a, b) for a, b in zip(f1, s.f)]
+            fevals = trial_fevals
+        else:
+            f_new = tf.cond(accept, lambda: func(t1, y1), lambda: s.f)
+            fevals = trial_fevals + tf.cast(accept, tf.int32)
+        t_new = tf.where(accept, t1, s.t)
+        # Written on every trial at the index of the next output; kept once it is hit.
+        ys_new = [ta.write(s.i_out, y) for ta, y in zip(s.ys, y_new)]
+        i_out = s.i_out + tf.cast(accept & hit, tf.int32)
+
+        if record:
+            rec_t, rec_dt, rec_interval, rec_hit = s.record[:4]
+            new_record = (
+                rec_t.write(s.num_steps, s.t),
+                rec_dt.write(s.num_steps, dt),
+                rec_interval.write(s.num_steps, s.i_out),
+                rec_hit.write(s.num_steps, hit),
+            ) + tuple(ta.write(s.num_steps, y) for ta, y in zip(s.record[4:], s.y))
+        else:
+            new_record = ()
+
+        num_trials = s.num_trials + 1
+        if adaptive:
+            # Underflow: the proposed step no longer changes t in this precision. If the
+            # last trial was non-finite, that is the cause worth reporting.
+            eps = tf.experimental.numpy.finfo(dtype.as_numpy_dtype).eps
+            failed = tf.abs(dt_next) <= 4.0 * eps * tf.maximum(tf.abs(t_new), 1.0)
+            failure = tf.where(err_finite, int(Status.DT_UNDERFLOW), int(Status.NONFINITE))
+        else:
+            failed = tf.logical_not(accept)
+            failure = tf.constant(int(Status.NONFINITE))
+        status = tf.where(
+            i_out >= num_out,
+            int(Status.SUCCESS),
+            tf.where(
+                failed,
+                failure,
+                tf.where(num_trials >= max_steps, int(Status.MAX_STEPS_REACHED), _RUNNING),
+            ),
+        )
+        return (
+            _State(
+                t=t_new,
+                dt=dt_next,
+                y=y_new,
+                f=f_new,
+                i_out=i_out,
+                num_trials=num_trials,
+                num_steps=s.num_steps + tf.cast(accept, tf.int32),
+                num_rejected=s.num_rejected + tf.cast(tf.logical_not(accept), tf.int32),
+                num_fevals=s.num_fevals + fevals,
+                status=status,
+                ys=ys_new,
+                record=new_record,
+            ),
+        )
+
+    zero = tf.constant(0, tf.int32)
+    f0_finite = tf.reduce_all(tf.stack([tf.reduce_all(tf.math.is_finite(f)) for f in f0]))
+    state = _State(
+        t=t0,
+        dt=dt0,
+        y=list(y0),
+        f=list(f0),
+        i_out=tf.constant(1, tf.int32),
+        num_trials=zero,
+        num_steps=zero,
+        num_rejected=zero,
+        num_fevals=num_fevals,
+        status=tf.where(f0_finite, _RUNNING, int(Status.NONFINITE)),
+        ys=ys,
+        record=recorded,
+    )
+    (state,) = tf.while_loop(
+        lambda s: s.status == _RUNNING,
+        body,
+        (state,),
+        maximum_iterations=max_steps,
+    )
+    # Outputs the solve did not reach are NaN, never a stale state.
+    reached = tf.range(num_out) < state.i_out
+    ys_out = []
+    for ta in state.ys:
+        stacked = ta.stack()
+        mask = tf.reshape(reached, [-1] + [1] * (stacked.shape.rank - 1))
+        ys_out.append(tf.where(mask, stacked, tf.constant(float("nan"), stacked.dtype)))
+
+    checkpoints = None
+    if record:
+        rec = state.record
+        checkpoints = Checkpoints(
+            t=rec[0],
+            dt=rec[1],
+            interval=rec[2],
+            hit=rec[3],
+            y=list(rec[4:]),
+            num_steps=state.num_steps,
+        )
+    stats = Stats(
+        num_steps=state.num_steps,
+        num_rejected=state.num_rejected,
+        num_fevals=state.num_fevals,
+    )
+    status = tf.where(
+        state.status == _RUNNING, int(Status.MAX_STEPS_REACHED), state.status
+    )
+    return Trajectory(
+        ys=ys_out, stats=stats, status=status, t_final=state.t, checkpoints=checkpoints
+    )

@@ -1,0 +1,289 @@
+"""`odeint` and `solve`: argument checks, dtypes, structures, dispatch. No loop code here."""
+
+import numbers
+
+import numpy as np
+import tensorflow as tf
+from tensorflow.python.ops import control_flow_util  # XLA context detection
+
+from tfaca._control import StepSizeController
+from tfaca._gradients import get_gradient
+from tfaca._solution import Solution, SolveError, Status
+from tfaca._solvers import get_solver
+
+_LOW_PRECISION = (tf.float16, tf.bfloat16)
+
+
+def _in_xla_context():
+    graph = tf.compat.v1.get_default_graph()
+    return control_flow_util.GraphOrParentsInXlaContext(graph)
+
+
+def _check_positive(name, value, allow_zero=False, allow_none=False):
+    """Checks Python or NumPy values now; tensors are the caller's responsibility."""
+    if value is None:
+        if allow_none:
+            return
+        raise ValueError(f"`{name}` must be given. Received: {name}=None")
+    if tf.is_tensor(value) and not hasattr(value, "numpy"):
+        return  # symbolic: cannot be checked at trace time
+    array = np.asarray(value)
+    if array.dtype.kind not in "iuf":
+        raise TypeError(f"`{name}` must be a number or an array of numbers. Received: {name}={value!r}")
+    bad = (array < 0) if allow_zero else (array <= 0)
+    if np.any(bad) or not np.all(np.isfinite(array)):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"`{name}` must be finite and {bound}. Received: {name}={value!r}")
+
+
+def _tolerance(name, value, y0_structure, y0_flat, dtype):
+    """A scalar, or a structure like `y0` of values broadcastable to each component."""
+    if tf.nest.is_nested(value) and tf.nest.is_nested(y0_structure):
+        try:
+            tf.nest.assert_same_structure(y0_structure, value, check_types=False)
+        except (ValueError, TypeError) as e:
+            raise ValueError(
+                f"`{name}` must be a scalar or have the structure of `y0`. Received: {name}={value!r}"
+            ) from e
+        flat = tf.nest.flatten(value)
+    else:
+        flat = [value] * len(y0_flat)
+    out = []
+    for v, y in zip(flat, y0_flat):
+        _check_positive(name, v, allow_zero=(name == "atol"))
+        v = tf.cast(v, dtype)
+        if not v.shape.is_compatible_with(y.shape) and v.shape.rank:
+            try:
+                tf.broadcast_static_shape(v.shape, y.shape)
+            except ValueError as e:
+                raise ValueError(
+                    f"`{name}` must broadcast to the state's shape {y.shape}. "
+                    f"Received: shape {v.shape}"
+                ) from e
+        out.append(v)
+    return out
+
+
+def _prepare_ts(ts, dtype):
+    ts = tf.convert_to_tensor(ts)
+    if not ts.dtype.is_floating and not ts.dtype.is_integer:
+        raise TypeError(f"`ts` must be real numbers. Received: ts with dtype {ts.dtype.name}")
+    ts = tf.cast(ts, dtype)
+    if ts.shape.rank != 1:
+        raise ValueError(f"`ts` must be 1-D. Received: ts with shape {ts.shape}")
+    if ts.shape[0] is not None and ts.shape[0] < 2:
+        raise ValueError(
+            f"`ts` must hold at least two times (the start and an output). Received: ts={ts!r}"
+        )
+    if hasattr(ts, "numpy"):
+        diffs = np.diff(ts.numpy())
+        if not (np.all(diffs > 0) or np.all(diffs < 0)):
+            raise ValueError(
+                f"`ts` must be strictly increasing or strictly decreasing. Received: ts={ts.numpy()}"
+            )
+    elif not _in_xla_context():
+        diffs = ts[1:] - ts[:-1]
+        monotone = tf.reduce_all(diffs > 0) | tf.reduce_all(diffs < 0)
+        check = tf.debugging.Assert(
+            monotone, ["`ts` must be strictly increasing or strictly decreasing. Received: ts=", ts]
+        )
+        with tf.control_dependencies([check]):
+            ts = tf.identity(ts)
+    return ts
+
+
+def _flat_func(func, y0, args, num_args, dtype):
+    """Wraps `func(t, y, *args)` as `f(t, y_flat, args_flat) -> flat list`, checking its output."""
+
+    def f(t, y_flat, args_flat):
+        y = tf.nest.pack_sequence_as(y0, y_flat)
+        user_args = tf.nest.pack_sequence_as(args, args_flat) if num_args else args
+        out = func(t, y, *user_args)
+        try:
+            tf.nest.assert_same_structure(y0, out, check_types=False)
+        except (ValueError, TypeError) as e:
+            raise ValueError(
+                "`func` must return dy/dt with the structure of `y0`. "
+                f"Received: {tf.nest.map_structure(lambda x: getattr(x, 'shape', x), out)!r} "
+                f"for a state {tf.nest.map_structure(lambda x: x.shape, y0)!r}"
+            ) from e
+        out_flat = []
+        for o, y_n in zip(tf.nest.flatten(out), y_flat):
+            o = tf.convert_to_tensor(o)
+            if not o.shape.is_compatible_with(y_n.shape):
+                raise ValueError(
+                    f"`func` must return dy/dt with the shape of the state. Received: shape "
+                    f"{o.shape} for a state of shape {y_n.shape}"
+                )
+            if not o.dtype.is_floating:
+                raise TypeError(f"`func` must return floating values. Received dtype {o.dtype.name}")
+            out_flat.append(tf.cast(o, dtype) if o.dtype != dtype else o)
+        return out_flat
+
+    return f
+
+
+def _raise_on_failure(status, t_final, ys_flat):
+    """Eagerly raise `SolveError`; in graphs add an assertion; under XLA leave `status`."""
+    if hasattr(status, "numpy"):
+        code = int(status.numpy())
+        if code != Status.SUCCESS:
+            raise SolveError(f"{Status(code).message} (status {Status(code).name}, t={float(t_final)})")
+        return ys_flat
+    if _in_xla_context():
+        return ys_flat  # XLA drops run-time assertions: `Solution.status` carries the result.
+    messages = tf.constant([Status(c).message + f" (status {Status(c).name})" for c in Status])
+    check = tf.debugging.Assert(status == 0, [messages[status], "t =", t_final])
+    with tf.control_dependencies([check]):
+        return [tf.identity(y) for y in ys_flat]
+
+
+def solve(
+    func,
+    y0,
+    ts,
+    *,
+    args=(),
+    method="dopri5",
+    rtol=1e-3,
+    atol=1e-6,
+    gradient="aca",
+    step_size=None,
+    first_step=None,
+    max_step=None,
+    max_steps=1000,
+    safety=0.9,
+    factor_min=0.2,
+    factor_max=10.0,
+    throw=True,
+    name=None,
+):
+    """Solves `dy/dt = func(t, y, *args)` from `y(ts[0]) = y0` and returns a `Solution`.
+
+    Args:
+        func: `func(t, y, *args)` returning dy/dt with the structure, shapes and dtype of
+            `y`. Variables it reads (`tf.Variable`s, Keras weights) get gradients.
+        y0: the initial state: a float tensor of any shape, or a nested structure (tuple,
+            list, dict) of float tensors of one dtype. float16/bfloat16 states are solved
+            in float32 and returned in their own dtype.
+        ts: 1-D, at least two strictly increasing or strictly decreasing times; `ts[0]`
+            is the start. Outputs are computed exactly at every time (the solver steps to
+            each), so many output times cost extra steps but no accuracy.
+        args: a tuple of extra inputs passed to `func`; they receive gradients.
+        method: a solver name (`"euler"`, `"midpoint"`, `"rk4"`, `"heun_euler"`, `"bosh3"`,
+            `"dopri5"`, `"tsit5"`), class or instance. Default `"dopri5"`.
+        rtol, atol: relative and absolute tolerances: scalars, or structures like `y0`
+            of values broadcastable to each component. Defaults 1e-3 and 1e-6, as
+            scipy, torchdiffeq and the ACA reference code.
+        gradient: `"aca"` (default; exact gradient of the accepted steps, memory
+            O(steps x state)) or `"naive"` (backprop through the whole solver).
+        step_size: a fixed step size. Required by the fixed-step methods; with an
+            adaptive method it switches the error control off.
+        first_step: the first trial step; default: chosen automatically
+            (Hairer–Nørsett–Wanner), at the cost of one evaluation of `func`.
+        max_step: an upper bound on the step size; default unbounded.
+        max_steps: the largest number of trial steps (accepted or rejected), a Python
+            int. It sizes the checkpoint buffers: under XLA they take
+            `max_steps x state` memory up front. Default 1000.
+        safety, factor_min, factor_max: step-size controller parameters; defaults 0.9,
+            0.2 and 10 as scipy and torchdiffeq.
+        throw: if True (default) a failed solve raises: `tfaca.SolveError` eagerly,
+            `tf.errors.InvalidArgumentError` in a graph. Under XLA
+            (`jit_compile=True`) run-time assertions do not exist, so a failure is
+            reported only by `Solution.status`, and unreached outputs are NaN.
+        name: name scope for the ops.
+
+    Returns:
+        A `Solution` with `ts`, `ys` (structure of `y0`, leading axis `len(ts)`),
+        `stats`, `status` and `t_final`.
+
+    Raises:
+        ValueError, TypeError: on bad arguments, naming the argument.
+        SolveError: eagerly, when the solve fails and `throw=True`.
+    """
+    solver = get_solver(method)
+    strategy = get_gradient(gradient)
+    if not callable(func):
+        raise TypeError(f"`func` must be callable. Received: func={func!r}")
+    if not isinstance(max_steps, numbers.Integral) or isinstance(max_steps, bool) or max_steps < 1:
+        raise ValueError(f"`max_steps` must be a positive Python int. Received: max_steps={max_steps!r}")
+    if not isinstance(args, tuple):
+        raise TypeError(f"`args` must be a tuple. Received: args={args!r}")
+    if step_size is None and not solver.adaptive:
+        raise ValueError(
+            f"`step_size` is required by the fixed-step method {solver!r}. Received: step_size=None"
+        )
+    _check_positive("step_size", step_size, allow_none=True)
+    _check_positive("first_step", first_step, allow_none=True)
+    _check_positive("max_step", max_step, allow_none=True)
+    if not 0 < safety <= 1:
+        raise ValueError(f"`safety` must be in (0, 1]. Received: safety={safety!r}")
+    if not 0 < factor_min <= 1:
+        raise ValueError(f"`factor_min` must be in (0, 1]. Received: factor_min={factor_min!r}")
+    if not factor_max >= 1:
+        raise ValueError(f"`factor_max` must be >= 1. Received: factor_max={factor_max!r}")
+
+    with tf.name_scope(name or "odeint"):
+        y0_flat = [tf.convert_to_tensor(y) for y in tf.nest.flatten(y0)]
+        if not y0_flat:
+            raise ValueError(f"`y0` must hold at least one tensor. Received: y0={y0!r}")
+        dtypes = {y.dtype for y in y0_flat}
+        if len(dtypes) != 1 or not all(d.is_floating for d in dtypes):
+            raise TypeError(
+                "`y0` must be floating tensors of one dtype. Received dtypes: "
+                f"{sorted(d.name for d in dtypes)}"
+            )
+        y_dtype = dtypes.pop()
+        dtype = tf.float32 if y_dtype in _LOW_PRECISION else y_dtype
+        y0_flat = [tf.cast(y, dtype) for y in y0_flat]
+        y0_struct = tf.nest.pack_sequence_as(y0, y0_flat)
+        ts = _prepare_ts(ts, dtype)
+        args_flat = [tf.convert_to_tensor(a) for a in tf.nest.flatten(args)]
+        controller = StepSizeController(
+            rtol=_tolerance("rtol", rtol, y0, y0_flat, dtype),
+            atol=_tolerance("atol", atol, y0, y0_flat, dtype),
+            safety=float(safety),
+            factor_min=float(factor_min),
+            factor_max=float(factor_max),
+            max_step=None if max_step is None else tf.cast(max_step, dtype),
+        )
+        f = _flat_func(func, y0_struct, args, len(args_flat), dtype)
+        trajectory = strategy.solve(
+            solver,
+            controller,
+            f,
+            ts,
+            y0_flat,
+            args_flat,
+            step_size=step_size,
+            first_step=first_step,
+            max_steps=int(max_steps),
+        )
+        ys_flat = trajectory.ys
+        if throw:
+            ys_flat = _raise_on_failure(trajectory.status, trajectory.t_final, ys_flat)
+        ys_flat = [tf.cast(y, y_dtype) for y in ys_flat]
+        return Solution(
+            ts=ts,
+            ys=tf.nest.pack_sequence_as(y0, ys_flat),
+            stats=trajectory.stats,
+            status=trajectory.status,
+            t_final=trajectory.t_final,
+        )
+
+
+def odeint(func, y0, ts, **kwargs):
+    """Solves `dy/dt = func(t, y, *args)` and returns the states at `ts`.
+
+    Same arguments as `tfaca.solve`; returns only `Solution.ys`: the structure of `y0`
+    with a leading axis of `len(ts)`, `ys[0]` being `y0`.
+
+    Example:
+
+    ```python
+    A = tf.constant([[-0.1, 1.0], [-1.0, -0.1]], tf.float64)
+    func = lambda t, y: tf.linalg.matvec(A, y)
+    ys = tfaca.odeint(func, tf.constant([1.0, 0.0], tf.float64), tf.linspace(0.0, 5.0, 11))
+    ```
+    """
+    return solve(func, y0, ts, **kwargs).ys

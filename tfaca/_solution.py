@@ -1,0 +1,76 @@
+"""What a solve returns: the solution, its statistics, and result codes that explain themselves."""
+
+import enum
+from typing import Any, NamedTuple
+
+
+class Status(enum.IntEnum):
+    """Result of a solve. `Solution.status` holds one of these as an int32 tensor."""
+
+    SUCCESS = 0
+    MAX_STEPS_REACHED = 1
+    DT_UNDERFLOW = 2
+    NONFINITE = 3
+
+    @property
+    def message(self):
+        return _MESSAGES[self]
+
+
+_MESSAGES = {
+    Status.SUCCESS: "The solve reached the last output time.",
+    Status.MAX_STEPS_REACHED: (
+        "The solver reached `max_steps` (trial steps, accepted or rejected) before the last "
+        "output time. Increase `max_steps`, loosen `rtol`/`atol`, or check that the "
+        "problem is not stiff (an explicit solver needs tiny steps on stiff problems)."
+    ),
+    Status.DT_UNDERFLOW: (
+        "The step size underflowed: the error control rejected every step until the step "
+        "was too small to advance time. The solution may have a singularity here, or "
+        "`rtol`/`atol` are tighter than the floating-point precision allows (use float64 "
+        "or loosen them)."
+    ),
+    Status.NONFINITE: (
+        "The state or its derivative became non-finite (inf or NaN) and no smaller step "
+        "avoided it. Check `func` and `y0` for values that overflow, or use a smaller "
+        "`step_size` with a fixed-step method."
+    ),
+}
+
+
+class SolveError(RuntimeError):
+    """Raised (eagerly) when a solve fails; graphs raise `tf.errors.InvalidArgumentError`
+    with the same message."""
+
+
+class Stats(NamedTuple):
+    """Counts of the forward solve, as int32 scalar tensors.
+
+    Attributes:
+        num_steps: accepted steps.
+        num_rejected: rejected trial steps.
+        num_fevals: evaluations of `func`, including the first-step selection.
+    """
+
+    num_steps: Any
+    num_rejected: Any
+    num_fevals: Any
+
+
+class Solution(NamedTuple):
+    """The result of `tfaca.solve`.
+
+    Attributes:
+        ts: the output times (as a tensor of the solve's dtype).
+        ys: the state at each output time, with the structure of `y0` and a leading axis
+            of `len(ts)`. Entries after a failure are NaN.
+        stats: a `Stats`.
+        status: an int32 scalar tensor holding a `Status` value.
+        t_final: the time the solve reached (the last output time on success).
+    """
+
+    ts: Any
+    ys: Any
+    stats: Stats
+    status: Any
+    t_final: Any

@@ -1,0 +1,270 @@
+"""Explicit Runge–Kutta solvers: a tableau, its orders, and one generic step.
+
+Every solver is data (a `ButcherTableau` plus its order and the order of its error
+estimate); the arithmetic lives once, in `AbstractSolver.step`. States are flat lists of
+tensors (the caller flattens nested structures), so the step is a handful of fused
+multiply-adds per stage and never sees structures, tolerances or gradient strategies.
+"""
+
+import tensorflow as tf
+
+from tfaca._tableau import ButcherTableau
+
+
+def _weighted_sum(y0, dt, weights, k):
+    """`y0 + dt * sum_i weights[i] * k[i]`, component by component; zero weights skipped."""
+    out = []
+    for n, y in enumerate(y0):
+        terms = [w * stage[n] for w, stage in zip(weights, k) if w != 0.0]
+        out.append(y if not terms else y + dt * tf.add_n(terms))
+    return out
+
+
+class AbstractSolver:
+    """Base class of explicit Runge–Kutta solvers.
+
+    A subclass sets three class attributes and inherits the step:
+
+    - `tableau`: a `ButcherTableau`;
+    - `order`: the order of the solution;
+    - `error_order`: the order of the embedded solution used for the error estimate
+      (it sets the exponent of the step-size controller), or `None` for a method with
+      no error estimate, which then runs only with a fixed `step_size`.
+
+    Example:
+
+    ```python
+    class Ralston(tfaca.AbstractSolver):
+        tableau = tfaca.ButcherTableau(
+            c=(0.0, 2 / 3), a_lower=((2 / 3,),), b_sol=(0.25, 0.75))
+        order = 2
+        error_order = None
+
+    ys = tfaca.odeint(func, y0, ts, method=Ralston(), step_size=0.01)
+    ```
+    """
+
+    tableau: ButcherTableau = None
+    order: int = None
+    error_order: int = None
+
+    def __init__(self):
+        if not isinstance(self.tableau, ButcherTableau):
+            raise TypeError(
+                f"{type(self).__name__}.tableau must be a ButcherTableau. "
+                f"Received: {self.tableau!r}"
+            )
+        if not isinstance(self.order, int) or self.order < 1:
+            raise ValueError(
+                f"{type(self).__name__}.order must be a positive int. Received: {self.order!r}"
+            )
+        if (self.error_order is None) != (self.tableau.b_error is None):
+            raise ValueError(
+                f"{type(self).__name__}: `error_order` and `tableau.b_error` must both be "
+                f"set (adaptive) or both be None (fixed step). Received: "
+                f"error_order={self.error_order!r}, b_error={self.tableau.b_error!r}"
+            )
+
+    @property
+    def adaptive(self):
+        return self.error_order is not None
+
+    def step(self, func, t0, y0, f0, dt):
+        """One step of the method from `(t0, y0)` with size `dt`.
+
+        Args:
+            func: `func(t, y) -> dy/dt` on flat lists of tensors.
+            t0: scalar tensor, the start of the step.
+            y0: flat list of state tensors at `t0`.
+            f0: `func(t0, y0)`, passed in so the caller can reuse it (FSAL).
+            dt: scalar tensor, the signed step size.
+
+        Returns:
+            `(y1, f1, y_error)`: the state at `t0 + dt`; `func(t0 + dt, y1)` when the
+            tableau is FSAL (free, it is the last stage), else `None`; the local error
+            estimate, or `None` for a method without one. Costs `stages - 1` calls of
+            `func`.
+        """
+        tableau = self.tableau
+        k = [f0]
+        for c_i, a_i in zip(tableau.c[1:], tableau.a_lower):
+            y_i = _weighted_sum(y0, dt, a_i, k)
+            k.append(func(t0 + c_i * dt, y_i))
+        y1 = _weighted_sum(y0, dt, tableau.b_sol, k)
+        f1 = k[-1] if tableau.fsal else None
+        if tableau.b_error is None:
+            return y1, f1, None
+        zeros = [tf.zeros_like(y) for y in y0]
+        y_error = _weighted_sum(zeros, dt, tableau.b_error, k)
+        return y1, f1, y_error
+
+    def __repr__(self):
+        return f"{type(self).__name__}()"
+
+
+class Euler(AbstractSolver):
+    """Forward Euler: first order, one evaluation per step, fixed step only."""
+
+    tableau = ButcherTableau(c=(0.0,), a_lower=(), b_sol=(1.0,))
+    order = 1
+    error_order = None
+
+
+class Midpoint(AbstractSolver):
+    """Explicit midpoint rule: second order, two evaluations per step, fixed step only."""
+
+    tableau = ButcherTableau(c=(0.0, 0.5), a_lower=((0.5,),), b_sol=(0.0, 1.0))
+    order = 2
+    error_order = None
+
+
+class RK4(AbstractSolver):
+    """The classical fourth-order Runge–Kutta method: four evaluations, fixed step only."""
+
+    tableau = ButcherTableau(
+        c=(0.0, 0.5, 0.5, 1.0),
+        a_lower=((0.5,), (0.0, 0.5), (0.0, 0.0, 1.0)),
+        b_sol=(1 / 6, 1 / 3, 1 / 3, 1 / 6),
+    )
+    order = 4
+    error_order = None
+
+
+class HeunEuler(AbstractSolver):
+    """Heun's method with an embedded Euler step (RK12): 2nd order, error order 1.
+
+    Two evaluations per trial step plus one per accepted step (not FSAL). The paper
+    uses it, with `rtol = atol = 1e-2`, for its image classifiers: at loose tolerances a
+    cheap low-order pair takes few steps.
+    """
+
+    tableau = ButcherTableau(
+        c=(0.0, 1.0), a_lower=((1.0,),), b_sol=(0.5, 0.5), b_error=(-0.5, 0.5)
+    )
+    order = 2
+    error_order = 1
+
+
+class Bosh3(AbstractSolver):
+    """Bogacki–Shampine 3(2) (RK23, as MATLAB's ode23): three evaluations per step, FSAL.
+
+    Reference: Bogacki & Shampine, "A 3(2) pair of Runge–Kutta formulas",
+    Appl. Math. Lett. 2 (1989).
+    """
+
+    tableau = ButcherTableau(
+        c=(0.0, 0.5, 0.75, 1.0),
+        a_lower=((0.5,), (0.0, 0.75), (2 / 9, 1 / 3, 4 / 9)),
+        b_sol=(2 / 9, 1 / 3, 4 / 9, 0.0),
+        # b_sol - b_embedded with b_embedded = (7/24, 1/4, 1/3, 1/8).
+        b_error=(2 / 9 - 7 / 24, 1 / 3 - 1 / 4, 4 / 9 - 1 / 3, -1 / 8),
+    )
+    order = 3
+    error_order = 2
+
+
+class Dopri5(AbstractSolver):
+    """Dormand–Prince 5(4) (RK45, as MATLAB's ode45): six evaluations per step, FSAL.
+
+    The default: a good balance of cost and accuracy for neural ODEs at the usual
+    tolerances. Reference: Dormand & Prince, "A family of embedded Runge–Kutta
+    formulae", J. Comp. Appl. Math. 6 (1980).
+    """
+
+    tableau = ButcherTableau(
+        c=(0.0, 1 / 5, 3 / 10, 4 / 5, 8 / 9, 1.0, 1.0),
+        a_lower=(
+            (1 / 5,),
+            (3 / 40, 9 / 40),
+            (44 / 45, -56 / 15, 32 / 9),
+            (19372 / 6561, -25360 / 2187, 64448 / 6561, -212 / 729),
+            (9017 / 3168, -355 / 33, 46732 / 5247, 49 / 176, -5103 / 18656),
+            (35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84),
+        ),
+        b_sol=(35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84, 0.0),
+        # b_sol - b_embedded, b_embedded being the 4th-order weights.
+        b_error=(
+            35 / 384 - 5179 / 57600,
+            0.0,
+            500 / 1113 - 7571 / 16695,
+            125 / 192 - 393 / 640,
+            -2187 / 6784 + 92097 / 339200,
+            11 / 84 - 187 / 2100,
+            -1 / 40,
+        ),
+    )
+    order = 5
+    error_order = 4
+
+
+class Tsit5(AbstractSolver):
+    """Tsitouras 5(4): six evaluations per step, FSAL; often a little cheaper than Dopri5.
+
+    Reference: Ch. Tsitouras, "Runge–Kutta pairs of order 5(4) satisfying only the first
+    column simplifying assumption", Comput. Math. Appl. 62 (2011). Coefficients as
+    published there, to double precision.
+    """
+
+    _b = (
+        0.09646076681806523,
+        0.01,
+        0.4798896504144996,
+        1.379008574103742,
+        -3.290069515436081,
+        2.324710524099774,
+    )
+    tableau = ButcherTableau(
+        c=(0.0, 0.161, 0.327, 0.9, 0.9800255409045097, 1.0, 1.0),
+        a_lower=(
+            (0.161,),
+            (-0.008480655492356989, 0.335480655492357),
+            (2.897153057105493, -6.359448489975075, 4.3622954328695815),
+            (5.325864828439257, -11.748883564062828, 7.4955393428898365, -0.09249506636175525),
+            (
+                5.86145544294642,
+                -12.92096931784711,
+                8.159367898576159,
+                -0.071584973281401,
+                -0.028269050394068383,
+            ),
+            _b,
+        ),
+        b_sol=_b + (0.0,),
+        # b_sol - b_embedded, from the published b_embedded.
+        b_error=(
+            0.09646076681806523 - 0.09468075576583945,
+            0.01 - 0.009183565540343254,
+            0.4798896504144996 - 0.4877705284247616,
+            1.379008574103742 - 1.234297566930479,
+            -3.290069515436081 + 2.7077123499835256,
+            2.324710524099774 - 1.866628418170587,
+            -1 / 66,
+        ),
+    )
+    order = 5
+    error_order = 4
+
+
+_SOLVERS = {
+    "euler": Euler,
+    "midpoint": Midpoint,
+    "rk4": RK4,
+    "heun_euler": HeunEuler,
+    "bosh3": Bosh3,
+    "dopri5": Dopri5,
+    "tsit5": Tsit5,
+}
+
+
+def get_solver(method):
+    """Returns a solver instance from a name ("dopri5"), a solver class, or an instance."""
+    if isinstance(method, AbstractSolver):
+        return method
+    if isinstance(method, type) and issubclass(method, AbstractSolver):
+        return method()
+    if isinstance(method, str) and method.lower() in _SOLVERS:
+        return _SOLVERS[method.lower()]()
+    raise ValueError(
+        f"`method` must be one of {sorted(_SOLVERS)} or an AbstractSolver. "
+        f"Received: method={method!r}"
+    )

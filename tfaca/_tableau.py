@@ -1,0 +1,101 @@
+"""Butcher tableaus: the validated data that defines an explicit Runge–Kutta method.
+
+A tableau is plain Python floats, checked once when it is built, so that a typo in a
+coefficient fails at import time instead of silently lowering a solver's order. The
+generic step in `_solvers` reads it at trace time and skips zero entries, so the graph
+holds only the multiply-adds the method really needs.
+"""
+
+import dataclasses
+import math
+
+# Consistency conditions hold exactly in rational arithmetic; the published decimal
+# expansions (Tsit5) are accurate to ~1e-16, so allow a little more than that.
+_TOLERANCE = 1e-12
+
+
+@dataclasses.dataclass(frozen=True)
+class ButcherTableau:
+    """Coefficients of an explicit Runge–Kutta method, with an optional embedded pair.
+
+    Stage `i` is evaluated at `t0 + c[i] * dt` on
+    `y0 + dt * sum_j a_lower[i - 1][j] * k[j]`; the step is
+    `y1 = y0 + dt * sum_i b_sol[i] * k[i]` and its local error estimate is
+    `y_error = dt * sum_i b_error[i] * k[i]`, where `b_error = b_sol - b_embedded`.
+
+    Args:
+        c: nodes, one per stage; `c[0]` must be 0.
+        a_lower: the strictly lower-triangular rows of the Runge–Kutta matrix:
+            `a_lower[i]` has `i + 1` entries and must sum to `c[i + 1]`.
+        b_sol: weights of the solution; they must sum to 1.
+        b_error: weights of the error estimate (difference of the two solutions'
+            weights); they must sum to 0. `None` for a fixed-step method.
+
+    Raises:
+        ValueError: if the shapes or the consistency conditions do not hold.
+    """
+
+    c: tuple
+    a_lower: tuple
+    b_sol: tuple
+    b_error: tuple = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "c", tuple(float(x) for x in self.c))
+        object.__setattr__(
+            self, "a_lower", tuple(tuple(float(x) for x in row) for row in self.a_lower)
+        )
+        object.__setattr__(self, "b_sol", tuple(float(x) for x in self.b_sol))
+        if self.b_error is not None:
+            object.__setattr__(self, "b_error", tuple(float(x) for x in self.b_error))
+
+        stages = len(self.c)
+        if stages < 1 or self.c[0] != 0.0:
+            raise ValueError(f"`c` must be non-empty and start with 0. Received: c={self.c}")
+        if len(self.a_lower) != stages - 1:
+            raise ValueError(
+                f"`a_lower` must have one row per stage after the first ({stages - 1}). "
+                f"Received: {len(self.a_lower)} rows."
+            )
+        for i, row in enumerate(self.a_lower):
+            if len(row) != i + 1:
+                raise ValueError(
+                    f"Row {i} of `a_lower` must have {i + 1} entries. Received: {row}"
+                )
+            if not math.isclose(math.fsum(row), self.c[i + 1], abs_tol=_TOLERANCE):
+                raise ValueError(
+                    f"Row {i} of `a_lower` must sum to c[{i + 1}]={self.c[i + 1]}. "
+                    f"Received: sum={math.fsum(row)}"
+                )
+        if len(self.b_sol) != stages:
+            raise ValueError(
+                f"`b_sol` must have {stages} entries. Received: b_sol={self.b_sol}"
+            )
+        if not math.isclose(math.fsum(self.b_sol), 1.0, abs_tol=_TOLERANCE):
+            raise ValueError(
+                f"`b_sol` must sum to 1. Received: sum={math.fsum(self.b_sol)}"
+            )
+        if self.b_error is not None:
+            if len(self.b_error) != stages:
+                raise ValueError(
+                    f"`b_error` must have {stages} entries. Received: b_error={self.b_error}"
+                )
+            if not math.isclose(math.fsum(self.b_error), 0.0, abs_tol=_TOLERANCE):
+                raise ValueError(
+                    "`b_error` (b_sol - b_embedded) must sum to 0. "
+                    f"Received: sum={math.fsum(self.b_error)}"
+                )
+
+    @property
+    def stages(self):
+        return len(self.c)
+
+    @property
+    def fsal(self):
+        """First Same As Last: the last stage is f(t1, y1), so the next step reuses it."""
+        return (
+            self.stages > 1
+            and self.c[-1] == 1.0
+            and self.a_lower[-1] == self.b_sol[:-1]
+            and self.b_sol[-1] == 0.0
+        )
