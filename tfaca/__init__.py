@@ -3,6 +3,7 @@ memory-light gradients by the adaptive checkpoint adjoint (ACA) method."""
 
 from tfaca._control import StepSizeController
 from tfaca._gradients import AbstractGradient, ACAGradient, NaiveGradient, get_gradient
+from tfaca._layers import ODELayer
 from tfaca._odeint import odeint, solve
 from tfaca._solution import Solution, SolveError, Stats, Status
 from tfaca._solvers import (
@@ -31,6 +32,7 @@ __all__ = [
     "HeunEuler",
     "Midpoint",
     "NaiveGradient",
+    "ODELayer",
     "RK4",
     "Solution",
     "SolveError",

@@ -106,11 +106,11 @@ def _replay(solver, func, ts, args, checkpoints, g_ys, variables):
     diff_args = [i for i, a in enumerate(args) if a.dtype.is_floating]
 
     def step_vjp(i, a, g_ts, g_args, g_vars):
-        t = checkpoints.t.read(i)
-        dt = checkpoints.dt.read(i)
-        j = checkpoints.interval.read(i)
-        hit = checkpoints.hit.read(i)
-        y = [ta.read(i) for ta in checkpoints.y]
+        t = checkpoints.t[i]
+        dt = checkpoints.dt[i]
+        j = checkpoints.interval[i]
+        hit = checkpoints.hit[i]
+        y = [y_n[i] for y_n in checkpoints.y]
         # The output ts[j] is y_{i+1} when this step lands on it.
         a = [a_n + tf.where(hit, g[j], tf.zeros_like(a_n)) for a_n, g in zip(a, g_ys)]
         with tf.GradientTape() as tape:

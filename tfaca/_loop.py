@@ -22,6 +22,7 @@ trial's entry is overwritten by the retry, so only accepted steps survive.
 from typing import Any, NamedTuple
 
 import tensorflow as tf
+from tensorflow.python.ops import control_flow_util
 
 from tfaca._solution import Stats, Status
 
@@ -29,15 +30,15 @@ _RUNNING = -1
 
 
 class Checkpoints(NamedTuple):
-    """Accepted steps of a forward solve: entry `i < num_steps` is step `i`.
+    """Accepted steps of a forward solve, as tensors: entry `i < num_steps` is step `i`.
 
     Attributes:
-        t: `[max_steps]` start times.
-        dt: `[max_steps]` step sizes.
-        interval: `[max_steps]` int32 index `j` of the output interval
+        t: `[num_steps]` start times (`[max_steps]` under XLA, for every field).
+        dt: `[num_steps]` step sizes.
+        interval: `[num_steps]` int32 index `j` of the output interval
             `[ts[j - 1], ts[j]]` the step lies in.
-        hit: `[max_steps]` bool, whether the step ends exactly on `ts[j]`.
-        y: flat list of `[max_steps, ...]` start states.
+        hit: `[num_steps]` bool, whether the step ends exactly on `ts[j]`.
+        y: flat list of `[num_steps, ...]` start states.
         num_steps: int32 scalar.
     """
 
@@ -70,6 +71,24 @@ class _State(NamedTuple):
     status: Any
     ys: Any
     record: Any  # tuple of TensorArrays (t, dt, interval, hit, *y) or ()
+
+
+def in_xla_context():
+    """Whether ops built now will be compiled by XLA (`jit_compile=True`)."""
+    return control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
+
+
+def _dense(ta, size):
+    """The first `size` entries of a TensorArray as one tensor.
+
+    Checkpoints leave the loop as plain tensors, not TensorArrays: a SavedModel can
+    serialize a custom gradient that captures tensors but not TensorArray handles
+    (variants). Outside XLA, gather only the written entries so that memory follows the
+    steps taken, not `max_steps`; XLA needs static shapes and stacks the whole buffer.
+    """
+    if in_xla_context():
+        return ta.stack()
+    return ta.gather(tf.range(size))
 
 
 def _tensor_array(dtype, size, element_shape):
@@ -236,13 +255,14 @@ def integrate(solver, controller, func, ts, y0, *, step_size, first_step, max_st
     checkpoints = None
     if record:
         rec = state.record
+        n = state.num_steps
         checkpoints = Checkpoints(
-            t=rec[0],
-            dt=rec[1],
-            interval=rec[2],
-            hit=rec[3],
-            y=list(rec[4:]),
-            num_steps=state.num_steps,
+            t=_dense(rec[0], n),
+            dt=_dense(rec[1], n),
+            interval=_dense(rec[2], n),
+            hit=_dense(rec[3], n),
+            y=[_dense(ta, n) for ta in rec[4:]],
+            num_steps=n,
         )
     stats = Stats(
         num_steps=state.num_steps,

@@ -4,19 +4,14 @@ import numbers
 
 import numpy as np
 import tensorflow as tf
-from tensorflow.python.ops import control_flow_util  # XLA context detection
 
 from tfaca._control import StepSizeController
 from tfaca._gradients import get_gradient
+from tfaca._loop import in_xla_context
 from tfaca._solution import Solution, SolveError, Status
 from tfaca._solvers import get_solver
 
 _LOW_PRECISION = (tf.float16, tf.bfloat16)
-
-
-def _in_xla_context():
-    graph = tf.compat.v1.get_default_graph()
-    return control_flow_util.GraphOrParentsInXlaContext(graph)
 
 
 def _check_positive(name, value, allow_zero=False, allow_none=False):
@@ -81,7 +76,7 @@ def _prepare_ts(ts, dtype):
             raise ValueError(
                 f"`ts` must be strictly increasing or strictly decreasing. Received: ts={ts.numpy()}"
             )
-    elif not _in_xla_context():
+    elif not in_xla_context():
         diffs = ts[1:] - ts[:-1]
         monotone = tf.reduce_all(diffs > 0) | tf.reduce_all(diffs < 0)
         check = tf.debugging.Assert(
@@ -130,7 +125,7 @@ def _raise_on_failure(status, t_final, ys_flat):
         if code != Status.SUCCESS:
             raise SolveError(f"{Status(code).message} (status {Status(code).name}, t={float(t_final)})")
         return ys_flat
-    if _in_xla_context():
+    if in_xla_context():
         return ys_flat  # XLA drops run-time assertions: `Solution.status` carries the result.
     messages = tf.constant([Status(c).message + f" (status {Status(c).name})" for c in Status])
     check = tf.debugging.Assert(status == 0, [messages[status], "t =", t_final])
