@@ -24,3 +24,136 @@ def expm_solution(A, y0, t):
 def frechet_expm(A, E):
     """Fréchet derivative of expm at A in direction E."""
     return scipy.linalg.expm_frechet(A, E, compute_expm=False)
+
+
+# ---------------------------------------------------------------------------------------
+# Unrolled reference for the ACA gradient.
+#
+# ACA differentiates the discrete map made of the *accepted* steps with their sizes held
+# fixed. The helpers below obtain that step sequence from tfaca's own loop (with the
+# checkpoints recorded) and rebuild the map as an ordinary, fully taped TensorFlow
+# computation whose gradient is the reference.
+
+
+class AcceptedSteps:
+    """The accepted steps of a forward solve, as NumPy arrays of length `num_steps`."""
+
+    def __init__(self, t, dt, interval, hit, num_steps, num_rejected, ys):
+        self.t = t
+        self.dt = dt
+        self.interval = interval
+        self.hit = hit
+        self.num_steps = num_steps
+        self.num_rejected = num_rejected
+        self.ys = ys  # flat list of [len(ts), ...] arrays from the recording solve
+
+    def __len__(self):
+        return self.num_steps
+
+
+def flat_func(func, y0, args=()):
+    """`func(t, y, *args)` on a (possibly nested) state, as `f(t, y_flat) -> y_flat`."""
+
+    def f(t, y_flat):
+        y = tf.nest.pack_sequence_as(y0, list(y_flat))
+        return [tf.convert_to_tensor(o) for o in tf.nest.flatten(func(t, y, *args))]
+
+    return f
+
+
+def accepted_steps(func, y0, ts, *, args=(), method="dopri5", rtol=1e-3, atol=1e-6,
+                   max_steps=1000):
+    """Runs tfaca's integration loop with `record=True` and reads its checkpoints.
+
+    Builds the solver, controller and flat function the way `tfaca.solve` does
+    (scalar tolerances converted exactly to the state dtype, one per state component).
+    """
+    import tfaca
+    from tfaca import _loop
+
+    y0_flat = [tf.convert_to_tensor(y) for y in tf.nest.flatten(y0)]
+    dtype = y0_flat[0].dtype
+    ts = tf.cast(tf.convert_to_tensor(ts), dtype)
+    solver = tfaca.get_solver(method)
+    controller = tfaca.StepSizeController(
+        rtol=[tf.constant(rtol, dtype) for _ in y0_flat],
+        atol=[tf.constant(atol, dtype) for _ in y0_flat],
+    )
+    traj = _loop.integrate(
+        solver, controller, flat_func(func, y0, args), ts, y0_flat,
+        step_size=None, first_step=None, max_steps=max_steps, record=True,
+    )
+    assert int(traj.status) == 0, f"reference solve failed with status {int(traj.status)}"
+    cp = traj.checkpoints
+    n = int(cp.num_steps)
+
+    def dense(x):  # checkpoints are tensors or TensorArrays, sized num_steps or max_steps
+        x = x.stack() if hasattr(x, "stack") else x
+        return np.asarray(x)[:n]
+
+    return AcceptedSteps(
+        t=dense(cp.t),
+        dt=dense(cp.dt),
+        interval=dense(cp.interval),
+        hit=dense(cp.hit),
+        num_steps=n,
+        num_rejected=int(traj.stats.num_rejected),
+        ys=[y.numpy() for y in traj.ys],
+    )
+
+
+def unrolled_solve(func, y0, ts, steps, *, args=(), method="dopri5"):
+    """Rebuilds `y(ts)` from the accepted steps as a plain differentiable computation.
+
+    Within output interval `j` (`[ts[j-1], ts[j]]`), the first step starts at `ts[j-1]`
+    (a tensor, so gradients reach it), each non-landing step uses its recorded size as a
+    constant, and the step that lands on `ts[j]` uses `dt = ts[j] - t`. Returns the
+    outputs with the structure of `y0` and a leading axis of `len(ts)`.
+    """
+    import tfaca
+
+    solver = tfaca.get_solver(method)
+    y0_flat = [tf.convert_to_tensor(y) for y in tf.nest.flatten(y0)]
+    f = flat_func(func, y0, args)
+    num_out = int(ts.shape[0])
+    outputs = [[y] for y in y0_flat]
+    y = list(y0_flat)
+    t = None
+    expected_interval = 1
+    for i in range(len(steps)):
+        j = int(steps.interval[i])
+        assert j == expected_interval, f"step {i} is in interval {j}, expected {expected_interval}"
+        if t is None:
+            t = ts[j - 1]
+        # The rebuilt start time must be the recorded one (same arithmetic, same value).
+        np.testing.assert_allclose(float(t), steps.t[i], rtol=1e-14, atol=1e-14)
+        if steps.hit[i]:
+            dt = ts[j] - t
+        else:
+            dt = tf.constant(steps.dt[i], ts.dtype)
+        y, _, _ = solver.step(f, t, y, f(t, y), dt)
+        y = list(y)
+        if steps.hit[i]:
+            for out, y_n in zip(outputs, y):
+                out.append(y_n)
+            t = None
+            expected_interval += 1
+        else:
+            t = t + dt
+    assert expected_interval == num_out, "the accepted steps do not reach the last output"
+    return tf.nest.pack_sequence_as(y0, [tf.stack(out) for out in outputs])
+
+
+def assert_grads_close(actual, expected, rtol, name=""):
+    """Compares nested gradients, each with a tolerance relative to its largest entry."""
+    actual = tf.nest.flatten(actual)
+    expected = tf.nest.flatten(expected)
+    assert len(actual) == len(expected), name
+    for k, (a, e) in enumerate(zip(actual, expected)):
+        assert a is not None, f"{name}[{k}]: gradient is None"
+        assert e is not None, f"{name}[{k}]: reference gradient is None"
+        a = np.asarray(tf.convert_to_tensor(a))
+        e = np.asarray(tf.convert_to_tensor(e))
+        assert np.all(np.isfinite(a)), f"{name}[{k}]: non-finite gradient {a}"
+        scale = max(np.max(np.abs(e)), 1e-300)
+        np.testing.assert_allclose(a, e, rtol=rtol, atol=rtol * scale, err_msg=f"{name}[{k}]")

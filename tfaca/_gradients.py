@@ -25,6 +25,7 @@ carries the (meaningless) derivative of the step-size choice.
 """
 
 import tensorflow as tf
+from tensorflow.python.eager import record as tape_record
 
 from tfaca._loop import integrate
 
@@ -80,10 +81,15 @@ class ACAGradient(AbstractGradient):
         @tf.custom_gradient
         def forward(ts, *flat):
             y0, args = list(flat[:num_y]), list(flat[num_y:])
-            trajectory = integrate(
-                solver, controller, lambda t, y: func(t, y, args), ts, y0, record=True,
-                **loop_kwargs,
-            )
+            # tf.custom_gradient does not stop outer tapes from recording the forward
+            # ops; without this, every trial step would be kept alive until the tape
+            # is released, as memory-hungry as the naive method (tf.recompute_grad
+            # does the same).
+            with tape_record.stop_recording():
+                trajectory = integrate(
+                    solver, controller, lambda t, y: func(t, y, args), ts, y0, record=True,
+                    **loop_kwargs,
+                )
             forward_result.append(trajectory)
 
             def grad(*g_ys, variables=None):

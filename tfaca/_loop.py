@@ -64,6 +64,7 @@ class _State(NamedTuple):
     y: Any
     f: Any
     i_out: Any
+    k: Any  # accepted steps since the last output (fixed-step grid index)
     num_trials: Any
     num_steps: Any
     num_rejected: Any
@@ -121,9 +122,9 @@ def integrate(solver, controller, func, ts, y0, *, step_size, first_step, max_st
 
     adaptive = step_size is None
     if not adaptive:
-        dt0 = direction * tf.cast(step_size, dtype)
+        dt0 = direction * step_size
     elif first_step is not None:
-        dt0 = controller.clip(direction * tf.abs(tf.cast(first_step, dtype)))
+        dt0 = controller.clip(direction * first_step)
     else:
         dt0 = controller.first_step(func, t0, y0, f0, solver.error_order, direction)
         num_fevals += 1
@@ -141,22 +142,39 @@ def integrate(solver, controller, func, ts, y0, *, step_size, first_step, max_st
     else:
         recorded = ()
 
+    eps = float(tf.experimental.numpy.finfo(dtype.as_numpy_dtype).eps)
     fsal = solver.tableau.fsal
     trial_fevals = solver.tableau.stages - 1
 
     def body(s):
         t_target = ts[s.i_out]
-        remaining = t_target - s.t
-        hit = tf.abs(s.dt) >= tf.abs(remaining)
-        dt = tf.where(hit, remaining, s.dt)
+        # Land on the output when the step reaches it or falls short by a few ulps: a
+        # sliver step would waste a step and, adaptively, spoil the next step size.
+        slack = 4 * eps * tf.maximum(tf.abs(t_target), 1.0)
+        if adaptive:
+            remaining = t_target - s.t
+            hit = tf.abs(s.dt) >= tf.abs(remaining) - slack
+            t1 = tf.where(hit, t_target, s.t + s.dt)
+            dt = tf.where(hit, remaining, s.dt)
+        else:
+            # Fixed steps sit on the grid t_start + k * step_size of their output
+            # interval, so rounding does not accumulate over many steps.
+            t_start = ts[s.i_out - 1]
+            t_grid = t_start + tf.cast(s.k + 1, dtype) * s.dt
+            hit = tf.abs(t_grid - t_start) >= tf.abs(t_target - t_start) - slack
+            t1 = tf.where(hit, t_target, t_grid)
+            dt = t1 - s.t
         y1, f1, y_error = solver.step(func, s.t, s.y, s.f, dt)
-        t1 = tf.where(hit, t_target, s.t + dt)
 
         if adaptive:
             err = controller.error_ratio(s.y, y1, y_error)
             accept = err <= 1.0  # False for NaN
             err_finite = tf.math.is_finite(err)
             dt_next = controller.next_step(dt, err, solver.error_order)
+            # A step shortened to land on an output says nothing against the longer step
+            # proposed before it.
+            longer = tf.abs(s.dt) > tf.abs(dt_next)
+            dt_next = tf.where(accept & hit & longer, s.dt, dt_next)
         else:
             finite = [tf.reduce_all(tf.math.is_finite(y)) for y in y1]
             err_finite = tf.reduce_all(tf.stack(finite))
@@ -174,6 +192,7 @@ def integrate(solver, controller, func, ts, y0, *, step_size, first_step, max_st
         # Written on every trial at the index of the next output; kept once it is hit.
         ys_new = [ta.write(s.i_out, y) for ta, y in zip(s.ys, y_new)]
         i_out = s.i_out + tf.cast(accept & hit, tf.int32)
+        k = tf.where(accept & hit, 0, s.k + tf.cast(accept, tf.int32))
 
         if record:
             rec_t, rec_dt, rec_interval, rec_hit = s.record[:4]
@@ -190,8 +209,9 @@ def integrate(solver, controller, func, ts, y0, *, step_size, first_step, max_st
         if adaptive:
             # Underflow: the proposed step no longer changes t in this precision. If the
             # last trial was non-finite, that is the cause worth reporting.
-            eps = tf.experimental.numpy.finfo(dtype.as_numpy_dtype).eps
-            failed = tf.abs(dt_next) <= 4.0 * eps * tf.maximum(tf.abs(t_new), 1.0)
+            failed = tf.logical_not(accept) & (
+                tf.abs(dt_next) <= 4.0 * eps * tf.maximum(tf.abs(t_new), 1.0)
+            )
             failure = tf.where(err_finite, int(Status.DT_UNDERFLOW), int(Status.NONFINITE))
         else:
             failed = tf.logical_not(accept)
@@ -212,6 +232,7 @@ def integrate(solver, controller, func, ts, y0, *, step_size, first_step, max_st
                 y=y_new,
                 f=f_new,
                 i_out=i_out,
+                k=k,
                 num_trials=num_trials,
                 num_steps=s.num_steps + tf.cast(accept, tf.int32),
                 num_rejected=s.num_rejected + tf.cast(tf.logical_not(accept), tf.int32),
@@ -230,6 +251,7 @@ def integrate(solver, controller, func, ts, y0, *, step_size, first_step, max_st
         y=list(y0),
         f=list(f0),
         i_out=tf.constant(1, tf.int32),
+        k=zero,
         num_trials=zero,
         num_steps=zero,
         num_rejected=zero,

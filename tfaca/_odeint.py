@@ -1,5 +1,6 @@
 """`odeint` and `solve`: argument checks, dtypes, structures, dispatch. No loop code here."""
 
+import collections.abc
 import numbers
 
 import numpy as np
@@ -34,19 +35,17 @@ def _check_positive(name, value, allow_zero=False, allow_none=False):
 def _tolerance(name, value, y0_structure, y0_flat, dtype):
     """A scalar, or a structure like `y0` of values broadcastable to each component."""
     if tf.nest.is_nested(value) and tf.nest.is_nested(y0_structure):
-        try:
-            tf.nest.assert_same_structure(y0_structure, value, check_types=False)
-        except (ValueError, TypeError) as e:
+        if _paths(value) != _paths(y0_structure):
             raise ValueError(
                 f"`{name}` must be a scalar or have the structure of `y0`. Received: {name}={value!r}"
-            ) from e
+            )
         flat = tf.nest.flatten(value)
     else:
         flat = [value] * len(y0_flat)
     out = []
     for v, y in zip(flat, y0_flat):
         _check_positive(name, v, allow_zero=(name == "atol"))
-        v = tf.cast(v, dtype)
+        v = _as_tensor(v, dtype)
         if not v.shape.is_compatible_with(y.shape) and v.shape.rank:
             try:
                 tf.broadcast_static_shape(v.shape, y.shape)
@@ -59,11 +58,19 @@ def _tolerance(name, value, y0_structure, y0_flat, dtype):
     return out
 
 
+def _as_tensor(value, dtype):
+    """A tensor of `dtype`; Python and NumPy values convert exactly, never via float32."""
+    if tf.is_tensor(value):
+        return tf.cast(value, dtype)
+    return tf.convert_to_tensor(np.asarray(value, dtype=dtype.as_numpy_dtype))
+
+
 def _prepare_ts(ts, dtype):
-    ts = tf.convert_to_tensor(ts)
-    if not ts.dtype.is_floating and not ts.dtype.is_integer:
-        raise TypeError(f"`ts` must be real numbers. Received: ts with dtype {ts.dtype.name}")
-    ts = tf.cast(ts, dtype)
+    ts = tf.convert_to_tensor(ts) if tf.is_tensor(ts) else np.asarray(ts)
+    kind = tf.as_dtype(ts.dtype) if ts.dtype != object else None
+    if kind is None or not (kind.is_floating or kind.is_integer):
+        raise TypeError(f"`ts` must be real numbers. Received: ts={ts!r}")
+    ts = _as_tensor(ts, dtype)
     if ts.shape.rank != 1:
         raise ValueError(f"`ts` must be 1-D. Received: ts with shape {ts.shape}")
     if ts.shape[0] is not None and ts.shape[0] < 2:
@@ -87,6 +94,17 @@ def _prepare_ts(ts, dtype):
     return ts
 
 
+def _paths(structure, prefix=()):
+    """Leaf paths of a nest: dict keys and sequence positions, in `tf.nest` order."""
+    if isinstance(structure, collections.abc.Mapping):
+        items = sorted(structure.items())
+    elif tf.nest.is_nested(structure):
+        items = enumerate(structure)
+    else:
+        return [prefix]
+    return [p for key, value in items for p in _paths(value, prefix + (key,))]
+
+
 def _flat_func(func, y0, args, num_args, dtype):
     """Wraps `func(t, y, *args)` as `f(t, y_flat, args_flat) -> flat list`, checking its output."""
 
@@ -94,14 +112,13 @@ def _flat_func(func, y0, args, num_args, dtype):
         y = tf.nest.pack_sequence_as(y0, y_flat)
         user_args = tf.nest.pack_sequence_as(args, args_flat) if num_args else args
         out = func(t, y, *user_args)
-        try:
-            tf.nest.assert_same_structure(y0, out, check_types=False)
-        except (ValueError, TypeError) as e:
+        # Same paths (dict keys, sequence positions); a list may stand for a tuple.
+        if _paths(out) != _paths(y0):
             raise ValueError(
                 "`func` must return dy/dt with the structure of `y0`. "
                 f"Received: {tf.nest.map_structure(lambda x: getattr(x, 'shape', x), out)!r} "
                 f"for a state {tf.nest.map_structure(lambda x: x.shape, y0)!r}"
-            ) from e
+            )
         out_flat = []
         for o, y_n in zip(tf.nest.flatten(out), y_flat):
             o = tf.convert_to_tensor(o)
@@ -118,17 +135,22 @@ def _flat_func(func, y0, args, num_args, dtype):
     return f
 
 
-def _raise_on_failure(status, t_final, ys_flat):
+def _raise_on_failure(status, t_final, ys_flat, max_steps):
     """Eagerly raise `SolveError`; in graphs add an assertion; under XLA leave `status`."""
     if hasattr(status, "numpy"):
         code = int(status.numpy())
         if code != Status.SUCCESS:
-            raise SolveError(f"{Status(code).message} (status {Status(code).name}, t={float(t_final)})")
+            raise SolveError(
+                f"{Status(code).message} (status {Status(code).name}, t={float(t_final)}, "
+                f"max_steps={max_steps})"
+            )
         return ys_flat
     if in_xla_context():
         return ys_flat  # XLA drops run-time assertions: `Solution.status` carries the result.
     messages = tf.constant([Status(c).message + f" (status {Status(c).name})" for c in Status])
-    check = tf.debugging.Assert(status == 0, [messages[status], "t =", t_final])
+    check = tf.debugging.Assert(
+        status == 0, [messages[status], "t =", t_final, f"max_steps={max_steps}"]
+    )
     with tf.control_dependencies([check]):
         return [tf.identity(y) for y in ys_flat]
 
@@ -240,7 +262,7 @@ def solve(
             safety=float(safety),
             factor_min=float(factor_min),
             factor_max=float(factor_max),
-            max_step=None if max_step is None else tf.cast(max_step, dtype),
+            max_step=None if max_step is None else _as_tensor(max_step, dtype),
         )
         f = _flat_func(func, y0_struct, args, len(args_flat), dtype)
         trajectory = strategy.solve(
@@ -250,13 +272,13 @@ def solve(
             ts,
             y0_flat,
             args_flat,
-            step_size=step_size,
-            first_step=first_step,
+            step_size=None if step_size is None else _as_tensor(step_size, dtype),
+            first_step=None if first_step is None else _as_tensor(first_step, dtype),
             max_steps=int(max_steps),
         )
         ys_flat = trajectory.ys
         if throw:
-            ys_flat = _raise_on_failure(trajectory.status, trajectory.t_final, ys_flat)
+            ys_flat = _raise_on_failure(trajectory.status, trajectory.t_final, ys_flat, max_steps)
         ys_flat = [tf.cast(y, y_dtype) for y in ys_flat]
         return Solution(
             ts=ts,
