@@ -5,7 +5,9 @@ import inspect
 import keras
 import tensorflow as tf
 
-from tfaca._odeint import solve
+from tfaca._gradients import _GRADIENTS, get_gradient
+from tfaca._odeint import check_options, solve
+from tfaca._solvers import _SOLVERS, get_solver
 
 
 def _accepts(layer, argument):
@@ -15,24 +17,67 @@ def _accepts(layer, argument):
         return False
 
 
+def _choice_name(value, getter, registry, argument):
+    """The name a config stores for a solver or gradient given as a string or built-in."""
+    instance = getter(value)  # raises on an unknown choice
+    if isinstance(value, str):
+        return value.lower()
+    for name, cls in registry.items():
+        if type(instance) is cls:
+            return name
+    raise ValueError(
+        f"`{argument}` must be a name or a built-in choice to be saved in a config. "
+        f"Received: {argument}={value!r}"
+    )
+
+
 @keras.saving.register_keras_serializable(package="tfaca")
 class ODELayer(keras.layers.Layer):
-    """Integrates `dy/dt = dynamics(y)` from the input state and returns the final state.
+    """Integrates `dy/dt = dynamics(y)` from the input state over `t`.
+
+    The solve runs in a `tf.while_loop` inside Keras' graphs (and under XLA with
+    `jit_compile=True`); with the default `gradient="aca"` its gradient replays the
+    accepted steps once, so training memory is O(steps x state).
 
     Args:
         dynamics: a Keras layer or model mapping a state to its time derivative, with the
-            same shape. If its `call` accepts `t`, the current time is passed as a scalar.
+            same shape: vectors `(batch, features)` or feature maps `(batch, H, W, C)`.
+            If its `call` accepts `t`, the current time is passed as a scalar tensor;
+            if it accepts `training`, the flag is forwarded.
         t: the integration times: `(t0, t1)` or a longer strictly monotone sequence of
-            output times. Default `(0.0, 1.0)`.
-        method, rtol, atol, gradient, step_size, first_step, max_steps: as in
-            `tfaca.solve`. Defaults: `"dopri5"`, 1e-3, 1e-6, `"aca"`, None, None, 1000.
-        return_sequences: if True, return the states at every time in `t` as
+            output times. Default `(0.0, 1.0)`. Ignored when times come as a second input.
+        method: solver name (`"dopri5"` default; `"heun_euler"` is the paper's choice
+            for images at `rtol = atol = 1e-2`).
+        rtol, atol: tolerances (defaults 1e-3 and 1e-6).
+        gradient: `"aca"` (default) or `"naive"`.
+        step_size: fixed step size (required by `"euler"`, `"midpoint"`, `"rk4"`).
+        first_step: first trial step; default automatic.
+        max_steps: static bound on trial steps per solve (default 1000); it sizes the
+            buffers, which under XLA are allocated whole.
+        return_sequences: if True, return the state at every time, shaped
             `(batch, len(t), ...)` (Keras RNN naming); else only the last state.
         **kwargs: base `keras.layers.Layer` arguments (`name`, `dtype`, ...).
 
     Call arguments:
-        inputs: the initial state `(batch, ...)`.
+        inputs: the initial state `(batch, ...)`, or `[state, times]` with `times` a
+            1-D tensor of output times, or `(batch, num_times)` whose rows must all be
+            equal (one adaptive solve serves the whole batch, with one step size).
         training: forwarded to `dynamics` when its `call` accepts it.
+
+    Normalization layers inside `dynamics` (BatchNorm):
+        in training, with `gradient="aca"`, the moving statistics are restored after
+        the forward solve, so trial steps (rejected ones and the step-size search) leave
+        no trace; they are then updated by the backward replay, which evaluates
+        `dynamics` once per stage of each *accepted* step (in reverse time order).
+        A forward pass in training mode without a gradient therefore leaves them
+        unchanged. With `gradient="naive"` every evaluation, rejected trials included,
+        updates them, as in the paper's naive method. Batch statistics are used in
+        training in every evaluation, so forward and replay compute the same map.
+
+    Metrics:
+        `{name}_fevals` and `{name}_steps` (means over the batches of an epoch) are
+        reported by `fit`/`evaluate`, so the progress bar and TensorBoard show the
+        cost of the solves.
 
     Example:
 
@@ -63,28 +108,69 @@ class ODELayer(keras.layers.Layer):
             raise TypeError(
                 f"`dynamics` must be a keras.layers.Layer. Received: dynamics={dynamics!r}"
             )
-        t = [float(x) for x in t]
-        if len(t) < 2:
-            raise ValueError(f"`t` must hold at least two times. Received: t={t}")
+        try:
+            t = [float(x) for x in t]
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"`t` must be a sequence of numbers. Received: t={t!r}") from e
+        diffs = [b - a for a, b in zip(t, t[1:])]
+        if len(t) < 2 or not (all(d > 0 for d in diffs) or all(d < 0 for d in diffs)):
+            raise ValueError(
+                "`t` must hold at least two strictly increasing or strictly decreasing "
+                f"times. Received: t={t}"
+            )
+        check_options(
+            method=method, gradient=gradient, rtol=rtol, atol=atol, step_size=step_size,
+            first_step=first_step, max_steps=max_steps,
+        )
         self.dynamics = dynamics
         self.t = t
-        self.method = method
+        self.method = _choice_name(method, get_solver, _SOLVERS, "method")
+        self.gradient = _choice_name(gradient, get_gradient, _GRADIENTS, "gradient")
         self.rtol = rtol
         self.atol = atol
-        self.gradient = gradient
         self.step_size = step_size
         self.first_step = first_step
-        self.max_steps = max_steps
-        self.return_sequences = return_sequences
+        self.max_steps = int(max_steps)
+        self.return_sequences = bool(return_sequences)
         self._pass_t = _accepts(dynamics, "t")
         self._pass_training = _accepts(dynamics, "training")
+        self.fevals_tracker = keras.metrics.Mean(name=f"{self.name}_fevals")
+        self.steps_tracker = keras.metrics.Mean(name=f"{self.name}_steps")
+
+    def _split(self, inputs):
+        if isinstance(inputs, (list, tuple)):
+            if len(inputs) != 2:
+                raise ValueError(
+                    "`inputs` must be a state tensor or a list [state, times]. "
+                    f"Received: {len(inputs)} inputs"
+                )
+            return inputs[0], inputs[1]
+        return inputs, None
 
     def build(self, input_shape):
+        state_shape, _ = self._split(input_shape) if isinstance(input_shape, list) else (
+            input_shape, None
+        )
         if not self.dynamics.built:
-            self.dynamics.build(input_shape)
+            self.dynamics.build(state_shape)
         self.built = True
 
+    def _times(self, times, dtype):
+        if times is None:
+            return tf.constant(self.t, dtype)
+        times = tf.cast(times, dtype)
+        if times.shape.rank == 2:
+            # One solve serves the batch: every row must hold the same times.
+            same = tf.reduce_all(tf.equal(times, times[:1]))
+            check = tf.debugging.Assert(
+                same, ["ODELayer: every row of the times input must be equal."]
+            )
+            with tf.control_dependencies([check]):
+                times = tf.identity(times[0])
+        return times
+
     def call(self, inputs, training=None):
+        y0, times = self._split(inputs)
         kwargs = {"training": training} if self._pass_training else {}
 
         def func(t, y):
@@ -92,10 +178,17 @@ class ODELayer(keras.layers.Layer):
                 return self.dynamics(y, t=t, **kwargs)
             return self.dynamics(y, **kwargs)
 
-        ts = tf.constant(self.t, dtype=inputs.dtype if inputs.dtype.is_floating else tf.float32)
-        ys = solve(
+        dtype = tf.float64 if y0.dtype == tf.float64 else tf.float32
+        ts = self._times(times, dtype)
+        # Under ACA the forward solve's evaluations must not update moving statistics
+        # (rejected trials would pollute them); the backward replay updates them once
+        # per accepted stage. Snapshot here, restore after the forward solve.
+        restore = []
+        if training is True and self.gradient != "naive":
+            restore = [(v, tf.identity(v.value)) for v in self.dynamics.non_trainable_variables]
+        sol = solve(
             func,
-            inputs,
+            y0,
             ts,
             method=self.method,
             rtol=self.rtol,
@@ -105,16 +198,27 @@ class ODELayer(keras.layers.Layer):
             first_step=self.first_step,
             max_steps=self.max_steps,
             name=self.name,
-        ).ys
+        )
+        for variable, value in restore:
+            variable.assign(value)
+        self.fevals_tracker.update_state(tf.cast(sol.stats.num_fevals, "float32"))
+        self.steps_tracker.update_state(tf.cast(sol.stats.num_steps, "float32"))
+        ys = sol.ys
         if not self.return_sequences:
             return ys[-1]
         perm = [1, 0] + list(range(2, len(ys.shape)))
         return tf.transpose(ys, perm)
 
     def compute_output_shape(self, input_shape):
+        if isinstance(input_shape, list):
+            state_shape, times_shape = input_shape
+            num_times = times_shape[-1]
+        else:
+            state_shape, num_times = input_shape, len(self.t)
+        state_shape = tuple(state_shape)
         if not self.return_sequences:
-            return tuple(input_shape)
-        return (input_shape[0], len(self.t)) + tuple(input_shape[1:])
+            return state_shape
+        return (state_shape[0], num_times) + state_shape[1:]
 
     def get_config(self):
         config = {

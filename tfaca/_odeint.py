@@ -44,7 +44,6 @@ def _tolerance(name, value, y0_structure, y0_flat, dtype):
         flat = [value] * len(y0_flat)
     out = []
     for v, y in zip(flat, y0_flat):
-        _check_positive(name, v, allow_zero=(name == "atol"))
         v = _as_tensor(v, dtype)
         if not v.shape.is_compatible_with(y.shape) and v.shape.rank:
             try:
@@ -155,6 +154,45 @@ def _raise_on_failure(status, t_final, ys_flat, max_steps):
         return [tf.identity(y) for y in ys_flat]
 
 
+def check_options(
+    *,
+    method="dopri5",
+    gradient="aca",
+    rtol=1e-3,
+    atol=1e-6,
+    step_size=None,
+    first_step=None,
+    max_step=None,
+    max_steps=1000,
+    safety=0.9,
+    factor_min=0.2,
+    factor_max=10.0,
+):
+    """Checks the options of `solve` that do not depend on the state; returns the solver
+    and the gradient strategy. Raises ValueError/TypeError naming the argument."""
+    solver = get_solver(method)
+    strategy = get_gradient(gradient)
+    if not isinstance(max_steps, numbers.Integral) or isinstance(max_steps, bool) or max_steps < 1:
+        raise ValueError(f"`max_steps` must be a positive Python int. Received: max_steps={max_steps!r}")
+    if step_size is None and not solver.adaptive:
+        raise ValueError(
+            f"`step_size` is required by the fixed-step method {solver!r}. Received: step_size=None"
+        )
+    for name, value in (("rtol", rtol), ("atol", atol)):
+        for leaf in tf.nest.flatten(value):
+            _check_positive(name, leaf, allow_zero=(name == "atol"))
+    _check_positive("step_size", step_size, allow_none=True)
+    _check_positive("first_step", first_step, allow_none=True)
+    _check_positive("max_step", max_step, allow_none=True)
+    if not 0 < safety <= 1:
+        raise ValueError(f"`safety` must be in (0, 1]. Received: safety={safety!r}")
+    if not 0 < factor_min <= 1:
+        raise ValueError(f"`factor_min` must be in (0, 1]. Received: factor_min={factor_min!r}")
+    if not factor_max >= 1:
+        raise ValueError(f"`factor_max` must be >= 1. Received: factor_max={factor_max!r}")
+    return solver, strategy
+
+
 def solve(
     func,
     y0,
@@ -218,27 +256,15 @@ def solve(
         ValueError, TypeError: on bad arguments, naming the argument.
         SolveError: eagerly, when the solve fails and `throw=True`.
     """
-    solver = get_solver(method)
-    strategy = get_gradient(gradient)
     if not callable(func):
         raise TypeError(f"`func` must be callable. Received: func={func!r}")
-    if not isinstance(max_steps, numbers.Integral) or isinstance(max_steps, bool) or max_steps < 1:
-        raise ValueError(f"`max_steps` must be a positive Python int. Received: max_steps={max_steps!r}")
     if not isinstance(args, tuple):
         raise TypeError(f"`args` must be a tuple. Received: args={args!r}")
-    if step_size is None and not solver.adaptive:
-        raise ValueError(
-            f"`step_size` is required by the fixed-step method {solver!r}. Received: step_size=None"
-        )
-    _check_positive("step_size", step_size, allow_none=True)
-    _check_positive("first_step", first_step, allow_none=True)
-    _check_positive("max_step", max_step, allow_none=True)
-    if not 0 < safety <= 1:
-        raise ValueError(f"`safety` must be in (0, 1]. Received: safety={safety!r}")
-    if not 0 < factor_min <= 1:
-        raise ValueError(f"`factor_min` must be in (0, 1]. Received: factor_min={factor_min!r}")
-    if not factor_max >= 1:
-        raise ValueError(f"`factor_max` must be >= 1. Received: factor_max={factor_max!r}")
+    solver, strategy = check_options(
+        method=method, gradient=gradient, rtol=rtol, atol=atol, step_size=step_size,
+        first_step=first_step, max_step=max_step, max_steps=max_steps, safety=safety,
+        factor_min=factor_min, factor_max=factor_max,
+    )
 
     with tf.name_scope(name or "odeint"):
         y0_flat = [tf.convert_to_tensor(y) for y in tf.nest.flatten(y0)]
