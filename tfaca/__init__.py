@@ -2,7 +2,13 @@
 memory-light gradients by the adaptive checkpoint adjoint (ACA) method."""
 
 from tfaca._control import StepSizeController
-from tfaca._gradients import AbstractGradient, ACAGradient, NaiveGradient, get_gradient
+from tfaca._gradients import (
+    AbstractGradient,
+    ACAGradient,
+    AdjointGradient,
+    NaiveGradient,
+    get_gradient,
+)
 from tfaca._layers import ODELayer
 from tfaca._odeint import odeint, solve
 from tfaca._solution import Solution, SolveError, Stats, Status
@@ -25,6 +31,7 @@ __all__ = [
     "ACAGradient",
     "AbstractGradient",
     "AbstractSolver",
+    "AdjointGradient",
     "Bosh3",
     "ButcherTableau",
     "Dopri5",

@@ -47,7 +47,8 @@ class StepSizeController:
             ratio = v / (atol + rtol * s)
             total += tf.reduce_sum(tf.square(ratio))
             count += tf.size(ratio)
-        return tf.sqrt(total / tf.cast(count, total.dtype))
+        # An empty state (a replica's empty batch under tf.distribute) has no error.
+        return tf.sqrt(total / tf.cast(tf.maximum(count, 1), total.dtype))
 
     def error_ratio(self, y0, y1, y_error):
         """Scaled RMS of the local error; the step is accepted when it is <= 1."""

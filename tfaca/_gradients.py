@@ -24,10 +24,13 @@ included, as the paper defines it. Memory O(trials * stages * state); the gradie
 carries the (meaningless) derivative of the step-size choice.
 """
 
+import dataclasses
+
 import tensorflow as tf
 from tensorflow.python.eager import record as tape_record
 
-from tfaca._loop import integrate
+from tfaca._loop import integrate, raise_on_failure
+from tfaca._solution import Stats
 
 
 class AbstractGradient:
@@ -54,9 +57,11 @@ class NaiveGradient(AbstractGradient):
     name = "naive"
 
     def solve(self, solver, controller, func, ts, y0, args, **loop_kwargs):
-        return integrate(
+        trajectory = integrate(
             solver, controller, lambda t, y: func(t, y, args), ts, y0, record=False, **loop_kwargs
         )
+        zero = tf.constant(0, tf.int32)
+        return trajectory._replace(stats=trajectory.stats._replace(num_fevals_backward=zero))
 
 
 def _zeros_if_none(grad, like):
@@ -65,46 +70,64 @@ def _zeros_if_none(grad, like):
     return tf.convert_to_tensor(grad)
 
 
+def _solve_with_custom_gradient(forward, backward, ts, y0, args):
+    """Runs `forward` with no tape recording and gives its outputs `backward` as gradient.
+
+    `forward(ts, y0, args) -> Trajectory`; `backward(trajectory, ts, y0, args, g_ys,
+    variables) -> (g_ts, g_y0, g_args, g_vars)`. `tf.custom_gradient` lives only here.
+    """
+    num_y = len(y0)
+    forward_result = []
+
+    @tf.custom_gradient
+    def solve(ts, *flat):
+        y0, args = list(flat[:num_y]), list(flat[num_y:])
+        # tf.custom_gradient does not stop outer tapes from recording the forward ops;
+        # without this every trial step would be kept alive until the tape is released,
+        # as memory-hungry as the naive method (tf.recompute_grad does the same).
+        with tape_record.stop_recording():
+            trajectory = forward(ts, y0, args)
+        forward_result.append(trajectory)
+
+        def grad(*g_ys, variables=None):
+            g_ys = [_zeros_if_none(g, y) for g, y in zip(g_ys, trajectory.ys)]
+            g_ts, g_y0, g_args, g_vars = backward(
+                trajectory, ts, y0, args, g_ys, list(variables or [])
+            )
+            if variables is None:
+                return [g_ts] + g_y0 + g_args
+            return [g_ts] + g_y0 + g_args, g_vars
+
+        return trajectory.ys, grad
+
+    ys = solve(ts, *y0, *args)
+    return forward_result[0]._replace(ys=list(ys))
+
+
 class ACAGradient(AbstractGradient):
     """The adaptive checkpoint adjoint: exact gradients of the accepted steps (default).
 
     Gradients reach `y0`, `args`, every entry of `ts`, and the variables that `func`
-    reads (Keras weights included) through `tf.custom_gradient`.
+    reads (Keras weights included) through `tf.custom_gradient`. The backward pass
+    evaluates `func` `stages` times per accepted step (`Stats.num_fevals_backward`).
     """
 
     name = "aca"
 
     def solve(self, solver, controller, func, ts, y0, args, **loop_kwargs):
-        num_y = len(y0)
-        forward_result = []
+        def forward(ts, y0, args):
+            return integrate(
+                solver, controller, lambda t, y: func(t, y, args), ts, y0, record=True,
+                **loop_kwargs,
+            )
 
-        @tf.custom_gradient
-        def forward(ts, *flat):
-            y0, args = list(flat[:num_y]), list(flat[num_y:])
-            # tf.custom_gradient does not stop outer tapes from recording the forward
-            # ops; without this, every trial step would be kept alive until the tape
-            # is released, as memory-hungry as the naive method (tf.recompute_grad
-            # does the same).
-            with tape_record.stop_recording():
-                trajectory = integrate(
-                    solver, controller, lambda t, y: func(t, y, args), ts, y0, record=True,
-                    **loop_kwargs,
-                )
-            forward_result.append(trajectory)
+        def backward(trajectory, ts, y0, args, g_ys, variables):
+            return _replay(solver, func, ts, args, trajectory.checkpoints, g_ys, variables)
 
-            def grad(*g_ys, variables=None):
-                g_ys = [_zeros_if_none(g, y) for g, y in zip(g_ys, trajectory.ys)]
-                g_ts, g_y0, g_args, g_vars = _replay(
-                    solver, func, ts, args, trajectory.checkpoints, g_ys, variables or []
-                )
-                if variables is None:
-                    return [g_ts] + g_y0 + g_args
-                return [g_ts] + g_y0 + g_args, g_vars
-
-            return trajectory.ys, grad
-
-        ys = forward(ts, *y0, *args)
-        return forward_result[0]._replace(ys=list(ys))
+        trajectory = _solve_with_custom_gradient(forward, backward, ts, y0, args)
+        stats = trajectory.stats
+        replay_fevals = stats.num_steps * solver.tableau.stages
+        return trajectory._replace(stats=stats._replace(num_fevals_backward=replay_fevals))
 
 
 def _replay(solver, func, ts, args, checkpoints, g_ys, variables):
@@ -151,7 +174,142 @@ def _replay(solver, func, ts, args, checkpoints, g_ys, variables):
     return g_ts, g_y0, g_args, g_vars
 
 
-_GRADIENTS = {"aca": ACAGradient, "naive": NaiveGradient}
+class AdjointGradient(AbstractGradient):
+    """The continuous adjoint of Chen, Rubanova, Bettencourt & Duvenaud (NeurIPS 2018).
+
+    Keeps only the outputs; the backward pass solves the augmented system
+    `[y, a, g_args, g_vars]` backwards from each output time to the previous one,
+    `dy/dt = f`, `da/dt = -a^T df/dy`, `dg/dt = -a^T df/d(args, variables)`, with the
+    same solver. At each output time `y` is reset to the forward value and `a` receives
+    that output's cotangent (as torchdiffeq does). Time gradients need no extra
+    integral: `dL/dts[j] = <dL/dys[j], f(ts[j], ys[j])>` for `j >= 1` and
+    `dL/dts[0] = -<a(ts[0]), f(ts[0], y0)>`.
+
+    Memory O(state) in the number of steps, but the reverse solve of `y` drifts from
+    the forward trajectory (Zhuang et al. 2020, Fig. 4), so the gradient is only as
+    accurate as that reverse solve: the point of comparison for ACA.
+
+    Args:
+        rtol, atol: tolerances of the reverse solve (scalars); default: those of the
+            forward solve (for parameter components, the smallest forward tolerance).
+        max_steps: trial-step bound per output interval of the reverse solve; default:
+            the forward's.
+
+    Attributes:
+        backward_stats: after a gradient has been computed with this instance, a
+            `Stats` of the reverse solve (summed over output intervals).
+    """
+
+    name = "adjoint"
+
+    def __init__(self, rtol=None, atol=None, max_steps=None):
+        self.rtol = rtol
+        self.atol = atol
+        self.max_steps = max_steps
+        self.backward_stats = None
+
+    def solve(self, solver, controller, func, ts, y0, args, **loop_kwargs):
+        def forward(ts, y0, args):
+            return integrate(
+                solver, controller, lambda t, y: func(t, y, args), ts, y0, record=False,
+                **loop_kwargs,
+            )
+
+        def backward(trajectory, ts, y0, args, g_ys, variables):
+            return self._reverse_solve(
+                solver, controller, func, trajectory.ys, ts, y0, args, g_ys, variables,
+                loop_kwargs,
+            )
+
+        trajectory = _solve_with_custom_gradient(forward, backward, ts, y0, args)
+        unknown = tf.constant(-1, tf.int32)
+        return trajectory._replace(stats=trajectory.stats._replace(num_fevals_backward=unknown))
+
+    def _reverse_solve(self, solver, controller, func, ys, ts, y0, args, g_ys, variables,
+                       loop_kwargs):
+        diff_args = [args[k] for k, a in enumerate(args) if a.dtype.is_floating]
+        params = diff_args + [tf.convert_to_tensor(v) for v in variables]
+        num_y, num_p = len(y0), len(params)
+        dtype = ts.dtype
+
+        def augmented(t, state):
+            y, a = state[:num_y], state[num_y:2 * num_y]
+            with tf.GradientTape() as tape:
+                tape.watch(y + diff_args)
+                f = func(t, y, args)
+            vjp = tape.gradient(
+                f, [y, diff_args, variables], output_gradients=a,
+                unconnected_gradients=tf.UnconnectedGradients.ZERO,
+            )
+            vjp = vjp[0] + vjp[1] + [tf.convert_to_tensor(g) for g in vjp[2]]
+            return f + [-g for g in vjp]
+
+        def tolerance(given, forward):
+            if given is not None:
+                return [tf.constant(given, dtype)] * (2 * num_y + num_p)
+            smallest = tf.reduce_min(tf.stack([tf.reduce_min(x) for x in forward]))
+            return forward + forward + [smallest] * num_p
+
+        reverse_controller = dataclasses.replace(
+            controller,
+            rtol=tolerance(self.rtol, controller.rtol),
+            atol=tolerance(self.atol, controller.atol),
+        )
+        kwargs = dict(loop_kwargs)
+        if self.max_steps is not None:
+            kwargs["max_steps"] = self.max_steps
+
+        def interval(j, a, g_params, g_ts, num_steps, num_rejected, num_fevals, status, t_final):
+            y_j = [y[j] for y in ys]
+            a = [a_n + g[j] for a_n, g in zip(a, g_ys)]
+            f_j = func(ts[j], y_j, args)
+            g_ts = tf.tensor_scatter_nd_add(g_ts, [[j]], [_dot([g[j] for g in g_ys], f_j)])
+            trajectory = integrate(
+                solver, reverse_controller, augmented, tf.stack([ts[j], ts[j - 1]]),
+                y_j + a + g_params, record=False, **kwargs,
+            )
+            end = [x[-1] for x in trajectory.ys]
+            stats = trajectory.stats
+            return (
+                j - 1,
+                end[num_y:2 * num_y],
+                end[2 * num_y:],
+                g_ts,
+                num_steps + stats.num_steps,
+                num_rejected + stats.num_rejected,
+                num_fevals + stats.num_fevals + 1,
+                tf.maximum(status, trajectory.status),
+                tf.where(status == 0, trajectory.t_final, t_final),
+            )
+
+        zero = tf.constant(0, tf.int32)
+        state = (
+            tf.shape(ts)[0] - 1,
+            [tf.zeros_like(y) for y in y0],
+            [tf.zeros_like(p) for p in params],
+            tf.zeros_like(ts),
+            zero, zero, zero, zero, ts[-1],
+        )
+        _, a, g_params, g_ts, num_steps, num_rejected, num_fevals, status, t_final = tf.while_loop(
+            lambda j, *_: j >= 1, interval, state
+        )
+        # ts[0]: moving the start with y0 fixed shifts the solution by -Phi f(t0, y0).
+        g_ts = tf.tensor_scatter_nd_add(g_ts, [[0]], [-_dot(a, func(ts[0], y0, args))])
+        g_y0 = [a_n + g[0] for a_n, g in zip(a, g_ys)]
+        g_args = [None] * len(args)
+        floating = [k for k, x in enumerate(args) if x.dtype.is_floating]
+        for k, g in zip(floating, g_params[: len(diff_args)]):
+            g_args[k] = g
+        self.backward_stats = Stats(num_steps, num_rejected, num_fevals + 1, zero)
+        g_y0 = raise_on_failure(status, t_final, g_y0, "in the adjoint's reverse solve")
+        return g_ts, g_y0, g_args, g_params[len(diff_args):]
+
+
+def _dot(xs, ys):
+    return tf.add_n([tf.reduce_sum(x * y) for x, y in zip(xs, ys)])
+
+
+_GRADIENTS = {"aca": ACAGradient, "naive": NaiveGradient, "adjoint": AdjointGradient}
 
 
 def get_gradient(gradient):

@@ -17,6 +17,13 @@ def _accepts(layer, argument):
         return False
 
 
+def _is_shape_pair(shape):
+    """Whether a Keras input shape is `[state_shape, times_shape]` (list or tuple)."""
+    return isinstance(shape, (list, tuple)) and len(shape) == 2 and all(
+        isinstance(s, (list, tuple)) for s in shape
+    )
+
+
 def _choice_name(value, getter, registry, argument):
     """The name a config stores for a solver or gradient given as a string or built-in."""
     instance = getter(value)  # raises on an unknown choice
@@ -148,9 +155,7 @@ class ODELayer(keras.layers.Layer):
         return inputs, None
 
     def build(self, input_shape):
-        state_shape, _ = self._split(input_shape) if isinstance(input_shape, list) else (
-            input_shape, None
-        )
+        state_shape = input_shape[0] if _is_shape_pair(input_shape) else input_shape
         if not self.dynamics.built:
             self.dynamics.build(state_shape)
         self.built = True
@@ -210,7 +215,7 @@ class ODELayer(keras.layers.Layer):
         return tf.transpose(ys, perm)
 
     def compute_output_shape(self, input_shape):
-        if isinstance(input_shape, list):
+        if _is_shape_pair(input_shape):
             state_shape, times_shape = input_shape
             num_times = times_shape[-1]
         else:

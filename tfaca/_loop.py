@@ -24,7 +24,7 @@ from typing import Any, NamedTuple
 import tensorflow as tf
 from tensorflow.python.ops import control_flow_util
 
-from tfaca._solution import Stats, Status
+from tfaca._solution import SolveError, Stats, Status
 
 _RUNNING = -1
 
@@ -79,17 +79,39 @@ def in_xla_context():
     return control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
 
 
-def _dense(ta, size):
+def raise_on_failure(status, t_final, outputs, context):
+    """Eagerly raise `SolveError`; in graphs make `outputs` depend on an assertion; under
+    XLA, which has no run-time assertions, return them as they are (`status` tells).
+
+    `context` (a string) is appended to the message, e.g. the `max_steps` in force.
+    """
+    if hasattr(status, "numpy"):
+        code = Status(int(status.numpy()))
+        if code != Status.SUCCESS:
+            raise SolveError(f"{code.message} (status {code.name}, t={float(t_final)}, {context})")
+        return outputs
+    if in_xla_context():
+        return outputs
+    messages = tf.constant([f"{c.message} (status {c.name})" for c in Status])
+    check = tf.debugging.Assert(status == 0, [messages[status], "t =", t_final, context])
+    with tf.control_dependencies([check]):
+        return [tf.identity(x) for x in outputs]
+
+
+def _dense(ta, size, like):
     """The first `size` entries of a TensorArray as one tensor.
 
     Checkpoints leave the loop as plain tensors, not TensorArrays: a SavedModel can
     serialize a custom gradient that captures tensors but not TensorArray handles
     (variants). Outside XLA, gather only the written entries so that memory follows the
     steps taken, not `max_steps`; XLA needs static shapes and stacks the whole buffer.
+    `like` is a tensor shaped as one entry.
     """
     if in_xla_context():
         return ta.stack()
-    return ta.gather(tf.range(size))
+    # Gathering no entry needs a fully known element shape, which a Keras batch lacks.
+    empty = tf.zeros(tf.concat([[0], tf.shape(like)], 0), ta.dtype)
+    return tf.cond(size > 0, lambda: ta.gather(tf.range(size)), lambda: empty)
 
 
 def _tensor_array(dtype, size, element_shape):
@@ -279,11 +301,11 @@ def integrate(solver, controller, func, ts, y0, *, step_size, first_step, max_st
         rec = state.record
         n = state.num_steps
         checkpoints = Checkpoints(
-            t=_dense(rec[0], n),
-            dt=_dense(rec[1], n),
-            interval=_dense(rec[2], n),
-            hit=_dense(rec[3], n),
-            y=[_dense(ta, n) for ta in rec[4:]],
+            t=_dense(rec[0], n, t0),
+            dt=_dense(rec[1], n, t0),
+            interval=_dense(rec[2], n, t0),
+            hit=_dense(rec[3], n, t0),
+            y=[_dense(ta, n, y) for ta, y in zip(rec[4:], y0)],
             num_steps=n,
         )
     stats = Stats(

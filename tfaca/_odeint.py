@@ -8,7 +8,7 @@ import tensorflow as tf
 
 from tfaca._control import StepSizeController
 from tfaca._gradients import get_gradient
-from tfaca._loop import in_xla_context
+from tfaca._loop import in_xla_context, raise_on_failure
 from tfaca._solution import Solution, SolveError, Status
 from tfaca._solvers import get_solver
 
@@ -132,26 +132,6 @@ def _flat_func(func, y0, args, num_args, dtype):
         return out_flat
 
     return f
-
-
-def _raise_on_failure(status, t_final, ys_flat, max_steps):
-    """Eagerly raise `SolveError`; in graphs add an assertion; under XLA leave `status`."""
-    if hasattr(status, "numpy"):
-        code = int(status.numpy())
-        if code != Status.SUCCESS:
-            raise SolveError(
-                f"{Status(code).message} (status {Status(code).name}, t={float(t_final)}, "
-                f"max_steps={max_steps})"
-            )
-        return ys_flat
-    if in_xla_context():
-        return ys_flat  # XLA drops run-time assertions: `Solution.status` carries the result.
-    messages = tf.constant([Status(c).message + f" (status {Status(c).name})" for c in Status])
-    check = tf.debugging.Assert(
-        status == 0, [messages[status], "t =", t_final, f"max_steps={max_steps}"]
-    )
-    with tf.control_dependencies([check]):
-        return [tf.identity(y) for y in ys_flat]
 
 
 def check_options(
@@ -304,7 +284,9 @@ def solve(
         )
         ys_flat = trajectory.ys
         if throw:
-            ys_flat = _raise_on_failure(trajectory.status, trajectory.t_final, ys_flat, max_steps)
+            ys_flat = raise_on_failure(
+                trajectory.status, trajectory.t_final, ys_flat, f"max_steps={max_steps}"
+            )
         ys_flat = [tf.cast(y, y_dtype) for y in ys_flat]
         return Solution(
             ts=ts,

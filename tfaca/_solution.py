@@ -49,12 +49,19 @@ class Stats(NamedTuple):
     Attributes:
         num_steps: accepted steps.
         num_rejected: rejected trial steps.
-        num_fevals: evaluations of `func`, including the first-step selection.
+        num_fevals: evaluations of `func` in the forward solve, including the first-step
+            selection.
+        num_fevals_backward: evaluations of `func` the gradient will make: with ACA,
+            `stages` per accepted step (known when the forward ends); with the naive
+            method 0 (it differentiates the recorded evaluations); with the adjoint -1,
+            as its reverse solve is adaptive: `AdjointGradient.backward_stats` holds it
+            once the gradient has been computed.
     """
 
     num_steps: Any
     num_rejected: Any
     num_fevals: Any
+    num_fevals_backward: Any = 0
 
 
 class Solution(NamedTuple):
