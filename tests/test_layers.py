@@ -571,6 +571,29 @@ def test_config_of_a_solver_instance_and_gradient_class():
     json.dumps(keras.saving.serialize_keras_object(layer))
 
 
+class _Ralston(tfaca.AbstractSolver):
+    tableau = tfaca.ButcherTableau(c=(0.0, 2 / 3), a_lower=((2 / 3,),), b_sol=(0.25, 0.75))
+    order = 2
+    error_order = None
+
+
+@pytest.mark.parametrize(
+    "kwargs, argument",
+    [
+        ({"method": _Ralston(), "step_size": 0.1}, "method"),
+        ({"gradient": tfaca.AdjointGradient(rtol=1e-6)}, "gradient"),
+    ],
+    ids=["user_solver", "adjoint_with_options"],
+)
+def test_objects_that_a_config_cannot_hold_work_but_refuse_to_save(kwargs, argument):
+    layer = tfaca.ODELayer(mlp_dynamics(), **kwargs)
+    x = np.random.default_rng(0).normal(size=(4, 4)).astype("float32")
+    expected = tfaca.odeint(lambda t, y: layer.dynamics(y), x, [0.0, 1.0], **kwargs)[-1]
+    np.testing.assert_allclose(layer(x).numpy(), expected.numpy(), rtol=1e-6)
+    with pytest.raises(ValueError, match=f"`{argument}`"):
+        layer.get_config()
+
+
 @pytest.mark.parametrize("kwargs", [NON_DEFAULT, FIXED_STEP], ids=["adaptive", "fixed"])
 def test_keras_file_round_trip(tmp_path, kwargs):
     x, _ = regression_data(n=BATCH)

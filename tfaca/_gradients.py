@@ -39,6 +39,10 @@ class AbstractGradient:
 
     name = None
 
+    def options(self):
+        """The constructor arguments, as a dict (empty for strategies without any)."""
+        return {}
+
     def solve(self, solver, controller, func, ts, y0, args, **loop_kwargs):
         """Integrates `func(t, y, args)` (flat lists) and returns a `Trajectory`."""
         raise NotImplementedError
@@ -207,6 +211,9 @@ class AdjointGradient(AbstractGradient):
         self.atol = atol
         self.max_steps = max_steps
         self.backward_stats = None
+
+    def options(self):
+        return {"rtol": self.rtol, "atol": self.atol, "max_steps": self.max_steps}
 
     def solve(self, solver, controller, func, ts, y0, args, **loop_kwargs):
         def forward(ts, y0, args):

@@ -24,18 +24,19 @@ def _is_shape_pair(shape):
     )
 
 
-def _choice_name(value, getter, registry, argument):
-    """The name a config stores for a solver or gradient given as a string or built-in."""
+def _choice(value, getter, registry):
+    """A name for a config when `value` is a name or a default built-in, else the object."""
     instance = getter(value)  # raises on an unknown choice
     if isinstance(value, str):
         return value.lower()
     for name, cls in registry.items():
-        if type(instance) is cls:
+        if type(instance) is cls and _options(instance) == _options(cls()):
             return name
-    raise ValueError(
-        f"`{argument}` must be a name or a built-in choice to be saved in a config. "
-        f"Received: {argument}={value!r}"
-    )
+    return instance
+
+
+def _options(instance):
+    return getattr(instance, "options", dict)()
 
 
 @keras.saving.register_keras_serializable(package="tfaca")
@@ -54,9 +55,11 @@ class ODELayer(keras.layers.Layer):
         t: the integration times: `(t0, t1)` or a longer strictly monotone sequence of
             output times. Default `(0.0, 1.0)`. Ignored when times come as a second input.
         method: solver name (`"dopri5"` default; `"heun_euler"` is the paper's choice
-            for images at `rtol = atol = 1e-2`).
+            for images at `rtol = atol = 1e-2`), or a solver object (a user-defined
+            solver works, but cannot be saved in a config).
         rtol, atol: tolerances (defaults 1e-3 and 1e-6).
-        gradient: `"aca"` (default) or `"naive"`.
+        gradient: `"aca"` (default), `"naive"` or `"adjoint"`, or a strategy object
+            (which, unless it is a default built-in, cannot be saved in a config).
         step_size: fixed step size (required by `"euler"`, `"midpoint"`, `"rk4"`).
         first_step: first trial step; default automatic.
         max_steps: static bound on trial steps per solve (default 1000); it sizes the
@@ -80,6 +83,10 @@ class ODELayer(keras.layers.Layer):
         unchanged. With `gradient="naive"` every evaluation, rejected trials included,
         updates them, as in the paper's naive method. Batch statistics are used in
         training in every evaluation, so forward and replay compute the same map.
+        `BatchNormalization(synchronized=True)` cannot run inside the solver's
+        `tf.while_loop` under `tf.distribute` (TensorFlow forbids cross-replica
+        `merge_call` there); use the unsynchronized layer, whose statistics are
+        per replica.
 
     Metrics:
         `{name}_fevals` and `{name}_steps` (means over the batches of an epoch) are
@@ -131,8 +138,8 @@ class ODELayer(keras.layers.Layer):
         )
         self.dynamics = dynamics
         self.t = t
-        self.method = _choice_name(method, get_solver, _SOLVERS, "method")
-        self.gradient = _choice_name(gradient, get_gradient, _GRADIENTS, "gradient")
+        self.method = _choice(method, get_solver, _SOLVERS)
+        self.gradient = _choice(gradient, get_gradient, _GRADIENTS)
         self.rtol = rtol
         self.atol = atol
         self.step_size = step_size
@@ -226,6 +233,13 @@ class ODELayer(keras.layers.Layer):
         return (state_shape[0], num_times) + state_shape[1:]
 
     def get_config(self):
+        for argument in ("method", "gradient"):
+            if not isinstance(getattr(self, argument), str):
+                raise ValueError(
+                    f"ODELayer can save `{argument}` in a config only as a name. Received: "
+                    f"{argument}={getattr(self, argument)!r}. Pass a name (e.g. "
+                    '"dopri5", "adjoint") to save the layer, or rebuild it in code.'
+                )
         config = {
             "dynamics": keras.saving.serialize_keras_object(self.dynamics),
             "t": list(self.t),
