@@ -225,7 +225,7 @@ def test_method_name_is_case_insensitive():
     np.testing.assert_array_equal(a, b)
 
 
-@pytest.mark.parametrize("gradient", ["adjoint", 1])
+@pytest.mark.parametrize("gradient", ["backsolve", 1])
 def test_unknown_gradient(gradient):
     with pytest.raises(ValueError, match="`gradient` must be one of") as info:
         _solve(gradient=gradient)

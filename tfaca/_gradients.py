@@ -21,7 +21,15 @@ never the rejected trials.
 
 Naive: differentiate through the whole loop, rejected trials and step-size selection
 included, as the paper defines it. Memory O(trials * stages * state); the gradient also
-carries the (meaningless) derivative of the step-size choice.
+carries the derivative of the step-size choice.
+
+Adjoint (Chen, Rubanova, Bettencourt & Duvenaud, "Neural Ordinary Differential
+Equations", NeurIPS 2018): keep only the outputs and solve the adjoint system backwards
+in time. Memory O(state), but the reverse solve of `y` drifts from the forward one
+(Zhuang et al. 2020, Table 1, Fig. 4), and the gradient with it.
+
+ACA and the adjoint define their gradient with `tf.custom_gradient`, in
+`_solve_with_custom_gradient` only; every strategy runs the same loop, `_loop.integrate`.
 """
 
 import dataclasses
@@ -214,6 +222,10 @@ class AdjointGradient(AbstractGradient):
 
     def options(self):
         return {"rtol": self.rtol, "atol": self.atol, "max_steps": self.max_steps}
+
+    def __repr__(self):
+        options = ", ".join(f"{k}={v!r}" for k, v in self.options().items())
+        return f"{type(self).__name__}({options})"
 
     def solve(self, solver, controller, func, ts, y0, args, **loop_kwargs):
         def forward(ts, y0, args):
