@@ -176,8 +176,11 @@ def _replay(solver, func, ts, args, checkpoints, g_ys, variables):
         [tf.zeros_like(args[k]) for k in diff_args],
         [tf.zeros_like(v) for v in variables],
     )
+    # parallel_iterations=1: each step's replay does not depend on the cotangent, so
+    # TensorFlow would otherwise run up to 10 replays ahead and hold their graphs at
+    # once; one at a time keeps ACA's memory at one step's graph (XLA ignores it).
     _, a, g_ts, g_diff_args, g_vars = tf.while_loop(
-        lambda i, *_: i >= 0, step_vjp, state
+        lambda i, *_: i >= 0, step_vjp, state, parallel_iterations=1
     )
     g_y0 = [a_n + g[0] for a_n, g in zip(a, g_ys)]
     g_args = [None] * len(args)
@@ -310,7 +313,7 @@ class AdjointGradient(AbstractGradient):
             zero, zero, zero, zero, ts[-1],
         )
         _, a, g_params, g_ts, num_steps, num_rejected, num_fevals, status, t_final = tf.while_loop(
-            lambda j, *_: j >= 1, interval, state
+            lambda j, *_: j >= 1, interval, state, parallel_iterations=1
         )
         # ts[0]: moving the start with y0 fixed shifts the solution by -Phi f(t0, y0).
         g_ts = tf.tensor_scatter_nd_add(g_ts, [[0]], [-_dot(a, func(ts[0], y0, args))])
