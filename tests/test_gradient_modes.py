@@ -236,7 +236,7 @@ def test_backward_fevals_counters():
             assert int(grad.backward_stats.num_steps) > 0
     n = int(stats["aca"].num_steps)
     assert n > 10
-    assert int(stats["aca"].num_fevals_backward) == tfaca.Dopri5.tableau.stages * n
+    assert int(stats["aca"].num_fevals_backward) == tfaca.Dopri5.tableau.solution_stages * n
     assert int(stats["naive"].num_fevals_backward) == 0
     assert int(stats["adjoint"].num_fevals_backward) == -1
     # The forward solve is the same whatever the gradient.
@@ -294,7 +294,7 @@ def test_gradient_accuracy_example_quick(tmp_path):
         assert err["rel_err_y0"] < 1e-3 and err["rel_err_A"] < 1e-3, (t, err)
     cost = result["cost"]
     assert cost["aca"]["num_steps"] >= 50
-    assert cost["aca"]["backward_fevals"] == 7 * cost["aca"]["num_steps"]
+    assert cost["aca"]["backward_fevals"] == 6 * cost["aca"]["num_steps"]  # dopri5 replays 6 stages
     assert cost["naive"]["backward_fevals"] == 0
     assert cost["adjoint"]["backward_fevals"] > 0
     for mode in MODES:

@@ -434,7 +434,7 @@ def test_forward_not_recorded_on_outer_tape(gradient):
 
 @pytest.mark.parametrize("method", ["heun_euler", "bosh3"])
 def test_backward_replays_only_accepted_steps(method):
-    """Eagerly, ACA's backward calls `func` exactly `stages` times per accepted step."""
+    """Eagerly, ACA's backward calls `func` exactly `solution_stages` times per accepted step (the FSAL stage is skipped)."""
     y0, W, b, ts = c64(Y0_NP), c64(W_NP), c64(B_NP), c64(TS_NP)
     calls = [0]
 
@@ -451,7 +451,7 @@ def test_backward_replays_only_accepted_steps(method):
     assert calls[0] == int(sol.stats.num_fevals)
     calls[0] = 0
     g = tape.gradient(loss, [y0, W])
-    stages = tfaca.get_solver(method).tableau.stages
+    stages = tfaca.get_solver(method).tableau.solution_stages
     assert calls[0] == int(sol.stats.num_steps) * stages
     assert all(np.all(np.isfinite(x.numpy())) for x in g)
 

@@ -835,3 +835,27 @@ def test_user_defined_solver_validation():
         BadOrder()
     with pytest.raises(ValueError, match="error_order"):
         Mismatch()
+
+
+@pytest.mark.parametrize(
+    "method, expected",
+    [("euler", 1), ("midpoint", 2), ("rk4", 4), ("heun_euler", 2), ("bosh3", 3),
+     ("dopri5", 6), ("tsit5", 6)],
+)
+def test_solution_only_step_skips_the_stages_y1_does_not_use(method, expected):
+    solver = tfaca.get_solver(method)
+    assert solver.tableau.solution_stages == expected
+    calls = []
+
+    def func(t, y):
+        calls.append(float(t))
+        return [tf.linalg.matvec(tf.constant(A_NP), y[0]) * tf.cos(t)]
+
+    y0 = [tf.constant(Y0_NP)]
+    t0, dt = tf.constant(0.3, tf.float64), tf.constant(0.1, tf.float64)
+    full, _, _ = solver.step(func, t0, y0, func(t0, y0), dt)
+    calls.clear()
+    short, f1, y_error = solver.step(func, t0, y0, func(t0, y0), dt, solution_only=True)
+    assert len(calls) == expected  # f0 plus the stages y1 needs
+    assert f1 is None and y_error is None
+    np.testing.assert_array_equal(short[0].numpy(), full[0].numpy())

@@ -16,7 +16,7 @@ steps, with their sizes held fixed ("discretise-then-optimise"). Within the outp
 interval `[ts[j-1], ts[j]]` a step starts at `t_i = ts[j-1] + (fixed offset)` and the
 step that lands on `ts[j]` has size `ts[j] - t_i`; that is how the gradient reaches `ts`.
 Costs: memory O(N * state) for the checkpoints plus one step's graph; time one replay of
-each accepted step (`stages` evaluations of `func` and their vector-Jacobian products),
+each accepted step (the stages `y_{i+1}` needs, and their vector-Jacobian products),
 never the rejected trials.
 
 Naive: differentiate through the whole loop, rejected trials and step-size selection
@@ -121,7 +121,9 @@ class ACAGradient(AbstractGradient):
 
     Gradients reach `y0`, `args`, every entry of `ts`, and the variables that `func`
     reads (Keras weights included) through `tf.custom_gradient`. The backward pass
-    evaluates `func` `stages` times per accepted step (`Stats.num_fevals_backward`).
+    evaluates `func` once per stage that the solution uses (6 for Dopri5 and Tsit5,
+    whose seventh, FSAL, stage only serves the next step) per accepted step
+    (`Stats.num_fevals_backward`).
     """
 
     name = "aca"
@@ -138,7 +140,7 @@ class ACAGradient(AbstractGradient):
 
         trajectory = _solve_with_custom_gradient(forward, backward, ts, y0, args)
         stats = trajectory.stats
-        replay_fevals = stats.num_steps * solver.tableau.stages
+        replay_fevals = stats.num_steps * solver.tableau.solution_stages
         return trajectory._replace(stats=stats._replace(num_fevals_backward=replay_fevals))
 
 
@@ -157,7 +159,7 @@ def _replay(solver, func, ts, args, checkpoints, g_ys, variables):
         with tf.GradientTape() as tape:
             tape.watch([t, dt] + y + [args[k] for k in diff_args])
             f = lambda t_, y_: func(t_, y_, args)  # noqa: E731
-            y1, _, _ = solver.step(f, t, y, f(t, y), dt)
+            y1, _, _ = solver.step(f, t, y, f(t, y), dt, solution_only=True)
         sources = [t, dt, y, [args[k] for k in diff_args], list(variables)]
         g_t, g_dt, g_y, g_a, g_v = tape.gradient(
             y1, sources, output_gradients=a, unconnected_gradients=tf.UnconnectedGradients.ZERO

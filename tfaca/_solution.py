@@ -52,7 +52,7 @@ class Stats(NamedTuple):
         num_fevals: evaluations of `func` in the forward solve, including the first-step
             selection.
         num_fevals_backward: evaluations of `func` the gradient will make: with ACA,
-            `stages` per accepted step (known when the forward ends); with the naive
+            the stages `y1` uses (`tableau.solution_stages`) per accepted step (known when the forward ends); with the naive
             method 0 (it differentiates the recorded evaluations); with the adjoint -1,
             as its reverse solve is adaptive: `AdjointGradient.backward_stats` holds it
             once the gradient has been computed.

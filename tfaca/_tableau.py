@@ -91,6 +91,12 @@ class ButcherTableau:
         return len(self.c)
 
     @property
+    def solution_stages(self):
+        """Stages that `y1` needs: up to the last non-zero weight of `b_sol` (FSAL
+        tableaus end with a stage that only the next step and the error estimate use)."""
+        return 1 + max(i for i, b in enumerate(self.b_sol) if b != 0.0)
+
+    @property
     def fsal(self):
         """First Same As Last: the last stage is f(t1, y1), so the next step reuses it."""
         return (
