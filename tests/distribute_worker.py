@@ -185,7 +185,6 @@ def mirrored_batchnorm(strategy):
     gradient, the trainable weights must equal the mean of the two single-device
     half-batch results.
     """
-    import tensorflow as tf
 
     half = GLOBAL_BATCH // 2
     x, y = data(GLOBAL_BATCH, seed=3)

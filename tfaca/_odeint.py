@@ -9,7 +9,7 @@ import tensorflow as tf
 from tfaca._control import StepSizeController
 from tfaca._gradients import get_gradient
 from tfaca._loop import in_xla_context, raise_on_failure
-from tfaca._solution import Solution, SolveError, Status
+from tfaca._solution import Solution
 from tfaca._solvers import get_solver
 
 _LOW_PRECISION = (tf.float16, tf.bfloat16)

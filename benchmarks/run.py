@@ -1,0 +1,395 @@
+"""Speed benchmark of tfaca against its peers; writes BENCHMARKS.md.
+
+    python benchmarks/run.py [--quick] [--problems mlp,conv,threebody] [--libs ...]
+                             [--out BENCHMARKS.md] [--python PYTHON]
+
+Run it with an interpreter that has the peers (`pip install -e ".[bench]"`, see
+benchmarks/README.md). Every (library, mode, problem) is measured in a child process of
+its own (benchmarks/child.py); without --quick, peak memory is measured in a second,
+separate child per (library, mode, problem). Libraries that fail to import or to solve
+are reported in the table, never dropped.
+"""
+
+import argparse
+import datetime
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+
+from problems import SPECS, make  # noqa: E402
+
+ORDER = ["tfaca-aca", "tfaca-aca-xla", "tfaca-naive", "tfaca-adjoint", "torchdiffeq-odeint",
+         "torchdiffeq-adjoint", "tdep-odesolve", "tdep-odesolve-adjoint", "diffrax-recursive",
+         "diffrax-backsolve", "tfp"]
+LABELS = {
+    "tfaca-aca": ("tfaca", "ACA, tf.function"),
+    "tfaca-aca-xla": ("tfaca", "ACA, tf.function(jit_compile=True)"),
+    "tfaca-naive": ("tfaca", "naive, tf.function"),
+    "tfaca-adjoint": ("tfaca", "adjoint, tf.function"),
+    "torchdiffeq-odeint": ("torchdiffeq", "odeint (backprop)"),
+    "torchdiffeq-adjoint": ("torchdiffeq", "odeint_adjoint"),
+    "tdep-odesolve": ("TorchDiffEqPack", "odesolve (ACA)"),
+    "tdep-odesolve-adjoint": ("TorchDiffEqPack", "odesolve_adjoint (checkpoint ACA)"),
+    "diffrax-recursive": ("diffrax", "RecursiveCheckpointAdjoint, jit"),
+    "diffrax-backsolve": ("diffrax", "BacksolveAdjoint, jit"),
+    "tfp": ("TFP", "DormandPrince (adjoint), tf.function"),
+}
+DIST = {"tfaca": "tfaca", "torchdiffeq": "torchdiffeq", "TorchDiffEqPack": "TorchDiffEqPack",
+        "diffrax": "diffrax", "TFP": "tensorflow-probability"}
+BASE_ENV = {
+    "TF_CPP_MIN_LOG_LEVEL": "3",
+    # GNU OpenMP threads (torch) spin by default; on this 2-vCPU VM that stalls small ops
+    # by ~100 ms at random (measured). PASSIVE makes them sleep: torch's numbers are stable.
+    "OMP_WAIT_POLICY": "PASSIVE",
+    "JAX_PLATFORMS": "cpu",
+    "CUDA_VISIBLE_DEVICES": "",
+}
+# Fixed mmap threshold: large buffers are mmapped and returned to the OS when freed, so
+# the resident-set peak of a warm process reflects the call measured, not a warm heap.
+# oneDNN's TF CPU allocator pools large blocks (never returned), which would hide the
+# peak of a warm process: the memory child runs TF with oneDNN off (plain malloc).
+MEM_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "131072",
+           "TF_ENABLE_ONEDNN_OPTS": "0"}
+QUICK_MEMORY = ("tfaca-aca", "tfaca-naive")
+QUICK_LIBS = ["tfaca-aca", "tfaca-aca-xla", "tfaca-naive", "torchdiffeq-odeint", "tdep-odesolve",
+              "diffrax-recursive", "tfp"]
+
+
+def _ref_path(problem):
+    h = hashlib.sha256()
+    p = make(problem)
+    h.update(repr(SPECS[problem]).encode())
+    h.update(p["y0"].tobytes())
+    for n, w in p["weights"]:
+        h.update(n.encode() + w.tobytes())
+    d = os.path.join(HERE, ".cache")
+    os.makedirs(d, exist_ok=True)
+    return os.path.join(d, f"ref_{problem}_{h.hexdigest()[:12]}.npz")
+
+
+def _run_child(python, args, env_extra, timeout):
+    env = dict(os.environ)
+    env.update(BASE_ENV)
+    env.update(env_extra)
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run([python, os.path.join(HERE, "child.py")] + args, env=env,
+                              capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return None, f"timed out after {timeout} s", time.perf_counter() - t0
+    wall = time.perf_counter() - t0
+    for line in proc.stdout.splitlines()[::-1]:
+        if line.startswith("@@RESULT@@"):
+            return json.loads(line[len("@@RESULT@@"):]), None, wall
+        if line.startswith("{"):
+            return json.loads(line), None, wall
+    return None, (proc.stderr.strip().splitlines() or ["no output"])[-1][:300], wall
+
+
+def _versions(python):
+    code = (
+        "import importlib.metadata as m, json\n"
+        "out = {}\n"
+        "for d in ['tfaca','tensorflow','keras','tensorflow-probability','tf-keras','torch',"
+        "'torchdiffeq','TorchDiffEqPack','jax','jaxlib','diffrax','equinox','numpy']:\n"
+        "    try: out[d] = m.version(d)\n"
+        "    except Exception: out[d] = None\n"
+        "print(json.dumps(out))\n")
+    try:
+        r = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=60)
+        return json.loads(r.stdout.strip().splitlines()[-1])
+    except Exception:
+        return {}
+
+
+def _cpu():
+    model = platform.processor() or "unknown"
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    mem = ""
+    try:
+        with open("/proc/meminfo") as fh:
+            kb = int(fh.readline().split()[1])
+            mem = f", {kb / 2**20:.0f} GiB RAM"
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count()} cores{mem}, {platform.system()} {platform.release()}"
+
+
+# ----------------------------------------------------------------------------- formatting
+
+def _ms(x):
+    if x is None:
+        return "n/a"
+    return f"{x * 1e3:.1f}" if x < 10 else f"{x * 1e3:.0f}"
+
+
+def _num(x, fmt="{}"):
+    return "n/a" if x is None else fmt.format(x)
+
+
+def _sci(x):
+    return "n/a" if x is None else f"{x:.1e}"
+
+
+def overhead(r):
+    """(forward, forward+backward) overhead factors; see benchmarks/README.md."""
+    t_f, t_vjp = r.get("t_f_s"), r.get("t_vjp_s")
+    nf, nb = r.get("nfe_fwd"), r.get("nfe_bwd")
+    if not t_f or nf is None:
+        return None, None
+    o_f = r["fwd_s"] / (nf * t_f)
+    rule = r.get("vjp_rule")
+    if rule == "bwd" and nb is not None and nb >= 0:
+        ideal = nf * t_f + nb * t_vjp
+    elif rule == "fwd":
+        ideal = nf * t_vjp
+    elif rule == "tdep" and r.get("recorded") is not None:
+        rec = r["recorded"]
+        ideal = (nf - rec) * t_f + rec * t_vjp
+    else:
+        return o_f, None
+    return o_f, r["fwdbwd_s"] / ideal
+
+
+def _table(results, problems):
+    head = ("| problem | library | mode | fwd ms | fwd+bwd ms | trace/compile s (f+b) | "
+            "f-evals fwd | f-evals bwd | steps acc/rej | rel err y(T) | rel err dL/dy0 | "
+            "rel err dL/dθ | peak mem f+b MB | overhead fwd | overhead f+b |")
+    lines = [head, "|" + "---|" * 15]
+    for p in problems:
+        for lib in ORDER:
+            r = results.get((lib, p))
+            if r is None:
+                continue
+            name, mode = LABELS[lib]
+            if "error" in r:
+                lines.append(f"| {p} | {name} | {mode} | FAILED: {r['error'][:160]} |"
+                             + " |" * 12)
+                continue
+            o_f, o_b = overhead(r)
+            steps = (f"{_num(r.get('steps'))}/{_num(r.get('rejected'))}"
+                     if r.get("steps") is not None else "n/a")
+            nb = r.get("nfe_bwd")
+            nb_s = "n/a" if nb is None or nb < 0 else str(nb)
+            mem = r.get("mem_fwdbwd_mb")
+            fb = _ms(r["fwdbwd_s"]) + (" (1 run, incl. compile)" if r.get("reps_fwdbwd") == 0
+                                       else "")
+            lines.append(
+                f"| {p} | {name} | {mode} | {_ms(r['fwd_s'])} | {fb} | "
+                f"{'incl.' if r.get('reps_fwdbwd') == 0 else format(r['compile_fwdbwd_s'], '.1f')} | {_num(r.get('nfe_fwd'))} | {nb_s} | {steps} | "
+                f"{_sci(r.get('err_y'))} | {_sci(r.get('err_grad_y0'))} | "
+                f"{_sci(r.get('err_grad_w'))} | {_num(mem, '{:.1f}')} | "
+                f"{_num(o_f, '{:.2f}')} | {_num(o_b, '{:.2f}')} |")
+    return "\n".join(lines)
+
+
+def _verdict(value, target):
+    if value is None:
+        return "n/a (missing result) — MISS"
+    return "PASS" if value <= target else "MISS"
+
+
+def _ratios(results, problems):
+    out = []
+
+    def get(lib, p):
+        r = results.get((lib, p))
+        return None if r is None or "error" in r else r
+
+    for p in problems:
+        diffrax_target = 1.0 if p == "threebody" else 0.7
+        for aca in ("tfaca-aca", "tfaca-aca-xla"):
+            a = get(aca, p)
+            for peer, target, what in (
+                ("diffrax-recursive", diffrax_target, "diffrax RecursiveCheckpointAdjoint"),
+                ("tdep-odesolve", 0.25, "TorchDiffEqPack odesolve"),
+                ("tdep-odesolve-adjoint", None, "TorchDiffEqPack odesolve_adjoint"),
+                ("torchdiffeq-odeint", None, "torchdiffeq odeint"),
+            ):
+                b = get(peer, p)
+                if b is None and target is None:
+                    continue  # an optional comparison whose peer was not run
+                for key, label in (("fwdbwd_s", "fwd+bwd"), ("fwd_s", "fwd")):
+                    if a and b:
+                        v = a[key] / b[key]
+                        txt = f"{v:.2f}"
+                    else:
+                        v, txt = None, "n/a"
+                    tgt = "" if target is None or key != "fwdbwd_s" else (
+                        f" (target ≤ {target:g}: {_verdict(v, target)})")
+                    if target is None and key == "fwd_s":
+                        continue
+                    out.append(f"- {p}: time {LABELS[aca][1]} / {what}, {label}: {txt}{tgt}")
+        a, n = get("tfaca-aca", p), get("tfaca-naive", p)
+        if a and n and a.get("mem_fwdbwd_mb") is not None and n.get("mem_fwdbwd_mb"):
+            v = a["mem_fwdbwd_mb"] / max(n["mem_fwdbwd_mb"], 1e-9)
+            steps = a.get("steps")
+            tgt = (f" (target ≤ 0.33 at ≥ 50 steps: {_verdict(v, 1 / 3)})" if steps and steps >= 50
+                   else f" (only {steps} accepted steps: target not applicable)")
+            out.append(f"- {p}: peak memory tfaca ACA / tfaca naive: {a['mem_fwdbwd_mb']:.1f} / "
+                       f"{n['mem_fwdbwd_mb']:.1f} MB = {v:.3f}{tgt}")
+        else:
+            out.append(f"- {p}: peak memory tfaca ACA / naive: n/a — MISS")
+        if p == "conv":
+            for aca in ("tfaca-aca", "tfaca-aca-xla"):
+                a = get(aca, p)
+                o_f, o_b = overhead(a) if a else (None, None)
+                for v, label in ((o_f, "forward"), (o_b, "forward+backward")):
+                    txt = "n/a" if v is None else f"{v:.2f}"
+                    out.append(f"- conv: overhead factor {LABELS[aca][1]}, {label}: {txt} "
+                               f"(target ≤ 1.3: {_verdict(v, 1.3)})")
+    return "\n".join(out)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true",
+                    help="3 repetitions (fewer for slow calls), peak memory only for tfaca "
+                         "ACA and naive")
+    ap.add_argument("--problems", default="mlp,conv,threebody")
+    ap.add_argument("--libs", default=None,
+                    help=f"default: all; with --quick: {','.join(QUICK_LIBS)}")
+    ap.add_argument("--out", default=os.path.join(ROOT, "BENCHMARKS.md"))
+    ap.add_argument("--python", default=sys.executable,
+                    help="interpreter for the child processes (needs the peers)")
+    ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument("--json", default=os.path.join(HERE, ".cache", "last_results.json"))
+    ap.add_argument("--render-only", action="store_true",
+                    help="re-write --out from the results saved in --json, measuring nothing")
+    a = ap.parse_args()
+    problems = [p for p in a.problems.split(",") if p]
+    libs = [x for x in (a.libs or ",".join(QUICK_LIBS if a.quick else ORDER)).split(",") if x]
+    for p in problems:
+        if p not in SPECS:
+            ap.error(f"unknown problem {p!r}; choose from {sorted(SPECS)}")
+    for x in libs:
+        if x not in LABELS:
+            ap.error(f"unknown library/mode {x!r}; choose from {ORDER}")
+    reps = a.reps or (3 if a.quick else 10)
+    start = time.perf_counter()
+    results = {}
+    log = []
+
+    if a.render_only:
+        with open(a.json) as fh:
+            saved = json.load(fh)
+        results = {tuple(k.split("|")): v for k, v in saved.pop("_results", saved).items()}
+        problems = [p for p in problems if any(k[1] == p for k in results)]
+        libs = [x for x in libs if any(k[0] == x for k in results)]
+    for p in problems if not a.render_only else []:
+        path = _ref_path(p)
+        if not os.path.exists(path):
+            print(f"[ref] {p}: float64 tfaca ACA at rtol=atol=1e-10 ...", flush=True)
+            info, err, wall = _run_child(a.python, ["--reference", p, "--ref", path], {}, 3600)
+            if err:
+                print(f"[ref] {p} FAILED: {err}")
+                continue
+            print(f"[ref] {p}: {info.get('steps')} steps, {wall:.0f} s", flush=True)
+
+    for p in problems if not a.render_only else []:
+        path = _ref_path(p)
+        if not os.path.exists(path):
+            for lib in libs:
+                results[(lib, p)] = dict(error="no reference solution")
+            continue
+        for lib in libs:
+            args = [lib, p, "--reps", str(reps), "--ref", path,
+                    "--budget", "8" if a.quick else "60"] + (["--quick"] if a.quick else [])
+            r, err, wall = _run_child(a.python, args, {}, 1800)
+            if err:
+                r = dict(error=err)
+            if (not a.quick or lib in QUICK_MEMORY) and "error" not in r:
+                m, merr, mwall = _run_child(a.python, args + ["--memory-only"], MEM_ENV, 1800)
+                wall += mwall
+                if merr or "error" in m:
+                    r["mem_fwdbwd_mb"] = None
+                    r["mem_error"] = merr or m.get("error")
+                else:
+                    r["mem_fwdbwd_mb"] = m["mem_fwdbwd_mb"]
+                    r["mem_method"] = m["mem_method"] + " (separate process)"
+            results[(lib, p)] = r
+            status = r.get("error", "ok")
+            msg = (f"[{time.perf_counter() - start:6.0f}s] {p:9s} {lib:22s} {wall:5.1f}s wall  "
+                   + (f"fwd {_ms(r['fwd_s'])} ms, f+b {_ms(r['fwdbwd_s'])} ms, "
+                      f"mem {_num(r.get('mem_fwdbwd_mb'), '{:.1f}')} MB"
+                      if status == "ok" else f"ERROR {status[:200]}"))
+            print(msg, flush=True)
+            log.append(msg)
+
+    total = time.perf_counter() - start
+    versions = _versions(a.python)
+    os.makedirs(os.path.dirname(a.json), exist_ok=True)
+    if a.render_only:
+        total = saved.get("_total_s", 0.0) if isinstance(saved, dict) else 0.0
+    else:
+        with open(a.json, "w") as fh:
+            json.dump({"_total_s": total, "_results": {f"{k[0]}|{k[1]}": v
+                                                       for k, v in results.items()}},
+                      fh, indent=1)
+
+    ver = ", ".join(f"{k} {v}" for k, v in versions.items() if v)
+    missing = [DIST[LABELS[x][0]] for x in libs if versions and not versions.get(
+        DIST[LABELS[x][0]])]
+    specs = "\n".join(f"- **{p}**: {SPECS[p]['desc']}, t ∈ [0, {SPECS[p]['t1']:g}], "
+                      f"max_steps {SPECS[p]['max_steps']}" for p in problems)
+    md = f"""# tfaca speed benchmark
+
+Generated by `python benchmarks/run.py{' --quick' if a.quick else ''}` on
+{datetime.datetime.now().strftime('%Y-%m-%d %H:%M')} in {total / 60:.1f} min
+(see benchmarks/README.md for the method).
+
+- Machine: {_cpu()}; CPU only, float32, Python {platform.python_version()}.
+- Versions: {ver}.{(' Not installed: ' + ', '.join(sorted(set(missing))) + '.') if missing else ''}
+- Every library solves the same problem with the same NumPy weights, Dopri5 and the same
+  rtol/atol; times are medians of {reps} runs after warm-up (trace/compile excluded, shown
+  apart); f-evals counted as stated in benchmarks/README.md; errors are relative 2-norm
+  errors against tfaca in float64 at rtol=atol=1e-10; peak memory is the resident-set
+  increase of one forward+backward over a warm baseline, in a
+  separate child process per (library, mode, problem){' (--quick: tfaca ACA and naive only)' if a.quick else ''}.
+
+Problems:
+{specs}
+
+## Results
+
+{_table(results, problems)}
+
+Notes:
+- XLA on CPU (tfaca `jit_compile=True`, diffrax): on conv the backward pass (VJPs of the
+  convolutions inside a while loop) is ~30x slower than one isolated compiled VJP times
+  the VJP count; the tf.function entries do not have this problem.
+- threebody: float32 at rtol = atol = 1e-7 sits at float32's precision; the trajectory
+  passes close encounters (about 100 rejected steps), so every float32 gradient differs
+  from the float64 one by O(1) or more (the accepted step sizes and rounding differ per
+  library). Its error columns compare rounding, not methods; its times are valid.
+
+## tfaca ACA / peer (same run)
+
+{_ratios(results, problems)}
+"""
+    with open(a.out, "w") as fh:
+        fh.write(md)
+    print()
+    print(md)
+    print(f"wrote {a.out}; total {total:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
