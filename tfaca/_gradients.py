@@ -85,8 +85,10 @@ def _zeros_if_none(grad, like):
 def _solve_with_custom_gradient(forward, backward, ts, y0, args):
     """Runs `forward` with no tape recording and gives its outputs `backward` as gradient.
 
-    `forward(ts, y0, args) -> Trajectory`; `backward(trajectory, ts, y0, args, g_ys,
-    variables) -> (g_ts, g_y0, g_args, g_vars)`. `tf.custom_gradient` lives only here.
+    `forward(ts, y0, args) -> Trajectory`; `backward(trajectory, ts, y0, args, diff,
+    g_ys, variables) -> (g_ts, g_y0, g_diff_args, g_vars)`, where `diff` lists the
+    positions of the floating (differentiable) `args` and `g_diff_args` holds their
+    gradients in that order. `tf.custom_gradient` lives only here.
     """
     num_y = len(y0)
     forward_result = []
@@ -103,9 +105,13 @@ def _solve_with_custom_gradient(forward, backward, ts, y0, args):
 
         def grad(*g_ys, variables=None):
             g_ys = [_zeros_if_none(g, y) for g, y in zip(g_ys, trajectory.ys)]
-            g_ts, g_y0, g_args, g_vars = backward(
-                trajectory, ts, y0, args, g_ys, list(variables or [])
+            diff = [k for k, a in enumerate(args) if a.dtype.is_floating]
+            g_ts, g_y0, g_diff_args, g_vars = backward(
+                trajectory, ts, y0, args, diff, g_ys, list(variables or [])
             )
+            g_args = [None] * len(args)
+            for k, g in zip(diff, g_diff_args):
+                g_args[k] = g
             if variables is None:
                 return [g_ts] + g_y0 + g_args
             return [g_ts] + g_y0 + g_args, g_vars
@@ -135,8 +141,10 @@ class ACAGradient(AbstractGradient):
                 **loop_kwargs,
             )
 
-        def backward(trajectory, ts, y0, args, g_ys, variables):
-            return _replay(solver, func, ts, args, trajectory.checkpoints, g_ys, variables)
+        def backward(trajectory, ts, y0, args, diff, g_ys, variables):
+            return _replay(
+                solver, func, ts, args, diff, trajectory.checkpoints, g_ys, variables
+            )
 
         trajectory = _solve_with_custom_gradient(forward, backward, ts, y0, args)
         stats = trajectory.stats
@@ -144,9 +152,9 @@ class ACAGradient(AbstractGradient):
         return trajectory._replace(stats=stats._replace(num_fevals_backward=replay_fevals))
 
 
-def _replay(solver, func, ts, args, checkpoints, g_ys, variables):
+def _replay(solver, func, ts, args, diff, checkpoints, g_ys, variables):
     """The ACA backward pass: pull the output cotangents back through the accepted steps."""
-    diff_args = [i for i, a in enumerate(args) if a.dtype.is_floating]
+    diff_args = [args[k] for k in diff]
 
     def step_vjp(i, a, g_ts, g_args, g_vars):
         t = checkpoints.t[i]
@@ -157,10 +165,10 @@ def _replay(solver, func, ts, args, checkpoints, g_ys, variables):
         # The output ts[j] is y_{i+1} when this step lands on it.
         a = [a_n + tf.where(hit, g[j], tf.zeros_like(a_n)) for a_n, g in zip(a, g_ys)]
         with tf.GradientTape() as tape:
-            tape.watch([t, dt] + y + [args[k] for k in diff_args])
+            tape.watch([t, dt] + y + diff_args)
             f = lambda t_, y_: func(t_, y_, args)  # noqa: E731
             y1, _, _ = solver.step(f, t, y, f(t, y), dt, solution_only=True)
-        sources = [t, dt, y, [args[k] for k in diff_args], list(variables)]
+        sources = [t, dt, y, diff_args, list(variables)]
         g_t, g_dt, g_y, g_a, g_v = tape.gradient(
             y1, sources, output_gradients=a, unconnected_gradients=tf.UnconnectedGradients.ZERO
         )
@@ -175,7 +183,7 @@ def _replay(solver, func, ts, args, checkpoints, g_ys, variables):
         checkpoints.num_steps - 1,
         [tf.zeros_like(g[0]) for g in g_ys],
         tf.zeros_like(ts),
-        [tf.zeros_like(args[k]) for k in diff_args],
+        [tf.zeros_like(a) for a in diff_args],
         [tf.zeros_like(v) for v in variables],
     )
     # parallel_iterations=1: each step's replay does not depend on the cotangent, so
@@ -185,10 +193,7 @@ def _replay(solver, func, ts, args, checkpoints, g_ys, variables):
         lambda i, *_: i >= 0, step_vjp, state, parallel_iterations=1
     )
     g_y0 = [a_n + g[0] for a_n, g in zip(a, g_ys)]
-    g_args = [None] * len(args)
-    for k, g in zip(diff_args, g_diff_args):
-        g_args[k] = g
-    return g_ts, g_y0, g_args, g_vars
+    return g_ts, g_y0, g_diff_args, g_vars
 
 
 class AdjointGradient(AbstractGradient):
@@ -239,9 +244,9 @@ class AdjointGradient(AbstractGradient):
                 **loop_kwargs,
             )
 
-        def backward(trajectory, ts, y0, args, g_ys, variables):
+        def backward(trajectory, ts, y0, args, diff, g_ys, variables):
             return self._reverse_solve(
-                solver, controller, func, trajectory.ys, ts, y0, args, g_ys, variables,
+                solver, controller, func, trajectory.ys, ts, y0, args, diff, g_ys, variables,
                 loop_kwargs,
             )
 
@@ -249,9 +254,9 @@ class AdjointGradient(AbstractGradient):
         unknown = tf.constant(-1, tf.int32)
         return trajectory._replace(stats=trajectory.stats._replace(num_fevals_backward=unknown))
 
-    def _reverse_solve(self, solver, controller, func, ys, ts, y0, args, g_ys, variables,
-                       loop_kwargs):
-        diff_args = [args[k] for k, a in enumerate(args) if a.dtype.is_floating]
+    def _reverse_solve(self, solver, controller, func, ys, ts, y0, args, diff, g_ys,
+                       variables, loop_kwargs):
+        diff_args = [args[k] for k in diff]
         params = diff_args + [tf.convert_to_tensor(v) for v in variables]
         num_y, num_p = len(y0), len(params)
         dtype = ts.dtype
@@ -320,13 +325,9 @@ class AdjointGradient(AbstractGradient):
         # ts[0]: moving the start with y0 fixed shifts the solution by -Phi f(t0, y0).
         g_ts = tf.tensor_scatter_nd_add(g_ts, [[0]], [-_dot(a, func(ts[0], y0, args))])
         g_y0 = [a_n + g[0] for a_n, g in zip(a, g_ys)]
-        g_args = [None] * len(args)
-        floating = [k for k, x in enumerate(args) if x.dtype.is_floating]
-        for k, g in zip(floating, g_params[: len(diff_args)]):
-            g_args[k] = g
         self.backward_stats = Stats(num_steps, num_rejected, num_fevals + 1, zero)
         g_y0 = raise_on_failure(status, t_final, g_y0, "in the adjoint's reverse solve")
-        return g_ts, g_y0, g_args, g_params[len(diff_args):]
+        return g_ts, g_y0, g_params[: len(diff_args)], g_params[len(diff_args):]
 
 
 def _dot(xs, ys):

@@ -165,6 +165,11 @@ def integrate(solver, controller, func, ts, y0, *, step_size, first_step, max_st
         recorded = ()
 
     eps = float(tf.experimental.numpy.finfo(dtype.as_numpy_dtype).eps)
+
+    def few_ulps(t):
+        """What "the same time" means in this precision: 4 ulps of max(|t|, 1)."""
+        return 4.0 * eps * tf.maximum(tf.abs(t), 1.0)
+
     fsal = solver.tableau.fsal
     trial_fevals = solver.tableau.stages - 1
 
@@ -172,7 +177,7 @@ def integrate(solver, controller, func, ts, y0, *, step_size, first_step, max_st
         t_target = ts[s.i_out]
         # Land on the output when the step reaches it or falls short by a few ulps: a
         # sliver step would waste a step and, adaptively, spoil the next step size.
-        slack = 4 * eps * tf.maximum(tf.abs(t_target), 1.0)
+        slack = few_ulps(t_target)
         if adaptive:
             remaining = t_target - s.t
             hit = tf.abs(s.dt) >= tf.abs(remaining) - slack
@@ -232,7 +237,7 @@ def integrate(solver, controller, func, ts, y0, *, step_size, first_step, max_st
             # Underflow: the proposed step no longer changes t in this precision. If the
             # last trial was non-finite, that is the cause worth reporting.
             failed = tf.logical_not(accept) & (
-                tf.abs(dt_next) <= 4.0 * eps * tf.maximum(tf.abs(t_new), 1.0)
+                tf.abs(dt_next) <= few_ulps(t_new)
             )
             failure = tf.where(err_finite, int(Status.DT_UNDERFLOW), int(Status.NONFINITE))
         else:
