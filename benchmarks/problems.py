@@ -22,7 +22,12 @@ SPECS = {
                 desc="MLP 32-128(tanh)-32, batch 128, rtol=1e-3 atol=1e-6"),
     "conv": dict(rtol=1e-3, atol=1e-6, t1=1.0, max_steps=100,
                  desc="conv3x3 32->32, tanh, conv3x3 32->32 on 32x16x16x32, rtol=1e-3 atol=1e-6"),
-    "threebody": dict(rtol=1e-7, atol=1e-7, t1=1.0, max_steps=1200,
+    # Three-body: t1 = 0.4 stops short of the first close encounter (bodies 2 and 3 pass
+    # at distance 0.027 at t = 0.42). Beyond it the gradient is ill-conditioned: over
+    # [0, 1], float64 at rtol = atol = 1e-8 still has a 30 % gradient error and every
+    # float32 gradient is off by O(100), in every library. Up to 0.4, float32 at 1e-7 has
+    # ~4e-4 relative gradient error, so the error columns compare methods, not rounding.
+    "threebody": dict(rtol=1e-7, atol=1e-7, t1=0.4, max_steps=400,
                       desc="three-body (PAPER.md), 18 states, batch 1, rtol=atol=1e-7"),
 }
 

@@ -26,12 +26,14 @@ sys.path.insert(0, HERE)
 
 from problems import SPECS, make  # noqa: E402
 
-ORDER = ["tfaca-aca", "tfaca-aca-xla", "tfaca-naive", "tfaca-adjoint", "torchdiffeq-odeint",
+ORDER = ["tfaca-aca", "tfaca-aca-xla", "tfaca-aca-tight", "tfaca-naive", "tfaca-adjoint",
+         "torchdiffeq-odeint",
          "torchdiffeq-adjoint", "tdep-odesolve", "tdep-odesolve-adjoint", "diffrax-recursive",
          "diffrax-backsolve", "tfp"]
 LABELS = {
     "tfaca-aca": ("tfaca", "ACA, tf.function"),
     "tfaca-aca-xla": ("tfaca", "ACA, tf.function(jit_compile=True)"),
+    "tfaca-aca-tight": ("tfaca", "ACA, tf.function, rtol/3 atol/3"),
     "tfaca-naive": ("tfaca", "naive, tf.function"),
     "tfaca-adjoint": ("tfaca", "adjoint, tf.function"),
     "torchdiffeq-odeint": ("torchdiffeq", "odeint (backprop)"),
@@ -59,7 +61,8 @@ BASE_ENV = {
 MEM_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "131072",
            "TF_ENABLE_ONEDNN_OPTS": "0"}
 QUICK_MEMORY = ("tfaca-aca", "tfaca-naive")
-QUICK_LIBS = ["tfaca-aca", "tfaca-aca-xla", "tfaca-naive", "torchdiffeq-odeint", "tdep-odesolve",
+QUICK_LIBS = ["tfaca-aca", "tfaca-aca-xla", "tfaca-aca-tight", "tfaca-naive", "torchdiffeq-odeint",
+              "tdep-odesolve",
               "diffrax-recursive", "tfp"]
 
 
@@ -236,7 +239,68 @@ def _ratios(results, problems):
                     if target is None and key == "fwd_s":
                         continue
                     out.append(f"- {p}: time {LABELS[aca][1]} / {what}, {label}: {txt}{tgt}")
-        a, n = get("tfaca-aca", p), get("tfaca-naive", p)
+    return "\n".join(out)
+
+
+PEERS = [k for k in ORDER if not k.startswith("tfaca")]
+
+
+def _targets(results, problems):
+    """Issue 5's targets, one line each. Speed targets take tfaca's faster mode,
+    tf.function or XLA ("use XLA where it helps")."""
+    out = []
+
+    def get(lib, p):
+        r = results.get((lib, p))
+        return None if r is None or "error" in r else r
+
+    for p in problems:
+        modes = {k: get(k, p) for k in ("tfaca-aca", "tfaca-aca-xla")}
+        modes = {k: v for k, v in modes.items() if v}
+        for peer, target in (("diffrax-recursive", 1.0 if p == "threebody" else 0.7),
+                             ("tdep-odesolve", 0.25)):
+            what = " ".join(LABELS[peer])
+            b = get(peer, p)
+            if not modes or not b:
+                out.append(f"- {p}: time ACA / {what}, fwd+bwd: n/a (target ≤ {target:g}: MISS)")
+                continue
+            best = min(modes, key=lambda k: modes[k]["fwdbwd_s"])
+            v = modes[best]["fwdbwd_s"] / b["fwdbwd_s"]
+            out.append(f"- {p}: time ACA / {what}, fwd+bwd: {_ms(modes[best]['fwdbwd_s'])} / "
+                       f"{_ms(b['fwdbwd_s'])} ms = {v:.2f} with {LABELS[best][1]} "
+                       f"(target ≤ {target:g}: {_verdict(v, target)})")
+            o_f, o_b = overhead(modes[best])
+            if v > target and o_b:
+                # What no loop machinery could beat: the evaluations and VJPs themselves.
+                floor = modes[best]["fwdbwd_s"] / o_b
+                out.append(f"  - zero-overhead floor of that mode (f-evals × isolated f, VJPs "
+                           f"× isolated VJP): {_ms(floor)} ms = {floor / b['fwdbwd_s']:.2f} × "
+                           f"the peer")
+        a = get("tfaca-aca", p)
+        peers = [(k, get(k, p)) for k in PEERS if get(k, p)]
+        if a is None or not peers:
+            out.append(f"- {p}: gradient error: n/a — MISS")
+        else:
+            worse = [(k, b) for k, b in peers
+                     if a["err_grad_y0"] > b["err_grad_y0"] or a["err_grad_w"] > b["err_grad_w"]]
+            out.append(f"- {p}: gradient error of ACA (dL/dy0 {_sci(a['err_grad_y0'])}, dL/dθ "
+                       f"{_sci(a['err_grad_w'])}) no worse than any of {len(peers)} peer "
+                       f"entries at the same tolerance: {'MISS' if worse else 'PASS'}")
+            tight = get("tfaca-aca-tight", p)
+            for k, b in worse:
+                line = (f"  - {' '.join(LABELS[k])}: {_sci(b['err_grad_y0'])} / "
+                        f"{_sci(b['err_grad_w'])} with {_num(b.get('nfe_fwd'))} forward "
+                        f"f-evals (tfaca: {a['nfe_fwd']}) in {_ms(b['fwdbwd_s'])} ms")
+                if tight:
+                    faster = "less" if tight["fwdbwd_s"] <= b["fwdbwd_s"] else "more"
+                    better = (tight["err_grad_y0"] <= b["err_grad_y0"]
+                              and tight["err_grad_w"] <= b["err_grad_w"])
+                    line += (f"; tfaca at rtol/3 atol/3: {_sci(tight['err_grad_y0'])} / "
+                             f"{_sci(tight['err_grad_w'])} ({'better' if better else 'worse'}) "
+                             f"with {tight['nfe_fwd']} f-evals in {_ms(tight['fwdbwd_s'])} ms "
+                             f"({faster} time)")
+                out.append(line)
+        n = get("tfaca-naive", p)
         if a and n and a.get("mem_fwdbwd_mb") is not None and n.get("mem_fwdbwd_mb"):
             v = a["mem_fwdbwd_mb"] / max(n["mem_fwdbwd_mb"], 1e-9)
             steps = a.get("steps")
@@ -247,13 +311,17 @@ def _ratios(results, problems):
         else:
             out.append(f"- {p}: peak memory tfaca ACA / naive: n/a — MISS")
         if p == "conv":
+            # Judged on the mode the speed targets use (the faster); the other is shown.
+            best = min(modes, key=lambda k: modes[k]["fwdbwd_s"]) if modes else None
             for aca in ("tfaca-aca", "tfaca-aca-xla"):
                 a = get(aca, p)
                 o_f, o_b = overhead(a) if a else (None, None)
                 for v, label in ((o_f, "forward"), (o_b, "forward+backward")):
                     txt = "n/a" if v is None else f"{v:.2f}"
+                    verdict = (f"target ≤ 1.3: {_verdict(v, 1.3)}" if aca == best
+                               else "not the faster mode, not judged")
                     out.append(f"- conv: overhead factor {LABELS[aca][1]}, {label}: {txt} "
-                               f"(target ≤ 1.3: {_verdict(v, 1.3)})")
+                               f"({verdict})")
     return "\n".join(out)
 
 
@@ -375,12 +443,20 @@ Notes:
 - XLA on CPU (tfaca `jit_compile=True`, diffrax): on conv the backward pass (VJPs of the
   convolutions inside a while loop) is ~30x slower than one isolated compiled VJP times
   the VJP count; the tf.function entries do not have this problem.
-- threebody: float32 at rtol = atol = 1e-7 sits at float32's precision; the trajectory
-  passes close encounters (about 100 rejected steps), so every float32 gradient differs
-  from the float64 one by O(1) or more (the accepted step sizes and rounding differ per
-  library). Its error columns compare rounding, not methods; its times are valid.
+- threebody ends at t = 0.4, before bodies 2 and 3 pass at distance 0.027 (t = 0.42):
+  past that encounter every float32 gradient, in every library, is off by O(100)
+  against float64 (see benchmarks/problems.py), and the error columns would compare
+  rounding, not methods.
+- "rtol/3 atol/3" is tfaca at a third of the tolerances: the work-precision companion
+  of the gradient-error target (at the same tolerance, a library whose error norm is
+  stricter takes more steps and gets a smaller error; this row shows tfaca's error at
+  comparable work).
 
-## tfaca ACA / peer (same run)
+## Targets (issue 5)
+
+{_targets(results, problems)}
+
+## tfaca ACA / peer, every mode (same run)
 
 {_ratios(results, problems)}
 """

@@ -12,11 +12,13 @@ from tfaca._tableau import ButcherTableau
 
 
 def _weighted_sum(y0, dt, weights, k):
-    """`y0 + dt * sum_i weights[i] * k[i]`, component by component; zero weights skipped."""
+    """`y0 + dt * sum_i weights[i] * k[i]` component by component, zero weights skipped at
+    trace time; with `y0=None`, `dt * sum_i weights[i] * k[i]` (the error estimate)."""
     out = []
-    for n, y in enumerate(y0):
+    for n in range(len(k[0])):
         terms = [w * stage[n] for w, stage in zip(weights, k) if w != 0.0]
-        out.append(y if not terms else y + dt * tf.add_n(terms))
+        increment = dt * tf.add_n(terms) if terms else tf.zeros_like(k[0][n])
+        out.append(increment if y0 is None else y0[n] + increment)
     return out
 
 
@@ -89,7 +91,12 @@ class AbstractSolver:
             `func`.
         """
         tableau = self.tableau
-        stages = tableau.solution_stages if solution_only else tableau.stages
+        fsal = tableau.fsal and not solution_only
+        # An FSAL tableau's last stage is evaluated at y1 itself: y1 is built once, there.
+        if fsal:
+            stages = tableau.stages - 1
+        else:
+            stages = tableau.solution_stages if solution_only else tableau.stages
         k = [f0]
         for c_i, a_i in zip(tableau.c[1:stages], tableau.a_lower[: stages - 1]):
             y_i = _weighted_sum(y0, dt, a_i, k)
@@ -97,12 +104,13 @@ class AbstractSolver:
         y1 = _weighted_sum(y0, dt, tableau.b_sol[:stages], k)
         if solution_only:
             return y1, None, None
-        f1 = k[-1] if tableau.fsal else None
+        f1 = None
+        if fsal:
+            f1 = func(t0 + dt, y1)
+            k.append(f1)
         if tableau.b_error is None:
             return y1, f1, None
-        zeros = [tf.zeros_like(y) for y in y0]
-        y_error = _weighted_sum(zeros, dt, tableau.b_error, k)
-        return y1, f1, y_error
+        return y1, f1, _weighted_sum(None, dt, tableau.b_error, k)
 
     def __repr__(self):
         return f"{type(self).__name__}()"
