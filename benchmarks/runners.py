@@ -525,9 +525,13 @@ LIBS = {
     # key: (library label, mode label, factory)
     "tfaca-aca": ("tfaca", "ACA tf.function", lambda p: TfacaRunner(p, "aca")),
     "tfaca-aca-xla": ("tfaca", "ACA tf.function(jit_compile)", lambda p: TfacaRunner(p, "aca_xla")),
-    # Work-precision companion of tfaca-aca: the same at a third of the tolerances.
+    # Work-precision companions of tfaca-aca: the same at a third and a tenth of the
+    # tolerances (max_steps doubled for the latter).
     "tfaca-aca-tight": ("tfaca", "ACA tf.function, tol/3", lambda p: TfacaRunner(
         p, "aca", rtol=SPECS[p]["rtol"] / 3, atol=SPECS[p]["atol"] / 3)),
+    "tfaca-aca-tighter": ("tfaca", "ACA tf.function, tol/10", lambda p: TfacaRunner(
+        p, "aca", rtol=SPECS[p]["rtol"] / 10, atol=SPECS[p]["atol"] / 10,
+        max_steps=2 * SPECS[p]["max_steps"])),
     "tfaca-naive": ("tfaca", "naive tf.function", lambda p: TfacaRunner(p, "naive")),
     "tfaca-adjoint": ("tfaca", "adjoint tf.function", lambda p: TfacaRunner(p, "adjoint")),
     "torchdiffeq-odeint": ("torchdiffeq", "odeint (backprop)", lambda p: TorchRunner(p, "odeint")),
