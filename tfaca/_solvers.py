@@ -92,11 +92,8 @@ class AbstractSolver:
         """
         tableau = self.tableau
         fsal = tableau.fsal and not solution_only
-        # An FSAL tableau's last stage is evaluated at y1 itself: y1 is built once, there.
-        if fsal:
-            stages = tableau.stages - 1
-        else:
-            stages = tableau.solution_stages if solution_only else tableau.stages
+        # An FSAL tableau's last stage is f(t1, y1): build y1 once, then evaluate it there.
+        stages = tableau.solution_stages if solution_only else tableau.stages - int(fsal)
         k = [f0]
         for c_i, a_i in zip(tableau.c[1:stages], tableau.a_lower[: stages - 1]):
             y_i = _weighted_sum(y0, dt, a_i, k)
