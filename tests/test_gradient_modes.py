@@ -227,8 +227,8 @@ def test_backward_fevals_counters():
             tape.watch(y0)
             sol = tfaca.solve(vdp, y0, ts, rtol=1e-6, atol=1e-6, gradient=grad)
             loss = tf.reduce_sum(sol.ys)
-        if mode == "adjoint":
-            assert grad.backward_stats is None
+        if mode == "adjoint":  # counters exist from the start, at 0
+            assert int(grad.backward_stats.num_fevals) == 0
         tape.gradient(loss, y0)
         stats[mode] = sol.stats
         if mode == "adjoint":

@@ -421,7 +421,9 @@ def test_forward_not_recorded_on_outer_tape(gradient):
         ys = tfaca.odeint(func, y0, ts, args=(W, b), method="bosh3", rtol=1e-4, atol=1e-4,
                           gradient=gradient)
         loss = loss_of(ys)
-        inner = tf.reduce_sum(seen[-1])  # the last evaluation of the forward loop
+        # The forward's first evaluation (ACA then traces `func` once into a scratch
+        # graph, to find what it closes over: that call comes after the forward).
+        inner = tf.reduce_sum(seen[0])
     connected = tape.gradient(inner, y0) is not None
     g = tape.gradient(loss, [y0, W])
     del tape
@@ -448,7 +450,9 @@ def test_backward_replays_only_accepted_steps(method):
         sol = tfaca.solve(func, y0, ts, args=(W, b), method=method, rtol=tol, atol=tol)
         loss = loss_of(sol.ys)
     assert int(sol.stats.num_rejected) > 0
-    assert calls[0] == int(sol.stats.num_fevals)
+    # One more call than evaluations: under a tape, ACA traces `func` once into a
+    # scratch graph (running nothing) to find the tensors it closes over.
+    assert calls[0] == int(sol.stats.num_fevals) + 1
     calls[0] = 0
     g = tape.gradient(loss, [y0, W])
     stages = tfaca.get_solver(method).tableau.solution_stages

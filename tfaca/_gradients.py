@@ -17,7 +17,15 @@ interval `[ts[j-1], ts[j]]` a step starts at `t_i = ts[j-1] + (fixed offset)` an
 step that lands on `ts[j]` has size `ts[j] - t_i`; that is how the gradient reaches `ts`.
 Costs: memory O(N * state) for the checkpoints plus one step's graph; time one replay of
 each accepted step (the stages `y_{i+1}` needs, and their vector-Jacobian products),
-never the rejected trials.
+never the rejected trials. The replay also checks that each rebuilt `y_{i+1}` is the
+one the forward pass accepted: a `func` that is not a function of `(t, y)` alone (it
+draws random numbers, or reads state that changed) would otherwise give the gradient
+of another computation than the one whose loss was taken.
+
+Second derivatives (Hessian-vector products, gradient penalties): when a tape records
+the backward pass, ACA differentiates the accepted steps rebuilt from `y0` instead of
+the constant checkpoints, so the gradient is itself exactly differentiable (memory then
+grows with every accepted step's graph, as backprop through the accepted steps would).
 
 Naive: differentiate through the whole loop, rejected trials and step-size selection
 included, as the paper defines it. Memory O(trials * stages * state); the gradient also
@@ -26,19 +34,29 @@ carries the derivative of the step-size choice.
 Adjoint (Chen, Rubanova, Bettencourt & Duvenaud, "Neural Ordinary Differential
 Equations", NeurIPS 2018): keep only the outputs and solve the adjoint system backwards
 in time. Memory O(state), but the reverse solve of `y` drifts from the forward one
-(Zhuang et al. 2020, Table 1, Fig. 4), and the gradient with it.
+(Zhuang et al. 2020, Table 1, Fig. 4), and the gradient with it. Its gradient cannot be
+differentiated again: doing so raises.
 
-ACA and the adjoint define their gradient with `tf.custom_gradient`, in
-`_solve_with_custom_gradient` only; every strategy runs the same loop, `_loop.integrate`.
+What `func` depends on reaches the gradient whichever way it comes in: `args`, the
+variables it reads (found by a `VariableWatcher`, as `tf.custom_gradient` does), and
+tensors it closes over that a tape is watching (found by tracing `func` once into a
+scratch graph and listing its captures, the idea of JAX's `closure_convert`). All of
+them become explicit inputs of the one `tf.custom_gradient`, in
+`_solve_with_custom_gradient`; no variable handle passes through it, which is what
+lets a solve sit inside a `tf.while_loop` (a Keras RNN cell, `tf.scan`) and still be
+differentiated. Every strategy runs the same loop, `_loop.integrate`.
 """
 
 import dataclasses
+import math
 
 import tensorflow as tf
 from tensorflow.python.eager import record as tape_record
+from tensorflow.python.framework import func_graph
+from tensorflow.python.ops import while_v2
 
-from tfaca._loop import integrate, raise_on_failure
-from tfaca._solution import Stats
+from tfaca._loop import in_xla_context, integrate, raise_on_failure
+from tfaca._solution import Stats, Status
 
 
 class AbstractGradient:
@@ -51,8 +69,11 @@ class AbstractGradient:
         """The constructor arguments, as a dict (empty for strategies without any)."""
         return {}
 
-    def solve(self, solver, controller, func, ts, y0, args, **loop_kwargs):
-        """Integrates `func(t, y, args)` (flat lists) and returns a `Trajectory`."""
+    def solve(self, solver, controller, func, ts, y0, args, *, throw=True, **loop_kwargs):
+        """Integrates `func(t, y, args)` (flat lists) and returns a `Trajectory`.
+
+        `throw=False`: failures in the backward pass make the gradients NaN instead of
+        raising (the forward's status is the caller's to report)."""
         raise NotImplementedError
 
     def __repr__(self):
@@ -68,7 +89,7 @@ class NaiveGradient(AbstractGradient):
 
     name = "naive"
 
-    def solve(self, solver, controller, func, ts, y0, args, **loop_kwargs):
+    def solve(self, solver, controller, func, ts, y0, args, *, throw=True, **loop_kwargs):
         trajectory = integrate(
             solver, controller, lambda t, y: func(t, y, args), ts, y0, record=False, **loop_kwargs
         )
@@ -82,81 +103,202 @@ def _zeros_if_none(grad, like):
     return tf.convert_to_tensor(grad)
 
 
-def _solve_with_custom_gradient(forward, backward, ts, y0, args):
-    """Runs `forward` with no tape recording and gives its outputs `backward` as gradient.
+def _unique(items):
+    """Distinct objects (by identity), in order of first appearance."""
+    seen, out = set(), []
+    for x in items:
+        if id(x) not in seen:
+            seen.add(id(x))
+            out.append(x)
+    return out
 
-    `forward(ts, y0, args) -> Trajectory`; `backward(trajectory, ts, y0, args, diff,
-    g_ys, variables) -> (g_ts, g_y0, g_diff_args, g_vars)`, where `diff` lists the
-    positions of the floating (differentiable) `args` and `g_diff_args` holds their
-    gradients in that order. `tf.custom_gradient` lives only here.
+
+def _probe(func, ts, y0, args):
+    """What `func` reads besides its arguments: `(sources, handles)`.
+
+    `func` is traced once into a scratch graph (nothing runs) and the outer tensors it
+    captured are listed. `sources`: the floating ones that a tape or accumulator would
+    differentiate (constants cost nothing); `handles`: the eager resource handles of the
+    variables it reads. Skipped eagerly when nothing records. A `func` that cannot be
+    traced (it calls `.numpy()`) has none found: it could not run in a graph either.
     """
-    num_y = len(y0)
-    forward_result = []
+    if tf.executing_eagerly() and not tape_record.could_possibly_record():
+        return [], []
+    graph = func_graph.FuncGraph("tfaca_probe")
+    try:
+        with tape_record.stop_recording(), graph.as_default():
+            t = tf.compat.v1.placeholder(ts.dtype, [])
+            y = [tf.compat.v1.placeholder(x.dtype, x.shape) for x in y0]
+            a = [tf.compat.v1.placeholder(x.dtype, x.shape) for x in args]
+            func(t, y, a)
+    except Exception:  # noqa: BLE001 - see the docstring
+        return [], []
+    known = {id(x) for x in [ts, *y0, *args]}
+    captures = graph.external_captures
+    sources = [
+        c
+        for c in captures
+        if c.dtype.is_floating and id(c) not in known and tape_record.should_record_backprop([c])
+    ]
+    handles = [c for c in captures if c.dtype == tf.resource and hasattr(c, "numpy")]
+    return sources, handles
+
+
+def _route_handles_through_forward_graphs(handles):
+    """Lets the backward pass read variables inside the gradient of a `tf.while_loop`.
+
+    When a solve sits in a loop body (a Keras RNN cell, `tf.scan`), its backward pass
+    is built inside TensorFlow's while-gradient graph, and `func` reads its variables by
+    their eager handles there. TensorFlow 2.21 captures an eager handle into that graph
+    without registering it as a loop output and then fails ("in list of
+    internal_captures but not in internal_capture_to_output"). The forward body already
+    captured each handle: capture that placeholder instead, through the registered
+    path (a loop invariant), and let later captures of the eager handle resolve to it.
+    """
+    graph = tf.compat.v1.get_default_graph()
+    while isinstance(graph, func_graph.FuncGraph):
+        if isinstance(graph, while_v2._WhileBodyGradFuncGraph):  # noqa: SLF001
+            forward = graph._forward_graph._function_captures  # noqa: SLF001
+            mine = graph._function_captures  # noqa: SLF001
+            for handle in handles:
+                placeholder = forward.by_val_internal.get(id(handle))
+                if placeholder is None or id(handle) in mine.by_val_internal:
+                    continue
+                graph.capture(placeholder)
+                # The same capture, found by the eager handle's key from now on.
+                external, internal, tracetype = mine.pop(id(placeholder))
+                mine.add_or_replace(id(handle), external, internal, tracetype)
+        graph = getattr(graph, "outer_graph", None)
+
+
+def _refuse_differentiation(tensors, message):
+    """Identity on `tensors` whose own gradient raises `message` (NotImplementedError)."""
 
     @tf.custom_gradient
-    def solve(ts, *flat):
-        y0, args = list(flat[:num_y]), list(flat[num_y:])
-        # tf.custom_gradient does not stop outer tapes from recording the forward ops;
-        # without this every trial step would be kept alive until the tape is released,
-        # as memory-hungry as the naive method (tf.recompute_grad does the same).
-        with tape_record.stop_recording():
-            trajectory = forward(ts, y0, args)
-        forward_result.append(trajectory)
+    def guard(*xs):
+        def grad(*_):
+            raise NotImplementedError(message)
 
-        def grad(*g_ys, variables=None):
+        return [tf.identity(x) for x in xs], grad
+
+    return list(guard(*tensors)) if tensors else []
+
+
+_SECOND_ORDER = (
+    "The gradient of a tfaca solve was differentiated again (a second derivative, a "
+    "Hessian-vector product or a gradient penalty), which {what}. {instead}"
+)
+
+
+def _solve_with_custom_gradient(forward, backward, func, ts, y0, args, *, second_order,
+                                written=()):
+    """Runs `forward` with no tape recording and gives its outputs `backward` as gradient.
+
+    `forward(ts, y0, args) -> Trajectory`. `backward(trajectory, ts, y0, sources, g_ys,
+    variables, differentiable) -> (g_ts, g_y0, g_sources, g_variables)`, where `sources`
+    are the floating `args` followed by the watched tensors `func` closes over, and
+    `differentiable` says that a tape records the backward pass. `second_order`: a
+    message for when the strategy's gradient cannot be differentiated, or None when the
+    differentiable backward is exact. `written`: variables the backward pass assigns
+    (the adjoint's counters). `tf.custom_gradient` lives only here.
+    """
+    with tape_record.stop_recording(), tape_record.VariableWatcher() as watcher:
+        trajectory = forward(ts, y0, args)
+    variables = _unique(v for v in watcher.watched_variables() if v.trainable)
+    closed_over, handles = _probe(func, ts, y0, args)
+    if not tf.executing_eagerly():
+        # Capture them here too, so that a backward pass inside a loop's gradient can
+        # reach them through this graph (see `_route_handles_through_forward_graphs`).
+        handles += [v.handle for v in written]
+        for v in written:
+            tf.identity(v.handle)
+    sources = [a for a in args if a.dtype.is_floating] + closed_over
+
+    @tf.custom_gradient
+    def attach(ts, *inputs):
+        def grad(*g_ys):
             g_ys = [_zeros_if_none(g, y) for g, y in zip(g_ys, trajectory.ys)]
-            diff = [k for k, a in enumerate(args) if a.dtype.is_floating]
-            g_ts, g_y0, g_diff_args, g_vars = backward(
-                trajectory, ts, y0, args, diff, g_ys, list(variables or [])
+            recording = tape_record.could_possibly_record()
+            _route_handles_through_forward_graphs(handles)
+            g_ts, g_y0, g_sources, g_vars = backward(
+                trajectory, ts, y0, sources, g_ys, variables,
+                recording and second_order is None,
             )
-            g_args = [None] * len(args)
-            for k, g in zip(diff, g_diff_args):
-                g_args[k] = g
-            if variables is None:
-                return [g_ts] + g_y0 + g_args
-            return [g_ts] + g_y0 + g_args, g_vars
+            grads = [g_ts, *g_y0, *g_sources, *g_vars]
+            if second_order is not None:
+                grads = _refuse_differentiation(grads, second_order)
+            elif not recording and not tf.executing_eagerly():
+                # Only `tf.gradients` can differentiate what no tape recorded.
+                grads = _refuse_differentiation(grads, _SECOND_ORDER.format(
+                    what="only a GradientTape active while the first gradient is taken "
+                    "can follow", instead="Take both derivatives with nested "
+                    "tf.GradientTape()s."))
+            return grads
 
-        return trajectory.ys, grad
+        return list(trajectory.ys), grad
 
-    ys = solve(ts, *y0, *args)
-    return forward_result[0]._replace(ys=list(ys))
+    # Variables enter as their values read here: the gradient of a read reaches the
+    # variable, and no resource handle crosses the custom gradient (handles inside a
+    # tf.while_loop cannot, TensorFlow's "internal_captures" error).
+    reads = [tf.convert_to_tensor(v) for v in variables]
+    ys = attach(ts, *y0, *sources, *reads)
+    return trajectory._replace(ys=list(ys))
 
 
 class ACAGradient(AbstractGradient):
     """The adaptive checkpoint adjoint: exact gradients of the accepted steps (default).
 
-    Gradients reach `y0`, `args`, every entry of `ts`, and the variables that `func`
-    reads (Keras weights included) through `tf.custom_gradient`. The backward pass
-    evaluates `func` once per stage that the solution uses (6 for Dopri5 and Tsit5,
-    whose seventh, FSAL, stage only serves the next step) per accepted step
+    Gradients reach `y0`, `args`, every entry of `ts`, the variables that `func` reads
+    (Keras weights included) and tensors it closes over. The backward pass evaluates
+    `func` once per stage that the solution uses (6 for Dopri5 and Tsit5, whose seventh,
+    FSAL, stage only serves the next step) per accepted step
     (`Stats.num_fevals_backward`).
+
+    The replay checks that it rebuilds the states the forward pass accepted (to
+    `sqrt(eps)` relative): if `func` is not a deterministic function of `(t, y)` (it draws
+    random numbers, or reads a variable that changed between the forward and the
+    backward pass) the gradient raises (`InvalidArgumentError` in a graph) instead of
+    silently belonging to another computation; under XLA, or with `throw=False`, the
+    gradients are NaN instead. `ODELayer` makes Keras' random layers (Dropout, noise)
+    draw once per call, so they pass; in `solve`, draw the randomness outside `func` and
+    pass it in `args`.
     """
 
     name = "aca"
 
-    def solve(self, solver, controller, func, ts, y0, args, **loop_kwargs):
+    def solve(self, solver, controller, func, ts, y0, args, *, throw=True, **loop_kwargs):
         def forward(ts, y0, args):
             return integrate(
                 solver, controller, lambda t, y: func(t, y, args), ts, y0, record=True,
                 **loop_kwargs,
             )
 
-        def backward(trajectory, ts, y0, args, diff, g_ys, variables):
-            return _replay(
-                solver, func, ts, args, diff, trajectory.checkpoints, g_ys, variables
-            )
+        def backward(trajectory, ts, y0, sources, g_ys, variables, differentiable):
+            f = lambda t, y: func(t, y, args)  # noqa: E731
+            if differentiable:
+                return _unrolled_vjp(solver, f, trajectory, ts, y0, sources, g_ys, variables)
+            return _replay(solver, f, trajectory, ts, sources, g_ys, variables, throw)
 
-        trajectory = _solve_with_custom_gradient(forward, backward, ts, y0, args)
+        trajectory = _solve_with_custom_gradient(
+            forward, backward, func, ts, y0, args, second_order=None
+        )
         stats = trajectory.stats
         replay_fevals = stats.num_steps * solver.tableau.solution_stages
         return trajectory._replace(stats=stats._replace(num_fevals_backward=replay_fevals))
 
 
-def _replay(solver, func, ts, args, diff, checkpoints, g_ys, variables):
+def _replay(solver, f, trajectory, ts, sources, g_ys, variables, throw):
     """The ACA backward pass: pull the output cotangents back through the accepted steps."""
-    diff_args = [args[k] for k in diff]
+    checkpoints = trajectory.checkpoints
+    n = checkpoints.num_steps
+    last = tf.shape(ts)[0] - 1
+    succeeded = trajectory.status == int(Status.SUCCESS)
+    # What "the same state" means for the check: rounding (XLA may fuse the forward and
+    # the replay differently), never a different random draw.
+    eps = float(tf.experimental.numpy.finfo(ts.dtype.as_numpy_dtype).eps)
+    same_state = math.sqrt(eps)
 
-    def step_vjp(i, a, g_ts, g_args, g_vars):
+    def step_vjp(i, a, g_ts, g_sources, g_vars, mismatch):
         t = checkpoints.t[i]
         dt = checkpoints.dt[i]
         j = checkpoints.interval[i]
@@ -165,35 +307,120 @@ def _replay(solver, func, ts, args, diff, checkpoints, g_ys, variables):
         # The output ts[j] is y_{i+1} when this step lands on it.
         a = [a_n + tf.where(hit, g[j], tf.zeros_like(a_n)) for a_n, g in zip(a, g_ys)]
         with tf.GradientTape() as tape:
-            tape.watch([t, dt] + y + diff_args)
-            f = lambda t_, y_: func(t_, y_, args)  # noqa: E731
+            tape.watch([t, dt] + y + sources)
             y1, _, _ = solver.step(f, t, y, f(t, y), dt, solution_only=True)
-        sources = [t, dt, y, diff_args, list(variables)]
-        g_t, g_dt, g_y, g_a, g_v = tape.gradient(
-            y1, sources, output_gradients=a, unconnected_gradients=tf.UnconnectedGradients.ZERO
+        sources_ = [t, dt, y, sources, list(variables)]
+        g_t, g_dt, g_y, g_s, g_v = tape.gradient(
+            y1, sources_, output_gradients=a, unconnected_gradients=tf.UnconnectedGradients.ZERO
         )
         # t_i = ts[j-1] + offset; the landing step's dt = ts[j] - t_i.
         g_dt = tf.where(hit, g_dt, tf.zeros_like(g_dt))
         g_ts = tf.tensor_scatter_nd_add(g_ts, [[j - 1], [j]], tf.stack([g_t - g_dt, g_dt]))
-        g_args = [x + tf.convert_to_tensor(y_) for x, y_ in zip(g_args, g_a)]
+        g_sources = [x + tf.convert_to_tensor(y_) for x, y_ in zip(g_sources, g_s)]
         g_vars = [x + tf.convert_to_tensor(y_) for x, y_ in zip(g_vars, g_v)]
-        return i - 1, g_y, g_ts, g_args, g_vars
+        # The state the forward accepted at the end of this step: the next checkpoint,
+        # or, after the last step of a successful solve, the last output.
+        has_next = i + 1 < n
+        recorded = [
+            tf.where(has_next, c[tf.minimum(i + 1, n - 1)], out[last])
+            for c, out in zip(checkpoints.y, trajectory.ys)
+        ]
+        differs = tf.logical_and(has_next | succeeded, _differs(y1, recorded, same_state))
+        mismatch = tf.where(differs & (mismatch < 0), i, mismatch)
+        return i - 1, g_y, g_ts, g_sources, g_vars, mismatch
 
     state = (
-        checkpoints.num_steps - 1,
+        n - 1,
         [tf.zeros_like(g[0]) for g in g_ys],
         tf.zeros_like(ts),
-        [tf.zeros_like(a) for a in diff_args],
+        [tf.zeros_like(s) for s in sources],
         [tf.zeros_like(v) for v in variables],
+        tf.constant(-1, tf.int32),
     )
     # parallel_iterations=1: each step's replay does not depend on the cotangent, so
     # TensorFlow would otherwise run up to 10 replays ahead and hold their graphs at
     # once; one at a time keeps ACA's memory at one step's graph (XLA ignores it).
-    _, a, g_ts, g_diff_args, g_vars = tf.while_loop(
+    _, a, g_ts, g_sources, g_vars, mismatch = tf.while_loop(
         lambda i, *_: i >= 0, step_vjp, state, parallel_iterations=1
     )
     g_y0 = [a_n + g[0] for a_n, g in zip(a, g_ys)]
-    return g_ts, g_y0, g_diff_args, g_vars
+    grads = _check_replay(mismatch, [g_ts, *g_y0, *g_sources, *g_vars], throw)
+    num_y, num_s = len(g_y0), len(g_sources)
+    return grads[0], grads[1:1 + num_y], grads[1 + num_y:1 + num_y + num_s], grads[1 + num_y + num_s:]
+
+
+def _differs(ys, recorded, relative):
+    """Whether any component of `ys` differs from `recorded` by more than `relative` times
+    the component's largest magnitude."""
+    out = tf.constant(False)
+    for y, r in zip(ys, recorded):
+        scale = tf.maximum(tf.reduce_max(tf.abs(r)), tf.reduce_max(tf.abs(y)))
+        out |= tf.reduce_max(tf.abs(y - r)) > relative * scale
+    return out
+
+
+_NOT_REPRODUCED = (
+    "ACA's backward pass did not reproduce the forward solve: replaying accepted step "
+    "{step} gave another state than the forward pass accepted. `func` must be a "
+    "deterministic function of (t, y): it draws random numbers (Dropout, noise layers, "
+    "tf.random) or reads state that changed after the forward pass. tfaca.ODELayer "
+    "draws Keras random layers once per call; with tfaca.solve, draw the randomness "
+    "outside `func` and pass it in `args`, or use gradient=\"naive\"."
+)
+
+
+def _check_replay(mismatch, grads, throw):
+    """Raise (eagerly or by a graph assertion) if the replay diverged; under XLA or with
+    `throw=False`, make the gradients NaN instead: never a silently wrong gradient."""
+    bad = mismatch >= 0
+    if throw and hasattr(mismatch, "numpy"):
+        if bool(bad):
+            raise tf.errors.InvalidArgumentError(
+                None, None, _NOT_REPRODUCED.format(step=int(mismatch))
+            )
+        return grads
+    if throw and not in_xla_context():
+        check = tf.debugging.Assert(
+            tf.logical_not(bad), [_NOT_REPRODUCED.format(step="i"), "i =", mismatch]
+        )
+        with tf.control_dependencies([check]):
+            return [tf.identity(g) for g in grads]
+    return [tf.where(bad, tf.constant(float("nan"), g.dtype), g) for g in grads]
+
+
+def _unrolled_vjp(solver, f, trajectory, ts, y0, sources, g_ys, variables):
+    """ACA's gradient as backprop through the accepted steps rebuilt from `y0`.
+
+    Used when a tape records the backward pass: every rebuilt state is then a function
+    of `y0`, `ts`, the sources and the variables, so the gradient returned is itself
+    exactly differentiable (the replay's checkpoints would be constants). Same value
+    as `_replay` to rounding; memory: every accepted step's graph.
+    """
+    cp = trajectory.checkpoints
+
+    def step(i, y, total):
+        j = cp.interval[i]
+        hit = cp.hit[i]
+        # The step's start as a function of ts (its offset in the interval is fixed);
+        # the landing step's size follows ts[j].
+        t = ts[j - 1] + tf.stop_gradient(cp.t[i] - ts[j - 1])
+        dt = tf.where(hit, ts[j] - t, cp.dt[i])
+        y1, _, _ = solver.step(f, t, y, f(t, y), dt, solution_only=True)
+        landed = _dot([g[j] for g in g_ys], y1)
+        return i + 1, y1, total + tf.where(hit, landed, tf.zeros_like(landed))
+
+    with tf.GradientTape() as tape:
+        tape.watch([ts, *y0, *sources])
+        # sum_j <g_ys[j], ys[j]>, with ys rebuilt: its gradient is the VJP.
+        total = _dot([g[0] for g in g_ys], y0)
+        _, _, total = tf.while_loop(
+            lambda i, *_: i < cp.num_steps, step, (tf.constant(0, tf.int32), list(y0), total)
+        )
+    g_ts, g_y0, g_sources, g_vars = tape.gradient(
+        total, [ts, list(y0), list(sources), list(variables)],
+        unconnected_gradients=tf.UnconnectedGradients.ZERO,
+    )
+    return g_ts, g_y0, g_sources, [tf.convert_to_tensor(g) for g in g_vars]
 
 
 class AdjointGradient(AbstractGradient):
@@ -209,7 +436,10 @@ class AdjointGradient(AbstractGradient):
 
     Memory O(state) in the number of steps, but the reverse solve of `y` drifts from
     the forward trajectory (Zhuang et al. 2020, Fig. 4), so the gradient is only as
-    accurate as that reverse solve: the point of comparison for ACA.
+    accurate as that reverse solve: the point of comparison for ACA. Its gradient cannot
+    be differentiated again (second derivatives raise; use `"aca"` or `"naive"`), and a
+    `func` that draws random numbers gives a wrong gradient that nothing can detect
+    (`ODELayer` draws Keras random layers once per call, which makes them safe).
 
     Args:
         rtol, atol: tolerances of the reverse solve (scalars); default: those of the
@@ -218,8 +448,14 @@ class AdjointGradient(AbstractGradient):
             the forward's.
 
     Attributes:
-        backward_stats: after a gradient has been computed with this instance, a
-            `Stats` of the reverse solve (summed over output intervals).
+        backward_stats: a `Stats` of int32 `tf.Variable`s holding the counts of the
+            last reverse solve made with this instance (summed over output intervals;
+            all 0 before the first gradient), readable after a gradient computed
+            eagerly, in a `tf.function` or under XLA (`int(s.num_fevals)`);
+            `ODELayer.gradient_strategy` is the layer's instance. Under a
+            `tf.distribute` strategy they count the first replica's solve. An instance
+            created inside a `tf.function` or `strategy.run` (as the name "adjoint"
+            passed to `solve` there makes one) cannot hold variables: `None`.
     """
 
     name = "adjoint"
@@ -229,6 +465,19 @@ class AdjointGradient(AbstractGradient):
         self.atol = atol
         self.max_steps = max_steps
         self.backward_stats = None
+        # Variables cannot be created in a function being traced (a name passed to
+        # `solve` there builds a fresh instance whose counters nobody could read) nor
+        # inside `strategy.run`.
+        in_replica_fn = tf.distribute.has_strategy() and not tf.distribute.in_cross_replica_context()
+        if not (tf.inside_function() or in_replica_fn):
+            with tf.init_scope():
+                self.backward_stats = Stats(*(
+                    tf.Variable(
+                        0, dtype=tf.int32, trainable=False, name=f"adjoint_{field}",
+                        aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
+                    )
+                    for field in Stats._fields
+                ))
 
     def options(self):
         return {"rtol": self.rtol, "atol": self.atol, "max_steps": self.max_steps}
@@ -237,37 +486,42 @@ class AdjointGradient(AbstractGradient):
         options = ", ".join(f"{k}={v!r}" for k, v in self.options().items())
         return f"{type(self).__name__}({options})"
 
-    def solve(self, solver, controller, func, ts, y0, args, **loop_kwargs):
+    def solve(self, solver, controller, func, ts, y0, args, *, throw=True, **loop_kwargs):
         def forward(ts, y0, args):
             return integrate(
                 solver, controller, lambda t, y: func(t, y, args), ts, y0, record=False,
                 **loop_kwargs,
             )
 
-        def backward(trajectory, ts, y0, args, diff, g_ys, variables):
+        def backward(trajectory, ts, y0, sources, g_ys, variables, differentiable):
             return self._reverse_solve(
-                solver, controller, func, trajectory.ys, ts, y0, args, diff, g_ys, variables,
-                loop_kwargs,
+                solver, controller, func, trajectory.ys, ts, y0, args, sources, g_ys,
+                variables, loop_kwargs, throw,
             )
 
-        trajectory = _solve_with_custom_gradient(forward, backward, ts, y0, args)
+        refusal = _SECOND_ORDER.format(
+            what="the adjoint cannot give: its reverse solve takes the forward outputs "
+            "as constants", instead='Use gradient="aca" (exact) or "naive".')
+        trajectory = _solve_with_custom_gradient(
+            forward, backward, func, ts, y0, args, second_order=refusal,
+            written=self.backward_stats or (),
+        )
         unknown = tf.constant(-1, tf.int32)
         return trajectory._replace(stats=trajectory.stats._replace(num_fevals_backward=unknown))
 
-    def _reverse_solve(self, solver, controller, func, ys, ts, y0, args, diff, g_ys,
-                       variables, loop_kwargs):
-        diff_args = [args[k] for k in diff]
-        params = diff_args + [tf.convert_to_tensor(v) for v in variables]
+    def _reverse_solve(self, solver, controller, func, ys, ts, y0, args, sources, g_ys,
+                       variables, loop_kwargs, throw):
+        params = list(sources) + [tf.convert_to_tensor(v) for v in variables]
         num_y, num_p = len(y0), len(params)
         dtype = ts.dtype
 
         def augmented(t, state):
             y, a = state[:num_y], state[num_y:2 * num_y]
             with tf.GradientTape() as tape:
-                tape.watch(y + diff_args)
+                tape.watch(y + list(sources))
                 f = func(t, y, args)
             vjp = tape.gradient(
-                f, [y, diff_args, variables], output_gradients=a,
+                f, [y, list(sources), list(variables)], output_gradients=a,
                 unconnected_gradients=tf.UnconnectedGradients.ZERO,
             )
             vjp = vjp[0] + vjp[1] + [tf.convert_to_tensor(g) for g in vjp[2]]
@@ -325,9 +579,18 @@ class AdjointGradient(AbstractGradient):
         # ts[0]: moving the start with y0 fixed shifts the solution by -Phi f(t0, y0).
         g_ts = tf.tensor_scatter_nd_add(g_ts, [[0]], [-_dot(a, func(ts[0], y0, args))])
         g_y0 = [a_n + g[0] for a_n, g in zip(a, g_ys)]
-        self.backward_stats = Stats(num_steps, num_rejected, num_fevals + 1, zero)
-        g_y0 = raise_on_failure(status, t_final, g_y0, "in the adjoint's reverse solve")
-        return g_ts, g_y0, g_params[: len(diff_args)], g_params[len(diff_args):]
+        grads = [g_ts, *g_y0, *g_params]
+        if self.backward_stats is not None:
+            counts = (num_steps, num_rejected, num_fevals + 1, zero)
+            updates = [v.assign(c) for v, c in zip(self.backward_stats, counts)]
+            with tf.control_dependencies(updates):
+                grads = [tf.identity(g) for g in grads]
+        if throw:
+            grads = raise_on_failure(status, t_final, grads, "in the adjoint's reverse solve")
+        else:
+            grads = [tf.where(status == 0, g, tf.constant(float("nan"), g.dtype)) for g in grads]
+        g_ts, g_y0, g_params = grads[0], grads[1:1 + num_y], grads[1 + num_y:]
+        return g_ts, g_y0, g_params[: len(sources)], g_params[len(sources):]
 
 
 def _dot(xs, ys):
@@ -338,7 +601,8 @@ _GRADIENTS = {"aca": ACAGradient, "naive": NaiveGradient, "adjoint": AdjointGrad
 
 
 def get_gradient(gradient):
-    """Returns a strategy from a name ("aca", "naive"), a strategy class, or an instance."""
+    """Returns a strategy from a name ("aca", "naive", "adjoint"), a strategy class, or an
+    instance."""
     if isinstance(gradient, AbstractGradient):
         return gradient
     if isinstance(gradient, type) and issubclass(gradient, AbstractGradient):

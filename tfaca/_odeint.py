@@ -64,6 +64,19 @@ def _as_tensor(value, dtype):
     return tf.convert_to_tensor(np.asarray(value, dtype=dtype.as_numpy_dtype))
 
 
+def _as_arg(value, dtype):
+    """An entry of `args` as a tensor: Python numbers and NumPy arrays take the solve's
+    dtype when floating (never float32 by default), low-precision tensors are solved in
+    float32 like the state, other tensors are left as they are."""
+    if tf.is_tensor(value) or isinstance(value, tf.Variable):
+        value = tf.convert_to_tensor(value)  # a variable is read here, once
+        return tf.cast(value, tf.float32) if value.dtype in _LOW_PRECISION else value
+    array = np.asarray(value)
+    if array.dtype.kind == "f" or isinstance(value, float):
+        return _as_tensor(array, dtype)
+    return tf.convert_to_tensor(value)
+
+
 def _prepare_ts(ts, dtype):
     ts = tf.convert_to_tensor(ts) if tf.is_tensor(ts) else np.asarray(ts)
     kind = tf.as_dtype(ts.dtype) if ts.dtype != object else None
@@ -204,14 +217,23 @@ def solve(
         ts: 1-D, at least two strictly increasing or strictly decreasing times; `ts[0]`
             is the start. Outputs are computed exactly at every time (the solver steps to
             each), so many output times cost extra steps but no accuracy.
-        args: a tuple of extra inputs passed to `func`; they receive gradients.
+        args: a tuple of extra inputs passed to `func`; floating ones receive
+            gradients. Python numbers and NumPy arrays convert to the solve's dtype;
+            float16/bfloat16 tensors are cast to float32 (solves never run in low
+            precision); other tensors keep their dtype.
+            Tensors that `func` closes over get gradients too when a tape watches them.
         method: a solver name (`"euler"`, `"midpoint"`, `"rk4"`, `"heun_euler"`, `"bosh3"`,
             `"dopri5"`, `"tsit5"`), class or instance. Default `"dopri5"`.
         rtol, atol: relative and absolute tolerances: scalars, or structures like `y0`
             of values broadcastable to each component. Defaults 1e-3 and 1e-6, as
-            scipy, torchdiffeq and the ACA reference code.
+            scipy's `solve_ivp` and the ACA reference code (TorchDiffEqPack); loose
+            enough for training, where the gradient's accuracy matters more than the
+            trajectory's (torchdiffeq's defaults are 1e-7 and 1e-9).
         gradient: `"aca"` (default; exact gradient of the accepted steps, memory
-            O(steps x state)) or `"naive"` (backprop through the whole solver).
+            O(steps x state)), `"naive"` (backprop through the whole solver, rejected
+            trials included; memory O(trials x stages x state)) or `"adjoint"` (the
+            continuous adjoint: memory O(state), gradient only as accurate as its
+            reverse solve), or a strategy object (`tfaca.AdjointGradient(rtol=...)`).
         step_size: a fixed step size. Required by the fixed-step methods; with an
             adaptive method it switches the error control off.
         first_step: the first trial step; default: chosen automatically
@@ -225,7 +247,10 @@ def solve(
         throw: if True (default) a failed solve raises: `tfaca.SolveError` eagerly,
             `tf.errors.InvalidArgumentError` in a graph. Under XLA
             (`jit_compile=True`) run-time assertions do not exist, so a failure is
-            reported only by `Solution.status`, and unreached outputs are NaN.
+            reported only by `Solution.status`, and unreached outputs are NaN. With
+            `throw=False` nothing raises, in the forward or the backward pass: a
+            gradient that cannot be computed (the adjoint's reverse solve failed, ACA's
+            replay did not reproduce the forward) is NaN.
         name: name scope for the ops.
 
     Returns:
@@ -261,7 +286,14 @@ def solve(
         y0_flat = [tf.cast(y, dtype) for y in y0_flat]
         y0_struct = tf.nest.pack_sequence_as(y0, y0_flat)
         ts = _prepare_ts(ts, dtype)
-        args_flat = [tf.convert_to_tensor(a) for a in tf.nest.flatten(args)]
+        num_intervals = ts.shape[0] - 1 if ts.shape[0] is not None else None
+        if num_intervals is not None and num_intervals > max_steps:
+            raise ValueError(
+                f"`max_steps` must be at least the number of output intervals, "
+                f"len(ts) - 1 = {num_intervals}: the solver steps onto every output time, "
+                f"so each interval takes at least one step. Received: max_steps={max_steps}"
+            )
+        args_flat = [_as_arg(a, dtype) for a in tf.nest.flatten(args)]
         controller = StepSizeController(
             rtol=_tolerance("rtol", rtol, y0, y0_flat, dtype),
             atol=_tolerance("atol", atol, y0, y0_flat, dtype),
@@ -281,11 +313,15 @@ def solve(
             step_size=None if step_size is None else _as_tensor(step_size, dtype),
             first_step=None if first_step is None else _as_tensor(first_step, dtype),
             max_steps=int(max_steps),
+            throw=bool(throw),
         )
         ys_flat = trajectory.ys
         if throw:
             ys_flat = raise_on_failure(
-                trajectory.status, trajectory.t_final, ys_flat, f"max_steps={max_steps}"
+                trajectory.status, trajectory.t_final, ys_flat,
+                f"max_steps={max_steps}"
+                + (f"; {num_intervals} output intervals, each at least one step"
+                   if num_intervals is not None else ""),
             )
         ys_flat = [tf.cast(y, y_dtype) for y in ys_flat]
         return Solution(

@@ -1,0 +1,443 @@
+"""Gradients right wherever users put a solve, or a clear refusal (never a silent wrong
+number): a solve inside a `tf.while_loop` reading variables, second derivatives,
+randomness in `func`, tensors `func` closes over, argument conversions, the adjoint
+with `throw=False` and its counters after a graph, and `max_steps` below the number of
+output intervals."""
+
+import keras
+import numpy as np
+import pytest
+import scipy.linalg
+import tensorflow as tf
+
+import tfaca
+from helpers import A_NP, accepted_steps, assert_grads_close, frechet_expm, unrolled_solve
+
+F64 = tf.float64
+MODES = ["aca", "adjoint", "naive"]
+Y0_NP = np.array([1.0, 0.5, -0.3])
+TS_NP = np.array([0.0, 0.6, 1.3])
+
+
+def c64(x):
+    return tf.constant(np.asarray(x), F64)
+
+
+def strategy(mode):
+    return tfaca.AdjointGradient() if mode == "adjoint" else mode
+
+
+def tanh_field(t, y, W):
+    return tf.tanh(tf.linalg.matvec(W, y)) - 0.1 * y
+
+
+# --------------------------------------------------------------------------------------
+# 1. A solve inside a tf.while_loop (tf.scan, a Keras RNN) whose func reads variables.
+
+
+def _scan_gradient(mode, compile_mode):
+    """d/dW of a loss over three chained solves in `tf.scan`, W a tf.Variable."""
+    W = tf.Variable(A_NP)
+    ts = c64([0.0, 0.4])
+
+    def func(t, y):
+        return tf.linalg.matvec(W, y)
+
+    def run(y0):
+        with tf.GradientTape() as tape:
+            def one(y, _):
+                return tfaca.odeint(func, y, ts, rtol=1e-10, atol=1e-12, gradient=strategy(mode))[-1]
+
+            ys = tf.scan(one, tf.zeros([3]), initializer=y0)
+            loss = tf.reduce_sum(ys ** 2)
+        return tape.gradient(loss, W)
+
+    if compile_mode != "eager":
+        run = tf.function(run, jit_compile=compile_mode == "xla")
+    return run(c64(Y0_NP)).numpy()
+
+
+def _scan_analytic():
+    """The same loss by expm: y_k = expm(0.4 A)^k y0, and its gradient in A."""
+    E = scipy.linalg.expm(0.4 * A_NP)
+    ys, y = [], Y0_NP
+    for _ in range(3):
+        y = E @ y
+        ys.append(y)
+    # dL/dE = sum_k sum_{m<=k} (E^T)^(k-m) 2 y_k y_{m-1}^T, then through expm's Fréchet derivative.
+    prev = [Y0_NP] + ys[:-1]
+    dE = np.zeros((3, 3))
+    for k in range(3):
+        a = 2 * ys[k]
+        for m in range(k, -1, -1):
+            dE += np.outer(a, prev[m])
+            a = E.T @ a
+    # <dE, dexpm(0.4 A)[H]>: the adjoint of the Fréchet derivative is the Fréchet
+    # derivative at A^T.
+    return 0.4 * frechet_expm(0.4 * A_NP.T, dE)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("compile_mode", ["function", "xla"])
+def test_solve_in_scan_reads_a_variable(mode, compile_mode):
+    got = _scan_gradient(mode, compile_mode)
+    np.testing.assert_allclose(got, _scan_analytic(), rtol=1e-7)
+
+
+def test_solve_in_scan_with_adjoint_counters():
+    """An AdjointGradient built outside (it holds counter variables) works in a loop too."""
+    grad = tfaca.AdjointGradient()
+    W = tf.Variable(A_NP)
+
+    @tf.function
+    def run(y0):
+        with tf.GradientTape() as tape:
+            def one(y, _):
+                return tfaca.odeint(lambda t, y: tf.linalg.matvec(W, y), y, c64([0.0, 0.4]),
+                                    rtol=1e-10, atol=1e-12, gradient=grad)[-1]
+
+            loss = tf.reduce_sum(tf.scan(one, tf.zeros([3]), initializer=y0) ** 2)
+        return tape.gradient(loss, W)
+
+    np.testing.assert_allclose(run(c64(Y0_NP)).numpy(), _scan_analytic(), rtol=1e-7)
+    assert int(grad.backward_stats.num_fevals) > 0
+
+
+class _ODECell(keras.layers.Layer):
+    """An ODE-RNN cell: between observations the hidden state follows a learned ODE."""
+
+    def __init__(self, units, gradient, **kwargs):
+        super().__init__(**kwargs)
+        self.units = units
+        self.state_size = units
+        self.gradient = gradient
+        self.dynamics = keras.layers.Dense(units, activation="tanh")
+        self.update = keras.layers.Dense(units)
+
+    def build(self, input_shape):
+        self.dynamics.build((None, self.units))
+        self.update.build((None, input_shape[-1] + self.units))
+
+    def call(self, x, states):
+        h = tfaca.odeint(lambda t, y: self.dynamics(y), states[0], [0.0, 0.5],
+                         gradient=self.gradient)[-1]
+        h = tf.tanh(self.update(tf.concat([x, h], -1)))
+        return h, [h]
+
+
+@pytest.mark.parametrize("mode", ["aca", "adjoint"])
+def test_keras_rnn_with_an_ode_cell_trains(mode):
+    keras.utils.set_random_seed(0)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(32, 5, 3)).astype("float32")
+    y = x.sum(axis=(1, 2))[:, None].astype("float32")
+    model = keras.Sequential([keras.Input((5, 3)), keras.layers.RNN(_ODECell(8, mode)),
+                              keras.layers.Dense(1)])
+    model.compile(keras.optimizers.Adam(1e-2), "mse")
+    before = [w.copy() for w in model.get_weights()]
+    history = model.fit(x, y, batch_size=16, epochs=3, verbose=0)
+    losses = history.history["loss"]
+    assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]
+    # The ODE's own weights were trained, not only the update's.
+    cell = model.layers[0].cell
+    assert not np.allclose(cell.dynamics.get_weights()[0], before[0])
+
+
+# --------------------------------------------------------------------------------------
+# 2. Second derivatives.
+
+
+def _hvp(loss_fn, x, v):
+    with tf.GradientTape() as outer:
+        outer.watch(x)
+        with tf.GradientTape() as inner:
+            inner.watch(x)
+            loss = loss_fn(x)
+        g = inner.gradient(loss, x)
+    return outer.gradient(g, x, output_gradients=v)
+
+
+@pytest.mark.parametrize("compile_mode", ["eager", "function"])
+@pytest.mark.parametrize("wrt", ["y0", "W", "ts"])
+def test_aca_hessian_vector_product_is_exact(compile_mode, wrt):
+    """ACA's gradient differentiated again equals the second derivative of backprop
+    through the same accepted steps (to rounding)."""
+    W, y0, ts = c64(A_NP), c64(Y0_NP), c64(TS_NP)
+    kwargs = dict(method="bosh3", rtol=1e-5, atol=1e-5)
+    steps = accepted_steps(tanh_field, y0, ts, args=(W,), **kwargs)
+
+    def loss_with(solve):
+        def loss(x):
+            inputs = {"y0": y0, "W": W, "ts": ts}
+            inputs[wrt] = x
+            ys = solve(inputs)
+            return tf.reduce_sum(tf.sin(ys) * c64(np.arange(1.0, 4.0)))
+
+        return loss
+
+    aca = loss_with(lambda i: tfaca.odeint(tanh_field, i["y0"], i["ts"], args=(i["W"],), **kwargs))
+    ref = loss_with(lambda i: unrolled_solve(tanh_field, i["y0"], i["ts"], steps, args=(i["W"],),
+                                             method="bosh3"))
+    x = {"y0": y0, "W": W, "ts": ts}[wrt]
+    v = c64(np.random.default_rng(1).normal(size=x.shape))
+    hvp = _hvp
+    if compile_mode == "function":
+        hvp = tf.function(_hvp, reduce_retracing=True)
+    assert_grads_close(hvp(aca, x, v), _hvp(ref, x, v), rtol=1e-9, name=f"HVP in {wrt}")
+
+
+def test_aca_gradient_penalty_of_keras_weights():
+    """A gradient penalty (d/dθ of |dL/dy0|^2), θ Keras weights, equals the unrolled one."""
+    keras.utils.set_random_seed(0)
+    dense = keras.layers.Dense(3, activation="tanh", dtype="float64")
+    dense.build((None, 3))
+    y0, ts = c64([Y0_NP, 0.5 * Y0_NP[::-1] + 0.2]), c64(TS_NP)
+    func = lambda t, y: dense(y)  # noqa: E731
+    kwargs = dict(method="dopri5", rtol=1e-6, atol=1e-6)
+    steps = accepted_steps(func, y0, ts, **kwargs)
+
+    def penalty(solve):
+        with tf.GradientTape() as outer:
+            with tf.GradientTape() as inner:
+                inner.watch(y0)
+                loss = tf.reduce_sum(solve() ** 2)
+            g = inner.gradient(loss, y0)
+            p = tf.reduce_sum(g ** 2)
+        return outer.gradient(p, dense.trainable_variables)
+
+    got = penalty(lambda: tfaca.odeint(func, y0, ts, **kwargs))
+    want = penalty(lambda: unrolled_solve(func, y0, ts, steps, method="dopri5"))
+    assert_grads_close(got, want, rtol=1e-9, name="penalty")
+
+
+def test_naive_hessian_vector_product_matches_finite_differences():
+    y0, W, ts = c64(Y0_NP), c64(A_NP), c64(TS_NP)
+
+    def loss(x):
+        return tf.reduce_sum(tfaca.odeint(tanh_field, x, ts, args=(W,), gradient="naive",
+                                          method="rk4", step_size=0.05) ** 3)
+
+    v = c64([0.3, -0.2, 0.5])
+    got = _hvp(loss, y0, v).numpy()
+
+    def grad(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            out = loss(x)
+        return tape.gradient(out, x).numpy()
+
+    h = 1e-5
+    fd = (grad(y0 + h * v) - grad(y0 - h * v)) / (2 * h)
+    np.testing.assert_allclose(got, fd, rtol=1e-6)
+
+
+def test_adjoint_second_derivative_raises():
+    y0, W, ts = c64(Y0_NP), c64(A_NP), c64(TS_NP)
+
+    def loss(x):
+        return tf.reduce_sum(tfaca.odeint(tanh_field, x, ts, args=(W,), gradient="adjoint") ** 2)
+
+    with pytest.raises(NotImplementedError, match="differentiated again.*aca"):
+        _hvp(loss, y0, y0)
+
+
+def test_aca_second_derivative_by_tf_gradients_raises():
+    """Without a tape active while the first gradient is built, nothing recorded it:
+    `tf.gradients` of it would miss the checkpoints' dependence, so it raises."""
+    W, ts = c64(A_NP), c64(TS_NP)
+
+    @tf.function
+    def run(y0):
+        loss = tf.reduce_sum(tfaca.odeint(tanh_field, y0, ts, args=(W,)) ** 2)
+        (g,) = tf.gradients(loss, y0)
+        return tf.gradients(tf.reduce_sum(g ** 2), y0)
+
+    with pytest.raises(NotImplementedError, match="nested tf.GradientTape"):
+        run(c64(Y0_NP))
+
+
+# --------------------------------------------------------------------------------------
+# 3. Randomness in func: ACA's replay would draw other numbers. Refused, never silent.
+
+
+def _noisy(t, y):
+    return -y + 0.5 * tf.random.uniform(tf.shape(y), dtype=y.dtype)
+
+
+def _noisy_gradient(compile_mode, throw=True):
+    y0, ts = c64(Y0_NP), c64([0.0, 1.0])
+
+    def run(y0):
+        with tf.GradientTape() as tape:
+            tape.watch(y0)
+            ys = tfaca.odeint(_noisy, y0, ts, method="rk4", step_size=0.1, throw=throw)
+            loss = tf.reduce_sum(ys[-1])
+        return tape.gradient(loss, y0)
+
+    if compile_mode != "eager":
+        run = tf.function(run, jit_compile=compile_mode == "xla")
+    return run(y0)
+
+
+@pytest.mark.parametrize("compile_mode", ["eager", "function"])
+def test_random_func_is_refused_by_aca(compile_mode):
+    with pytest.raises(tf.errors.InvalidArgumentError, match="deterministic function of"):
+        _noisy_gradient(compile_mode)
+
+
+@pytest.mark.parametrize("compile_mode", ["eager", "xla"])
+def test_random_func_gives_nan_where_it_cannot_raise(compile_mode):
+    throw = compile_mode != "eager"  # XLA cannot raise: NaN either way
+    g = _noisy_gradient(compile_mode, throw=throw).numpy()
+    assert np.all(np.isnan(g))
+
+
+def test_randomness_passed_in_args_is_exact():
+    """The documented alternative: the noise drawn outside `func`, passed in `args`."""
+    y0, ts = c64(Y0_NP), c64([0.0, 1.0])
+    noise = c64(np.random.default_rng(0).uniform(size=3))
+    with tf.GradientTape() as tape:
+        tape.watch(y0)
+        loss = tf.reduce_sum(tfaca.odeint(lambda t, y, n: -y + n, y0, ts, args=(noise,),
+                                          rtol=1e-10, atol=1e-12)[-1])
+    # y(1) = e^-1 y0 + (1 - e^-1) n
+    np.testing.assert_allclose(tape.gradient(loss, y0).numpy(), np.exp(-1.0), rtol=1e-8)
+
+
+# --------------------------------------------------------------------------------------
+# 4. Tensors that func closes over.
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("compile_mode", ["eager", "function"])
+def test_closed_over_tensor_gets_its_gradient(mode, compile_mode):
+    """y' = -theta * y: y(T) = y0 exp(-theta T), d/dtheta sum y(T) = -T sum y(T)."""
+    y0, ts, T = c64(Y0_NP), c64([0.0, 0.8]), 0.8
+
+    def run(theta, scale):
+        with tf.GradientTape() as tape:
+            tape.watch(theta)
+            # `scale` is closed over too but not watched: no gradient is asked of it.
+            ys = tfaca.odeint(lambda t, y: -theta * scale * y, y0, ts, rtol=1e-10, atol=1e-12,
+                              gradient=strategy(mode))
+            loss = tf.reduce_sum(ys[-1])
+        return tape.gradient(loss, theta)
+
+    if compile_mode == "function":
+        run = tf.function(run)
+    theta = c64(1.3)
+    g = run(theta, c64(1.0))
+    assert g is not None
+    np.testing.assert_allclose(float(g), -T * np.sum(Y0_NP) * np.exp(-1.3 * T), rtol=1e-8)
+
+
+def test_closed_over_and_args_together():
+    """A closed-over matrix and an `args` vector: both gradients, against the unrolled
+    reference."""
+    W, b, y0, ts = c64(A_NP), c64([0.2, -0.1, 0.3]), c64(Y0_NP), c64(TS_NP)
+    func = lambda t, y, b: tanh_field(t, y, W) + b  # noqa: E731
+    steps = accepted_steps(func, y0, ts, args=(b,), method="dopri5", rtol=1e-6, atol=1e-6)
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch([W, b])
+        got = tf.reduce_sum(tfaca.odeint(func, y0, ts, args=(b,), rtol=1e-6, atol=1e-6) ** 2)
+        want = tf.reduce_sum(unrolled_solve(func, y0, ts, steps, args=(b,)) ** 2)
+    assert_grads_close(tape.gradient(got, [W, b]), tape.gradient(want, [W, b]), rtol=1e-10)
+
+
+# --------------------------------------------------------------------------------------
+# 8. Argument conversions.
+
+
+def test_python_float_args_follow_a_float64_state():
+    ys = tfaca.odeint(lambda t, y, k: -k * y, c64([1.0]), c64([0.0, 1.0]), args=(0.5,),
+                      rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(ys.numpy()[-1], np.exp(-0.5), rtol=1e-9)
+
+
+def test_numpy_args_follow_a_float64_state():
+    ys = tfaca.odeint(lambda t, y, k: -k * y, c64([1.0, 2.0]), c64([0.0, 1.0]),
+                      args=(np.array([0.5, 1.0], np.float32),), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(ys.numpy()[-1], np.array([1.0, 2.0]) * np.exp([-0.5, -1.0]),
+                               rtol=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [tf.float16, tf.bfloat16])
+def test_low_precision_args_are_solved_in_float32(dtype):
+    y0 = tf.constant([1.0, 2.0], dtype)
+    k = tf.constant([0.5, 1.0], dtype)
+    with tf.GradientTape() as tape:
+        tape.watch(k)
+        ys = tfaca.odeint(lambda t, y, k: -k * y, y0, [0.0, 1.0], args=(k,))
+        loss = tf.reduce_sum(tf.cast(ys[-1], tf.float32))
+    assert ys.dtype == dtype
+    np.testing.assert_allclose(tf.cast(ys[-1], tf.float32).numpy(), [np.exp(-0.5), 2 * np.exp(-1.0)],
+                               rtol=1e-2)
+    g = tape.gradient(loss, k)
+    assert g.dtype == dtype
+    np.testing.assert_allclose(tf.cast(g, tf.float32).numpy(), [-np.exp(-0.5), -2 * np.exp(-1.0)],
+                               rtol=2e-2)
+
+
+# --------------------------------------------------------------------------------------
+# 9. The adjoint with throw=False, and its counters after a graph.
+
+
+def _blow_up(t, y):
+    return y * y
+
+
+def test_adjoint_with_throw_false_never_raises():
+    """y' = y^2 from 1 blows up at t = 1: the forward fails, outputs past it are NaN,
+    and the gradient is NaN instead of an exception."""
+    y0, ts = c64([1.0]), c64([0.0, 0.5, 2.0])
+    with tf.GradientTape() as tape:
+        tape.watch(y0)
+        sol = tfaca.solve(_blow_up, y0, ts, gradient="adjoint", throw=False)
+        loss = tf.reduce_sum(sol.ys)
+    assert int(sol.status) != 0
+    g = tape.gradient(loss, y0)
+    assert np.all(np.isnan(g.numpy()))
+
+
+def test_adjoint_reverse_failure_raises_with_throw():
+    """The same failure in the reverse solve, with throw=True, is reported."""
+    y0, ts = c64([1.0]), c64([0.0, 0.5])
+    grad = tfaca.AdjointGradient(max_steps=2)
+    with tf.GradientTape() as tape:
+        tape.watch(y0)
+        loss = tf.reduce_sum(tfaca.odeint(_blow_up, y0, ts, gradient=grad, rtol=1e-8, atol=1e-8))
+    with pytest.raises(tfaca.SolveError, match="reverse solve"):
+        tape.gradient(loss, y0)
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_adjoint_counters_readable_after_a_graph(jit_compile):
+    grad = tfaca.AdjointGradient()
+    y0, ts = c64(Y0_NP), c64(TS_NP)
+
+    @tf.function(jit_compile=jit_compile)
+    def run(y0):
+        with tf.GradientTape() as tape:
+            tape.watch(y0)
+            loss = tf.reduce_sum(tfaca.odeint(tanh_field, y0, ts, args=(c64(A_NP),),
+                                              gradient=grad) ** 2)
+        return tape.gradient(loss, y0)
+
+    run(y0)
+    first = int(grad.backward_stats.num_fevals)
+    assert first > 0 and int(grad.backward_stats.num_steps) > 0
+    # Eagerly, the same solve counts the same.
+    with tf.GradientTape() as tape:
+        tape.watch(y0)
+        loss = tf.reduce_sum(tfaca.odeint(tanh_field, y0, ts, args=(c64(A_NP),), gradient=grad) ** 2)
+    tape.gradient(loss, y0)
+    assert int(grad.backward_stats.num_fevals) == first
+
+
+# --------------------------------------------------------------------------------------
+# max_steps below the number of output intervals.
+
+
+def test_max_steps_below_the_number_of_outputs_says_so():
+    with pytest.raises(ValueError, match=r"len\(ts\) - 1 = 9.*max_steps=5"):
+        tfaca.odeint(lambda t, y: -y, c64([1.0]), c64(np.linspace(0, 1, 10)), max_steps=5)
