@@ -329,7 +329,8 @@ def test_activity_regularizer_on_the_ode_layer_regularizes_the_solution():
 @pytest.mark.parametrize("jit_compile", [False, True], ids=["graph", "xla"])
 def test_weight_regularizers_in_the_dynamics_train(jit_compile):
     dynamics = keras.Sequential(
-        [keras.layers.Dense(HIDDEN, activation="tanh", kernel_regularizer=keras.regularizers.L2(0.01)),
+        [keras.layers.Dense(HIDDEN, activation="tanh",
+                            kernel_regularizer=keras.regularizers.L2(0.01)),
          keras.layers.Dense(STATE, bias_regularizer=keras.regularizers.L1(0.02))]
     )
     model = keras.Sequential(

@@ -351,19 +351,21 @@ class ODELayer(keras.layers.Layer):
         times = tf.cast(times, dtype)
         if times.shape.rank == 2:
             # One solve serves the batch: every row must hold the same times.
-            same = tf.reduce_all(tf.equal(times, times[:1]))
+            differ = tf.reduce_any(tf.not_equal(times, times[:1]), axis=1)
             check = tf.debugging.Assert(
-                same,
+                tf.logical_not(tf.reduce_any(differ)),
                 [
                     f"ODELayer '{self.name}': every row of the times input must be equal, "
                     "as one solve, with one step size, serves the whole batch. Pass the "
                     "times as one row (a 1-D tensor) for the batch, or group samples that "
                     "share their times into a batch. Received: times of shape",
                     tf.shape(times),
-                    "=",
-                    times,
+                    "whose rows",
+                    tf.reshape(tf.where(differ), [-1]),
+                    "differ from row 0 =",
+                    times[0],
                 ],
-                summarize=20,
+                summarize=10,
             )
             with tf.control_dependencies([check]):
                 times = tf.identity(times[0])
@@ -473,10 +475,10 @@ class ODELayer(keras.layers.Layer):
     def from_config(cls, config):
         config = dict(config)
         config["dynamics"] = keras.saving.deserialize_keras_object(config["dynamics"])
-        # Files saved before `get_config` stored plain numbers hold NumPy values as
-        # Keras' `{"class_name": "__numpy__", ...}` dicts.
+        # Files saved before `get_config` stored plain numbers hold NumPy arrays and
+        # tensors as Keras' `{"class_name": "__numpy__" or "__tensor__", ...}` dicts.
         for key in ("rtol", "atol", "step_size", "first_step", "max_step"):
             value = config.get(key)
-            if isinstance(value, dict) and value.get("class_name") == "__numpy__":
+            if isinstance(value, dict) and value.get("class_name") in ("__numpy__", "__tensor__"):
                 config[key] = keras.saving.deserialize_keras_object(value)
         return cls(**config)
