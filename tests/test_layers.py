@@ -5,6 +5,7 @@ precision and bad arguments."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -438,7 +439,7 @@ def test_times_input_unequal_rows_raise(mode):
     x = np.random.default_rng(0).normal(size=(BATCH, STATE)).astype("float32")
     ts = np.tile(IRREGULAR, (BATCH, 1))
     ts[3, 2] = 0.6
-    with pytest.raises(tf.errors.InvalidArgumentError, match="every row of the times"):
+    with pytest.raises(tf.errors.InvalidArgumentError, match="every row of the times") as info:
         if mode == "eager":
             layer([x, ts])
         elif mode == "graph":
@@ -447,6 +448,12 @@ def test_times_input_unequal_rows_raise(mode):
             state, times = keras.Input((STATE,)), keras.Input((len(IRREGULAR),))
             model = keras.Model([state, times], layer([state, times]))
             model.predict([x, ts], batch_size=BATCH, verbose=0)
+    # It says what to do, and what it received: the shape and which rows differ.
+    message = str(info.value)
+    assert "Pass the times as one row (a 1-D tensor) for the batch" in message
+    assert "group samples that share their times into a batch" in message
+    assert re.search(r"Received: times of shape\D*16\D+5\D+whose rows\D+3\D+differ from row 0",
+                     message), message
 
 
 def test_times_input_trains_in_a_model():
@@ -470,8 +477,14 @@ def test_times_input_trains_in_a_model():
         dict(t=(0.0, 0.5), method="rk4", step_size=0.1),
         dict(t=(1.0, 0.0), method="heun_euler", rtol=1e-2, atol=1e-2),
         dict(method="tsit5", gradient="naive"),
+        dict(max_step=0.1),
+        dict(safety=0.5),
+        dict(rtol=1e-6, atol=1e-8, first_step=1.0, factor_min=0.6),  # rejects trial steps
+        dict(factor_max=1.5),
+        dict(rtol=np.float32(1e-5), atol=np.array([1e-6, 1e-7, 1e-6, 1e-8])),
     ],
-    ids=["bosh3", "rk4", "heun_euler_backward", "tsit5_naive"],
+    ids=["bosh3", "rk4", "heun_euler_backward", "tsit5_naive", "max_step", "safety",
+         "factor_min", "factor_max", "numpy_tolerances"],
 )
 def test_options_reach_the_solve(kwargs):
     """The layer's output and cost are those of `tfaca.solve` with the same options."""
@@ -480,6 +493,12 @@ def test_options_reach_the_solve(kwargs):
     out = layer(x).numpy()
     options = {k: v for k, v in kwargs.items() if k not in ("t", "return_sequences")}
     sol = tfaca.solve(lambda t, y: layer.dynamics(y), x, list(layer.t), **options)
+    controller = {"max_step", "safety", "factor_min", "factor_max"}
+    if controller & set(options):
+        # The option changes the solve, so a layer that dropped it would fail below.
+        default = tfaca.solve(lambda t, y: layer.dynamics(y), x, list(layer.t),
+                              **{k: v for k, v in options.items() if k not in controller})
+        assert np.any(default.ys.numpy() != sol.ys.numpy())  # other steps were taken
     expected = sol.ys.numpy()
     expected = np.transpose(expected, (1, 0, 2)) if layer.return_sequences else expected[-1]
     np.testing.assert_allclose(out, expected, rtol=1e-6, atol=1e-7)
@@ -511,11 +530,26 @@ NON_DEFAULT = dict(
     gradient="naive",
     step_size=None,
     first_step=0.05,
+    max_step=0.3,
     max_steps=321,
+    safety=0.8,
+    factor_min=0.3,
+    factor_max=4.0,
+    throw=False,
     return_sequences=True,
     name="my_ode",
 )
 FIXED_STEP = dict(t=(0.0, 0.5), method="rk4", step_size=0.1, name="fixed_ode")
+# NumPy values, as a user computing tolerances per feature passes them: scalars of
+# either float type and per-element arrays. A config must hold them as plain numbers.
+NUMPY = dict(
+    rtol=np.float32(1e-4),
+    atol=np.array([1e-5, 1e-6, 1e-5, 1e-7]),
+    first_step=np.float64(0.05),
+    name="numpy_ode",
+)
+CONFIGS = [NON_DEFAULT, FIXED_STEP, NUMPY]
+CONFIG_IDS = ["adaptive", "fixed", "numpy"]
 
 
 def _built_layer(kwargs):
@@ -533,11 +567,16 @@ def _check_values(config, kwargs):
     for key, value in kwargs.items():
         if key == "t":
             assert config["t"] == list(value)
+        elif isinstance(value, (np.ndarray, np.generic)):
+            # The same numbers, as Python floats or lists of them.
+            assert type(config[key]) is (list if np.ndim(value) else float), key
+            np.testing.assert_array_equal(np.asarray(config[key], value.dtype), value)
         else:
             assert config[key] == value, key
+    json.dumps(config)  # plain JSON, without Keras' encoder for NumPy values
 
 
-@pytest.mark.parametrize("kwargs", [NON_DEFAULT, FIXED_STEP], ids=["adaptive", "fixed"])
+@pytest.mark.parametrize("kwargs", CONFIGS, ids=CONFIG_IDS)
 def test_get_config_from_config(kwargs):
     layer, x, out = _built_layer(kwargs)
     config = layer.get_config()
@@ -551,7 +590,7 @@ def test_get_config_from_config(kwargs):
         assert out.shape == (BATCH, 3, STATE)
 
 
-@pytest.mark.parametrize("kwargs", [NON_DEFAULT, FIXED_STEP], ids=["adaptive", "fixed"])
+@pytest.mark.parametrize("kwargs", CONFIGS, ids=CONFIG_IDS)
 def test_serialize_through_json(kwargs):
     layer, x, out = _built_layer(kwargs)
     text = json.dumps(keras.saving.serialize_keras_object(layer))
@@ -561,6 +600,22 @@ def test_serialize_through_json(kwargs):
     restored(x)
     restored.set_weights(layer.get_weights())
     np.testing.assert_array_equal(restored(x).numpy(), out)
+
+
+def test_from_config_reads_arrays_as_keras_serializes_them():
+    """Configs saved while `get_config` kept NumPy arrays (or tensors) hold Keras'
+    `{"class_name": "__numpy__" or "__tensor__", ...}` dicts; they load, same values."""
+    layer, x, out = _built_layer(NUMPY)
+    config = layer.get_config()
+    config["atol"] = keras.saving.serialize_keras_object(NUMPY["atol"])
+    config["first_step"] = keras.saving.serialize_keras_object(tf.constant(NUMPY["first_step"]))
+    assert config["atol"]["class_name"] == "__numpy__"
+    assert config["first_step"]["class_name"] == "__tensor__"
+    clone = tfaca.ODELayer.from_config(_json(config))
+    _check_values(clone.get_config(), {k: v for k, v in NUMPY.items() if k != "name"})
+    clone(x)
+    clone.set_weights(layer.get_weights())
+    np.testing.assert_array_equal(clone(x).numpy(), out)
 
 
 def test_config_of_a_solver_instance_and_gradient_class():
@@ -594,7 +649,7 @@ def test_objects_that_a_config_cannot_hold_work_but_refuse_to_save(kwargs, argum
         layer.get_config()
 
 
-@pytest.mark.parametrize("kwargs", [NON_DEFAULT, FIXED_STEP], ids=["adaptive", "fixed"])
+@pytest.mark.parametrize("kwargs", CONFIGS, ids=CONFIG_IDS)
 def test_keras_file_round_trip(tmp_path, kwargs):
     x, _ = regression_data(n=BATCH)
     model = keras.Sequential(
@@ -1053,6 +1108,15 @@ def test_solve_of_a_low_precision_state_computes_in_float32(dtype):
         (dict(first_step=-0.1), ValueError, "first_step"),
         (dict(max_steps=0), ValueError, "max_steps"),
         (dict(max_steps=2.5), ValueError, "max_steps"),
+        (dict(max_step=0.0), ValueError, "max_step"),
+        (dict(max_step=-0.5), ValueError, "max_step"),
+        (dict(safety=0.0), ValueError, "safety"),
+        (dict(safety=1.5), ValueError, "safety"),
+        (dict(factor_min=0.0), ValueError, "factor_min"),
+        (dict(factor_min=2.0), ValueError, "factor_min"),
+        (dict(factor_max=0.5), ValueError, "factor_max"),
+        (dict(throw="no"), TypeError, "throw"),
+        (dict(throw=None), TypeError, "throw"),
     ],
 )
 def test_bad_arguments(kwargs, error, argument):

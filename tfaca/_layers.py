@@ -3,9 +3,10 @@
 import inspect
 
 import keras
+import numpy as np
 import tensorflow as tf
 
-from tfaca._gradients import _GRADIENTS, get_gradient
+from tfaca._gradients import _GRADIENTS, NaiveGradient, get_gradient
 from tfaca._odeint import check_options, solve
 from tfaca._solvers import _SOLVERS, get_solver
 
@@ -39,6 +40,100 @@ def _options(instance):
     return getattr(instance, "options", dict)()
 
 
+def _plain(value):
+    """`value` as a config holds it: Python numbers and nested lists, never NumPy.
+
+    Keras writes NumPy values into a `.keras` file as `{"class_name": "__numpy__", ...}`
+    and hands that dict back to `from_config` unchanged, so a layer built from NumPy
+    tolerances could be saved but not loaded; `tolist()` keeps every value exactly
+    (a float32 scalar becomes the float64 holding the same number).
+    """
+    if tf.is_tensor(value) and hasattr(value, "numpy"):
+        value = value.numpy()
+    if isinstance(value, (np.ndarray, np.generic)):
+        return value.tolist()
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def _seed_generators(layer):
+    """Every `keras.random.SeedGenerator` that `layer` or one of its sublayers tracks."""
+    found = {}
+    for sublayer in layer._flatten_layers(include_self=True):
+        for generator in getattr(sublayer, "_seed_generators", ()):
+            found.setdefault(id(generator), generator)
+    return list(found.values())
+
+
+class _OneDraw:
+    """Makes every evaluation of the dynamics within one call draw the same random numbers.
+
+    Keras layers draw from a `SeedGenerator` whose `state` variable advances at every
+    draw, so each evaluation of the dynamics (trial steps, the ACA replay, the adjoint's
+    reverse solve) would see another dropout mask: the field would change from one
+    evaluation to the next, the error control would compare stages of different fields,
+    and the replay would differentiate another function than the forward computed.
+    `evaluate` resets every generator to the state it had when the call began, so the
+    field is a deterministic function of `(t, y)` for the whole call.
+
+    The forward solve leaves the generators where one evaluation of the dynamics leaves
+    them (one draw ahead), so the next call draws new numbers, as a plain call of the
+    dynamics would. Evaluations made after the forward (`replaying`: the gradient's)
+    put the state they found back, so that a backward pass, which runs the calls of a
+    tape in reverse order, cannot rewind the generators to an earlier call's draw.
+    """
+
+    def __init__(self, dynamics):
+        self.states = [generator.state for generator in _seed_generators(dynamics)]
+        self.start = [tf.identity(state.value) for state in self.states]
+        self.replaying = False
+
+    def evaluate(self, fn):
+        found = [tf.identity(state.value) for state in self.states] if self.replaying else []
+        for state, start in zip(self.states, self.start):
+            state.assign(start)
+        out = fn()
+        for state, value in zip(self.states, found):
+            state.assign(value)
+        return out
+
+
+def _refuse_added_losses(layers, counts, dynamics):
+    """Raises if a layer of the dynamics added a loss (`add_loss`, `activity_regularizer`)
+    since `counts` were taken, after removing the added losses so that none is left behind.
+
+    Counting what the call added, rather than looking for `activity_regularizer`
+    attributes at build time, catches every way a layer can add a loss (its own
+    `add_loss` calls included) and refuses only layers that do add one in this call.
+    It fires at the first evaluation, before the solver's loop starts, eagerly and
+    while `fit` traces its step. Weight regularizers are not affected: Keras computes
+    them from the variables, outside any call.
+    """
+    offenders = [layer for layer, n in zip(layers, counts) if len(layer._losses) > n]
+    if not offenders:
+        return
+    for layer, n in zip(layers, counts):
+        del layer._losses[n:]
+    names = ", ".join(
+        f"'{layer.name}' ({type(layer).__name__}, "
+        + ("activity_regularizer" if layer.activity_regularizer is not None else "add_loss")
+        + ")"
+        for layer in offenders
+    )
+    raise ValueError(
+        f"`dynamics` must not add losses. Received: dynamics='{dynamics.name}' whose "
+        f"layer(s) {names} added a loss while the solver evaluated it. The solver "
+        "evaluates the dynamics many times per step, rejected trials included, inside a "
+        "tf.while_loop, so such a loss means nothing for the model and cannot leave the "
+        "loop. Put the activity regularizer on a layer outside the ODELayer instead "
+        "(`ODELayer(..., activity_regularizer=...)` regularizes the solution); weight "
+        "regularizers such as `kernel_regularizer` inside the dynamics are fine."
+    )
+
+
 @keras.saving.register_keras_serializable(package="tfaca")
 class ODELayer(keras.layers.Layer):
     """Integrates `dy/dt = dynamics(y)` from the input state over `t`.
@@ -51,22 +146,52 @@ class ODELayer(keras.layers.Layer):
         dynamics: a Keras layer or model mapping a state to its time derivative, with the
             same shape: vectors `(batch, features)` or feature maps `(batch, H, W, C)`.
             If its `call` accepts `t`, the current time is passed as a scalar tensor;
-            if it accepts `training`, the flag is forwarded.
+            if it accepts `training`, the flag is forwarded. It must not add losses
+            (`add_loss`, `activity_regularizer`; see below); weight regularizers are fine.
         t: the integration times: `(t0, t1)` or a longer strictly monotone sequence of
             output times. Default `(0.0, 1.0)`. Ignored when times come as a second input.
         method: solver name (`"dopri5"` default; `"heun_euler"` is the paper's choice
             for images at `rtol = atol = 1e-2`), or a solver object (a user-defined
             solver works, but cannot be saved in a config).
-        rtol, atol: tolerances (defaults 1e-3 and 1e-6).
-        gradient: `"aca"` (default), `"naive"` or `"adjoint"`, or a strategy object
-            (which, unless it is a default built-in, cannot be saved in a config).
+        rtol, atol: relative and absolute tolerances: scalars, or arrays broadcastable to
+            the state (per feature, say), as Python or NumPy numbers. Defaults 1e-3 and
+            1e-6, those of scipy's `solve_ivp` and of TorchDiffEqPack (the ACA authors'
+            code); torchdiffeq's are tighter, 1e-7 and 1e-9. A model's own error
+            dwarfs a 1e-3 relative error of its solve, and looser tolerances mean fewer
+            steps: training cost follows the number of steps.
+        gradient: how the gradient is computed: `"aca"` (default; the exact gradient of
+            the accepted steps, memory O(steps x state), one replay of the accepted
+            steps), `"naive"` (backpropagation through every trial step, memory
+            O(trials x stages x state); for comparison) or `"adjoint"` (a reverse solve
+            of the continuous adjoint, memory O(state), gradient as accurate as that
+            reverse solve), or a strategy object (which, unless it is a default
+            built-in, cannot be saved in a config). The layer builds the strategy once;
+            `gradient_strategy` is that instance.
         step_size: fixed step size (required by `"euler"`, `"midpoint"`, `"rk4"`).
-        first_step: first trial step; default automatic.
+        first_step: first trial step; default automatic (one extra evaluation).
+        max_step: upper bound on the step size; default None (unbounded), as the error
+            control alone is the right judge of a smooth field. Bound it when the field
+            has features in time shorter than the steps taken (the error estimate can
+            step over them); it costs at least `|t1 - t0| / max_step` steps.
         max_steps: static bound on trial steps per solve (default 1000); it sizes the
             buffers, which under XLA are allocated whole.
+        safety: the controller aims at `safety` times the step it predicts would just
+            pass, so the next step is rejected less often. Default 0.9, as scipy and
+            torchdiffeq.
+        factor_min, factor_max: bounds on the factor by which one step may shrink or
+            grow the next, which keeps a poor error estimate from collapsing or blowing
+            up the step size. Defaults 0.2 and 10, as scipy and torchdiffeq.
+        throw: if True (default) a failed solve (`max_steps` reached, step underflow,
+            non-finite state) raises, since its outputs (NaN after the failure) would
+            silently spoil the training; `tfaca.SolveError` eagerly,
+            `tf.errors.InvalidArgumentError` in a graph. Under XLA (`jit_compile=True`)
+            run-time assertions do not exist, so nothing raises whatever `throw` says:
+            watch the `{name}_failures` metric. False lets training go on past failed
+            batches (their loss is NaN), which the same metric counts.
         return_sequences: if True, return the state at every time, shaped
             `(batch, len(t), ...)` (Keras RNN naming); else only the last state.
-        **kwargs: base `keras.layers.Layer` arguments (`name`, `dtype`, ...).
+        **kwargs: base `keras.layers.Layer` arguments (`name`, `dtype`,
+            `activity_regularizer`, which regularizes the output of the solve, ...).
 
     Call arguments:
         inputs: the initial state `(batch, ...)`, or `[state, times]` with `times` a
@@ -74,24 +199,54 @@ class ODELayer(keras.layers.Layer):
             equal (one adaptive solve serves the whole batch, with one step size).
         training: forwarded to `dynamics` when its `call` accepts it.
 
+    Randomness inside `dynamics` (Dropout, GaussianNoise, GaussianDropout, SpatialDropout,
+    any layer drawing from a `keras.random.SeedGenerator`):
+        within one call of the layer every evaluation of `dynamics` draws the same
+        numbers: the forward trial steps, the ACA replay, the adjoint's reverse solve
+        and the naive gradient all see one dropout mask, as variational dropout in RNNs
+        uses one mask per sequence. The layer resets every seed generator of the
+        dynamics to its state at the start of the call before each evaluation. The
+        vector field is then a deterministic function of `(t, y)` during a solve, which
+        adaptive stepping needs (its error estimate compares stages of one field), and
+        the gradient is exact for the computed output. After the call the generators
+        stand where one evaluation leaves them, so the next call (the next batch) draws
+        new numbers. Draws made with `seed=None` (Keras' global generator, which no
+        layer tracks) are not fixed and change at every evaluation: give such a layer
+        its own `SeedGenerator`.
+
+    Losses inside `dynamics`:
+        a loss added during a call of the dynamics (`add_loss`, or an
+        `activity_regularizer` on one of its layers) is refused with a ValueError
+        naming the layer: it would be added once per evaluation, rejected trials
+        included, and from inside the solver's `tf.while_loop`, which it cannot leave
+        in `fit`. Regularize activities outside the layer (e.g.
+        `ODELayer(..., activity_regularizer=...)` on the solution). Weight regularizers
+        (`kernel_regularizer`, ...) inside the dynamics work: they do not depend on the
+        state and Keras computes them from the variables.
+
     Normalization layers inside `dynamics` (BatchNorm):
         in training, with `gradient="aca"`, the moving statistics are restored after
         the forward solve, so trial steps (rejected ones and the step-size search) leave
         no trace; they are then updated by the backward replay, which evaluates
         `dynamics` once per stage of each *accepted* step (in reverse time order).
         A forward pass in training mode without a gradient therefore leaves them
-        unchanged. With `gradient="naive"` every evaluation, rejected trials included,
-        updates them, as in the paper's naive method. Batch statistics are used in
-        training in every evaluation, so forward and replay compute the same map.
+        unchanged. With `gradient="adjoint"` they are restored after the forward too,
+        and updated by every evaluation of the adjoint's reverse solve. With
+        `gradient="naive"` every evaluation, rejected trials included, updates them, as
+        in the paper's naive method. Batch statistics are used in training in every
+        evaluation, so forward and replay compute the same map.
         `BatchNormalization(synchronized=True)` cannot run inside the solver's
         `tf.while_loop` under `tf.distribute` (TensorFlow forbids cross-replica
         `merge_call` there); use the unsynchronized layer, whose statistics are
         per replica.
 
     Metrics:
-        `{name}_fevals` and `{name}_steps` (means over the batches of an epoch) are
-        reported by `fit`/`evaluate`, so the progress bar and TensorBoard show the
-        cost of the solves.
+        `{name}_fevals`, `{name}_steps` and `{name}_failures` (means over the batches of
+        an epoch) are reported by `fit`/`evaluate`, so the progress bar and TensorBoard
+        show the cost of the solves and whether they succeeded. `{name}_failures` is
+        the fraction of solves whose `Solution.status` was not `Status.SUCCESS`: under
+        XLA, or with `throw=False`, it is the only sign of a failed solve besides a NaN
+        loss.
 
     Example:
 
@@ -113,7 +268,12 @@ class ODELayer(keras.layers.Layer):
         gradient="aca",
         step_size=None,
         first_step=None,
+        max_step=None,
         max_steps=1000,
+        safety=0.9,
+        factor_min=0.2,
+        factor_max=10.0,
+        throw=True,
         return_sequences=False,
         **kwargs,
     ):
@@ -132,24 +292,42 @@ class ODELayer(keras.layers.Layer):
                 "`t` must hold at least two strictly increasing or strictly decreasing "
                 f"times. Received: t={t}"
             )
-        check_options(
+        if not isinstance(throw, (bool, np.bool_)):
+            raise TypeError(f"`throw` must be True or False. Received: throw={throw!r}")
+        _, strategy = check_options(
             method=method, gradient=gradient, rtol=rtol, atol=atol, step_size=step_size,
-            first_step=first_step, max_steps=max_steps,
+            first_step=first_step, max_step=max_step, max_steps=max_steps, safety=safety,
+            factor_min=factor_min, factor_max=factor_max,
         )
         self.dynamics = dynamics
         self.t = t
         self.method = _choice(method, get_solver, _SOLVERS)
         self.gradient = _choice(gradient, get_gradient, _GRADIENTS)
+        # One strategy for every solve: state it keeps (the adjoint's `backward_stats`)
+        # is then readable through the layer, and a graph sees one object, not a new
+        # one per call.
+        self._gradient_strategy = strategy
         self.rtol = rtol
         self.atol = atol
         self.step_size = step_size
         self.first_step = first_step
+        self.max_step = max_step
         self.max_steps = int(max_steps)
+        self.safety = float(safety)
+        self.factor_min = float(factor_min)
+        self.factor_max = float(factor_max)
+        self.throw = bool(throw)
         self.return_sequences = bool(return_sequences)
         self._pass_t = _accepts(dynamics, "t")
         self._pass_training = _accepts(dynamics, "training")
         self.fevals_tracker = keras.metrics.Mean(name=f"{self.name}_fevals")
         self.steps_tracker = keras.metrics.Mean(name=f"{self.name}_steps")
+        self.failures_tracker = keras.metrics.Mean(name=f"{self.name}_failures")
+
+    @property
+    def gradient_strategy(self):
+        """The `tfaca.AbstractGradient` instance every solve of this layer uses."""
+        return self._gradient_strategy
 
     def _split(self, inputs):
         if isinstance(inputs, (list, tuple)):
@@ -173,9 +351,21 @@ class ODELayer(keras.layers.Layer):
         times = tf.cast(times, dtype)
         if times.shape.rank == 2:
             # One solve serves the batch: every row must hold the same times.
-            same = tf.reduce_all(tf.equal(times, times[:1]))
+            differ = tf.reduce_any(tf.not_equal(times, times[:1]), axis=1)
             check = tf.debugging.Assert(
-                same, ["ODELayer: every row of the times input must be equal."]
+                tf.logical_not(tf.reduce_any(differ)),
+                [
+                    f"ODELayer '{self.name}': every row of the times input must be equal, "
+                    "as one solve, with one step size, serves the whole batch. Pass the "
+                    "times as one row (a 1-D tensor) for the batch, or group samples that "
+                    "share their times into a batch. Received: times of shape",
+                    tf.shape(times),
+                    "whose rows",
+                    tf.reshape(tf.where(differ), [-1]),
+                    "differ from row 0 =",
+                    times[0],
+                ],
+                summarize=10,
             )
             with tf.control_dependencies([check]):
                 times = tf.identity(times[0])
@@ -184,20 +374,34 @@ class ODELayer(keras.layers.Layer):
     def call(self, inputs, training=None):
         y0, times = self._split(inputs)
         kwargs = {"training": training} if self._pass_training else {}
+        layers = list(self.dynamics._flatten_layers(include_self=True))
+        draws = _OneDraw(self.dynamics)
 
-        def func(t, y):
+        def dynamics(t, y):
             if self._pass_t:
                 return self.dynamics(y, t=t, **kwargs)
             return self.dynamics(y, **kwargs)
 
+        def func(t, y):
+            counts = [len(layer._losses) for layer in layers]
+            out = draws.evaluate(lambda: dynamics(t, y))
+            _refuse_added_losses(layers, counts, self.dynamics)
+            return out
+
         dtype = tf.float64 if y0.dtype == tf.float64 else tf.float32
         ts = self._times(times, dtype)
-        # Under ACA the forward solve's evaluations must not update moving statistics
-        # (rejected trials would pollute them); the backward replay updates them once
-        # per accepted stage. Snapshot here, restore after the forward solve.
+        # Under ACA (and the adjoint) the forward solve's evaluations must not update
+        # moving statistics (rejected trials would pollute them); the backward pass
+        # updates them. Snapshot here, restore after the forward solve. Seed states are
+        # `_OneDraw`'s business: restoring them would repeat this call's draw next call.
         restore = []
-        if training is True and self.gradient != "naive":
-            restore = [(v, tf.identity(v.value)) for v in self.dynamics.non_trainable_variables]
+        if training is True and not isinstance(self._gradient_strategy, NaiveGradient):
+            seeds = {id(state) for state in draws.states}
+            restore = [
+                (v, tf.identity(v.value))
+                for v in self.dynamics.non_trainable_variables
+                if id(v) not in seeds
+            ]
         sol = solve(
             func,
             y0,
@@ -205,16 +409,23 @@ class ODELayer(keras.layers.Layer):
             method=self.method,
             rtol=self.rtol,
             atol=self.atol,
-            gradient=self.gradient,
+            gradient=self._gradient_strategy,
             step_size=self.step_size,
             first_step=self.first_step,
+            max_step=self.max_step,
             max_steps=self.max_steps,
+            safety=self.safety,
+            factor_min=self.factor_min,
+            factor_max=self.factor_max,
+            throw=self.throw,
             name=self.name,
         )
+        draws.replaying = True
         for variable, value in restore:
             variable.assign(value)
         self.fevals_tracker.update_state(tf.cast(sol.stats.num_fevals, "float32"))
         self.steps_tracker.update_state(tf.cast(sol.stats.num_steps, "float32"))
+        self.failures_tracker.update_state(tf.cast(sol.status != 0, "float32"))
         ys = sol.ys
         if not self.return_sequences:
             return ys[-1]
@@ -244,12 +455,17 @@ class ODELayer(keras.layers.Layer):
             "dynamics": keras.saving.serialize_keras_object(self.dynamics),
             "t": list(self.t),
             "method": self.method,
-            "rtol": self.rtol,
-            "atol": self.atol,
+            "rtol": _plain(self.rtol),
+            "atol": _plain(self.atol),
             "gradient": self.gradient,
-            "step_size": self.step_size,
-            "first_step": self.first_step,
+            "step_size": _plain(self.step_size),
+            "first_step": _plain(self.first_step),
+            "max_step": _plain(self.max_step),
             "max_steps": self.max_steps,
+            "safety": self.safety,
+            "factor_min": self.factor_min,
+            "factor_max": self.factor_max,
+            "throw": self.throw,
             "return_sequences": self.return_sequences,
         }
         base_config = super().get_config()
@@ -259,4 +475,10 @@ class ODELayer(keras.layers.Layer):
     def from_config(cls, config):
         config = dict(config)
         config["dynamics"] = keras.saving.deserialize_keras_object(config["dynamics"])
+        # Files saved before `get_config` stored plain numbers hold NumPy arrays and
+        # tensors as Keras' `{"class_name": "__numpy__" or "__tensor__", ...}` dicts.
+        for key in ("rtol", "atol", "step_size", "first_step", "max_step"):
+            value = config.get(key)
+            if isinstance(value, dict) and value.get("class_name") in ("__numpy__", "__tensor__"):
+                config[key] = keras.saving.deserialize_keras_object(value)
         return cls(**config)

@@ -164,11 +164,17 @@ def integrate(solver, controller, func, ts, y0, *, step_size, first_step, max_st
     else:
         recorded = ()
 
-    eps = float(tf.experimental.numpy.finfo(dtype.as_numpy_dtype).eps)
+    finfo = tf.experimental.numpy.finfo(dtype.as_numpy_dtype)
+    eps, tiny = float(finfo.eps), float(finfo.tiny)
 
-    def few_ulps(t):
-        """What "the same time" means in this precision: 4 ulps of max(|t|, 1)."""
-        return 4.0 * eps * tf.maximum(tf.abs(t), 1.0)
+    def few_ulps(magnitude):
+        """What "the same time" means near times of this magnitude: 4 ulps of it.
+
+        Relative, so that short time scales work in float32 (ulps of max(|t|, 1) made
+        every step under ~5e-7 look like no step); floored at the smallest normal
+        number, below which CPUs may flush a step to zero.
+        """
+        return tf.maximum(4.0 * eps * magnitude, tiny)
 
     fsal = solver.tableau.fsal
     trial_fevals = solver.tableau.stages - 1
@@ -177,8 +183,10 @@ def integrate(solver, controller, func, ts, y0, *, step_size, first_step, max_st
         t_target = ts[s.i_out]
         # Land on the output when the step reaches it or falls short by a few ulps: a
         # sliver step would waste a step and, adaptively, spoil the next step size.
-        slack = few_ulps(t_target)
+        # "Few ulps" of the times being compared: the rounding of `t + dt` against
+        # `t_target` is relative to the larger of them.
         if adaptive:
+            slack = few_ulps(tf.maximum(tf.abs(s.t), tf.abs(t_target)))
             remaining = t_target - s.t
             hit = tf.abs(s.dt) >= tf.abs(remaining) - slack
             t1 = tf.where(hit, t_target, s.t + s.dt)
@@ -187,6 +195,9 @@ def integrate(solver, controller, func, ts, y0, *, step_size, first_step, max_st
             # Fixed steps sit on the grid t_start + k * step_size of their output
             # interval, so rounding does not accumulate over many steps.
             t_start = ts[s.i_out - 1]
+            # Distances from t_start are compared: their rounding is relative to the
+            # larger end of the interval, whatever part of it the step is in.
+            slack = few_ulps(tf.maximum(tf.abs(t_start), tf.abs(t_target)))
             t_grid = t_start + tf.cast(s.k + 1, dtype) * s.dt
             hit = tf.abs(t_grid - t_start) >= tf.abs(t_target - t_start) - slack
             t1 = tf.where(hit, t_target, t_grid)
@@ -234,11 +245,13 @@ def integrate(solver, controller, func, ts, y0, *, step_size, first_step, max_st
 
         num_trials = s.num_trials + 1
         if adaptive:
-            # Underflow: the proposed step no longer changes t in this precision. If the
-            # last trial was non-finite, that is the cause worth reporting.
-            failed = tf.logical_not(accept) & (
-                tf.abs(dt_next) <= few_ulps(t_new)
-            )
+            # Underflow: the proposed step no longer changes t in this precision. Only
+            # |t| sets the scale, not the output time: a transient at t = 0 may need
+            # steps far below the ulps of a distant output (scipy's `min_step` is 10
+            # ulps of t). Tested after a rejection only: an accepted landing step may
+            # be a few ulps long and is no failure. If the last trial was non-finite,
+            # that is the cause worth reporting.
+            failed = tf.logical_not(accept) & (tf.abs(dt_next) <= few_ulps(tf.abs(t_new)))
             failure = tf.where(err_finite, int(Status.DT_UNDERFLOW), int(Status.NONFINITE))
         else:
             failed = tf.logical_not(accept)

@@ -1,0 +1,205 @@
+"""The loop at the limits of its arithmetic and its buffers: what "the same time" means
+on short time scales, far from t = 0 and in reverse (landing on outputs, the first step,
+step-size underflow), and results that do not depend on `max_steps` or on XLA."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tfaca
+from tfaca import _loop
+from tfaca._control import StepSizeController
+
+
+def _decay(rate):
+    return lambda t, y: -rate * y
+
+
+def _solve(func, y0, ts, dtype, **kwargs):
+    return tfaca.solve(
+        func, tf.constant(y0, dtype), tf.constant(ts, dtype), throw=False, **kwargs
+    )
+
+
+def _ok(sol):
+    assert int(sol.status) == int(tfaca.Status.SUCCESS), tfaca.Status(int(sol.status)).name
+
+
+# --------------------------------------------------------------------------------------
+# Short time scales in float32: "the same time" is relative to the times involved
+# --------------------------------------------------------------------------------------
+
+_SHORT_TS = np.linspace(0.0, 3e-7, 7)
+
+
+def test_fast_decay_on_a_short_time_scale_solves_in_float32_as_in_float64():
+    """y' = -1e8 y over [0, 3e-7]: steps of ~1e-8 are ordinary steps, not underflow, in
+    float32 as in float64 (and scipy's solve_ivp, 19 steps over [0, 3e-7])."""
+    sols = {d: _solve(_decay(1e8), [1.0], _SHORT_TS, d) for d in (tf.float32, tf.float64)}
+    for sol in sols.values():
+        _ok(sol)
+    steps = {d: int(s.stats.num_steps) for d, s in sols.items()}
+    assert abs(steps[tf.float32] - steps[tf.float64]) <= 2, steps
+    assert steps[tf.float32] >= 10, steps  # not landing on each output in one step
+    exact = np.exp(-1e8 * _SHORT_TS)
+    ys = sols[tf.float32].ys.numpy()[:, 0]
+    # Global error within a few units of the local tolerance atol + rtol |y|.
+    np.testing.assert_array_less(np.abs(ys - exact), 5 * (1e-6 + 1e-3 * exact))
+    np.testing.assert_allclose(ys, sols[tf.float64].ys.numpy()[:, 0], rtol=0, atol=1e-6)
+
+
+def test_first_step_is_respected_on_a_short_time_scale():
+    """first_step=1e-8 is the first trial step: its first stage is at t0 + c[1] * 1e-8,
+    and, accurate enough on y' = -1e7 y to be accepted, it is the first recorded step."""
+    dtype = tf.float32
+    first_step = tf.constant(1e-8, dtype)
+    times = []
+
+    def func(t, y):
+        times.append(float(t))
+        return [-1e7 * y[0]]
+
+    ts = tf.constant([0.0, 3e-7], dtype)
+    controller = StepSizeController(
+        rtol=[tf.constant(1e-3, dtype)], atol=[tf.constant(1e-6, dtype)]
+    )
+    traj = _loop.integrate(
+        tfaca.Dopri5(), controller, func, ts, [tf.constant([1.0], dtype)],
+        step_size=None, first_step=first_step, max_steps=1000, record=True,
+    )
+    assert int(traj.status) == 0
+    c1 = tfaca.Dopri5.tableau.c[1]
+    assert times[1] == pytest.approx(c1 * 1e-8, rel=1e-6)
+    assert float(traj.checkpoints.dt[0]) == float(first_step)
+    assert int(traj.stats.num_steps) >= 2
+
+
+def test_transient_at_zero_in_a_long_interval_float32():
+    """y' = -y / (t + 1e-8) over [0, 1]: steps start near 1e-9 and grow with t. A step
+    far below the ulps of the last output (1.0) is not an underflow while |t| is small."""
+    ts = np.array([0.0, 1e-8, 1e-7, 1e-6, 1.0])
+    func = lambda t, y: -y / (t + 1e-8)  # noqa: E731
+    sols = {
+        d: _solve(func, [1.0], ts, d, rtol=1e-5, atol=1e-9) for d in (tf.float32, tf.float64)
+    }
+    for sol in sols.values():
+        _ok(sol)
+    exact = 1e-8 / (ts + 1e-8)
+    np.testing.assert_allclose(sols[tf.float32].ys.numpy()[:, 0], exact, rtol=1e-4)
+    steps = [int(s.stats.num_steps) for s in sols.values()]
+    assert abs(steps[0] - steps[1]) <= 2, steps
+
+
+def test_blow_up_is_located_on_a_short_time_scale_float32():
+    """y' = y^2, y(0) = 1e8 blows up at t = 1e-8: DT_UNDERFLOW there, not at t = 0."""
+    sol = _solve(lambda t, y: y * y, [1e8], [0.0, 2e-8], tf.float32)
+    assert int(sol.status) == int(tfaca.Status.DT_UNDERFLOW)
+    assert 0.99e-8 < float(sol.t_final) <= 1e-8
+
+
+@pytest.mark.parametrize(
+    "dtype, t0, h",
+    [
+        (tf.float32, 0.0, 1e-7),  # 3 steps of float32(1e-7) end ~1 ulp short of 3e-7
+        (tf.float32, 0.0, -1e-7),
+        (tf.float64, 0.0, 1e-7),
+        (tf.float32, 1.0, 0.1),
+        (tf.float32, 1e6, 2.0),
+        (tf.float64, 1e6, 1e-3),
+        (tf.float64, -1e6, -1e-3),
+    ],
+)
+def test_no_sliver_step_before_an_output(dtype, t0, h):
+    """Steps capped at h reach t0 + 3h a few ulps short of the output: the third step
+    lands on it rather than leaving a sliver step of a few ulps."""
+    ts = [t0, t0 + 3 * h]
+    step = tf.constant(abs(h), dtype)
+    # y' = 0: no error, every step is accepted and as long as the cap allows.
+    sol = _solve(_decay(0.0), [1.0], ts, dtype, first_step=step, max_step=step)
+    _ok(sol)
+    assert int(sol.stats.num_steps) == 3
+    assert float(sol.t_final) == float(tf.constant(ts[-1], dtype))
+
+
+@pytest.mark.parametrize("factor_max", [10.0, 2.0])
+def test_capped_steps_land_on_short_time_scale_outputs_float32(factor_max):
+    """Steps capped at 1e-8 over [0, 1e-7, 2e-7] in float32: the cap is kept (at least
+    20 steps), landing on 1e-7 with a remainder of a few ulps neither ends the solve with
+    a spurious DT_UNDERFLOW nor restarts it from a tiny step (at most 22 steps)."""
+    h = tf.constant(1e-8, tf.float32)
+    sol = _solve(
+        _decay(1e7), [1.0], [0.0, 1e-7, 2e-7], tf.float32, first_step=h, max_step=h,
+        factor_max=factor_max,
+    )
+    _ok(sol)
+    assert 20 <= int(sol.stats.num_steps) <= 22, int(sol.stats.num_steps)
+    np.testing.assert_allclose(sol.ys.numpy()[:, 0], np.exp(-1e7 * np.array([0, 1e-7, 2e-7])),
+                               rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "ts, expected_steps",
+    [
+        ([0.0, 3e-7], 30),
+        ([3e-7, 0.0], 30),
+        ([0.0, 1e-7, 2.5e-7], 25),
+        ([1e-7, -1e-7], 20),
+        # 17 and 19 steps of float32(1e-8) end 1 ulp short of the output: no 18th/20th.
+        ([0.0, 1.7e-7], 17),
+        ([1e-7, -9e-8], 19),
+    ],
+)
+def test_fixed_steps_land_on_a_short_time_scale_float32(ts, expected_steps):
+    """A fixed step of 1e-8 in float32 takes ceil(interval / 1e-8) steps per interval and
+    ends exactly on each output."""
+    sol = _solve(_decay(1e7), [1.0], ts, tf.float32, method="rk4", step_size=1e-8)
+    _ok(sol)
+    assert int(sol.stats.num_steps) == expected_steps
+    assert float(sol.t_final) == float(tf.constant(ts[-1], tf.float32))
+    np.testing.assert_allclose(
+        sol.ys.numpy()[:, 0], np.exp(-1e7 * (np.array(ts) - ts[0])), rtol=1e-4
+    )
+
+
+@pytest.mark.parametrize("dtype", [tf.float32, tf.float64])
+def test_reverse_time_on_a_short_time_scale(dtype):
+    """Backwards from 3e-7 (and across 0) the steps and results mirror the forward solve."""
+    forward = _solve(_decay(1e8), [1.0], [0.0, 1e-7, 3e-7], dtype)
+    reverse = _solve(_decay(-1e8), [1.0], [3e-7, 2e-7, 0.0], dtype)
+    across = _solve(_decay(-1e8), [1.0], [1e-7, 0.0, -2e-7], dtype)
+    for sol in (forward, reverse, across):
+        _ok(sol)
+        assert abs(int(sol.stats.num_steps) - int(forward.stats.num_steps)) <= 1
+        np.testing.assert_allclose(
+            sol.ys.numpy()[:, 0], np.exp(-1e8 * np.array([0, 1e-7, 3e-7])), rtol=0, atol=2e-6
+        )
+
+
+# --------------------------------------------------------------------------------------
+# Far from t = 0
+# --------------------------------------------------------------------------------------
+
+
+def test_small_steps_far_from_zero_match_the_same_solve_at_zero():
+    """Around t = 1e6 (float64, ulp 1.2e-10) steps of ~1e-5 work as they do at t = 0."""
+    offsets = np.array([0.0, 1e-4, 3e-4])
+    at_zero = _solve(_decay(1e4), [1.0], offsets, tf.float64)
+    far = _solve(_decay(1e4), [1.0], 1e6 + offsets, tf.float64)
+    _ok(at_zero)
+    _ok(far)
+    assert int(far.stats.num_steps) == int(at_zero.stats.num_steps)
+    # Equal up to the rounding of the step ends at 1e6 (~1e-10, times the rate 1e4).
+    np.testing.assert_allclose(far.ys.numpy(), at_zero.ys.numpy(), rtol=0, atol=1e-5)
+    exact = np.exp(-1e4 * offsets)
+    np.testing.assert_array_less(np.abs(far.ys.numpy()[:, 0] - exact), 5 * (1e-6 + 1e-3 * exact))
+
+
+def test_steps_of_a_few_ulps_far_from_zero_float32():
+    """At t = 1e6 in float32 (ulp 0.0625), steps of ~1 work; steps of ~1e-3 cannot
+    advance time, which is reported as DT_UNDERFLOW at once, not after max_steps."""
+    ok = _solve(_decay(1.0), [1.0], [1e6, 1e6 + 16.0], tf.float32)
+    _ok(ok)
+    np.testing.assert_allclose(ok.ys.numpy()[-1, 0], np.exp(-16.0), rtol=1e-3, atol=1e-6)
+    stuck = _solve(_decay(1e3), [1.0], [1e6, 1e6 + 1.0], tf.float32)
+    assert int(stuck.status) == int(tfaca.Status.DT_UNDERFLOW)
+    assert int(stuck.stats.num_rejected) + int(stuck.stats.num_steps) < 10
