@@ -196,7 +196,9 @@ class ODELayer(keras.layers.Layer):
     Call arguments:
         inputs: the initial state `(batch, ...)`, or `[state, times]` with `times` a
             1-D tensor of output times, or `(batch, num_times)` whose rows must all be
-            equal (one adaptive solve serves the whole batch, with one step size).
+            equal (one adaptive solve serves the whole batch, with one step size); a
+            graph raises `tf.errors.InvalidArgumentError` when they differ, but under
+            XLA, which has no run-time assertions, the first row is used unchecked.
         training: forwarded to `dynamics` when its `call` accepts it.
 
     Randomness inside `dynamics` (Dropout, GaussianNoise, GaussianDropout, SpatialDropout,
