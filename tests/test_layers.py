@@ -456,6 +456,18 @@ def test_times_input_unequal_rows_raise(mode):
                      message), message
 
 
+def test_times_input_unequal_rows_fail_the_solve_under_xla():
+    """XLA cannot assert: unequal rows make the solve fail (NaN outputs, failures
+    metric), never a solve of every row at row 0's times."""
+    layer = _times_layer()
+    x = np.random.default_rng(0).normal(size=(BATCH, STATE)).astype("float32")
+    ts = np.tile(IRREGULAR, (BATCH, 1)).astype("float32")
+    run = tf.function(lambda a, b: layer([a, b]), jit_compile=True)
+    assert np.all(np.isfinite(run(x, ts).numpy()))
+    ts[3, 2] = 0.6
+    assert np.all(np.isnan(run(x, ts).numpy()))
+
+
 def test_times_input_trains_in_a_model():
     x, y = regression_data(n=32)
     state, times = keras.Input((STATE,)), keras.Input((len(IRREGULAR),))

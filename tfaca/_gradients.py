@@ -413,8 +413,10 @@ def _unrolled_vjp(solver, f, trajectory, ts, y0, sources, g_ys, variables):
         tape.watch([ts, *y0, *sources])
         # sum_j <g_ys[j], ys[j]>, with ys rebuilt: its gradient is the VJP.
         total = _dot([g[0] for g in g_ys], y0)
+        # XLA differentiates a loop only with a static bound: the buffers' size.
         _, _, total = tf.while_loop(
-            lambda i, *_: i < cp.num_steps, step, (tf.constant(0, tf.int32), list(y0), total)
+            lambda i, *_: i < cp.num_steps, step, (tf.constant(0, tf.int32), list(y0), total),
+            maximum_iterations=cp.t.shape[0],
         )
     g_ts, g_y0, g_sources, g_vars = tape.gradient(
         total, [ts, list(y0), list(sources), list(variables)],

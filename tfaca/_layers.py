@@ -7,6 +7,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfaca._gradients import _GRADIENTS, NaiveGradient, get_gradient
+from tfaca._loop import in_xla_context
 from tfaca._odeint import check_options, solve
 from tfaca._solvers import _SOLVERS, get_solver
 
@@ -197,8 +198,9 @@ class ODELayer(keras.layers.Layer):
         inputs: the initial state `(batch, ...)`, or `[state, times]` with `times` a
             1-D tensor of output times, or `(batch, num_times)` whose rows must all be
             equal (one adaptive solve serves the whole batch, with one step size); a
-            graph raises `tf.errors.InvalidArgumentError` when they differ, but under
-            XLA, which has no run-time assertions, the first row is used unchecked.
+            graph raises `tf.errors.InvalidArgumentError` when they differ; under XLA,
+            which has no run-time assertions, the solve fails instead (NaN outputs,
+            counted by `{name}_failures`).
         training: forwarded to `dynamics` when its `call` accepts it.
 
     Randomness inside `dynamics` (Dropout, GaussianNoise, GaussianDropout, SpatialDropout,
@@ -354,6 +356,11 @@ class ODELayer(keras.layers.Layer):
         if times.shape.rank == 2:
             # One solve serves the batch: every row must hold the same times.
             differ = tf.reduce_any(tf.not_equal(times, times[:1]), axis=1)
+            if in_xla_context():
+                # No assertions under XLA: NaN times make the solve fail (NaN outputs,
+                # counted by `{name}_failures`), never solve every row at row 0's times.
+                same = tf.logical_not(tf.reduce_any(differ))
+                return tf.where(same, times[0], tf.constant(float("nan"), dtype))
             check = tf.debugging.Assert(
                 tf.logical_not(tf.reduce_any(differ)),
                 [

@@ -284,7 +284,11 @@ def integrate(solver, controller, func, ts, y0, *, step_size, first_step, max_st
         )
 
     zero = tf.constant(0, tf.int32)
-    f0_finite = tf.reduce_all(tf.stack([tf.reduce_all(tf.math.is_finite(f)) for f in f0]))
+    # Non-finite times (XLA's report of times that are not monotone, see `_odeint`) fail
+    # at once too, rather than after `max_steps` trials that cannot advance.
+    f0_finite = tf.reduce_all(
+        tf.stack([tf.reduce_all(tf.math.is_finite(f)) for f in f0] + [tf.reduce_all(tf.math.is_finite(ts))])
+    )
     state = _State(
         t=t0,
         dt=dt0,
