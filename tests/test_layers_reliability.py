@@ -417,11 +417,21 @@ def test_gradient_strategy_is_built_once_and_shared_by_every_solve(given):
     first = layer.gradient_strategy
     x = states()
     for _ in range(2):
-        first.backward_stats = None
+        first.backward_stats.num_steps.assign(0)
         with tf.GradientTape() as tape:
             loss = tf.reduce_sum(layer(x) ** 2)
         tape.gradient(loss, layer.trainable_variables)
         # The adjoint's reverse solve recorded its cost on the layer's instance.
         assert layer.gradient_strategy is first
-        assert first.backward_stats is not None
         assert int(first.backward_stats.num_steps) > 0
+
+
+def test_adjoint_counters_read_through_the_layer_after_fit():
+    """After `fit` (a graph), the layer's adjoint holds the last reverse solve's counts."""
+    layer = tfaca.ODELayer(mlp_dynamics(), gradient="adjoint")
+    model = keras.Sequential([keras.Input((STATE,)), layer, keras.layers.Dense(1)])
+    model.compile("sgd", "mse")
+    x = states()
+    model.fit(x, np.zeros((len(x), 1), "float32"), epochs=1, verbose=0)
+    stats = layer.gradient_strategy.backward_stats
+    assert int(stats.num_steps) > 0 and int(stats.num_fevals) > int(stats.num_steps)
