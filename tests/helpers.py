@@ -1,5 +1,9 @@
 """Shared test problems and reference computations."""
 
+import json
+import os
+import pathlib
+
 import numpy as np
 import scipy.linalg
 import tensorflow as tf
@@ -157,3 +161,29 @@ def assert_grads_close(actual, expected, rtol, name=""):
         assert np.all(np.isfinite(a)), f"{name}[{k}]: non-finite gradient {a}"
         scale = max(np.max(np.abs(e)), 1e-300)
         np.testing.assert_allclose(a, e, rtol=rtol, atol=rtol * scale, err_msg=f"{name}[{k}]")
+
+
+def child_env(tf_config=None):
+    """The environment of a test's Python subprocess: this checkout importable, no GPU,
+    quiet TensorFlow, and no proxy (workers talk to 127.0.0.1 only); `tf_config` sets
+    TF_CONFIG for a multi-worker process."""
+    root = pathlib.Path(__file__).resolve().parents[1]
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k.lower() not in ("http_proxy", "https_proxy", "all_proxy", "grpc_proxy")
+        and k != "TF_CONFIG"
+    }
+    env.update(
+        CUDA_VISIBLE_DEVICES="",
+        TF_CPP_MIN_LOG_LEVEL="2",
+        KERAS_BACKEND="tensorflow",
+        PYTHONPATH=os.pathsep.join(
+            [str(root)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+        ),
+        NO_PROXY="127.0.0.1,localhost",
+        no_proxy="127.0.0.1,localhost",
+    )
+    if tf_config is not None:
+        env["TF_CONFIG"] = json.dumps(tf_config)
+    return env

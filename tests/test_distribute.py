@@ -13,7 +13,6 @@ whole batch. The adaptive (dopri5) cases check that training works and stays clo
 """
 
 import json
-import os
 import pathlib
 import socket
 import subprocess
@@ -24,6 +23,7 @@ import numpy as np
 import pytest
 
 import distribute_worker as dw
+from helpers import child_env
 
 TESTS = pathlib.Path(__file__).resolve().parent
 ROOT = TESTS.parent
@@ -31,27 +31,6 @@ WORKER = TESTS / "distribute_worker.py"
 TIMEOUT = 300  # seconds for a whole subprocess run: a hang fails instead of blocking
 
 
-def _child_env(tf_config=None):
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        # Nothing may route the workers' gRPC traffic anywhere but 127.0.0.1.
-        if k.lower() not in ("http_proxy", "https_proxy", "all_proxy", "grpc_proxy")
-        and k != "TF_CONFIG"
-    }
-    env.update(
-        CUDA_VISIBLE_DEVICES="",
-        TF_CPP_MIN_LOG_LEVEL="2",
-        KERAS_BACKEND="tensorflow",
-        PYTHONPATH=os.pathsep.join(
-            [str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
-        ),
-        NO_PROXY="127.0.0.1,localhost",
-        no_proxy="127.0.0.1,localhost",
-    )
-    if tf_config is not None:
-        env["TF_CONFIG"] = json.dumps(tf_config)
-    return env
 
 
 def _result_line(stdout):
@@ -105,7 +84,7 @@ def _outputs(log_dir, i):
 @pytest.fixture(scope="module")
 def mirrored(tmp_path_factory):
     log_dir = tmp_path_factory.mktemp("mirrored")
-    (code,) = _run_processes([[sys.executable, str(WORKER), "mirrored"]], [_child_env()], log_dir)
+    (code,) = _run_processes([[sys.executable, str(WORKER), "mirrored"]], [child_env()], log_dir)
     stdout, stderr = _outputs(log_dir, 0)
     assert code == 0, f"mirrored worker: exit code {code} (None: timed out)\n{stderr}"
     result = _result_line(stdout)
@@ -206,7 +185,7 @@ def multiworker(tmp_path_factory):
     ports = _free_ports(2)
     cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
     envs = [
-        _child_env({"cluster": cluster, "task": {"type": "worker", "index": i}})
+        child_env({"cluster": cluster, "task": {"type": "worker", "index": i}})
         for i in range(2)
     ]
     command = [sys.executable, str(WORKER), "multiworker", str(out_dir), str(init_path)]

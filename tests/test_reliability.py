@@ -15,7 +15,6 @@ serving and long runs.
 
 import concurrent.futures
 import json
-import os
 import pathlib
 import signal
 import subprocess
@@ -33,6 +32,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import fit_worker
+from helpers import child_env
 import tfaca
 
 TESTS = pathlib.Path(__file__).resolve().parent
@@ -297,17 +297,6 @@ WORKER = TESTS / "fit_worker.py"
 TIMEOUT = 300  # seconds for a subprocess: a hang fails instead of blocking
 
 
-def _child_env():
-    env = dict(os.environ)
-    env.update(
-        CUDA_VISIBLE_DEVICES="",
-        TF_CPP_MIN_LOG_LEVEL="2",
-        KERAS_BACKEND="tensorflow",
-        PYTHONPATH=os.pathsep.join(
-            [str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
-        ),
-    )
-    return env
 
 
 def _run_workers(tmp_path, runs):
@@ -321,7 +310,7 @@ def _run_workers(tmp_path, runs):
             procs[name] = (
                 subprocess.Popen(
                     [sys.executable, str(WORKER), *map(str, args)],
-                    stdout=out, stderr=err, env=_child_env(), cwd=str(tmp_path),
+                    stdout=out, stderr=err, env=child_env(), cwd=str(tmp_path),
                 ),
                 out,
                 err,
