@@ -203,3 +203,100 @@ def test_steps_of_a_few_ulps_far_from_zero_float32():
     stuck = _solve(_decay(1e3), [1.0], [1e6, 1e6 + 1.0], tf.float32)
     assert int(stuck.status) == int(tfaca.Status.DT_UNDERFLOW)
     assert int(stuck.stats.num_rejected) + int(stuck.stats.num_steps) < 10
+
+
+# --------------------------------------------------------------------------------------
+# max_steps sizes buffers under XLA only: results do not depend on it, nor on XLA
+# --------------------------------------------------------------------------------------
+
+_W = np.random.default_rng(1).standard_normal((8, 8)) / 3
+_Y0 = np.random.default_rng(2).standard_normal((4, 8))
+_TS = np.array([0.0, 0.5, 2.0])
+
+
+def _field(t, y):
+    return tf.tanh(y @ tf.constant(_W))
+
+
+def _trials():
+    sol = tfaca.solve(_field, tf.constant(_Y0), tf.constant(_TS), rtol=1e-6, atol=1e-8)
+    return int(sol.stats.num_steps) + int(sol.stats.num_rejected)
+
+
+def _solve_and_gradient(max_steps):
+    def run(y0):
+        with tf.GradientTape() as tape:
+            tape.watch(y0)
+            sol = tfaca.solve(
+                _field, y0, tf.constant(_TS), rtol=1e-6, atol=1e-8, max_steps=max_steps,
+                throw=False,
+            )
+            loss = tf.reduce_sum(sol.ys[-1] ** 2)
+        stats = (sol.stats.num_steps, sol.stats.num_rejected, sol.stats.num_fevals)
+        return sol.ys, sol.status, sol.t_final, stats, tape.gradient(loss, y0)
+
+    return run
+
+
+def _checkpoints(max_steps):
+    def run(y0):
+        dtype = tf.float64
+        controller = StepSizeController(
+            rtol=[tf.constant(1e-6, dtype)], atol=[tf.constant(1e-8, dtype)]
+        )
+        traj = _loop.integrate(
+            tfaca.Dopri5(), controller, lambda t, y: [_field(t, y[0])], tf.constant(_TS),
+            [y0], step_size=None, first_step=None, max_steps=max_steps, record=True,
+        )
+        cp = traj.checkpoints
+        return cp.t, cp.dt, cp.interval, cp.hit, cp.y[0], cp.num_steps
+
+    return run
+
+
+@pytest.mark.parametrize("size", ["exact", "large"])
+def test_xla_and_function_agree_whatever_max_steps(size):
+    """The solution, statistics, status and ACA gradient are the same under XLA (buffers
+    of max_steps entries) and in a plain tf.function (buffers that grow with the steps),
+    for max_steps just enough (every buffer entry used) and for a large one."""
+    max_steps = _trials() if size == "exact" else 20000
+    y0 = tf.constant(_Y0)
+    graph = tf.function(_solve_and_gradient(max_steps))(y0)
+    xla = tf.function(_solve_and_gradient(max_steps), jit_compile=True)(y0)
+    ys_g, status_g, t_g, stats_g, grad_g = graph
+    ys_x, status_x, t_x, stats_x, grad_x = xla
+    assert int(status_g) == int(status_x) == 0
+    assert float(t_g) == float(t_x) == _TS[-1]
+    assert [int(s) for s in stats_g] == [int(s) for s in stats_x]
+    np.testing.assert_allclose(ys_x.numpy(), ys_g.numpy(), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(grad_x.numpy(), grad_g.numpy(), rtol=1e-10, atol=1e-12)
+
+
+def test_xla_and_function_agree_when_max_steps_is_reached():
+    """One trial short, both stop at the same time with the same statistics; the output
+    not reached is NaN in both."""
+    max_steps = _trials() - 1
+    y0 = tf.constant(_Y0)
+    graph = tf.function(_solve_and_gradient(max_steps))(y0)
+    xla = tf.function(_solve_and_gradient(max_steps), jit_compile=True)(y0)
+    for _, status, _, _, _ in (graph, xla):
+        assert int(status) == int(tfaca.Status.MAX_STEPS_REACHED)
+    assert float(graph[2]) == pytest.approx(float(xla[2]), rel=1e-12)
+    assert [int(s) for s in graph[3]] == [int(s) for s in xla[3]]
+    for ys in (graph[0], xla[0]):
+        assert np.all(np.isnan(ys.numpy()[-1])) and np.all(np.isfinite(ys.numpy()[:2]))
+
+
+@pytest.mark.parametrize("size", ["exact", "large"])
+def test_checkpoints_agree_under_xla_and_in_a_function(size):
+    """The recorded steps are the same; a tf.function returns only the accepted steps,
+    XLA a static max_steps of entries whose first num_steps are those steps."""
+    max_steps = _trials() if size == "exact" else 20000
+    y0 = tf.constant(_Y0)
+    graph = tf.function(_checkpoints(max_steps))(y0)
+    xla = tf.function(_checkpoints(max_steps), jit_compile=True)(y0)
+    n = int(graph[-1])
+    assert int(xla[-1]) == n > 0
+    for g, x in zip(graph[:-1], xla[:-1]):
+        assert g.shape[0] == n and x.shape[0] == max_steps
+        np.testing.assert_allclose(x.numpy()[:n], g.numpy(), rtol=1e-12, atol=1e-12)
