@@ -77,8 +77,14 @@ def _scan_analytic():
     return 0.4 * frechet_expm(0.4 * A_NP.T, dE)
 
 
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("compile_mode", ["function", "xla"])
+SLOW = pytest.mark.slow
+
+
+@pytest.mark.parametrize(
+    "mode, compile_mode",
+    [("aca", "function"), ("adjoint", "function"), ("naive", "function"), ("aca", "xla"),
+     pytest.param("adjoint", "xla", marks=SLOW), pytest.param("naive", "xla", marks=SLOW)],
+)
 def test_solve_in_scan_reads_a_variable(mode, compile_mode):
     got = _scan_gradient(mode, compile_mode)
     np.testing.assert_allclose(got, _scan_analytic(), rtol=1e-7)
@@ -127,8 +133,11 @@ class _ODECell(keras.layers.Layer):
         return h, [h]
 
 
-@pytest.mark.parametrize("use_layer", [False, True], ids=["odeint", "ODELayer"])
-@pytest.mark.parametrize("mode", ["aca", "adjoint"])
+@pytest.mark.parametrize(
+    "mode, use_layer",
+    [("aca", True), ("adjoint", False), pytest.param("aca", False, marks=SLOW),
+     pytest.param("adjoint", True, marks=SLOW)],
+)
 def test_keras_rnn_with_an_ode_cell_trains(mode, use_layer):
     keras.utils.set_random_seed(0)
     rng = np.random.default_rng(0)
@@ -159,8 +168,12 @@ def _hvp(loss_fn, x, v):
     return outer.gradient(g, x, output_gradients=v)
 
 
-@pytest.mark.parametrize("compile_mode", ["eager", "function", "xla"])
-@pytest.mark.parametrize("wrt", ["y0", "W", "ts"])
+@pytest.mark.parametrize(
+    "compile_mode, wrt",
+    [("eager", "y0"), ("eager", "W"), ("eager", "ts"), ("function", "y0"), ("xla", "W"),
+     pytest.param("function", "W", marks=SLOW), pytest.param("function", "ts", marks=SLOW),
+     pytest.param("xla", "y0", marks=SLOW), pytest.param("xla", "ts", marks=SLOW)],
+)
 def test_aca_hessian_vector_product_is_exact(compile_mode, wrt):
     """ACA's gradient differentiated again equals the second derivative of backprop
     through the same accepted steps (to rounding)."""
