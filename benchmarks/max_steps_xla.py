@@ -44,19 +44,14 @@ import subprocess
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from child import _status_kb  # noqa: E402
+
 MAX_STEPS = (1000, 10000, 100000)
 MODES = ("xla", "function")
 STATE = (64, 64)
 MEM_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "131072",
            "TF_ENABLE_ONEDNN_OPTS": "0"}
-
-
-def _status_kb(field):
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return None
 
 
 def _build(mode, max_steps):
