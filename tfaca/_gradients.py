@@ -195,8 +195,9 @@ def _solve_with_custom_gradient(forward, backward, func, ts, y0, args, *, second
     """Runs `forward` with no tape recording and gives its outputs `backward` as gradient.
 
     `forward(ts, y0, args) -> Trajectory`. `backward(trajectory, ts, y0, sources, g_ys,
-    variables, differentiable) -> (g_ts, g_y0, g_sources, g_variables)`, where `sources`
-    are the floating `args` followed by the watched tensors `func` closes over, and
+    variables, differentiable)` returns the gradients of `ts`, each `y0`, each source
+    and each variable, as one flat list in that order, where `sources` are the floating
+    `args` followed by the watched tensors `func` closes over, and
     `differentiable` says that a tape records the backward pass. `second_order`: a
     message for when the strategy's gradient cannot be differentiated, or None when the
     differentiable backward is exact. `written`: variables the backward pass assigns
@@ -220,11 +221,10 @@ def _solve_with_custom_gradient(forward, backward, func, ts, y0, args, *, second
             g_ys = [_zeros_if_none(g, y) for g, y in zip(g_ys, trajectory.ys)]
             recording = tape_record.could_possibly_record()
             _route_handles_through_forward_graphs(handles)
-            g_ts, g_y0, g_sources, g_vars = backward(
+            grads = backward(
                 trajectory, ts, y0, sources, g_ys, variables,
                 recording and second_order is None,
             )
-            grads = [g_ts, *g_y0, *g_sources, *g_vars]
             if second_order is not None:
                 grads = _refuse_differentiation(grads, second_order)
             elif not recording and not tf.executing_eagerly():
@@ -344,9 +344,7 @@ def _replay(solver, f, trajectory, ts, sources, g_ys, variables, throw):
         lambda i, *_: i >= 0, step_vjp, state, parallel_iterations=1
     )
     g_y0 = [a_n + g[0] for a_n, g in zip(a, g_ys)]
-    grads = _check_replay(mismatch, [g_ts, *g_y0, *g_sources, *g_vars], throw)
-    num_y, num_s = len(g_y0), len(g_sources)
-    return grads[0], grads[1:1 + num_y], grads[1 + num_y:1 + num_y + num_s], grads[1 + num_y + num_s:]
+    return _check_replay(mismatch, [g_ts, *g_y0, *g_sources, *g_vars], throw)
 
 
 def _differs(ys, recorded, relative):
@@ -385,7 +383,13 @@ def _check_replay(mismatch, grads, throw):
         )
         with tf.control_dependencies([check]):
             return [tf.identity(g) for g in grads]
-    return [tf.where(bad, tf.constant(float("nan"), g.dtype), g) for g in grads]
+    return _nan_where(bad, grads)
+
+
+def _nan_where(failed, grads):
+    """`grads`, all NaN where `failed` (a scalar bool): a gradient that could not be
+    computed reads as one."""
+    return [tf.where(failed, tf.constant(float("nan"), g.dtype), g) for g in grads]
 
 
 def _unrolled_vjp(solver, f, trajectory, ts, y0, sources, g_ys, variables):
@@ -418,11 +422,10 @@ def _unrolled_vjp(solver, f, trajectory, ts, y0, sources, g_ys, variables):
             lambda i, *_: i < cp.num_steps, step, (tf.constant(0, tf.int32), list(y0), total),
             maximum_iterations=cp.t.shape[0],
         )
-    g_ts, g_y0, g_sources, g_vars = tape.gradient(
-        total, [ts, list(y0), list(sources), list(variables)],
-        unconnected_gradients=tf.UnconnectedGradients.ZERO,
+    grads = tape.gradient(
+        total, [ts, *y0, *sources, *variables], unconnected_gradients=tf.UnconnectedGradients.ZERO
     )
-    return g_ts, g_y0, g_sources, [tf.convert_to_tensor(g) for g in g_vars]
+    return [tf.convert_to_tensor(g) for g in grads]
 
 
 class AdjointGradient(AbstractGradient):
@@ -588,11 +591,8 @@ class AdjointGradient(AbstractGradient):
             with tf.control_dependencies(updates):
                 grads = [tf.identity(g) for g in grads]
         if throw:
-            grads = raise_on_failure(status, t_final, grads, "in the adjoint's reverse solve")
-        else:
-            grads = [tf.where(status == 0, g, tf.constant(float("nan"), g.dtype)) for g in grads]
-        g_ts, g_y0, g_params = grads[0], grads[1:1 + num_y], grads[1 + num_y:]
-        return g_ts, g_y0, g_params[: len(sources)], g_params[len(sources):]
+            return raise_on_failure(status, t_final, grads, "in the adjoint's reverse solve")
+        return _nan_where(status != 0, grads)
 
 
 def _dot(xs, ys):
