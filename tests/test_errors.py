@@ -265,9 +265,9 @@ def test_bad_per_element_tolerances():
         _solve(rtol="tight")
 
 
-@pytest.mark.parametrize("ts", [[[0.0, 1.0], [2.0, 3.0]], 1.0])
+@pytest.mark.parametrize("ts", [[[[0.0, 1.0], [2.0, 3.0]]], 1.0])
 def test_ts_not_1d(ts):
-    with pytest.raises(ValueError, match=r"`ts` must be 1-D") as info:
+    with pytest.raises(ValueError, match=r"`ts` must be 1-D, or 2-D") as info:
         _solve(ts=ts)
     shape = np.shape(ts)
     assert f"ts with shape ({', '.join(map(str, shape))})" in str(info.value)

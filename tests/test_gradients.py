@@ -4,7 +4,8 @@ ACA's gradient is, by definition, the exact derivative of the discrete map made 
 accepted steps with their sizes held fixed (the step that lands on an output time has
 `dt = ts[j] - t_i`). The main reference (`helpers.unrolled_solve`) rebuilds that map from
 the forward solve's recorded step sequence as a plain taped TensorFlow computation, so
-ACA must agree with it to rounding error. Analytic solutions and finite differences
+ACA must agree with it to rounding error. These tests step onto every output
+(`interpolate=False`); `test_dense_output.py` has the same check for interpolated outputs. Analytic solutions and finite differences
 check that the discrete gradient is also the gradient of the ODE solution.
 """
 
@@ -67,7 +68,7 @@ def aca_and_reference(func, y0, ts, sources, loss_fn, *, args=(), method, tol, *
     with tf.GradientTape() as tape:
         tape.watch([s for s in tf.nest.flatten(sources) if isinstance(s, tf.Tensor)])
         sol = tfaca.solve(func, y0, ts, args=args, method=method, rtol=tol, atol=tol,
-                          gradient="aca", **kwargs)
+                          gradient="aca", interpolate=False, **kwargs)
         loss = loss_fn(sol.ys)
     g_aca = tape.gradient(loss, sources)
 
@@ -167,7 +168,8 @@ def test_variable_passed_as_arg():
     y0, ts, W = c64(Y0_NP), c64(TS_NP), c64(W_NP)
     b = tf.Variable(B_NP, dtype=F64)
     with tf.GradientTape() as tape:
-        ys = tfaca.odeint(rhs, y0, ts, args=(W, b), method="bosh3", rtol=1e-4, atol=1e-4)
+        ys = tfaca.odeint(rhs, y0, ts, args=(W, b), method="bosh3", rtol=1e-4, atol=1e-4,
+                          interpolate=False)
         loss = loss_of(ys)
     g_var = tape.gradient(loss, b)
     b_t = tf.convert_to_tensor(b)
@@ -447,7 +449,8 @@ def test_backward_replays_only_accepted_steps(method):
     tol = LOOSE_TOL[method]
     with tf.GradientTape() as tape:
         tape.watch([y0, W])
-        sol = tfaca.solve(func, y0, ts, args=(W, b), method=method, rtol=tol, atol=tol)
+        sol = tfaca.solve(func, y0, ts, args=(W, b), method=method, rtol=tol, atol=tol,
+                          interpolate=False)
         loss = loss_of(sol.ys)
     assert int(sol.stats.num_rejected) > 0
     # One more call than evaluations: under a tape, ACA traces `func` once into a
@@ -498,7 +501,8 @@ def test_loss_independent_of_solution():
     y0, W, b, ts = c64(Y0_NP), c64(W_NP), c64(B_NP), c64(TS_NP)
     with tf.GradientTape() as tape:
         tape.watch([y0, W, ts])
-        ys = tfaca.odeint(rhs, y0, ts, args=(W, b), method="bosh3", rtol=1e-4, atol=1e-4)
+        ys = tfaca.odeint(rhs, y0, ts, args=(W, b), method="bosh3", rtol=1e-4, atol=1e-4,
+                          interpolate=False)
         loss = 0.0 * tf.reduce_sum(ys)
     for g in tape.gradient(loss, [y0, W, ts]):
         np.testing.assert_array_equal(g.numpy(), np.zeros_like(g.numpy()))

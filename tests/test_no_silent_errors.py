@@ -190,7 +190,8 @@ def test_aca_hessian_vector_product_is_exact(compile_mode, wrt):
 
         return loss
 
-    aca = loss_with(lambda i: tfaca.odeint(tanh_field, i["y0"], i["ts"], args=(i["W"],), **kwargs))
+    aca = loss_with(lambda i: tfaca.odeint(tanh_field, i["y0"], i["ts"], args=(i["W"],),
+                                           interpolate=False, **kwargs))
     ref = loss_with(lambda i: unrolled_solve(tanh_field, i["y0"], i["ts"], steps, args=(i["W"],),
                                              method="bosh3"))
     x = {"y0": y0, "W": W, "ts": ts}[wrt]
@@ -220,7 +221,7 @@ def test_aca_gradient_penalty_of_keras_weights():
             p = tf.reduce_sum(g ** 2)
         return outer.gradient(p, dense.trainable_variables)
 
-    got = penalty(lambda: tfaca.odeint(func, y0, ts, **kwargs))
+    got = penalty(lambda: tfaca.odeint(func, y0, ts, interpolate=False, **kwargs))
     want = penalty(lambda: unrolled_solve(func, y0, ts, steps, method="dopri5"))
     assert_grads_close(got, want, rtol=1e-9, name="penalty")
 
@@ -354,7 +355,8 @@ def test_closed_over_and_args_together():
     steps = accepted_steps(func, y0, ts, args=(b,), method="dopri5", rtol=1e-6, atol=1e-6)
     with tf.GradientTape(persistent=True) as tape:
         tape.watch([W, b])
-        got = tf.reduce_sum(tfaca.odeint(func, y0, ts, args=(b,), rtol=1e-6, atol=1e-6) ** 2)
+        got = tf.reduce_sum(tfaca.odeint(func, y0, ts, args=(b,), rtol=1e-6, atol=1e-6,
+                                         interpolate=False) ** 2)
         want = tf.reduce_sum(unrolled_solve(func, y0, ts, steps, args=(b,)) ** 2)
     assert_grads_close(tape.gradient(got, [W, b]), tape.gradient(want, [W, b]), rtol=1e-10)
 
@@ -455,7 +457,11 @@ def test_adjoint_counters_readable_after_a_graph(jit_compile):
 
 def test_max_steps_below_the_number_of_outputs_says_so():
     with pytest.raises(ValueError, match=r"len\(ts\) - 1 = 9.*max_steps=5"):
-        tfaca.odeint(lambda t, y: -y, c64([1.0]), c64(np.linspace(0, 1, 10)), max_steps=5)
+        tfaca.odeint(lambda t, y: -y, c64([1.0]), c64(np.linspace(0, 1, 10)), max_steps=5,
+                     interpolate=False)
+    # Interpolated outputs cost no steps: the same call succeeds.
+    ys = tfaca.odeint(lambda t, y: -y, c64([1.0]), c64(np.linspace(0, 1, 10)), max_steps=5)
+    np.testing.assert_allclose(ys.numpy()[:, 0], np.exp(-np.linspace(0, 1, 10)), rtol=1e-3)
 
 
 def test_non_monotone_times_under_xla_are_reported():
@@ -472,4 +478,4 @@ def test_non_monotone_times_under_xla_are_reported():
     assert np.all(np.isnan(ys.numpy()[1:]))
     ys, status = run(c64([0.0, 0.5, 1.0]))
     assert int(status) == 0
-    np.testing.assert_allclose(ys.numpy()[:, 0], np.exp([0.0, -0.5, -1.0]), rtol=1e-4)
+    np.testing.assert_allclose(ys.numpy()[:, 0], np.exp([0.0, -0.5, -1.0]), rtol=2e-3)

@@ -12,12 +12,20 @@ ICML 2020):
   `a^T dy_{i+1}/d(args, variables, t_i, dt_i)`; the local graph is dropped after each step.
 
 The result is the exact gradient of the discrete map `y0 -> y(ts)` made of the accepted
-steps, with their sizes held fixed ("discretise-then-optimise"). Within the output
-interval `[ts[j-1], ts[j]]` a step starts at `t_i = ts[j-1] + (fixed offset)` and the
-step that lands on `ts[j]` has size `ts[j] - t_i`; that is how the gradient reaches `ts`.
-Costs: memory O(N * state) for the checkpoints plus one step's graph; time one replay of
-each accepted step (the stages `y_{i+1}` needs, and their vector-Jacobian products),
-never the rejected trials. The replay also checks that each rebuilt `y_{i+1}` is the
+steps, with their sizes held fixed ("discretise-then-optimise"). Within an interval
+`[s_{j-1}, s_j]` between the times the loop steps onto (the output times, or only the
+start and the end when outputs are interpolated), a step starts at
+`t_i = s_{j-1} + (fixed offset)` and the step that lands on `s_j` has size `s_j - t_i`;
+that is how the gradient reaches the start and the end. An interpolated output at time
+`tau` in step `i` is `y_i + sum_p theta^p c_{i,p}` with `theta = (tau - t_i) / dt_i`:
+its cotangent reaches `y_i`, the step's interpolation coefficients (replayed with the
+step) and, through the polynomial's derivative, `tau`, `t_i` and `dt_i`
+(`_outputs.pullback`).
+Costs: memory O(N * state) for the checkpoints (with interpolated outputs, also the
+`degree` coefficients of each step's interpolant: 4 states per step for Dopri5 and
+Tsit5, 3 for Hermite) plus one step's graph; time one replay of each accepted step (the
+stages `y_{i+1}` needs, and their vector-Jacobian products; a step with outputs inside
+also the stages its interpolant needs), never the rejected trials. The replay also checks that each rebuilt `y_{i+1}` is the
 one the forward pass accepted: a `func` that is not a function of `(t, y)` alone (it
 draws random numbers, or reads state that changed) would otherwise give the gradient
 of another computation than the one whose loss was taken.
@@ -48,6 +56,7 @@ differentiated. Every strategy runs the same loop, `_loop.integrate`.
 """
 
 import dataclasses
+import functools
 import math
 
 import tensorflow as tf
@@ -55,8 +64,9 @@ from tensorflow.python.eager import record as tape_record
 from tensorflow.python.framework import func_graph
 from tensorflow.python.ops import while_v2
 
-from tfaca._loop import in_xla_context, integrate, raise_on_failure
-from tfaca._solution import Stats, Status
+from tfaca import _outputs
+from tfaca._loop import Checkpoints, in_xla_context, integrate, raise_on_failure
+from tfaca._solution import Stats
 
 
 class AbstractGradient:
@@ -69,8 +79,9 @@ class AbstractGradient:
         """The constructor arguments, as a dict (empty for strategies without any)."""
         return {}
 
-    def solve(self, solver, controller, func, ts, y0, args, *, throw=True, **loop_kwargs):
-        """Integrates `func(t, y, args)` (flat lists) and returns a `Trajectory`.
+    def solve(self, solver, controller, func, plan, y0, args, *, throw=True, **loop_kwargs):
+        """Integrates `func(t, y, args)` (flat lists) and returns a `Trajectory` whose `ys`
+        are the outputs that `plan` (an `_outputs.Plan`) asks for.
 
         `throw=False`: failures in the backward pass make the gradients NaN instead of
         raising (the forward's status is the caller's to report)."""
@@ -78,6 +89,25 @@ class AbstractGradient:
 
     def __repr__(self):
         return f"{type(self).__name__}()"
+
+
+def _run(solver, controller, f, plan, y0, *, record, loop_kwargs):
+    """The forward solve of every strategy: the loop over the plan's stops, and the
+    outputs read from the accepted steps' interpolants when the plan interpolates."""
+    trajectory = integrate(
+        solver, controller, f, plan.stops, y0, record=record, dense=plan.dense, **loop_kwargs
+    )
+    if plan.dense:
+        later = _outputs.evaluate(trajectory.checkpoints, plan.ts, trajectory.t_final)
+        ys = [tf.concat([y[None], out], axis=0) for y, out in zip(y0, later)]
+        trajectory = trajectory._replace(ys=ys)
+    return trajectory
+
+
+def _times(plan):
+    """The time tensors a solve's gradient is taken for: the stops, and the interpolated
+    output times when there are any."""
+    return [plan.stops] + ([plan.ts] if plan.dense else [])
 
 
 class NaiveGradient(AbstractGradient):
@@ -89,9 +119,10 @@ class NaiveGradient(AbstractGradient):
 
     name = "naive"
 
-    def solve(self, solver, controller, func, ts, y0, args, *, throw=True, **loop_kwargs):
-        trajectory = integrate(
-            solver, controller, lambda t, y: func(t, y, args), ts, y0, record=False, **loop_kwargs
+    def solve(self, solver, controller, func, plan, y0, args, *, throw=True, **loop_kwargs):
+        trajectory = _run(
+            solver, controller, lambda t, y: func(t, y, args), plan, y0, record=False,
+            loop_kwargs=loop_kwargs,
         )
         zero = tf.constant(0, tf.int32)
         return trajectory._replace(stats=trajectory.stats._replace(num_fevals_backward=zero))
@@ -113,7 +144,7 @@ def _unique(items):
     return out
 
 
-def _probe(func, ts, y0, args):
+def _probe(func, times, y0, args):
     """What `func` reads besides its arguments: `(sources, handles)`.
 
     `func` is traced once into a scratch graph (nothing runs) and the outer tensors it
@@ -127,13 +158,13 @@ def _probe(func, ts, y0, args):
     graph = func_graph.FuncGraph("tfaca_probe")
     try:
         with tape_record.stop_recording(), graph.as_default():
-            t = tf.compat.v1.placeholder(ts.dtype, [])
+            t = tf.compat.v1.placeholder(times[0].dtype, [])
             y = [tf.compat.v1.placeholder(x.dtype, x.shape) for x in y0]
             a = [tf.compat.v1.placeholder(x.dtype, x.shape) for x in args]
             func(t, y, a)
     except Exception:  # noqa: BLE001 - see the docstring
         return [], []
-    known = {id(x) for x in [ts, *y0, *args]}
+    known = {id(x) for x in [*times, *y0, *args]}
     captures = graph.external_captures
     sources = [
         c
@@ -190,12 +221,13 @@ _SECOND_ORDER = (
 )
 
 
-def _solve_with_custom_gradient(forward, backward, func, ts, y0, args, *, second_order,
+def _solve_with_custom_gradient(forward, backward, func, times, y0, args, *, second_order,
                                 written=()):
     """Runs `forward` with no tape recording and gives its outputs `backward` as gradient.
 
-    `forward(ts, y0, args) -> Trajectory`. `backward(trajectory, ts, y0, sources, g_ys,
-    variables, differentiable)` returns the gradients of `ts`, each `y0`, each source
+    `times`: a list of time tensors (`_times(plan)`). `forward(times, y0, args) ->
+    Trajectory`. `backward(trajectory, times, y0, sources, g_ys, variables,
+    differentiable)` returns the gradients of each of `times`, each `y0`, each source
     and each variable, as one flat list in that order, where `sources` are the floating
     `args` followed by the watched tensors `func` closes over, and
     `differentiable` says that a tape records the backward pass. `second_order`: a
@@ -204,9 +236,9 @@ def _solve_with_custom_gradient(forward, backward, func, ts, y0, args, *, second
     (the adjoint's counters). `tf.custom_gradient` lives only here.
     """
     with tape_record.stop_recording(), tape_record.VariableWatcher() as watcher:
-        trajectory = forward(ts, y0, args)
+        trajectory = forward(times, y0, args)
     variables = _unique(v for v in watcher.watched_variables() if v.trainable)
-    closed_over, handles = _probe(func, ts, y0, args)
+    closed_over, handles = _probe(func, times, y0, args)
     if not tf.executing_eagerly():
         # Capture them here too, so that a backward pass inside a loop's gradient can
         # reach them through this graph (see `_route_handles_through_forward_graphs`).
@@ -215,14 +247,18 @@ def _solve_with_custom_gradient(forward, backward, func, ts, y0, args, *, second
             tf.identity(v.handle)
     sources = [a for a in args if a.dtype.is_floating] + closed_over
 
+    num_times = len(times)
+
     @tf.custom_gradient
-    def attach(ts, *inputs):
+    def attach(*inputs):
+        times = list(inputs[:num_times])
+
         def grad(*g_ys):
             g_ys = [_zeros_if_none(g, y) for g, y in zip(g_ys, trajectory.ys)]
             recording = tape_record.could_possibly_record()
             _route_handles_through_forward_graphs(handles)
             grads = backward(
-                trajectory, ts, y0, sources, g_ys, variables,
+                trajectory, times, y0, sources, g_ys, variables,
                 recording and second_order is None,
             )
             if second_order is not None:
@@ -241,7 +277,7 @@ def _solve_with_custom_gradient(forward, backward, func, ts, y0, args, *, second
     # variable, and no resource handle crosses the custom gradient (handles inside a
     # tf.while_loop cannot, TensorFlow's "internal_captures" error).
     reads = [tf.convert_to_tensor(v) for v in variables]
-    ys = attach(ts, *y0, *sources, *reads)
+    ys = attach(*times, *y0, *sources, *reads)
     return trajectory._replace(ys=list(ys))
 
 
@@ -266,73 +302,121 @@ class ACAGradient(AbstractGradient):
 
     name = "aca"
 
-    def solve(self, solver, controller, func, ts, y0, args, *, throw=True, **loop_kwargs):
-        def forward(ts, y0, args):
-            return integrate(
-                solver, controller, lambda t, y: func(t, y, args), ts, y0, record=True,
-                **loop_kwargs,
+    def solve(self, solver, controller, func, plan, y0, args, *, throw=True, **loop_kwargs):
+        def forward(times, y0, args):
+            return _run(
+                solver, controller, lambda t, y: func(t, y, args), plan, y0, record=True,
+                loop_kwargs=loop_kwargs,
             )
 
-        def backward(trajectory, ts, y0, sources, g_ys, variables, differentiable):
+        def backward(trajectory, times, y0, sources, g_ys, variables, differentiable):
             f = lambda t, y: func(t, y, args)  # noqa: E731
             if differentiable:
-                return _unrolled_vjp(solver, f, trajectory, ts, y0, sources, g_ys, variables)
-            return _replay(solver, f, trajectory, ts, sources, g_ys, variables, throw)
+                return _unrolled_vjp(solver, f, trajectory, times, y0, sources, g_ys, variables)
+            return _replay(solver, f, trajectory, times, sources, g_ys, variables, throw)
 
         trajectory = _solve_with_custom_gradient(
-            forward, backward, func, ts, y0, args, second_order=None
+            forward, backward, func, _times(plan), y0, args, second_order=None
         )
         stats = trajectory.stats
         replay_fevals = stats.num_steps * solver.tableau.solution_stages
+        if plan.dense:
+            # A step with an output inside also replays the stages its interpolant
+            # needs beyond y1 (Dopri5's and Tsit5's FSAL stage; f(t1, y1) for Hermite).
+            cp = trajectory.checkpoints
+            index, theta = _outputs.locate(cp.t, cp.dt, cp.num_steps, plan.ts)
+            inside = tf.reshape(tf.where(theta > 0, index, -1), [-1])
+            steps_with_outputs = tf.size(tf.unique(inside)[0]) - tf.cast(
+                tf.reduce_any(inside < 0), tf.int32)
+            extra = len(solver.dense_weights) - solver.tableau.solution_stages
+            replay_fevals += steps_with_outputs * extra
         return trajectory._replace(stats=stats._replace(num_fevals_backward=replay_fevals))
 
 
-def _replay(solver, f, trajectory, ts, sources, g_ys, variables, throw):
-    """The ACA backward pass: pull the output cotangents back through the accepted steps."""
+def _step_vjp(solver, f, t, dt, y, a, g_c, sources, variables):
+    """Rebuilds one accepted step under a tape and pulls cotangents back through it.
+
+    `a`: the cotangent of the step's end state; `g_c`: that of its interpolation
+    coefficients, or None when no output lies inside the step (then only the stages
+    `y1` needs are evaluated). Returns `(y1, g_t, g_dt, g_y, g_sources, g_variables)`.
+    """
+    with tf.GradientTape() as tape:
+        tape.watch([t, dt] + y + sources)
+        f0 = f(t, y)
+        if g_c is None:
+            y1, _, _ = solver.step(f, t, y, f0, dt, solution_only=True)
+            targets, cotangents = y1, a
+        else:
+            y1, _, _, k = solver.step(f, t, y, f0, dt, return_stages=True)
+            stages = k + [f(t + dt, y1)] if solver.dense_needs_f1 else k
+            targets = y1 + solver.dense_coefficients(dt, stages)
+            cotangents = list(a) + list(g_c)
+    g_t, g_dt, g_y, g_s, g_v = tape.gradient(
+        targets, [t, dt, y, sources, list(variables)], output_gradients=cotangents,
+        unconnected_gradients=tf.UnconnectedGradients.ZERO,
+    )
+    convert = lambda xs: [tf.convert_to_tensor(x) for x in xs]  # noqa: E731
+    return y1, g_t, g_dt, convert(g_y), convert(g_s), convert(g_v)
+
+
+def _replay(solver, f, trajectory, times, sources, g_ys, variables, throw):
+    """The ACA backward pass: pull the output cotangents back through the accepted steps.
+
+    Outputs the loop stepped onto add their cotangent to the state the step lands on;
+    interpolated outputs are first carried onto the steps they lie in
+    (`_outputs.pullback`), and a step with outputs inside is replayed with its
+    interpolant, whose coefficients receive their cotangents with the end state's.
+    """
     checkpoints = trajectory.checkpoints
+    stops = times[0]
+    dense = len(times) > 1
     n = checkpoints.num_steps
-    last = tf.shape(ts)[0] - 1
-    succeeded = trajectory.status == int(Status.SUCCESS)
+    # The first output is y0 itself; the others are read from the steps' interpolants.
+    pulled = _outputs.pullback(checkpoints, times[1], [g[1:] for g in g_ys]) if dense else None
     # What "the same state" means for the check: rounding (XLA may fuse the forward and
     # the replay differently), never a different random draw.
-    eps = float(tf.experimental.numpy.finfo(ts.dtype.as_numpy_dtype).eps)
+    eps = float(tf.experimental.numpy.finfo(stops.dtype.as_numpy_dtype).eps)
     same_state = math.sqrt(eps)
 
-    def step_vjp(i, a, g_ts, g_sources, g_vars, mismatch):
+    def step_vjp(i, a, g_stops, g_sources, g_vars, mismatch):
         t = checkpoints.t[i]
         dt = checkpoints.dt[i]
         j = checkpoints.interval[i]
         hit = checkpoints.hit[i]
         y = [y_n[i] for y_n in checkpoints.y]
-        # The output ts[j] is y_{i+1} when this step lands on it.
-        a = [a_n + tf.where(hit, g[j], tf.zeros_like(a_n)) for a_n, g in zip(a, g_ys)]
-        with tf.GradientTape() as tape:
-            tape.watch([t, dt] + y + sources)
-            y1, _, _ = solver.step(f, t, y, f(t, y), dt, solution_only=True)
-        sources_ = [t, dt, y, sources, list(variables)]
-        g_t, g_dt, g_y, g_s, g_v = tape.gradient(
-            y1, sources_, output_gradients=a, unconnected_gradients=tf.UnconnectedGradients.ZERO
-        )
-        # t_i = ts[j-1] + offset; the landing step's dt = ts[j] - t_i.
+        pull = functools.partial(_step_vjp, solver, f, t, dt, y, sources=sources,
+                                 variables=variables)
+        if dense:
+            g_c = [g[i] for g in pulled.g_c]
+            y1, g_t, g_dt, g_y, g_s, g_v = tf.cond(
+                pulled.has_outputs[i], lambda: pull(a, g_c), lambda: pull(a, None)
+            )
+            g_t += pulled.g_t[i]
+            g_dt += pulled.g_dt[i]
+            g_y = [g_n + p[i] for g_n, p in zip(g_y, pulled.g_y)]
+        else:
+            # The output stops[j] is y_{i+1} when this step lands on it.
+            a = [a_n + tf.where(hit, g[j], tf.zeros_like(a_n)) for a_n, g in zip(a, g_ys)]
+            y1, g_t, g_dt, g_y, g_s, g_v = pull(a, None)
+        # t_i = stops[j-1] + offset; the landing step's dt = stops[j] - t_i.
         g_dt = tf.where(hit, g_dt, tf.zeros_like(g_dt))
-        g_ts = tf.tensor_scatter_nd_add(g_ts, [[j - 1], [j]], tf.stack([g_t - g_dt, g_dt]))
-        g_sources = [x + tf.convert_to_tensor(y_) for x, y_ in zip(g_sources, g_s)]
-        g_vars = [x + tf.convert_to_tensor(y_) for x, y_ in zip(g_vars, g_v)]
-        # The state the forward accepted at the end of this step: the next checkpoint,
-        # or, after the last step of a successful solve, the last output.
-        has_next = i + 1 < n
-        recorded = [
-            tf.where(has_next, c[tf.minimum(i + 1, n - 1)], out[last])
-            for c, out in zip(checkpoints.y, trajectory.ys)
-        ]
-        differs = tf.logical_and(has_next | succeeded, _differs(y1, recorded, same_state))
+        g_stops = tf.tensor_scatter_nd_add(g_stops, [[j - 1], [j]], tf.stack([g_t - g_dt, g_dt]))
+        g_sources = [x + y_ for x, y_ in zip(g_sources, g_s)]
+        g_vars = [x + y_ for x, y_ in zip(g_vars, g_v)]
+        # The state the forward accepted at the end of this step (entry n is the last).
+        recorded = [c[i + 1] for c in checkpoints.y]
+        differs = _differs(y1, recorded, same_state)
         mismatch = tf.where(differs & (mismatch < 0), i, mismatch)
-        return i - 1, g_y, g_ts, g_sources, g_vars, mismatch
+        return i - 1, g_y, g_stops, g_sources, g_vars, mismatch
 
+    if dense:
+        a = [g[n] for g in pulled.g_y]  # outputs at the end of the solve
+    else:
+        a = [tf.zeros_like(g[0]) for g in g_ys]
     state = (
         n - 1,
-        [tf.zeros_like(g[0]) for g in g_ys],
-        tf.zeros_like(ts),
+        a,
+        tf.zeros_like(stops),
         [tf.zeros_like(s) for s in sources],
         [tf.zeros_like(v) for v in variables],
         tf.constant(-1, tf.int32),
@@ -340,11 +424,12 @@ def _replay(solver, f, trajectory, ts, sources, g_ys, variables, throw):
     # parallel_iterations=1: each step's replay does not depend on the cotangent, so
     # TensorFlow would otherwise run up to 10 replays ahead and hold their graphs at
     # once; one at a time keeps ACA's memory at one step's graph (XLA ignores it).
-    _, a, g_ts, g_sources, g_vars, mismatch = tf.while_loop(
+    _, a, g_stops, g_sources, g_vars, mismatch = tf.while_loop(
         lambda i, *_: i >= 0, step_vjp, state, parallel_iterations=1
     )
+    g_times = [g_stops, pulled.g_ts] if dense else [g_stops]
     g_y0 = [a_n + g[0] for a_n, g in zip(a, g_ys)]
-    return _check_replay(mismatch, [g_ts, *g_y0, *g_sources, *g_vars], throw)
+    return _check_replay(mismatch, [*g_times, *g_y0, *g_sources, *g_vars], throw)
 
 
 def _differs(ys, recorded, relative):
@@ -392,38 +477,73 @@ def _nan_where(failed, grads):
     return [tf.where(failed, tf.constant(float("nan"), g.dtype), g) for g in grads]
 
 
-def _unrolled_vjp(solver, f, trajectory, ts, y0, sources, g_ys, variables):
+def _unrolled_vjp(solver, f, trajectory, times, y0, sources, g_ys, variables):
     """ACA's gradient as backprop through the accepted steps rebuilt from `y0`.
 
-    Used when a tape records the backward pass: every rebuilt state is then a function
-    of `y0`, `ts`, the sources and the variables, so the gradient returned is itself
-    exactly differentiable (the replay's checkpoints would be constants). Same value
-    as `_replay` to rounding; memory: every accepted step's graph.
+    Used when a tape records the backward pass: every rebuilt state (and interpolant) is
+    then a function of `y0`, the times, the sources and the variables, so the gradient
+    returned is itself exactly differentiable (the replay's checkpoints would be
+    constants). Same value as `_replay` to rounding; memory: every accepted step's graph.
     """
     cp = trajectory.checkpoints
+    stops = times[0]
+    dense = len(times) > 1
 
-    def step(i, y, total):
+    def start(i):
+        # The step's start as a function of the stops (its offset in the interval is
+        # fixed); the landing step's size follows stops[j].
         j = cp.interval[i]
-        hit = cp.hit[i]
-        # The step's start as a function of ts (its offset in the interval is fixed);
-        # the landing step's size follows ts[j].
-        t = ts[j - 1] + tf.stop_gradient(cp.t[i] - ts[j - 1])
-        dt = tf.where(hit, ts[j] - t, cp.dt[i])
-        y1, _, _ = solver.step(f, t, y, f(t, y), dt, solution_only=True)
-        landed = _dot([g[j] for g in g_ys], y1)
-        return i + 1, y1, total + tf.where(hit, landed, tf.zeros_like(landed))
+        t = stops[j - 1] + tf.stop_gradient(cp.t[i] - stops[j - 1])
+        return t, tf.where(cp.hit[i], stops[j] - t, cp.dt[i])
 
+    def step(i, y, total, ys_ta, cs_ta):
+        t, dt = start(i)
+        if not dense:
+            y1, _, _ = solver.step(f, t, y, f(t, y), dt, solution_only=True)
+            j = cp.interval[i]
+            landed = _dot([g[j] for g in g_ys], y1)
+            return i + 1, y1, total + tf.where(cp.hit[i], landed, tf.zeros_like(landed)), (), ()
+        y1, _, _, k = solver.step(f, t, y, f(t, y), dt, return_stages=True)
+        stages = k + [f(t + dt, y1)] if solver.dense_needs_f1 else k
+        c = solver.dense_coefficients(dt, stages)
+        ys_ta = [ta.write(i, y_n) for ta, y_n in zip(ys_ta, y)]
+        cs_ta = [ta.write(i, c_n) for ta, c_n in zip(cs_ta, c)]
+        return i + 1, y1, total, ys_ta, cs_ta
+
+    size = tf.shape(cp.t)[0]
     with tf.GradientTape() as tape:
-        tape.watch([ts, *y0, *sources])
+        tape.watch([*times, *y0, *sources])
         # sum_j <g_ys[j], ys[j]>, with ys rebuilt: its gradient is the VJP.
         total = _dot([g[0] for g in g_ys], y0)
+        if dense:
+            ys_ta = [tf.TensorArray(y.dtype, size=size, element_shape=y.shape) for y in y0]
+            cs_ta = [tf.TensorArray(c.dtype, size=size, element_shape=c.shape[1:]) for c in cp.c]
+        else:
+            ys_ta, cs_ta = (), ()
         # XLA differentiates a loop only with a static bound: the buffers' size.
-        _, _, total = tf.while_loop(
-            lambda i, *_: i < cp.num_steps, step, (tf.constant(0, tf.int32), list(y0), total),
+        _, y_end, total, ys_ta, cs_ta = tf.while_loop(
+            lambda i, *_: i < cp.num_steps, step,
+            (tf.constant(0, tf.int32), list(y0), total, ys_ta, cs_ta),
             maximum_iterations=cp.t.shape[0],
         )
+        if dense:
+            n = cp.num_steps
+            last = tf.range(size) == n
+            t = tf.where(last, stops[1], stops[0] + tf.stop_gradient(cp.t - stops[0]))
+            rebuilt = Checkpoints(
+                t=t,
+                dt=tf.where(cp.hit, stops[1] - t, cp.dt),
+                interval=(),
+                hit=(),
+                y=[ta.write(n, y).stack() for ta, y in zip(ys_ta, y_end)],
+                c=[ta.write(n, tf.zeros_like(c[0])).stack() for ta, c in zip(cs_ta, cp.c)],
+                num_steps=n,
+            )
+            later = _outputs.evaluate(rebuilt, times[1], t[n])
+            total += _dot([g[1:] for g in g_ys], later)
     grads = tape.gradient(
-        total, [ts, *y0, *sources, *variables], unconnected_gradients=tf.UnconnectedGradients.ZERO
+        total, [*times, *y0, *sources, *variables],
+        unconnected_gradients=tf.UnconnectedGradients.ZERO,
     )
     return [tf.convert_to_tensor(g) for g in grads]
 
@@ -432,7 +552,9 @@ class AdjointGradient(AbstractGradient):
     """The continuous adjoint of Chen, Rubanova, Bettencourt & Duvenaud (NeurIPS 2018).
 
     Keeps only the outputs; the backward pass solves the augmented system
-    `[y, a, g_args, g_vars]` backwards from each output time to the previous one,
+    `[y, a, g_args, g_vars]` backwards from each output time to the previous one (with
+    times per sample, through every sample's times in time order, one solve for the
+    batch, resetting only that sample's state at its time),
     `dy/dt = f`, `da/dt = -a^T df/dy`, `dg/dt = -a^T df/d(args, variables)`, with the
     same solver. At each output time `y` is reset to the forward value and `a` receives
     that output's cotangent (as torchdiffeq does). Time gradients need no extra
@@ -491,16 +613,18 @@ class AdjointGradient(AbstractGradient):
         options = ", ".join(f"{k}={v!r}" for k, v in self.options().items())
         return f"{type(self).__name__}({options})"
 
-    def solve(self, solver, controller, func, ts, y0, args, *, throw=True, **loop_kwargs):
-        def forward(ts, y0, args):
-            return integrate(
-                solver, controller, lambda t, y: func(t, y, args), ts, y0, record=False,
-                **loop_kwargs,
+    def solve(self, solver, controller, func, plan, y0, args, *, throw=True, **loop_kwargs):
+        def forward(times, y0, args):
+            trajectory = _run(
+                solver, controller, lambda t, y: func(t, y, args), plan, y0, record=False,
+                loop_kwargs=loop_kwargs,
             )
+            # The reverse solve needs the outputs and the end state, not the steps.
+            return trajectory._replace(checkpoints=None)
 
-        def backward(trajectory, ts, y0, sources, g_ys, variables, differentiable):
+        def backward(trajectory, times, y0, sources, g_ys, variables, differentiable):
             return self._reverse_solve(
-                solver, controller, func, trajectory.ys, ts, y0, args, sources, g_ys,
+                solver, controller, func, trajectory, times, y0, args, sources, g_ys,
                 variables, loop_kwargs, throw,
             )
 
@@ -508,17 +632,22 @@ class AdjointGradient(AbstractGradient):
             what="the adjoint cannot give: its reverse solve takes the forward outputs "
             "as constants", instead='Use gradient="aca" (exact) or "naive".')
         trajectory = _solve_with_custom_gradient(
-            forward, backward, func, ts, y0, args, second_order=refusal,
+            forward, backward, func, _times(plan), y0, args, second_order=refusal,
             written=self.backward_stats or (),
         )
         unknown = tf.constant(-1, tf.int32)
         return trajectory._replace(stats=trajectory.stats._replace(num_fevals_backward=unknown))
 
-    def _reverse_solve(self, solver, controller, func, ys, ts, y0, args, sources, g_ys,
-                       variables, loop_kwargs, throw):
+    def _reverse_solve(self, solver, controller, func, trajectory, times, y0, args, sources,
+                       g_ys, variables, loop_kwargs, throw):
         params = list(sources) + [tf.convert_to_tensor(v) for v in variables]
         num_y, num_p = len(y0), len(params)
-        dtype = ts.dtype
+        ys = trajectory.ys
+        stops = times[0]
+        # The output times after the start: ys[1:] are the states there.
+        later = times[1] if len(times) > 1 else stops[1:]
+        per_sample = later.shape.rank == 2
+        dtype = stops.dtype
 
         def augmented(t, state):
             y, a = state[:num_y], state[num_y:2 * num_y]
@@ -546,45 +675,103 @@ class AdjointGradient(AbstractGradient):
         kwargs = dict(loop_kwargs)
         if self.max_steps is not None:
             kwargs["max_steps"] = self.max_steps
+        zero = tf.constant(0, tf.int32)
 
-        def interval(j, a, g_params, g_ts, num_steps, num_rejected, num_fevals, status, t_final):
-            y_j = [y[j] for y in ys]
-            a = [a_n + g[j] for a_n, g in zip(a, g_ys)]
-            f_j = func(ts[j], y_j, args)
-            g_ts = tf.tensor_scatter_nd_add(g_ts, [[j]], [_dot([g[j] for g in g_ys], f_j)])
+        # The output times the reverse solve visits, in time order (it walks them from
+        # the last): `later`, and per sample every later[b, k], sorted, so that one
+        # reverse solve of the whole batch passes each sample's times.
+        if per_sample:
+            batch, m = tf.shape(later)[0], tf.shape(later)[1]
+            flat = tf.reshape(later, [-1])
+            order = tf.argsort(tf.sign(stops[1] - stops[0]) * flat, stable=True)
+            event_times = tf.gather(flat, order)
+            rows, cols = order // m, order % m
+        else:
+            event_times = later
+            cols = tf.range(tf.shape(later)[0])
+
+        def arrive(e, y, a, g_later, num_fevals):
+            """At output `e`: the forward state, the output's cotangent, its time gradient."""
+            col = cols[e]
+            if per_sample:
+                row = rows[e]
+                mask = [tf.reshape(tf.equal(tf.range(batch), row),
+                                   [-1] + [1] * (y_n.shape.rank - 1)) for y_n in y]
+                y = [tf.where(m_, out[col + 1], y_n) for m_, out, y_n in zip(mask, ys, y)]
+                g_e = [tf.where(m_, g[col + 1], tf.zeros_like(g[col + 1]))
+                       for m_, g in zip(mask, g_ys)]
+                where = [[row, col]]
+                # A padded entry (its row's time repeated) has no cotangent and needs no
+                # evaluation.
+                before = tf.where(col > 0, later[row, tf.maximum(col - 1, 0)], stops[0])
+                padded = tf.equal(later[row, col], before)
+                g_t = tf.cond(padded, lambda: tf.zeros([], dtype),
+                              lambda: _dot(g_e, func(event_times[e], y, args)))
+                num_fevals += 1 - tf.cast(padded, tf.int32)
+            else:
+                y = [out[col + 1] for out in ys]
+                g_e = [g[col + 1] for g in g_ys]
+                where = [[col]]
+                g_t = _dot(g_e, func(event_times[e], y, args))
+                num_fevals += 1
+            a = [a_n + g_n for a_n, g_n in zip(a, g_e)]
+            return y, a, tf.tensor_scatter_nd_add(g_later, where, [g_t]), num_fevals
+
+        def reverse(t1, t0, state):
             trajectory = integrate(
-                solver, reverse_controller, augmented, tf.stack([ts[j], ts[j - 1]]),
-                y_j + a + g_params, record=False, **kwargs,
+                solver, reverse_controller, augmented, tf.stack([t1, t0]), state,
+                record=False, **kwargs,
             )
-            end = [x[-1] for x in trajectory.ys]
             stats = trajectory.stats
+            return ([x[-1] for x in trajectory.ys], stats.num_steps, stats.num_rejected,
+                    stats.num_fevals, trajectory.status, trajectory.t_final)
+
+        def event(e, y, a, g_params, g_later, num_steps, num_rejected, num_fevals, status,
+                  t_final):
+            y, a, g_later, num_fevals = arrive(e, y, a, g_later, num_fevals)
+            t1 = event_times[e]
+            t0 = tf.where(e > 0, event_times[tf.maximum(e - 1, 0)], stops[0])
+            state = y + a + g_params
+            if per_sample:
+                # Samples may share a time: nothing to solve between equal times.
+                end, steps, rejected, fevals, code, reached = tf.cond(
+                    tf.equal(t1, t0),
+                    lambda: (state, zero, zero, zero, zero, t0),
+                    lambda: reverse(t1, t0, state),
+                )
+            else:
+                end, steps, rejected, fevals, code, reached = reverse(t1, t0, state)
             return (
-                j - 1,
+                e - 1,
+                end[:num_y],
                 end[num_y:2 * num_y],
                 end[2 * num_y:],
-                g_ts,
-                num_steps + stats.num_steps,
-                num_rejected + stats.num_rejected,
-                num_fevals + stats.num_fevals + 1,
-                tf.maximum(status, trajectory.status),
-                tf.where(status == 0, trajectory.t_final, t_final),
+                g_later,
+                num_steps + steps,
+                num_rejected + rejected,
+                num_fevals + fevals,
+                tf.maximum(status, code),
+                tf.where(status == 0, reached, t_final),
             )
 
-        zero = tf.constant(0, tf.int32)
         state = (
-            tf.shape(ts)[0] - 1,
+            tf.shape(event_times)[0] - 1,
+            list(trajectory.y_final),
             [tf.zeros_like(y) for y in y0],
             [tf.zeros_like(p) for p in params],
-            tf.zeros_like(ts),
-            zero, zero, zero, zero, ts[-1],
+            tf.zeros_like(later),
+            zero, zero, zero, zero, stops[-1],
         )
-        _, a, g_params, g_ts, num_steps, num_rejected, num_fevals, status, t_final = tf.while_loop(
-            lambda j, *_: j >= 1, interval, state, parallel_iterations=1
-        )
-        # ts[0]: moving the start with y0 fixed shifts the solution by -Phi f(t0, y0).
-        g_ts = tf.tensor_scatter_nd_add(g_ts, [[0]], [-_dot(a, func(ts[0], y0, args))])
+        (_, _, a, g_params, g_later, num_steps, num_rejected, num_fevals, status,
+         t_final) = tf.while_loop(lambda e, *_: e >= 0, event, state, parallel_iterations=1)
+        # The start: moving it with y0 fixed shifts the solution by -Phi f(t0, y0).
+        g_t0 = -_dot(a, func(stops[0], y0, args))
         g_y0 = [a_n + g[0] for a_n, g in zip(a, g_ys)]
-        grads = [g_ts, *g_y0, *g_params]
+        if len(times) == 1:  # the stops are the output times
+            g_times = [tf.concat([[g_t0], g_later], axis=0)]
+        else:
+            g_times = [tf.stack([g_t0, tf.zeros_like(g_t0)]), g_later]
+        grads = [*g_times, *g_y0, *g_params]
         if self.backward_stats is not None:
             counts = (num_steps, num_rejected, num_fevals + 1, zero)
             updates = [v.assign(c) for v, c in zip(self.backward_stats, counts)]

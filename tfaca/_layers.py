@@ -191,16 +191,29 @@ class ODELayer(keras.layers.Layer):
             batches (their loss is NaN), which the same metric counts.
         return_sequences: if True, return the state at every time, shaped
             `(batch, len(t), ...)` (Keras RNN naming); else only the last state.
+        interpolate: if True (default), the steps follow the error control alone and
+            the outputs between the first and the last time are read from the
+            solver's continuous extension (fourth order for Dopri5 and Tsit5, cubic
+            Hermite otherwise), so many output times cost almost nothing, and times
+            may differ per sample. If False, the solver steps onto every output time
+            (at least one step per interval), and a times input must hold the same
+            times in every row. With two times, `t=(t0, t1)`, both are the same solve.
         **kwargs: base `keras.layers.Layer` arguments (`name`, `dtype`,
             `activity_regularizer`, which regularizes the output of the solve, ...).
 
     Call arguments:
         inputs: the initial state `(batch, ...)`, or `[state, times]` with `times` a
-            1-D tensor of output times, or `(batch, num_times)` whose rows must all be
-            equal (one adaptive solve serves the whole batch, with one step size); a
-            graph raises `tf.errors.InvalidArgumentError` when they differ; under XLA,
-            which has no run-time assertions, the solve fails instead (NaN outputs,
-            counted by `{name}_failures`).
+            1-D tensor of output times shared by the batch, or `(batch, num_times)`:
+            each sample's own times (irregularly sampled series). Every row starts with
+            the common start time, then holds that sample's times in increasing order
+            (or every row decreasing), and may end in repeats of its last time:
+            padding for samples with fewer observations, which returns the state at the
+            last real time, costs no step and passes no gradient (mask it out of the
+            loss). One solve, with one step size, serves the batch; each sample is
+            read at its own times by interpolation. Times that break these rules raise
+            `tf.errors.InvalidArgumentError` in a graph; under XLA, which has no
+            run-time assertions, the solve fails instead (NaN outputs, counted by
+            `{name}_failures`). With `interpolate=False` every row must be equal.
         training: forwarded to `dynamics` when its `call` accepts it.
 
     Randomness inside `dynamics` (Dropout, GaussianNoise, GaussianDropout, SpatialDropout,
@@ -279,6 +292,7 @@ class ODELayer(keras.layers.Layer):
         factor_max=10.0,
         throw=True,
         return_sequences=False,
+        interpolate=True,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -298,6 +312,10 @@ class ODELayer(keras.layers.Layer):
             )
         if not isinstance(throw, (bool, np.bool_)):
             raise TypeError(f"`throw` must be True or False. Received: throw={throw!r}")
+        if not isinstance(interpolate, (bool, np.bool_)):
+            raise TypeError(
+                f"`interpolate` must be True or False. Received: interpolate={interpolate!r}"
+            )
         _, strategy = check_options(
             method=method, gradient=gradient, rtol=rtol, atol=atol, step_size=step_size,
             first_step=first_step, max_step=max_step, max_steps=max_steps, safety=safety,
@@ -322,6 +340,7 @@ class ODELayer(keras.layers.Layer):
         self.factor_max = float(factor_max)
         self.throw = bool(throw)
         self.return_sequences = bool(return_sequences)
+        self.interpolate = bool(interpolate)
         self._pass_t = _accepts(dynamics, "t")
         self._pass_training = _accepts(dynamics, "training")
         self.fevals_tracker = keras.metrics.Mean(name=f"{self.name}_fevals")
@@ -353,8 +372,11 @@ class ODELayer(keras.layers.Layer):
         if times is None:
             return tf.constant(self.t, dtype)
         times = tf.cast(times, dtype)
+        if times.shape.rank == 2 and self.interpolate:
+            return times  # times per sample, read from one solve by interpolation
         if times.shape.rank == 2:
-            # One solve serves the batch: every row must hold the same times.
+            # Stepping onto the outputs, one solve serves the batch: every row must hold
+            # the same times.
             differ = tf.reduce_any(tf.not_equal(times, times[:1]), axis=1)
             if in_xla_context():
                 # No assertions under XLA: NaN times make the solve fail (NaN outputs,
@@ -364,10 +386,10 @@ class ODELayer(keras.layers.Layer):
             check = tf.debugging.Assert(
                 tf.logical_not(tf.reduce_any(differ)),
                 [
-                    f"ODELayer '{self.name}': every row of the times input must be equal, "
-                    "as one solve, with one step size, serves the whole batch. Pass the "
-                    "times as one row (a 1-D tensor) for the batch, or group samples that "
-                    "share their times into a batch. Received: times of shape",
+                    f"ODELayer '{self.name}': with interpolate=False every row of the "
+                    "times input must be equal, as one solve steps onto the outputs of the "
+                    "whole batch. Use interpolate=True (the default) for times per sample, "
+                    "or pass the times as one row (a 1-D tensor). Received: times of shape",
                     tf.shape(times),
                     "whose rows",
                     tf.reshape(tf.where(differ), [-1]),
@@ -427,6 +449,7 @@ class ODELayer(keras.layers.Layer):
             factor_min=self.factor_min,
             factor_max=self.factor_max,
             throw=self.throw,
+            interpolate=self.interpolate,
             name=self.name,
         )
         draws.replaying = True
@@ -476,6 +499,7 @@ class ODELayer(keras.layers.Layer):
             "factor_max": self.factor_max,
             "throw": self.throw,
             "return_sequences": self.return_sequences,
+            "interpolate": self.interpolate,
         }
         base_config = super().get_config()
         return {**base_config, **config}

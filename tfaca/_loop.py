@@ -3,9 +3,10 @@
 Algorithm (Hairer, Nørsett & Wanner I, II.4; Zhuang et al., ICML 2020, Algorithm 1):
 start at `ts[0]` with `f0 = func(t0, y0)` and a first step `dt`; repeat
 
-1. aim at the next output time `ts[i]`: if `dt` would reach or pass it, shorten the
-   step to land on it exactly (outputs are therefore exact, not interpolated, and
-   their gradient is exact too);
+1. aim at the next time to step onto, `ts[i]`: if `dt` would reach or pass it, shorten
+   the step to land on it exactly. The caller decides what these times are
+   (`_outputs`): every output time (outputs exact to the step's accuracy), or only the
+   start and the end, with outputs interpolated between the steps;
 2. take a trial step of the embedded pair and its error ratio;
 3. accept it if the ratio is <= 1, by *selection* (`where(accept, new, old)`): a
    rejected trial changes nothing and, under ACA, leaves nothing behind;
@@ -14,7 +15,9 @@ start at `ts[0]` with `f0 = func(t0, y0)` and a first step `dt`; repeat
 The loop is one `tf.while_loop` of static `max_steps` iterations at most; under XLA
 every buffer is sized from `max_steps` and `len(ts)`, so that it compiles. With
 `record=True` it also keeps, for each accepted step, its start `(t_i, dt_i, y_i)` and
-which output interval it lies in: the checkpoints the ACA backward pass replays.
+which output interval it lies in: the checkpoints the ACA backward pass replays; with
+`dense=True`, the coefficients of each step's interpolating polynomial too, from which
+`_outputs` reads the solution between the steps.
 Buffers are written at the index of the next accepted step on every trial; a rejected
 trial's entry is overwritten by the retry, so only accepted steps survive.
 
@@ -42,15 +45,22 @@ _RUNNING = -1
 
 
 class Checkpoints(NamedTuple):
-    """Accepted steps of a forward solve, as tensors: entry `i < num_steps` is step `i`.
+    """Accepted steps of a forward solve, as tensors: entry `i < num_steps` is step `i`,
+    and entry `num_steps` is where the solve ended (`t_final`, its state, `dt` 1 and
+    zero coefficients), so that every accepted state, the last included, has an entry.
 
     Attributes:
-        t: `[num_steps]` start times (`[max_steps]` under XLA, for every field).
-        dt: `[num_steps]` step sizes.
-        interval: `[num_steps]` int32 index `j` of the output interval
-            `[ts[j - 1], ts[j]]` the step lies in.
-        hit: `[num_steps]` bool, whether the step ends exactly on `ts[j]`.
-        y: flat list of `[num_steps, ...]` start states.
+        t: `[num_steps + 1]` start times (`[max_steps + 1]` under XLA, every field).
+        dt: `[num_steps + 1]` step sizes.
+        interval: `[num_steps + 1]` int32 index `j` of the interval `[ts[j - 1], ts[j]]`
+            of the times the loop stepped onto that the step lies in (`()` without
+            `record`).
+        hit: `[num_steps + 1]` bool, whether the step ends exactly on `ts[j]` (`()`
+            without `record`).
+        y: flat list of `[num_steps + 1, ...]` start states.
+        c: with `dense`, a flat list of `[num_steps + 1, degree, ...]` coefficients of
+            each step's interpolating polynomial (`AbstractSolver.dense_coefficients`);
+            else `()`.
         num_steps: int32 scalar.
     """
 
@@ -59,6 +69,7 @@ class Checkpoints(NamedTuple):
     interval: Any
     hit: Any
     y: Any
+    c: Any
     num_steps: Any
 
 
@@ -68,6 +79,7 @@ class Trajectory(NamedTuple):
     status: Any
     t_final: Any
     checkpoints: Any  # Checkpoints or None
+    y_final: Any = ()  # flat list: the state at t_final
 
 
 class _State(NamedTuple):
@@ -83,7 +95,7 @@ class _State(NamedTuple):
     num_fevals: Any
     status: Any
     ys: Any
-    record: Any  # tuple of TensorArrays (t, dt, interval, hit, *y) or ()
+    record: Any  # dict of TensorArrays: t, dt, y (list), interval, hit, c (list); or {}
 
 
 def in_xla_context():
@@ -131,7 +143,7 @@ def _tensor_array(dtype, size, element_shape):
     return tf.TensorArray(dtype, size=size, element_shape=element_shape, clear_after_read=False)
 
 
-def _step_array(dtype, max_steps, element_shape):
+def _step_array(dtype, max_steps, element_shape):  # noqa: D401
     """A buffer with an entry per step: `max_steps` entries under XLA, which needs static
     shapes; elsewhere it grows with the steps taken. A TensorArray of `max_steps`
     entries costs O(max_steps) outside XLA too, even empty: its list of entries is
@@ -139,14 +151,15 @@ def _step_array(dtype, max_steps, element_shape):
     forward+backward of 3 steps took 8.4 ms at max_steps=100,000 against 2.4 ms at
     1,000, and held 15 MB of empty entries)."""
     if in_xla_context():
-        return _tensor_array(dtype, max_steps, element_shape)
+        return _tensor_array(dtype, max_steps + 1, element_shape)
     return tf.TensorArray(
         dtype, size=0, dynamic_size=True, element_shape=element_shape, clear_after_read=False
     )
 
 
-def integrate(solver, controller, func, ts, y0, *, step_size, first_step, max_steps, record):
-    """Integrates `func` from `ts[0]` through every `ts[i]`.
+def integrate(solver, controller, func, ts, y0, *, step_size, first_step, max_steps, record,
+              dense=False):
+    """Integrates `func` from `ts[0]` through every `ts[i]`, stepping onto each.
 
     Args:
         solver: an `AbstractSolver`.
@@ -158,9 +171,14 @@ def integrate(solver, controller, func, ts, y0, *, step_size, first_step, max_st
         first_step: `None` to select it automatically, else the first trial step size.
         max_steps: Python int, the largest number of trial steps.
         record: Python bool, whether to keep the ACA checkpoints.
+        dense: Python bool, whether to keep each accepted step's interpolating
+            polynomial too (`Checkpoints.c`), from which `_outputs.evaluate` reads
+            outputs between the steps. It costs no evaluation of `func` (the stages are
+            there; a non-FSAL solver's `f(t1, y1)` is evaluated anyway) and keeps
+            `degree` more state-sized tensors per accepted step.
 
     Returns:
-        A `Trajectory`.
+        A `Trajectory`; its `checkpoints` are set when `record` or `dense`.
     """
     dtype = ts.dtype
     num_out = tf.shape(ts)[0]
@@ -181,15 +199,20 @@ def integrate(solver, controller, func, ts, y0, *, step_size, first_step, max_st
     ys = [
         _tensor_array(y.dtype, num_out, y.shape).write(0, y) for y in y0
     ]
+    recorded = {}
+    if record or dense:
+        recorded["t"] = _step_array(dtype, max_steps, [])
+        recorded["dt"] = _step_array(dtype, max_steps, [])
+        recorded["y"] = [_step_array(y.dtype, max_steps, y.shape) for y in y0]
     if record:
-        recorded = (
-            _step_array(dtype, max_steps, []),
-            _step_array(dtype, max_steps, []),
-            _step_array(tf.int32, max_steps, []),
-            _step_array(tf.bool, max_steps, []),
-        ) + tuple(_step_array(y.dtype, max_steps, y.shape) for y in y0)
-    else:
-        recorded = ()
+        recorded["interval"] = _step_array(tf.int32, max_steps, [])
+        recorded["hit"] = _step_array(tf.bool, max_steps, [])
+    if dense:
+        degree = len(solver.dense_weights[0])
+        recorded["c"] = [
+            _step_array(y.dtype, max_steps, tf.TensorShape([degree]).concatenate(y.shape))
+            for y in y0
+        ]
 
     finfo = tf.experimental.numpy.finfo(dtype.as_numpy_dtype)
     eps, tiny = float(finfo.eps), float(finfo.tiny)
@@ -229,7 +252,7 @@ def integrate(solver, controller, func, ts, y0, *, step_size, first_step, max_st
             hit = tf.abs(t_grid - t_start) >= tf.abs(t_target - t_start) - slack
             t1 = tf.where(hit, t_target, t_grid)
             dt = t1 - s.t
-        y1, f1, y_error = solver.step(func, s.t, s.y, s.f, dt)
+        y1, f1, y_error, stages = solver.step(func, s.t, s.y, s.f, dt, return_stages=True)
 
         if adaptive:
             err = controller.error_ratio(s.y, y1, y_error)
@@ -259,16 +282,21 @@ def integrate(solver, controller, func, ts, y0, *, step_size, first_step, max_st
         i_out = s.i_out + tf.cast(accept & hit, tf.int32)
         k = tf.where(accept & hit, 0, s.k + tf.cast(accept, tf.int32))
 
+        # Written on every trial at the index of the next accepted step: a rejected
+        # trial's entry is overwritten by the retry.
+        new_record, at = dict(s.record), s.num_steps
+        if "t" in new_record:
+            new_record["t"] = s.record["t"].write(at, s.t)
+            new_record["dt"] = s.record["dt"].write(at, dt)
+            new_record["y"] = [ta.write(at, y) for ta, y in zip(s.record["y"], s.y)]
         if record:
-            rec_t, rec_dt, rec_interval, rec_hit = s.record[:4]
-            new_record = (
-                rec_t.write(s.num_steps, s.t),
-                rec_dt.write(s.num_steps, dt),
-                rec_interval.write(s.num_steps, s.i_out),
-                rec_hit.write(s.num_steps, hit),
-            ) + tuple(ta.write(s.num_steps, y) for ta, y in zip(s.record[4:], s.y))
-        else:
-            new_record = ()
+            new_record["interval"] = s.record["interval"].write(at, s.i_out)
+            new_record["hit"] = s.record["hit"].write(at, hit)
+        if dense:
+            if solver.dense_needs_f1:
+                stages = stages + [f_new]
+            coefficients = solver.dense_coefficients(dt, stages)
+            new_record["c"] = [ta.write(at, c) for ta, c in zip(s.record["c"], coefficients)]
 
         num_trials = s.num_trials + 1
         if adaptive:
@@ -346,15 +374,27 @@ def integrate(solver, controller, func, ts, y0, *, step_size, first_step, max_st
         ys_out.append(tf.where(mask, stacked, tf.constant(float("nan"), stacked.dtype)))
 
     checkpoints = None
-    if record:
+    if record or dense:
         rec = state.record
         n = state.num_steps
+        # Entry n: where the solve ended, so that every accepted state has an entry.
+        end = {"t": rec["t"].write(n, state.t), "dt": rec["dt"].write(n, tf.ones_like(t0)),
+               "y": [ta.write(n, y) for ta, y in zip(rec["y"], state.y)]}
+        if record:
+            end["interval"] = rec["interval"].write(n, state.i_out)
+            end["hit"] = rec["hit"].write(n, False)
+        if dense:
+            degree = len(solver.dense_weights[0])
+            zeros = [tf.zeros(tf.concat([[degree], tf.shape(y)], 0), y.dtype) for y in state.y]
+            end["c"] = [ta.write(n, z) for ta, z in zip(rec["c"], zeros)]
+        size = n + 1
         checkpoints = Checkpoints(
-            t=_dense(rec[0], n, t0),
-            dt=_dense(rec[1], n, t0),
-            interval=_dense(rec[2], n, t0),
-            hit=_dense(rec[3], n, t0),
-            y=[_dense(ta, n, y) for ta, y in zip(rec[4:], y0)],
+            t=_dense(end["t"], size, t0),
+            dt=_dense(end["dt"], size, t0),
+            interval=_dense(end["interval"], size, t0) if record else (),
+            hit=_dense(end["hit"], size, t0) if record else (),
+            y=[_dense(ta, size, y) for ta, y in zip(end["y"], y0)],
+            c=[_dense(ta, size, z) for ta, z in zip(end["c"], zeros)] if dense else (),
             num_steps=n,
         )
     stats = Stats(
@@ -366,5 +406,6 @@ def integrate(solver, controller, func, ts, y0, *, step_size, first_step, max_st
         state.status == _RUNNING, int(Status.MAX_STEPS_REACHED), state.status
     )
     return Trajectory(
-        ys=ys_out, stats=stats, status=status, t_final=state.t, checkpoints=checkpoints
+        ys=ys_out, stats=stats, status=status, t_final=state.t, checkpoints=checkpoints,
+        y_final=list(state.y),
     )

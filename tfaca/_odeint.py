@@ -6,6 +6,7 @@ import numbers
 import numpy as np
 import tensorflow as tf
 
+from tfaca import _outputs
 from tfaca._control import StepSizeController
 from tfaca._gradients import get_gradient
 from tfaca._loop import in_xla_context, raise_on_failure
@@ -83,8 +84,13 @@ def _prepare_ts(ts, dtype):
     if kind is None or not (kind.is_floating or kind.is_integer):
         raise TypeError(f"`ts` must be real numbers. Received: ts={ts!r}")
     ts = _as_tensor(ts, dtype)
+    if ts.shape.rank == 2:
+        return _prepare_per_sample_ts(ts)
     if ts.shape.rank != 1:
-        raise ValueError(f"`ts` must be 1-D. Received: ts with shape {ts.shape}")
+        raise ValueError(
+            f"`ts` must be 1-D, or 2-D (batch, n) for times per sample. Received: ts with "
+            f"shape {ts.shape}"
+        )
     if ts.shape[0] is not None and ts.shape[0] < 2:
         raise ValueError(
             f"`ts` must hold at least two times (the start and an output). Received: ts={ts!r}"
@@ -98,16 +104,62 @@ def _prepare_ts(ts, dtype):
     else:
         diffs = ts[1:] - ts[:-1]
         monotone = tf.reduce_all(diffs > 0) | tf.reduce_all(diffs < 0)
-        if in_xla_context():
-            # No assertions under XLA: NaN times make the solve report NONFINITE with NaN
-            # outputs, never outputs at times it did not solve for.
-            return tf.where(monotone, ts, tf.constant(float("nan"), ts.dtype))
-        check = tf.debugging.Assert(
-            monotone, ["`ts` must be strictly increasing or strictly decreasing. Received: ts=", ts]
-        )
-        with tf.control_dependencies([check]):
-            ts = tf.identity(ts)
+        ts = _checked(ts, monotone, "`ts` must be strictly increasing or strictly decreasing.")
     return ts
+
+
+_PER_SAMPLE_RULE = (
+    "`ts` of shape (batch, n) must hold, in every row, the common start ts[:, 0] followed by "
+    "that sample's times, strictly increasing (or all rows strictly decreasing), and may end "
+    "in repeats of the row's last time (padding for fewer observations); some row must go "
+    "past the start."
+)
+
+
+def _checked(ts, valid, message):
+    """`ts` after a graph assertion that `valid`; under XLA, which has no assertions, NaN
+    times when not valid: the solve then reports NONFINITE with NaN outputs, never
+    outputs at times it did not solve for."""
+    if in_xla_context():
+        return tf.where(valid, ts, tf.constant(float("nan"), ts.dtype))
+    check = tf.debugging.Assert(valid, [message + " Received: ts=", ts], summarize=20)
+    with tf.control_dependencies([check]):
+        return tf.identity(ts)
+
+
+def _per_sample_valid(ts):
+    """Whether 2-D `ts` follows `_PER_SAMPLE_RULE` (a bool scalar tensor)."""
+    t0 = ts[0, 0]
+    last = ts[:, -1]
+    direction = tf.sign(tf.gather(last, tf.argmax(tf.abs(last - t0))) - t0)
+    diffs = direction * (ts[:, 1:] - ts[:, :-1])
+    strict = tf.cast(diffs > 0, tf.int32)
+    return (
+        tf.not_equal(direction, 0)
+        & tf.reduce_all(tf.equal(ts[:, 0], t0))
+        & tf.reduce_all(diffs >= 0)
+        # Once a row repeats a time, it only repeats: padding ends a row.
+        & tf.reduce_all(strict[:, 1:] <= strict[:, :-1])
+    )
+
+
+def _prepare_per_sample_ts(ts):
+    if ts.shape[1] is not None and ts.shape[1] < 2:
+        raise ValueError(
+            "`ts` of shape (batch, n) must hold at least two times per row (the start and an "
+            f"output). Received: ts with shape {ts.shape}"
+        )
+    if hasattr(ts, "numpy"):
+        if not bool(_per_sample_valid(ts)):
+            raise ValueError(f"{_PER_SAMPLE_RULE} Received: ts={ts.numpy()}")
+        return ts
+    return _checked(ts, _per_sample_valid(ts), _PER_SAMPLE_RULE)
+
+
+def _padded(ts):
+    """`[batch, n]` bool: entries that repeat their row's previous time (padding)."""
+    repeats = tf.equal(ts[:, 1:], ts[:, :-1])
+    return tf.concat([tf.zeros_like(repeats[:, :1]), repeats], axis=1)
 
 
 def _paths(structure, prefix=()):
@@ -207,6 +259,7 @@ def solve(
     safety=0.9,
     factor_min=0.2,
     factor_max=10.0,
+    interpolate=True,
     throw=True,
     name=None,
 ):
@@ -218,9 +271,15 @@ def solve(
         y0: the initial state: a float tensor of any shape, or a nested structure (tuple,
             list, dict) of float tensors of one dtype. float16/bfloat16 states are solved
             in float32 and returned in their own dtype.
-        ts: 1-D, at least two strictly increasing or strictly decreasing times; `ts[0]`
-            is the start. Outputs are computed exactly at every time (the solver steps to
-            each), so many output times cost extra steps but no accuracy.
+        ts: the output times; `ts[0]` is the start. Either 1-D: at least two strictly
+            increasing or strictly decreasing times. Or 2-D, `(batch, n)`: times per
+            sample, the leading axis of every state component being the batch; every
+            row starts with the same time (`y0`'s), then that sample's own times,
+            strictly monotone in the same direction, and may end in repeats of its last
+            time (padding for samples with fewer observations: a padded entry returns
+            the state at the last real time, costs no step and gets no gradient, nor
+            passes one on). One solve runs to the time farthest from the start, and each
+            sample is interpolated at its own times (it requires `interpolate=True`).
         args: a tuple of extra inputs passed to `func`; floating ones receive
             gradients. Python numbers and NumPy arrays convert to the solve's dtype;
             float16/bfloat16 tensors are cast to float32 (solves never run in low
@@ -244,7 +303,7 @@ def solve(
             (Hairer–Nørsett–Wanner), at the cost of one evaluation of `func`.
         max_step: an upper bound on the step size; default unbounded.
         max_steps: the largest number of trial steps (accepted or rejected), a Python
-            int, at least `len(ts) - 1`; a solve that needs more fails with
+            int, with `interpolate=False` at least `len(ts) - 1`; a solve that needs more fails with
             `Status.MAX_STEPS_REACHED`. Default 1000. Outside XLA it costs nothing up
             front: time and memory follow the steps taken. Under XLA buffers need
             static shapes, so a call that computes an ACA gradient allocates and
@@ -257,6 +316,17 @@ def solve(
             multiple of the trials your problem takes (`Solution.stats`).
         safety, factor_min, factor_max: step-size controller parameters; defaults 0.9,
             0.2 and 10 as scipy and torchdiffeq.
+        interpolate: if True (default), the steps are chosen by the error control alone
+            and each output between the start and the last time is read from the
+            continuous extension of the accepted step it lies in (Dopri5's and Tsit5's
+            own, fourth order; cubic Hermite, third order, for the other solvers), as
+            every peer library does: output times cost no steps and no evaluations of
+            `func`, and the gradient (ACA, naive or adjoint) is exact for the
+            interpolated outputs, their times included. Interpolation is accurate to
+            the order of the interpolant, at about the solver's tolerance. If False,
+            the solver steps exactly onto every output time: each output is a step's
+            end (as accurate as the steps themselves), at the price of at least
+            `len(ts) - 1` steps. With two times (start and end) both are the same solve.
         throw: if True (default) a failed solve raises: `tfaca.SolveError` eagerly,
             `tf.errors.InvalidArgumentError` in a graph. Under XLA
             (`jit_compile=True`) run-time assertions do not exist, so a failure is
@@ -267,8 +337,9 @@ def solve(
         name: name scope for the ops.
 
     Returns:
-        A `Solution` with `ts`, `ys` (structure of `y0`, leading axis `len(ts)`),
-        `stats`, `status` and `t_final`.
+        A `Solution` with `ts`, `ys` (structure of `y0`, leading axis `len(ts)`; with
+        times per sample `(batch, n)`, `ys[k, b]` is sample `b` at `ts[b, k]`), `stats`,
+        `status` and `t_final`.
 
     Raises:
         ValueError, TypeError: on bad arguments, naming the argument.
@@ -276,6 +347,8 @@ def solve(
     """
     if not callable(func):
         raise TypeError(f"`func` must be callable. Received: func={func!r}")
+    if not isinstance(interpolate, (bool, np.bool_)):
+        raise TypeError(f"`interpolate` must be True or False. Received: interpolate={interpolate!r}")
     if not isinstance(args, tuple):
         raise TypeError(f"`args` must be a tuple. Received: args={args!r}")
     solver, strategy = check_options(
@@ -299,13 +372,37 @@ def solve(
         y0_flat = [tf.cast(y, dtype) for y in y0_flat]
         y0_struct = tf.nest.pack_sequence_as(y0, y0_flat)
         ts = _prepare_ts(ts, dtype)
-        num_intervals = ts.shape[0] - 1 if ts.shape[0] is not None else None
-        if num_intervals is not None and num_intervals > max_steps:
-            raise ValueError(
-                f"`max_steps` must be at least the number of output intervals, "
-                f"len(ts) - 1 = {num_intervals}: the solver steps onto every output time, "
-                f"so each interval takes at least one step. Received: max_steps={max_steps}"
-            )
+        per_sample = ts.shape.rank == 2
+        if per_sample:
+            if not interpolate:
+                raise ValueError(
+                    "`ts` of shape (batch, n), times per sample, are read by interpolation: "
+                    "one solve cannot step onto every sample's times. Received: "
+                    "interpolate=False"
+                )
+            for y in y0_flat:
+                if y.shape.rank == 0 or not y.shape[:1].is_compatible_with(ts.shape[:1]):
+                    raise ValueError(
+                        "`ts` of shape (batch, n) needs every component of `y0` to have the "
+                        f"batch as its leading axis. Received: ts with shape {ts.shape} and "
+                        f"a state component of shape {y.shape}"
+                    )
+            padded = _padded(ts)
+            # Padding gets no gradient, nor passes one on (see `ys` below).
+            ts_solved = tf.where(padded, tf.stop_gradient(ts), ts)
+        else:
+            ts_solved = ts
+        plan = _outputs.plan(ts_solved, interpolate)
+        num_intervals = None
+        if not plan.dense and ts.shape[0] is not None:
+            num_intervals = ts.shape[0] - 1
+            if num_intervals > max_steps:
+                raise ValueError(
+                    f"`max_steps` must be at least the number of output intervals, "
+                    f"len(ts) - 1 = {num_intervals}: with interpolate=False the solver "
+                    f"steps onto every output time, so each interval takes at least one "
+                    f"step. Received: max_steps={max_steps}"
+                )
         args_flat = [_as_arg(a, dtype) for a in tf.nest.flatten(args)]
         controller = StepSizeController(
             rtol=_tolerance("rtol", rtol, y0, y0_flat, dtype),
@@ -320,7 +417,7 @@ def solve(
             solver,
             controller,
             f,
-            ts,
+            plan,
             y0_flat,
             args_flat,
             step_size=None if step_size is None else _as_tensor(step_size, dtype),
@@ -329,6 +426,13 @@ def solve(
             throw=bool(throw),
         )
         ys_flat = trajectory.ys
+        if per_sample:
+            mask = tf.transpose(padded)
+            ys_flat = [
+                tf.where(tf.reshape(mask, tf.concat([tf.shape(mask), [1] * (y.shape.rank - 2)], 0)),
+                         tf.stop_gradient(y), y)
+                for y in ys_flat
+            ]
         if throw:
             ys_flat = raise_on_failure(
                 trajectory.status, trajectory.t_final, ys_flat,

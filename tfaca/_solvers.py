@@ -22,6 +22,33 @@ def _weighted_sum(y0, dt, weights, k):
     return out
 
 
+def _hermite(b_sol, num_stages):
+    """Cubic Hermite interpolation as stage weights (powers theta, theta**2, theta**3).
+
+    The cubic through `y0, y1 = y0 + dt * sum_i b_sol[i] k[i]` with slopes
+    `k[0] = f(t0, y0)` and `k[num_stages - 1] = f(t1, y1)`:
+    `y0 + dt * [(3 theta^2 - 2 theta^3) sum_i b_sol[i] k[i] + (theta - 2 theta^2 + theta^3)
+    k[0] + (theta^3 - theta^2) k[-1]]`. Third order (its error is O(dt^4)).
+    """
+    rows = []
+    for i in range(num_stages):
+        b = b_sol[i] if i < len(b_sol) else 0.0
+        row = [0.0, 3.0 * b, -2.0 * b]
+        if i == 0:
+            row = [row[0] + 1.0, row[1] - 2.0, row[2] + 1.0]
+        if i == num_stages - 1:
+            row = [row[0], row[1] - 1.0, row[2] + 1.0]
+        rows.append(tuple(row))
+    return tuple(rows)
+
+
+def _hermite_with_bubble(b_sol, d):
+    """Hermite plus `theta^2 (1 - theta)^2 * dt * sum_i d[i] k[i]`: the form of Dormand and
+    Prince's fourth-order extension (Hairer, Nørsett & Wanner I, II.6, `contd5`)."""
+    hermite = _hermite(b_sol, len(b_sol))
+    return tuple((h[0], h[1] + di, h[2] - 2.0 * di, di) for h, di in zip(hermite, d))
+
+
 class AbstractSolver:
     """Base class of explicit Runge–Kutta solvers.
 
@@ -71,7 +98,48 @@ class AbstractSolver:
     def adaptive(self):
         return self.error_order is not None
 
-    def step(self, func, t0, y0, f0, dt, solution_only=False):
+    @property
+    def dense_needs_f1(self):
+        """Whether the continuous extension needs `f(t1, y1)` after the stages: the
+        Hermite fallback of a tableau that is not FSAL (an FSAL tableau's last stage is
+        `f(t1, y1)`)."""
+        return self.tableau.b_dense is None and not self.tableau.fsal
+
+    @property
+    def dense_weights(self):
+        """The continuous extension as a `[stages, degree]` nested tuple: entry `[i][p]` is
+        the coefficient of `theta**(p + 1)` in the weight of stage `i` (`f(t1, y1)`
+        appended as a last stage when `dense_needs_f1`). The tableau's own `b_dense`
+        (Dopri5, Tsit5: fourth order), else cubic Hermite from `(y, f)` at both ends."""
+        tableau = self.tableau
+        if tableau.b_dense is not None:
+            return tableau.b_dense
+        return _hermite(tableau.b_sol, tableau.stages + int(self.dense_needs_f1))
+
+    def dense_coefficients(self, dt, k):
+        """The interpolating polynomial of one step: `y(t0 + theta dt) = y0 +
+        sum_p theta**(p + 1) c[p]`.
+
+        Args:
+            dt: the step size.
+            k: the stages `step(..., return_stages=True)` returned, followed by
+                `f(t1, y1)` when `dense_needs_f1`.
+
+        Returns:
+            A flat list, per state component, of `[degree, ...]` tensors `c`: one
+            contraction of the stacked stages with the weights (a small matmul).
+        """
+        weights = self.dense_weights
+        if len(k) != len(weights):
+            raise ValueError(f"{self!r} interpolates from {len(weights)} stages, got {len(k)}")
+        out = []
+        for n in range(len(k[0])):
+            stages = tf.stack([stage[n] for stage in k])
+            w = tf.constant(list(zip(*weights)), stages.dtype)  # [degree, stages]
+            out.append(dt * tf.tensordot(w, stages, 1))
+        return out
+
+    def step(self, func, t0, y0, f0, dt, solution_only=False, return_stages=False):
         """One step of the method from `(t0, y0)` with size `dt`.
 
         Args:
@@ -83,6 +151,8 @@ class AbstractSolver:
             solution_only: compute `y1` alone, with only the stages it needs
                 (`tableau.solution_stages`); returns `(y1, None, None)`. ACA's replay
                 uses it: it saves the FSAL stage (one evaluation of seven for Dopri5).
+            return_stages: also return the list of stages `k` (the FSAL one included),
+                which `dense_coefficients` turns into the step's interpolant.
 
         Returns:
             `(y1, f1, y_error)`: the state at `t0 + dt`; `func(t0 + dt, y1)` when the
@@ -100,14 +170,13 @@ class AbstractSolver:
             k.append(func(t0 + c_i * dt, y_i))
         y1 = _weighted_sum(y0, dt, tableau.b_sol[:stages], k)
         if solution_only:
-            return y1, None, None
+            return (y1, None, None, k) if return_stages else (y1, None, None)
         f1 = None
         if fsal:
             f1 = func(t0 + dt, y1)
             k.append(f1)
-        if tableau.b_error is None:
-            return y1, f1, None
-        return y1, f1, _weighted_sum(None, dt, tableau.b_error, k)
+        y_error = None if tableau.b_error is None else _weighted_sum(None, dt, tableau.b_error, k)
+        return (y1, f1, y_error, k) if return_stages else (y1, f1, y_error)
 
     def __repr__(self):
         return f"{type(self).__name__}()"
@@ -174,12 +243,27 @@ class Bosh3(AbstractSolver):
     error_order = 2
 
 
+_DOPRI5_B = (35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84, 0.0)
+# Dormand & Prince's dense-output weights (Hairer, Nørsett & Wanner I, II.6, `contd5`).
+_DOPRI5_D = (
+    -12715105075 / 11282082432,
+    0.0,
+    87487479700 / 32700410799,
+    -10690763975 / 1880347072,
+    701980252875 / 199316789632,
+    -1453857185 / 822651844,
+    69997945 / 29380423,
+)
+
+
 class Dopri5(AbstractSolver):
     """Dormand–Prince 5(4) (RK45, as MATLAB's ode45): six evaluations per step, FSAL.
 
     The default: a good balance of cost and accuracy for neural ODEs at the usual
-    tolerances. Reference: Dormand & Prince, "A family of embedded Runge–Kutta
-    formulae", J. Comp. Appl. Math. 6 (1980).
+    tolerances. Dense output: Dormand and Prince's fourth-order continuous extension
+    (cubic Hermite plus a quartic correction), free from the step's seven stages.
+    Reference: Dormand & Prince, "A family of embedded Runge–Kutta formulae",
+    J. Comp. Appl. Math. 6 (1980).
     """
 
     tableau = ButcherTableau(
@@ -192,7 +276,7 @@ class Dopri5(AbstractSolver):
             (9017 / 3168, -355 / 33, 46732 / 5247, 49 / 176, -5103 / 18656),
             (35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84),
         ),
-        b_sol=(35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84, 0.0),
+        b_sol=_DOPRI5_B,
         # b_sol - b_embedded, b_embedded being the 4th-order weights.
         b_error=(
             35 / 384 - 5179 / 57600,
@@ -203,14 +287,31 @@ class Dopri5(AbstractSolver):
             11 / 84 - 187 / 2100,
             -1 / 40,
         ),
+        b_dense=_hermite_with_bubble(_DOPRI5_B, _DOPRI5_D),
     )
     order = 5
     error_order = 4
 
 
+def _expand(*factors):
+    """The coefficients (powers 1, 2, ...) of a product of polynomials given by their
+    coefficients in increasing powers (the published factored form of Tsit5's weights)."""
+    out = [1.0]
+    for factor in factors:
+        product = [0.0] * (len(out) + len(factor) - 1)
+        for i, a in enumerate(out):
+            for j, b in enumerate(factor):
+                product[i + j] += a * b
+        out = product
+    if out[0] != 0.0:
+        raise ValueError(f"A weight b_i(theta) must vanish at theta=0. Received: {out}")
+    return tuple(out[1:])
+
+
 class Tsit5(AbstractSolver):
     """Tsitouras 5(4): six evaluations per step, FSAL; often a little cheaper than Dopri5.
 
+    Dense output: Tsitouras' fourth-order continuous extension from the seven stages.
     Reference: Ch. Tsitouras, "Runge–Kutta pairs of order 5(4) satisfying only the first
     column simplifying assumption", Comput. Math. Appl. 62 (2011). Coefficients as
     published there, to double precision.
@@ -250,6 +351,19 @@ class Tsit5(AbstractSolver):
             -3.290069515436081 + 2.7077123499835256,
             2.324710524099774 - 1.866628418170587,
             -1 / 66,
+        ),
+        # Tsitouras (2011), the interpolant's weights b_i(theta) in factored form.
+        b_dense=(
+            _expand([0, -1.0530884977290216], [-1.3299890189751412, 1],
+                    [0.7139816917074209, -1.4364028541716351, 1]),
+            _expand([0, 0, 0.1017], [1.2949852507374631, -2.1966568338249754, 1]),
+            _expand([0, 0, 2.490627285651252793], [1.57803468208092486, -2.38535645472061657, 1]),
+            _expand([0, 0, -16.54810288924490272], [-1.21712927295533244, 1],
+                    [-0.61620406037800089, 1]),
+            _expand([0, 0, 47.37952196281928122], [-1.203071208372362603, 1],
+                    [-0.658047292653547382, 1]),
+            _expand([0, 0, -34.87065786149660974], [-1.2, 1], [-0.666666666666666667, 1]),
+            _expand([0, 0, 2.5], [-1, 1], [-0.6, 1]),
         ),
     )
     order = 5

@@ -30,6 +30,13 @@ class ButcherTableau:
         b_sol: weights of the solution; they must sum to 1.
         b_error: weights of the error estimate (difference of the two solutions'
             weights); they must sum to 0. `None` for a fixed-step method.
+        b_dense: the method's continuous extension (dense output), or `None` for the
+            cubic Hermite fallback that every solver gets (`AbstractSolver.dense_weights`):
+            one tuple per stage of the coefficients of `theta, theta**2, ...` in the
+            weight `b_i(theta)`, so that `y(t0 + theta * dt) = y0 + dt * sum_i
+            b_i(theta) * k[i]` for `theta` in [0, 1]. Each `b_i(1)` must equal
+            `b_sol[i]` (the extension ends on the step's solution) and the weights must
+            sum to `theta` (it is exact for `dy/dt = 1`).
 
     Raises:
         ValueError: if the shapes or the consistency conditions do not hold.
@@ -39,6 +46,7 @@ class ButcherTableau:
     a_lower: tuple
     b_sol: tuple
     b_error: tuple = None
+    b_dense: tuple = None
 
     def __post_init__(self):
         object.__setattr__(self, "c", tuple(float(x) for x in self.c))
@@ -48,6 +56,10 @@ class ButcherTableau:
         object.__setattr__(self, "b_sol", tuple(float(x) for x in self.b_sol))
         if self.b_error is not None:
             object.__setattr__(self, "b_error", tuple(float(x) for x in self.b_error))
+        if self.b_dense is not None:
+            object.__setattr__(
+                self, "b_dense", tuple(tuple(float(x) for x in row) for row in self.b_dense)
+            )
 
         stages = len(self.c)
         if stages < 1 or self.c[0] != 0.0:
@@ -84,6 +96,29 @@ class ButcherTableau:
                 raise ValueError(
                     "`b_error` (b_sol - b_embedded) must sum to 0. "
                     f"Received: sum={math.fsum(self.b_error)}"
+                )
+
+        if self.b_dense is not None:
+            self._check_dense()
+
+    def _check_dense(self):
+        rows = self.b_dense
+        if len(rows) != self.stages or len({len(row) for row in rows}) != 1 or not rows[0]:
+            raise ValueError(
+                f"`b_dense` must have one non-empty row of polynomial coefficients per stage "
+                f"({self.stages}), all of one length. Received: b_dense={rows}"
+            )
+        for i, (row, b) in enumerate(zip(rows, self.b_sol)):
+            if not math.isclose(math.fsum(row), b, abs_tol=_TOLERANCE):
+                raise ValueError(
+                    f"`b_dense[{i}]` must equal b_sol[{i}]={b} at theta=1. "
+                    f"Received: {math.fsum(row)}"
+                )
+        for power, column in enumerate(zip(*rows), start=1):
+            if not math.isclose(math.fsum(column), float(power == 1), abs_tol=_TOLERANCE):
+                raise ValueError(
+                    f"The weights `b_dense` must sum to theta: the coefficients of "
+                    f"theta**{power} must sum to {int(power == 1)}. Received: {math.fsum(column)}"
                 )
 
     @property
