@@ -606,3 +606,22 @@ def test_backward_evaluations_are_counted(method):
     expected = int(sol.stats.num_fevals_backward)
     assert steps * solver.tableau.solution_stages < expected < steps * len(solver.dense_weights)
     assert calls[0] == expected
+
+
+@pytest.mark.parametrize("mode", ["eager", "xla"])
+def test_failure_before_the_first_step_gives_nan_outputs(mode):
+    """A solve that fails before accepting any step reports it, and every interpolated
+    output after the start is NaN, never y0 repeated."""
+
+    def func(t, y):
+        return y * tf.constant(float("nan"), F64)
+
+    ts = np.linspace(0.0, 1.0, 7)
+    run = lambda: tfaca.solve(func, _y0(), ts, throw=False)  # noqa: E731
+    if mode == "xla":
+        run = tf.function(run, jit_compile=True)
+    sol = run()
+    assert int(sol.status) == int(tfaca.Status.NONFINITE)
+    assert int(sol.stats.num_steps) == 0
+    np.testing.assert_array_equal(sol.ys.numpy()[0], _y0().numpy())
+    assert np.all(np.isnan(sol.ys.numpy()[1:]))

@@ -98,7 +98,8 @@ def _run(solver, controller, f, plan, y0, *, record, loop_kwargs):
         solver, controller, f, plan.stops, y0, record=record, dense=plan.dense, **loop_kwargs
     )
     if plan.dense:
-        later = _outputs.evaluate(trajectory.checkpoints, plan.ts, trajectory.t_final)
+        later = _outputs.evaluate(trajectory.checkpoints, plan.ts, trajectory.t_final,
+                                  _outputs.direction(plan))
         ys = [tf.concat([y[None], out], axis=0) for y, out in zip(y0, later)]
         trajectory = trajectory._replace(ys=ys)
     return trajectory
@@ -324,7 +325,8 @@ class ACAGradient(AbstractGradient):
             # A step with an output inside also replays the stages its interpolant
             # needs beyond y1 (Dopri5's and Tsit5's FSAL stage; f(t1, y1) for Hermite).
             cp = trajectory.checkpoints
-            index, theta = _outputs.locate(cp.t, cp.dt, cp.num_steps, plan.ts)
+            index, theta = _outputs.locate(cp.t, cp.dt, cp.num_steps, plan.ts,
+                                           _outputs.direction(plan))
             inside = tf.reshape(tf.where(theta > 0, index, -1), [-1])
             steps_with_outputs = tf.size(tf.unique(inside)[0]) - tf.cast(
                 tf.reduce_any(inside < 0), tf.int32)
@@ -372,7 +374,9 @@ def _replay(solver, f, trajectory, times, sources, g_ys, variables, throw):
     dense = len(times) > 1
     n = checkpoints.num_steps
     # The first output is y0 itself; the others are read from the steps' interpolants.
-    pulled = _outputs.pullback(checkpoints, times[1], [g[1:] for g in g_ys]) if dense else None
+    sign = tf.sign(stops[-1] - stops[0])
+    pulled = (_outputs.pullback(checkpoints, times[1], [g[1:] for g in g_ys], sign)
+              if dense else None)
     # What "the same state" means for the check: rounding (XLA may fuse the forward and
     # the replay differently), never a different random draw.
     eps = float(tf.experimental.numpy.finfo(stops.dtype.as_numpy_dtype).eps)
@@ -539,7 +543,7 @@ def _unrolled_vjp(solver, f, trajectory, times, y0, sources, g_ys, variables):
                 c=[ta.write(n, tf.zeros_like(c[0])).stack() for ta, c in zip(cs_ta, cp.c)],
                 num_steps=n,
             )
-            later = _outputs.evaluate(rebuilt, times[1], t[n])
+            later = _outputs.evaluate(rebuilt, times[1], t[n], tf.sign(stops[1] - stops[0]))
             total += _dot([g[1:] for g in g_ys], later)
     grads = tape.gradient(
         total, [*times, *y0, *sources, *variables],

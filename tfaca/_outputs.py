@@ -65,7 +65,13 @@ def plan(ts, interpolate):
     return Plan(stops=tf.stack([ts[0], ts[-1]]), ts=ts[1:])
 
 
-def locate(t, dt, num_steps, ts):
+def direction(plan):
+    """+1 or -1: the sign of the solve's time direction, from its stops (never from the
+    steps, which a solve that failed at once does not have)."""
+    return tf.sign(plan.stops[-1] - plan.stops[0])
+
+
+def locate(t, dt, num_steps, ts, sign):
     """The accepted step each output time lies in, and where in it.
 
     Args:
@@ -73,17 +79,17 @@ def locate(t, dt, num_steps, ts):
             (XLA's static buffers), entry `num_steps` is the end of the solve.
         num_steps: int32 scalar.
         ts: output times, `[n]` or `[batch, n]`.
+        sign: the direction of time (`direction(plan)`).
 
     Returns:
         `(index, theta)` shaped like `ts`: the step `i` with `t[i] <= ts < t[i + 1]`
         (in the direction of time) and `theta = (ts - t[i]) / dt[i]` in `[0, 1)`; a time
         on the end of the solve gets `index = num_steps`, `theta = 0`.
     """
-    direction = tf.sign(t[num_steps] - t[0])
     used = tf.range(tf.shape(t)[0]) <= num_steps
     # Ascending keys for the binary search, whichever way time runs; unused entries last.
-    keys = tf.where(used, direction * t, tf.constant(float("inf"), t.dtype))
-    flat = tf.reshape(direction * ts, [-1])
+    keys = tf.where(used, sign * t, tf.constant(float("inf"), t.dtype))
+    flat = tf.reshape(sign * ts, [-1])
     index = tf.searchsorted(keys, flat, side="right") - 1
     index = tf.reshape(tf.clip_by_value(index, 0, num_steps), tf.shape(ts))
     # `dt` of entry num_steps is 1: theta = 0 there, whatever the time.
@@ -109,17 +115,17 @@ def _expand_like(theta, x, per_sample):
     return tf.reshape(theta, tf.concat([tf.shape(theta), trailing], 0))
 
 
-def evaluate(checkpoints, ts, t_final):
+def evaluate(checkpoints, ts, t_final, sign):
     """The solution at `ts` from the recorded steps: a flat list of `[n, ...]` tensors.
 
     Per sample (`ts` of shape `[batch, n]`), entry `[k, b]` is sample `b` at `ts[b, k]`.
-    Outputs past `t_final` (a failed solve) are NaN, never a stale state.
+    Outputs past `t_final` (a failed solve) are NaN, never a stale state. `sign`: the
+    direction of time.
     """
     cp = checkpoints
     per_sample = ts.shape.rank == 2
-    index, theta = locate(cp.t, cp.dt, cp.num_steps, ts)
-    direction = tf.sign(cp.t[cp.num_steps] - cp.t[0])
-    reached = direction * (ts - t_final) <= 0
+    index, theta = locate(cp.t, cp.dt, cp.num_steps, ts, sign)
+    reached = sign * (ts - t_final) <= 0
     ys = []
     for y, c in zip(cp.y, cp.c):
         out = _gather(y, index, per_sample)
@@ -164,7 +170,7 @@ class Pullback(NamedTuple):
     has_outputs: Any  # [size] bool: whether any output lies strictly inside the step
 
 
-def pullback(checkpoints, ts, g_ys):
+def pullback(checkpoints, ts, g_ys, sign):
     """The transpose of `evaluate` for given output cotangents `g_ys`.
 
     An output is `y = y_i + sum_p theta^p c_{i,p}` with `theta = (ts - t_i) / dt_i`, so
@@ -175,7 +181,7 @@ def pullback(checkpoints, ts, g_ys):
     cp = checkpoints
     per_sample = ts.shape.rank == 2
     size = tf.shape(cp.t)[0]
-    index, theta = locate(cp.t, cp.dt, cp.num_steps, ts)
+    index, theta = locate(cp.t, cp.dt, cp.num_steps, ts, sign)
     g_y, g_c, u = [], [], 0.0
     for y, c, g in zip(cp.y, cp.c, g_ys):
         th = _expand_like(theta, g, per_sample)
