@@ -395,8 +395,6 @@ def _replay(solver, f, trajectory, times, sources, g_ys, variables, throw):
             y1, g_t, g_dt, g_y, g_s, g_v = tf.cond(
                 pulled.has_outputs[i], lambda: pull(a, g_c), lambda: pull(a, None)
             )
-            g_t += pulled.g_t[i]
-            g_dt += pulled.g_dt[i]
             g_y = [g_n + p[i] for g_n, p in zip(g_y, pulled.g_y)]
         else:
             # The output stops[j] is y_{i+1} when this step lands on it.
@@ -431,6 +429,13 @@ def _replay(solver, f, trajectory, times, sources, g_ys, variables, throw):
     _, a, g_stops, g_sources, g_vars, mismatch = tf.while_loop(
         lambda i, *_: i >= 0, step_vjp, state, parallel_iterations=1
     )
+    if dense:
+        # The outputs' own pull on each step's t_i and dt_i, added outside the loop (the
+        # same mapping as in step_vjp, with j = 1): when no time gradient is wanted, the
+        # graph then drops the polynomial derivatives that only it needs.
+        landing = tf.cast(checkpoints.hit, stops.dtype) * pulled.g_dt
+        g_stops += tf.stack([tf.reduce_sum(pulled.g_t) - tf.reduce_sum(landing),
+                             tf.reduce_sum(landing)])
     g_times = [g_stops, pulled.g_ts] if dense else [g_stops]
     g_y0 = [a_n + g[0] for a_n, g in zip(a, g_ys)]
     return _check_replay(mismatch, [*g_times, *g_y0, *g_sources, *g_vars], throw)
