@@ -151,7 +151,8 @@ _ACCURACY = {"dopri5": (1e-9, 1e-7), "tsit5": (1e-9, 1e-7), "bosh3": (1e-7, 3e-6
              "heun_euler": (1e-5, 3e-4)}
 
 
-@pytest.mark.parametrize("method", ["dopri5", "tsit5", "bosh3",
+@pytest.mark.parametrize("method", ["dopri5", pytest.param("tsit5", marks=pytest.mark.slow),
+                                    pytest.param("bosh3", marks=pytest.mark.slow),
                                     pytest.param("heun_euler", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("reverse", [False, True])
 def test_interpolated_outputs_match_expm(method, reverse):
@@ -218,7 +219,8 @@ def _variable_problem():
     return A, func
 
 
-@pytest.mark.parametrize("method", ["dopri5", "tsit5", "bosh3", "heun_euler"])
+@pytest.mark.parametrize("method", ["dopri5", "bosh3", pytest.param("tsit5", marks=pytest.mark.slow),
+                                    pytest.param("heun_euler", marks=pytest.mark.slow)])
 def test_aca_equals_unrolled_steps_and_interpolants(method):
     """ACA's gradient equals backprop through the same accepted steps and interpolations,
     to 1e-10 relative in float64: for y0, args, a variable and every output time."""
@@ -289,7 +291,7 @@ def test_aca_equals_unrolled_nested_reverse_time():
                        rtol=1e-10)
 
 
-@pytest.mark.parametrize("gradient", ["naive", "adjoint"])
+@pytest.mark.parametrize("gradient", [pytest.param("naive", marks=pytest.mark.slow), "adjoint"])
 def test_other_modes_agree_with_aca(gradient):
     A, func = _variable_problem()
     y0 = _y0()
@@ -512,7 +514,7 @@ def _series_model(gradient="aca", return_sequences=True):
     return keras.Model([state, times], layer([state, times])), layer
 
 
-@pytest.mark.parametrize("gradient", ["aca", "adjoint"])
+@pytest.mark.parametrize("gradient", ["aca", pytest.param("adjoint", marks=pytest.mark.slow)])
 def test_odelayer_per_sample_times_fit_and_match_single_samples(gradient):
     import keras
 
