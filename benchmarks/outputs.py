@@ -952,6 +952,9 @@ def main():
     else:
         start = time.perf_counter()
         probe = _probe(a.python, a.tfaca_root)
+        if not os.path.realpath(probe["path"]).startswith(os.path.realpath(a.tfaca_root)):
+            sys.exit(f"the children import tfaca from {probe['path']}, not from "
+                     f"--tfaca-root {a.tfaca_root}")
         print(f"tfaca from {probe['path']}; interpolate keyword: {probe['interpolate']}",
               flush=True)
         libs = [x for x in libs if LIBS[x][3] != "interpolate" or probe["interpolate"]]
