@@ -310,7 +310,23 @@ def _torch_field(torch, w):
     return Field()
 
 
-class TorchdiffeqRunner:
+class _TorchRunner:
+    """Forward and forward+backward of a torch solve `self._solve(y0)`, loss sum(ys**2)/2,
+    gradients with respect to y0 and the field's parameters."""
+
+    def fwd(self):
+        with self.torch.no_grad():
+            return self._solve(self.y0).numpy()
+
+    def fwdbwd(self):
+        y0 = self.y0.clone().requires_grad_(True)
+        ys = self._solve(y0)
+        loss = 0.5 * (ys**2).sum()
+        grads = self.torch.autograd.grad(loss, [y0] + list(self.func.params))
+        return ys.detach().numpy(), [g.numpy() for g in grads]
+
+
+class TorchdiffeqRunner(_TorchRunner):
     """torchdiffeq.odeint (backprop through the solver), dopri5, the given t."""
 
     def __init__(self, n):
@@ -328,17 +344,6 @@ class TorchdiffeqRunner:
         self._solver_class = rk_common.RKAdaptiveStepsizeODESolver
         self.note = ""
         self._steps = None
-
-    def fwd(self):
-        with self.torch.no_grad():
-            return self._solve(self.y0).numpy()
-
-    def fwdbwd(self):
-        y0 = self.y0.clone().requires_grad_(True)
-        ys = self._solve(y0)
-        loss = 0.5 * (ys**2).sum()
-        grads = self.torch.autograd.grad(loss, [y0] + list(self.func.params))
-        return ys.detach().numpy(), [g.numpy() for g in grads]
 
     def steps(self):
         # torchdiffeq does not report steps: count its _adaptive_step calls in one extra
@@ -360,7 +365,7 @@ class TorchdiffeqRunner:
         return tuple(tally)
 
 
-class TdepRunner:
+class TdepRunner(_TorchRunner):
     """TorchDiffEqPack odesolve (its ACA: trial steps without a graph, accepted steps
     re-run with one), dopri5, t_eval = the output times."""
 
@@ -396,17 +401,6 @@ class TdepRunner:
         # neval: accepted steps (one per pass of the outer loop).
         self._steps = (solver.neval, trials[0] - solver.neval)
         return ys
-
-    def fwd(self):
-        with self.torch.no_grad():
-            return self._solve(self.y0).numpy()
-
-    def fwdbwd(self):
-        y0 = self.y0.clone().requires_grad_(True)
-        ys = self._solve(y0)
-        loss = 0.5 * (ys**2).sum()
-        grads = self.torch.autograd.grad(loss, [y0] + list(self.func.params))
-        return ys.detach().numpy(), [g.numpy() for g in grads]
 
     def steps(self):
         return self._steps
