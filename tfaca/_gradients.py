@@ -24,9 +24,11 @@ step) and, through the polynomial's derivative, `tau`, `t_i` and `dt_i`
 Costs: memory O(N * state) for the checkpoints (with interpolated outputs, also the
 `degree` coefficients of each step's interpolant: 4 states per step for Dopri5 and
 Tsit5, 3 for Hermite) plus one step's graph; time one replay of each accepted step (the
-stages `y_{i+1}` needs, and their vector-Jacobian products; a step with outputs inside
-also the stages its interpolant needs), never the rejected trials. The replay also checks that each rebuilt `y_{i+1}` is the
-one the forward pass accepted: a `func` that is not a function of `(t, y)` alone (it
+stages `y_{i+1}` needs, and their vector-Jacobian products; with interpolated outputs
+the same stages serve the interpolant, whose last stage `f(t_{i+1}, y_{i+1})` is the
+next step's first, plus one evaluation at the end of the solve), never the rejected
+trials. The replay also checks that each rebuilt `y_{i+1}` is the one the forward pass
+accepted: a `func` that is not a function of `(t, y)` alone (it
 draws random numbers, or reads state that changed) would otherwise give the gradient
 of another computation than the one whose loss was taken.
 
@@ -56,7 +58,6 @@ differentiated. Every strategy runs the same loop, `_loop.integrate`.
 """
 
 import dataclasses
-import functools
 import math
 
 import tensorflow as tf
@@ -288,8 +289,8 @@ class ACAGradient(AbstractGradient):
     Gradients reach `y0`, `args`, every entry of `ts`, the variables that `func` reads
     (Keras weights included) and tensors it closes over. The backward pass evaluates
     `func` once per stage that the solution uses (6 for Dopri5 and Tsit5, whose seventh,
-    FSAL, stage only serves the next step) per accepted step
-    (`Stats.num_fevals_backward`).
+    FSAL, stage only serves the next step) per accepted step, and with interpolated
+    outputs one more at the end of the solve (`Stats.num_fevals_backward`).
 
     The replay checks that it rebuilds the states the forward pass accepted (to
     `sqrt(eps)` relative): if `func` is not a deterministic function of `(t, y)` (it draws
@@ -320,27 +321,23 @@ class ACAGradient(AbstractGradient):
             forward, backward, func, _times(plan), y0, args, second_order=None
         )
         stats = trajectory.stats
-        replay_fevals = stats.num_steps * solver.tableau.solution_stages
         if plan.dense:
-            # A step with an output inside also replays the stages its interpolant
-            # needs beyond y1 (Dopri5's and Tsit5's FSAL stage; f(t1, y1) for Hermite).
-            cp = trajectory.checkpoints
-            index, theta = _outputs.locate(cp.t, cp.dt, cp.num_steps, plan.ts,
-                                           _outputs.direction(plan))
-            inside = tf.reshape(tf.where(theta > 0, index, -1), [-1])
-            steps_with_outputs = tf.size(tf.unique(inside)[0]) - tf.cast(
-                tf.reduce_any(inside < 0), tf.int32)
-            extra = len(solver.dense_weights) - solver.tableau.solution_stages
-            replay_fevals += steps_with_outputs * extra
+            # The stages of each step's interpolant but its last, f(t1, y1), which is
+            # the next step's first stage, plus that stage once at the end of the solve.
+            replay_fevals = stats.num_steps * (len(solver.dense_weights) - 1) + 1
+        else:
+            replay_fevals = stats.num_steps * solver.tableau.solution_stages
         return trajectory._replace(stats=stats._replace(num_fevals_backward=replay_fevals))
 
 
-def _step_vjp(solver, f, t, dt, y, a, g_c, sources, variables):
+def _step_vjp(solver, f, t, dt, y, a, g_c, g_f0, sources, variables):
     """Rebuilds one accepted step under a tape and pulls cotangents back through it.
 
-    `a`: the cotangent of the step's end state; `g_c`: that of its interpolation
-    coefficients, or None when no output lies inside the step (then only the stages
-    `y1` needs are evaluated). Returns `(y1, g_t, g_dt, g_y, g_sources, g_variables)`.
+    `a`: the cotangent of the step's end state. With dense output, `g_c` is that of
+    its interpolation coefficients and `g_f0` that of its first stage `f(t, y)` as the
+    previous step's last interpolation stage (`_replay`); else both are None and only
+    the stages `y1` needs are evaluated. Returns
+    `(y1, g_t, g_dt, g_y, g_sources, g_variables)`.
     """
     with tf.GradientTape() as tape:
         tape.watch([t, dt] + y + sources)
@@ -349,10 +346,9 @@ def _step_vjp(solver, f, t, dt, y, a, g_c, sources, variables):
             y1, _, _ = solver.step(f, t, y, f0, dt, solution_only=True)
             targets, cotangents = y1, a
         else:
-            y1, _, _, k = solver.step(f, t, y, f0, dt, return_stages=True)
-            stages = k + [f(t + dt, y1)] if solver.dense_needs_f1 else k
-            targets = y1 + solver.dense_coefficients(dt, stages)
-            cotangents = list(a) + list(g_c)
+            y1, k = solver.replay_stages(f, t, y, f0, dt)
+            targets = y1 + solver.dense_coefficients(dt, k) + f0
+            cotangents = list(a) + list(g_c) + list(g_f0)
     g_t, g_dt, g_y, g_s, g_v = tape.gradient(
         targets, [t, dt, y, sources, list(variables)], output_gradients=cotangents,
         unconnected_gradients=tf.UnconnectedGradients.ZERO,
@@ -361,13 +357,29 @@ def _step_vjp(solver, f, t, dt, y, a, g_c, sources, variables):
     return y1, g_t, g_dt, convert(g_y), convert(g_s), convert(g_v)
 
 
+def _last_stage_cotangents(solver, dt, g_c):
+    """The cotangent of each step's last interpolation stage `f(t_{i+1}, y_{i+1})`,
+    from its coefficients' (`c_p = dt sum_j w[j][p] k_j`): `dt sum_p w[-1][p] g_c[p]`,
+    a flat list of `[size, ...]`."""
+    out = []
+    for g in g_c:
+        w = tf.constant(solver.dense_weights[-1], g.dtype)  # [degree]
+        scale = tf.reshape(dt, [-1] + [1] * (g.shape.rank - 2))
+        out.append(scale * tf.tensordot(g, w, [[1], [0]]))
+    return out
+
+
 def _replay(solver, f, trajectory, times, sources, g_ys, variables, throw):
     """The ACA backward pass: pull the output cotangents back through the accepted steps.
 
     Outputs the loop stepped onto add their cotangent to the state the step lands on;
     interpolated outputs are first carried onto the steps they lie in
-    (`_outputs.pullback`), and a step with outputs inside is replayed with its
-    interpolant, whose coefficients receive their cotangents with the end state's.
+    (`_outputs.pullback`), and every step is replayed with its interpolant, whose
+    coefficients receive their cotangents with the end state's. The interpolant's last
+    stage, `f(t_{i+1}, y_{i+1})`, is not rebuilt with step `i`: it is step `i + 1`'s
+    first stage, which takes its cotangent too (and, for the last step, one evaluation
+    at the end of the solve). So a step costs the stages `y_{i+1}` needs, with or
+    without outputs inside, and no branch is taken per step.
     """
     checkpoints = trajectory.checkpoints
     stops = times[0]
@@ -388,18 +400,19 @@ def _replay(solver, f, trajectory, times, sources, g_ys, variables, throw):
         j = checkpoints.interval[i]
         hit = checkpoints.hit[i]
         y = [y_n[i] for y_n in checkpoints.y]
-        pull = functools.partial(_step_vjp, solver, f, t, dt, y, sources=sources,
-                                 variables=variables)
         if dense:
             g_c = [g[i] for g in pulled.g_c]
-            y1, g_t, g_dt, g_y, g_s, g_v = tf.cond(
-                pulled.has_outputs[i], lambda: pull(a, g_c), lambda: pull(a, None)
-            )
+            # f(t_i, y_i) is also step i - 1's last interpolation stage.
+            g_f0 = [tf.where(i > 0, g[tf.maximum(i - 1, 0)], tf.zeros_like(g[0]))
+                    for g in g_last]
+            y1, g_t, g_dt, g_y, g_s, g_v = _step_vjp(
+                solver, f, t, dt, y, a, g_c, g_f0, sources, variables)
             g_y = [g_n + p[i] for g_n, p in zip(g_y, pulled.g_y)]
         else:
             # The output stops[j] is y_{i+1} when this step lands on it.
             a = [a_n + tf.where(hit, g[j], tf.zeros_like(a_n)) for a_n, g in zip(a, g_ys)]
-            y1, g_t, g_dt, g_y, g_s, g_v = pull(a, None)
+            y1, g_t, g_dt, g_y, g_s, g_v = _step_vjp(
+                solver, f, t, dt, y, a, None, None, sources, variables)
         # t_i = stops[j-1] + offset; the landing step's dt = stops[j] - t_i.
         g_dt = tf.where(hit, g_dt, tf.zeros_like(g_dt))
         g_stops = tf.tensor_scatter_nd_add(g_stops, [[j - 1], [j]], tf.stack([g_t - g_dt, g_dt]))
@@ -411,18 +424,37 @@ def _replay(solver, f, trajectory, times, sources, g_ys, variables, throw):
         mismatch = tf.where(differs & (mismatch < 0), i, mismatch)
         return i - 1, g_y, g_stops, g_sources, g_vars, mismatch
 
+    g_stops = tf.zeros_like(stops)
+    g_sources = [tf.zeros_like(s) for s in sources]
+    g_vars = [tf.zeros_like(v) for v in variables]
     if dense:
-        a = [g[n] for g in pulled.g_y]  # outputs at the end of the solve
+        g_last = _last_stage_cotangents(solver, checkpoints.dt, pulled.g_c)
+        # The last step's last interpolation stage, f at the end of the solve (t_n is
+        # the last stop), evaluated once here; the others are the next steps' first.
+        last = tf.maximum(n - 1, 0)
+        end = [checkpoints.t[n]] + [y_n[n] for y_n in checkpoints.y]
+        with tf.GradientTape() as tape:
+            tape.watch(end + sources)
+            f_end = f(end[0], end[1:])
+        g_end = tape.gradient(
+            f_end, [end, sources, list(variables)],
+            output_gradients=[tf.where(n > 0, g[last], tf.zeros_like(g[last])) for g in g_last],
+            unconnected_gradients=tf.UnconnectedGradients.ZERO,
+        )
+        (g_t_end, *g_y_end), g_s, g_v = [[tf.convert_to_tensor(x) for x in xs] for xs in g_end]
+        # That stage's term in the last step's coefficients, dt * w[-1] * f_end, also
+        # depends on the landing step's size dt = t_end - t_{n-1} (the replay leaves the
+        # term out): <g, f_end> / dt onto t_end, minus onto t0. Stops: [t0, t_end].
+        on_dt = _dot([g[last] for g in g_last], f_end) / checkpoints.dt[last]
+        on_dt = tf.where((n > 0) & checkpoints.hit[last], on_dt, tf.zeros_like(on_dt))
+        g_stops += tf.stack([-on_dt, on_dt + g_t_end])
+        g_sources = [x + y_ for x, y_ in zip(g_sources, g_s)]
+        g_vars = [x + y_ for x, y_ in zip(g_vars, g_v)]
+        # The outputs at the end of the solve.
+        a = [g[n] + g_n for g, g_n in zip(pulled.g_y, g_y_end)]
     else:
         a = [tf.zeros_like(g[0]) for g in g_ys]
-    state = (
-        n - 1,
-        a,
-        tf.zeros_like(stops),
-        [tf.zeros_like(s) for s in sources],
-        [tf.zeros_like(v) for v in variables],
-        tf.constant(-1, tf.int32),
-    )
+    state = (n - 1, a, g_stops, g_sources, g_vars, tf.constant(-1, tf.int32))
     # parallel_iterations=1: each step's replay does not depend on the cotangent, so
     # TensorFlow would otherwise run up to 10 replays ahead and hold their graphs at
     # once; one at a time keeps ACA's memory at one step's graph (XLA ignores it).

@@ -167,7 +167,6 @@ class Pullback(NamedTuple):
     g_t: Any  # [size]: on each step's start time
     g_dt: Any  # [size]: on each step's size
     g_ts: Any  # like ts: on the output times
-    has_outputs: Any  # [size] bool: whether any output lies strictly inside the step
 
 
 def pullback(checkpoints, ts, g_ys, sign):
@@ -203,6 +202,4 @@ def pullback(checkpoints, ts, g_ys, sign):
     flat = tf.reshape(index, [-1])
     g_t = tf.math.unsorted_segment_sum(tf.reshape(-u / dt, [-1]), flat, size)
     g_dt = tf.math.unsorted_segment_sum(tf.reshape(-u * theta / dt, [-1]), flat, size)
-    inside = tf.reshape(tf.cast(theta > 0, tf.int32), [-1])
-    has_outputs = tf.math.unsorted_segment_sum(inside, flat, size) > 0
-    return Pullback(g_y=g_y, g_c=g_c, g_t=g_t, g_dt=g_dt, g_ts=u / dt, has_outputs=has_outputs)
+    return Pullback(g_y=g_y, g_c=g_c, g_t=g_t, g_dt=g_dt, g_ts=u / dt)

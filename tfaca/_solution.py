@@ -52,10 +52,10 @@ class Stats(NamedTuple):
         num_fevals: evaluations of `func` in the forward solve, including the first-step
             selection.
         num_fevals_backward: evaluations of `func` the gradient will make: with ACA,
-            the stages `y1` uses (`tableau.solution_stages`) per accepted step, plus,
-            per step with interpolated outputs inside, the stages only its interpolant
-            uses (Dopri5's and Tsit5's FSAL stage; `f(t1, y1)` for a Hermite solver that
-            is not FSAL), known when the forward ends; with the naive
+            the stages `y1` uses (`tableau.solution_stages`) per accepted step, plus one
+            at the end of the solve when outputs are interpolated (the interpolants'
+            last stage, `f(t1, y1)`, is the next step's first), known when the forward
+            ends; with the naive
             method 0 (it differentiates the recorded evaluations); with the adjoint -1,
             as its reverse solve is adaptive: `AdjointGradient.backward_stats` holds it
             once the gradient has been computed.

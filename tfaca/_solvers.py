@@ -123,21 +123,41 @@ class AbstractSolver:
         Args:
             dt: the step size.
             k: the stages `step(..., return_stages=True)` returned, followed by
-                `f(t1, y1)` when `dense_needs_f1`.
+                `f(t1, y1)` when `dense_needs_f1`; or all of them but the last,
+                `f(t1, y1)`, whose term is then left out (ACA's replay carries it by the
+                next step's first stage, the same value: `replay_stages`).
 
         Returns:
             A flat list, per state component, of `[degree, ...]` tensors `c`: one
             contraction of the stacked stages with the weights (a small matmul).
         """
         weights = self.dense_weights
-        if len(k) != len(weights):
+        if len(k) not in (len(weights), len(weights) - 1):
             raise ValueError(f"{self!r} interpolates from {len(weights)} stages, got {len(k)}")
         out = []
         for n in range(len(k[0])):
             stages = tf.stack([stage[n] for stage in k])
-            w = tf.constant(list(zip(*weights)), stages.dtype)  # [degree, stages]
+            w = tf.constant(list(zip(*weights[:len(k)])), stages.dtype)  # [degree, stages]
             out.append(dt * tf.tensordot(w, stages, 1))
         return out
+
+    def replay_stages(self, func, t0, y0, f0, dt):
+        """`(y1, k)`: the step's end and the stages of its continuous extension but the
+        last, which is always `f(t1, y1)` (an FSAL stage, or the Hermite slope), equal to
+        the next step's first stage. ACA's replay rebuilds a step with these, so that a
+        step with outputs inside costs no more evaluations than one without (for every
+        built-in solver, the stages before `f(t1, y1)` are the ones `y1` uses)."""
+        count = len(self.dense_weights) - 1
+        k = self._stages(func, t0, y0, f0, dt, count)
+        return _weighted_sum(y0, dt, self.tableau.b_sol[:count], k), k
+
+    def _stages(self, func, t0, y0, f0, dt, count):
+        """The first `count` stages from `(t0, y0)`, `f0` being the first."""
+        tableau = self.tableau
+        k = [f0]
+        for c_i, a_i in zip(tableau.c[1:count], tableau.a_lower[: count - 1]):
+            k.append(func(t0 + c_i * dt, _weighted_sum(y0, dt, a_i, k)))
+        return k
 
     def step(self, func, t0, y0, f0, dt, solution_only=False, return_stages=False):
         """One step of the method from `(t0, y0)` with size `dt`.
@@ -164,10 +184,7 @@ class AbstractSolver:
         fsal = tableau.fsal and not solution_only
         # An FSAL tableau's last stage is f(t1, y1): build y1 once, then evaluate it there.
         stages = tableau.solution_stages if solution_only else tableau.stages - int(fsal)
-        k = [f0]
-        for c_i, a_i in zip(tableau.c[1:stages], tableau.a_lower[: stages - 1]):
-            y_i = _weighted_sum(y0, dt, a_i, k)
-            k.append(func(t0 + c_i * dt, y_i))
+        k = self._stages(func, t0, y0, f0, dt, stages)
         y1 = _weighted_sum(y0, dt, tableau.b_sol[:stages], k)
         if solution_only:
             return (y1, None, None, k) if return_stages else (y1, None, None)
