@@ -407,6 +407,24 @@ def test_per_sample_gradients_and_padding(gradient):
     assert np.all(g_ts.numpy()[1:, 0] == 0.0)
 
 
+def test_adjoint_per_sample_times_in_fit_with_a_batch_of_known_size():
+    """`fit` on one batch of known size traces a static batch with times of unknown
+    count: the adjoint's event loop keeps its loop shapes (it used to fail: "enters the
+    loop with shape (1, 3), but has shape (None, 3) after one iteration")."""
+    import keras
+
+    keras.utils.set_random_seed(0)
+    state, times = keras.Input((3,), dtype="float64"), keras.Input((None,), dtype="float64")
+    dynamics = keras.Sequential([keras.layers.Dense(3, dtype="float64")])
+    ode = tfaca.ODELayer(dynamics, gradient="adjoint", return_sequences=True, dtype="float64")
+    model = keras.Model([state, times], ode([state, times]))
+    model.compile(keras.optimizers.SGD(1e-3), "mse")
+    ts = np.linspace(0.0, 1.0, 6)[None]
+    history = model.fit([np.ones((1, 3)), ts], np.zeros((1, 6, 3)), epochs=2, batch_size=1,
+                        verbose=0)
+    assert np.isfinite(history.history["loss"]).all()
+
+
 def test_padded_entries_pass_no_gradient_to_the_state():
     func = linear_func(A_NP)
     ts = _per_sample_ts()

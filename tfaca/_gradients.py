@@ -767,9 +767,9 @@ class AdjointGradient(AbstractGradient):
             return ([x[-1] for x in trajectory.ys], stats.num_steps, stats.num_rejected,
                     stats.num_fevals, trajectory.status, trajectory.t_final)
 
-        def event(e, y, a, g_params, g_later, num_steps, num_rejected, num_fevals, status,
-                  t_final):
-            y, a, g_later, num_fevals = arrive(e, y, a, g_later, num_fevals)
+        def event(e, y_in, a_in, g_params, g_later, num_steps, num_rejected, num_fevals,
+                  status, t_final):
+            y, a, g_later, num_fevals = arrive(e, y_in, a_in, g_later, num_fevals)
             t1 = event_times[e]
             t0 = tf.where(e > 0, event_times[tf.maximum(e - 1, 0)], stops[0])
             state = y + a + g_params
@@ -782,7 +782,7 @@ class AdjointGradient(AbstractGradient):
                 )
             else:
                 end, steps, rejected, fevals, code, reached = reverse(t1, t0, state)
-            return (
+            out = (
                 e - 1,
                 end[:num_y],
                 end[num_y:2 * num_y],
@@ -794,6 +794,13 @@ class AdjointGradient(AbstractGradient):
                 tf.maximum(status, code),
                 tf.where(status == 0, reached, t_final),
             )
+            # Reading the forward outputs and the reverse solve can lose a static batch
+            # size the loop entered with (a Keras batch of known size); the values keep it.
+            inputs = (e, y_in, a_in, g_params, g_later, num_steps, num_rejected, num_fevals,
+                      status, t_final)
+            for x, like in zip(tf.nest.flatten(out), tf.nest.flatten(inputs)):
+                x.set_shape(like.shape)
+            return out
 
         state = (
             tf.shape(event_times)[0] - 1,
