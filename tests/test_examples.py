@@ -39,3 +39,87 @@ def test_readme_quickstart_runs():
     assert namespace["dl_dy0"].shape == (2,)
     assert namespace["dl_dts"].shape == (3,)
     assert int(namespace["sol"].status) == 0
+
+
+def _png(path):
+    return path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_three_body_quick_learns_the_masses(tmp_path, capsys):
+    example = _load("three_body")
+    result = example.main(["--quick", "--quiet", "--out-dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    truth = np.array(example.TRUE_MASSES)
+    initial_error = np.max(np.abs(np.random.default_rng(0).uniform(0.9, 1.1, 3) - truth))
+    runs = result["results"]
+    assert sorted(runs) == ["aca", "adjoint", "naive"]
+    for mode, r in runs.items():
+        assert f"{mode}: masses (" in out
+        # The loss falls by orders of magnitude and the masses approach the truth.
+        assert min(r["history"]) < 1e-2 * r["history"][0], (mode, r["history"])
+        assert r["mass_error"] < 0.25 * initial_error, (mode, r["masses"])
+        assert np.isfinite(r["test_error"]) and r["steps"] > 10
+    # Three ways to the same gradient of the same solve: the same masses (to the
+    # adjoint's reverse-solve tolerance).
+    np.testing.assert_allclose(runs["adjoint"]["masses"], runs["aca"]["masses"], atol=1e-3)
+    np.testing.assert_allclose(runs["naive"]["masses"], runs["aca"]["masses"], atol=1e-3)
+    table = (tmp_path / "results.md").read_text()
+    assert all(f"| {mode} |" in table for mode in runs)
+    assert len((tmp_path / "results.csv").read_text().strip().splitlines()) == 4
+    assert _png(tmp_path / "loss.png") and _png(tmp_path / "orbits.png")
+
+
+def test_three_body_defaults_are_the_papers():
+    example = _load("three_body")
+    _, setup, modes = example.parse_args([])
+    assert setup == dict(epochs=100, observations=1000, t_train=1.0, t_test=2.0, rtol=1e-7,
+                         atol=1e-7, learning_rate=0.1, beta_1=0.5, beta_2=0.5, decay=0.95,
+                         train_weight=0.01, test_weight=0.1)
+    assert modes == ["aca", "adjoint", "naive"]
+    assert example.TRUE_MASSES == (1.1, 1.1, 0.9)
+    assert example.R0 == ((0.0, 0.2, 0.0), (0.5, 0.0, 0.5), (0.0, 0.0, 0.5))
+    assert example.V0 == ((0.0, 0.1, 0.0), (0.0, 0.0, 0.1), (0.1, 0.0, 0.0))
+    assert (example.G, example.M_ND, example.R_ND, example.V_ND) == (
+        6.67408e-11, 1.989e30, 5.326e12, 30000.0)
+    # Newton's gravity: a body pulled towards the others, in proportion to their masses.
+    gravity = example.Gravity(example.TRUE_MASSES, dtype="float64")
+    dy = gravity(tf.constant(example.initial_state()[None])).numpy()[0]
+    np.testing.assert_allclose(dy[:9], example.K2 * example.initial_state()[9:])
+    r = np.array(example.R0)
+    pull = sum(m * (r[j] - r[0]) / np.linalg.norm(r[j] - r[0]) ** 3
+               for j, m in zip((1, 2), example.TRUE_MASSES[1:]))
+    np.testing.assert_allclose(dy[9:12], example.K1 * pull)
+
+
+def test_time_series_quick_beats_the_series_mean(tmp_path, capsys):
+    example = _load("time_series")
+    result = example.main(["--quick", "--quiet", "--out-dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    (density, runs), = result["results"].items()
+    mean = runs["series mean"]
+    for mode in ("aca", "adjoint", "naive"):
+        r = runs[f"latent ODE ({mode})"]
+        assert f"latent ODE ({mode}): interpolation MSE" in out
+        assert r["interpolation MSE"] < 0.5 * mean["interpolation MSE"], (mode, r, mean)
+        assert r["extrapolation MSE"] < mean["extrapolation MSE"], (mode, r, mean)
+        assert r["fevals/solve"] > 0
+    assert np.isfinite(runs["GRU-dt"]["interpolation MSE"])
+    table = (tmp_path / "results.md").read_text()
+    assert "| GRU-dt |" in table and "| series mean |" in table
+    assert _png(tmp_path / "trajectories.png")
+
+
+def test_time_series_data_has_per_sample_times_and_padding():
+    example = _load("time_series")
+    data = example.make_data(32, 10, np.random.default_rng(0))
+    times, weights = data["fit_times"], data["fit_weights"]
+    assert np.all(times[:, 0] == 0.0) and np.all(np.diff(times, axis=1) >= 0.0)
+    assert len({tuple(row) for row in times}) == 32  # every series its own times
+    counts = weights.sum(axis=1)
+    assert counts.min() >= 5 and counts.max() <= 10 and counts.min() < counts.max()
+    # Padding repeats the last observed time and carries no weight.
+    for row, w in zip(times, weights):
+        k = int(w.sum())
+        assert np.all(row[k + 1:] == row[k]) and np.all(w[k + 1:] == 0.0)
+    _, config, modes = example.parse_args([])
+    assert config["densities"] == (10, 20, 40) and modes == ["aca", "adjoint", "naive"]
