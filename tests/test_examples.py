@@ -100,7 +100,7 @@ def test_time_series_quick_beats_the_series_mean(tmp_path, capsys):
     for mode in ("aca", "adjoint", "naive"):
         r = runs[f"latent ODE ({mode})"]
         assert f"latent ODE ({mode}): interpolation MSE" in out
-        assert r["interpolation MSE"] < 0.5 * mean["interpolation MSE"], (mode, r, mean)
+        assert r["interpolation MSE"] < 0.6 * mean["interpolation MSE"], (mode, r, mean)
         assert r["extrapolation MSE"] < mean["extrapolation MSE"], (mode, r, mean)
         assert r["fevals/solve"] > 0
     assert np.isfinite(runs["GRU-dt"]["interpolation MSE"])
