@@ -8,7 +8,7 @@ last time); a linear decoder maps z(t) to the observation. Trained with `model.f
 reconstruct the observations, then asked for the curve at held-out times inside the
 observed window (interpolation) and after it (extrapolation).
 
-    python examples/time_series.py [--quick] [--densities 10,20,40] [--epochs 40]
+    python examples/time_series.py [--quick] [--densities 10,20,40] [--epochs 15] [--train 512]
                                    [--modes aca,adjoint,naive] [--out-dir results/time_series]
 
 Data (generated, seeded): damped 2-D spirals x(t) = A e^{-g t} (cos(w t + p), sin(w t + p))
@@ -52,7 +52,7 @@ NOISE = 0.05
 GRID = 50
 LATENT, HIDDEN = 8, 32
 MODES = ("aca", "adjoint", "naive")
-FULL = dict(densities=(10, 20, 40), train=2000, test=256, epochs=40, batch=64)
+FULL = dict(densities=(10, 20, 40), train=512, test=256, epochs=15, batch=64)
 QUICK = dict(densities=(10,), train=256, test=64, epochs=6, batch=32)
 
 
@@ -170,7 +170,7 @@ def evaluate(model, data):
 
 
 def train(model, train_data, epochs, batch, verbose):
-    keras.utils.set_random_seed(0)
+    keras.utils.set_random_seed(1)  # the same shuffling for every model
     model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="mse")
     start = time.perf_counter()
     history = model.fit(
@@ -288,6 +288,7 @@ def main(argv=None):
         preds = {}
         candidates = [(f"latent ODE ({mode})", mode) for mode in modes] + [("GRU-dt", None)]
         for name, mode in candidates:
+            keras.utils.set_random_seed(0)  # the same initial weights for every mode
             model = latent_ode(density, mode) if mode else gru_dt(density)
             history, seconds = train(model, train_data, config["epochs"], config["batch"],
                                      not args.quiet)
