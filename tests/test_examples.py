@@ -123,3 +123,42 @@ def test_time_series_data_has_per_sample_times_and_padding():
         assert np.all(row[k + 1:] == row[k]) and np.all(w[k + 1:] == 0.0)
     _, config, modes = example.parse_args([])
     assert config["densities"] == (10, 20, 40) and modes == ["aca", "adjoint", "naive"]
+
+
+def test_image_classification_quick_beats_chance(tmp_path, capsys):
+    example = _load("image_classification")
+    result = example.main(["--quick", "--quiet", "--out-dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    summaries = {s["model"]: s for s in result["summaries"]}
+    assert sorted(summaries) == ["aca", "resnet"]  # the quick set; the full run has all 4
+    for name, s in summaries.items():
+        assert s["median"] > 0.5, (name, s)  # chance: 0.1
+    # NODE18 has ResNet18's layers, so its parameter count.
+    assert len({s["params"] for s in summaries.values()}) == 1
+    aca = next(r for r in result["runs"] if r["model"] == "aca")
+    assert aca["fevals_per_batch"] > 0 and aca["peak_mb"] > 0
+    assert len(aca["other_solvers"]) == 2
+    for accuracy, change in aca["other_solvers"].values():
+        assert accuracy > 0.5 and change > 0.0  # another solve, much the same model
+    table = (tmp_path / "results.md").read_text()
+    assert "| ResNet18 |" in table and "| NODE18 (ACA) |" in table
+    assert len((tmp_path / "results.csv").read_text().strip().splitlines()) == 3
+    assert _png(tmp_path / "accuracy.png")
+    assert "data: scikit-learn digits" in out
+
+
+def test_image_classification_defaults_are_the_papers():
+    import tfaca
+
+    example = _load("image_classification")
+    _, config, models = example.parse_args([])
+    assert config == dict(dataset="auto", width=64, epochs=90, batch=128, lr=0.1, momentum=0.9,
+                          weight_decay=5e-4, milestones=(30, 60), method="heun_euler",
+                          rtol=1e-2, atol=1e-2, runs=1, jit_compile=False)
+    assert models == ["aca", "adjoint", "naive", "resnet"]
+    node = example.build("aca", (8, 8, 1), 10, 4)
+    resnet = example.build("resnet", (8, 8, 1), 10, 4)
+    assert node.count_params() == resnet.count_params()
+    odes = [layer for layer in node.layers if isinstance(layer, tfaca.ODELayer)]
+    assert len(odes) == 4 and all(o.method == "heun_euler" for o in odes)
+    assert all((o.rtol, o.atol) == (1e-2, 1e-2) for o in odes)
