@@ -27,12 +27,13 @@ sys.path.insert(0, HERE)
 
 from problems import SPECS, make  # noqa: E402
 
-ORDER = ["tfaca-aca", "tfaca-aca-xla", "tfaca-aca-tight", "tfaca-aca-tighter", "tfaca-naive",
+ORDER = ["tfaca-aca", "tfaca-aca-xla", "tfaca-aca-nojit", "tfaca-aca-tight", "tfaca-aca-tighter", "tfaca-naive",
          "tfaca-adjoint", "torchdiffeq-odeint", "torchdiffeq-adjoint", "tdep-odesolve",
          "tdep-odesolve-adjoint", "diffrax-recursive", "diffrax-backsolve", "tfp"]
 LABELS = {
     "tfaca-aca": ("tfaca", "ACA, tf.function"),
     "tfaca-aca-xla": ("tfaca", "ACA, tf.function(jit_compile=True)"),
+    "tfaca-aca-nojit": ("tfaca", "ACA, tf.function, solver loops not compiled"),
     "tfaca-aca-tight": ("tfaca", "ACA, tf.function, rtol/3 atol/3"),
     "tfaca-aca-tighter": ("tfaca", "ACA, tf.function, rtol/10 atol/10"),
     "tfaca-naive": ("tfaca", "naive, tf.function"),
@@ -62,7 +63,7 @@ BASE_ENV = {
 MEM_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "131072",
            "TF_ENABLE_ONEDNN_OPTS": "0"}
 QUICK_MEMORY = ("tfaca-aca", "tfaca-naive")
-QUICK_LIBS = ["tfaca-aca", "tfaca-aca-xla", "tfaca-aca-tight", "tfaca-aca-tighter", "tfaca-naive",
+QUICK_LIBS = ["tfaca-aca", "tfaca-aca-xla", "tfaca-aca-nojit", "tfaca-aca-tight", "tfaca-aca-tighter", "tfaca-naive",
               "torchdiffeq-odeint", "tdep-odesolve", "diffrax-recursive", "tfp"]
 
 
@@ -330,6 +331,36 @@ def _targets(results, problems):
     return "\n".join(out)
 
 
+def _targets_default_mode(results, problems):
+    """Issue 12's targets: the mode a Keras user gets by default (a plain graph; the
+    solve's `jit_compile="auto"`) against tfaca under XLA and against diffrax, and conv
+    no slower than with the solver's loops not compiled."""
+    out = []
+    get = functools.partial(_measured, results)
+    for p in problems:
+        default = get("tfaca-aca", p)
+        for other, target, what in (
+            ("tfaca-aca-xla", 1.2 if p in ("mlp", "threebody") else None,
+             "tfaca ACA, tf.function(jit_compile=True)"),
+            ("diffrax-recursive", 1.0, "diffrax RecursiveCheckpointAdjoint, jit"),
+            ("tfaca-aca-nojit", 1.1 if p == "conv" else None,
+             "tfaca ACA, solver loops not compiled (jit_compile=False)"),
+        ):
+            b = get(other, p)
+            if default is None or b is None:
+                if target is not None:
+                    out.append(f"- {p}: time default mode / {what}: n/a (target ≤ {target:g}: "
+                               "MISS)")
+                continue
+            v = default["fwdbwd_s"] / b["fwdbwd_s"]
+            verdict = (f" (target ≤ {target:g}: {_verdict(v, target)})" if target is not None
+                       else "")
+            out.append(f"- {p}: time default mode / {what}, fwd+bwd: "
+                       f"{_ms(default['fwdbwd_s'])} / {_ms(b['fwdbwd_s'])} ms = {v:.2f}"
+                       f"{verdict}")
+    return "\n".join(out)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -475,6 +506,16 @@ Notes:
 ## Targets (issue 5)
 
 {_targets(results, problems)}
+
+## Targets of the default mode (issue 12)
+
+"Default mode": a plain `tf.function`, as Keras' `fit` runs on a CPU and under every
+`tf.distribute` strategy, with the solve's default `jit_compile="auto"` (the solver's
+loops compiled with XLA unless the field has convolutions; see the README).
+"conv no slower than today" is judged against the same solve with
+`jit_compile=False` in this run, within 10 % (the run-to-run spread on this machine).
+
+{_targets_default_mode(results, problems)}
 
 ## tfaca ACA / peer, every mode (same run)
 

@@ -58,9 +58,14 @@ def _tf_vf(tf, problem, w):
 
 
 class TfacaRunner:
-    """tfaca.solve in tf.function (optionally jit_compile=True)."""
+    """tfaca.solve in a tf.function. Modes: "aca", "naive", "adjoint": a plain
+    tf.function, the solve at its default `jit_compile="auto"` (the solver's loops
+    compiled where its rule says); "aca_xla": the whole function compiled
+    (`tf.function(jit_compile=True)`); "aca_nojit": the solve's `jit_compile=False`, every
+    op through TensorFlow's executor (tfaca before issue 12)."""
 
-    def __init__(self, problem, mode, dtype="float32", rtol=None, atol=None, max_steps=None):
+    def __init__(self, problem, mode, dtype="float32", rtol=None, atol=None, max_steps=None,
+                 jit_compile="auto"):
         import tensorflow as tf
 
         import tfaca
@@ -69,7 +74,7 @@ class TfacaRunner:
         spec = SPECS[problem]
         p = make(problem)
         npdt = np.dtype(dtype)
-        self.gradient_mode = {"aca": "aca", "aca_xla": "aca", "naive": "naive",
+        self.gradient_mode = {"aca": "aca", "aca_xla": "aca", "aca_nojit": "aca", "naive": "naive",
                               "adjoint": "adjoint"}[mode]
         self.vjp_rule = {"aca": "bwd", "naive": "fwd", "adjoint": "bwd"}[self.gradient_mode]
         xla = mode == "aca_xla"
@@ -79,7 +84,8 @@ class TfacaRunner:
         self.f = f
         ts = tf.constant([0.0, spec["t1"]], dtype=npdt)
         kw = dict(method="dopri5", rtol=rtol or spec["rtol"], atol=atol or spec["atol"],
-                  max_steps=max_steps or spec["max_steps"])
+                  max_steps=max_steps or spec["max_steps"],
+                  jit_compile=False if mode == "aca_nojit" else jit_compile)
         strategy = tfaca.AdjointGradient() if self.gradient_mode == "adjoint" else self.gradient_mode
 
         def solve(y0):
@@ -525,6 +531,9 @@ LIBS = {
     # key: (library label, mode label, factory)
     "tfaca-aca": ("tfaca", "ACA tf.function", lambda p: TfacaRunner(p, "aca")),
     "tfaca-aca-xla": ("tfaca", "ACA tf.function(jit_compile)", lambda p: TfacaRunner(p, "aca_xla")),
+    # The plain graph with the solver's loops not compiled (tfaca before issue 12).
+    "tfaca-aca-nojit": ("tfaca", "ACA tf.function, jit_compile=False",
+                        lambda p: TfacaRunner(p, "aca_nojit")),
     # Work-precision companions of tfaca-aca: the same at a third and a tenth of the
     # tolerances (max_steps doubled for the latter).
     "tfaca-aca-tight": ("tfaca", "ACA tf.function, tol/3", lambda p: TfacaRunner(

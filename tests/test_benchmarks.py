@@ -82,3 +82,40 @@ def test_gradient_error_target_passes_when_no_peer_is_better():
     lines = run._targets(results, ["conv"]).splitlines()
     grad = next(x for x in lines if "gradient error" in x)
     assert "any of 2 peer entries" in grad and grad.endswith("PASS")
+
+
+def test_default_mode_targets_are_judged_against_xla_diffrax_and_the_uncompiled_loops():
+    results = {
+        ("tfaca-aca", "mlp"): _entry(0.046),
+        ("tfaca-aca-xla", "mlp"): _entry(0.040),
+        ("diffrax-recursive", "mlp"): _entry(0.060),
+        ("tfaca-aca", "conv"): _entry(1.15),
+        ("tfaca-aca-nojit", "conv"): _entry(1.0),
+        ("diffrax-recursive", "conv"): _entry(50.0),
+        ("tfaca-aca", "threebody"): _entry(0.0015),
+        ("tfaca-aca-xla", "threebody"): _entry(0.001),
+    }
+    lines = run._targets_default_mode(results, ["mlp", "conv", "threebody"]).splitlines()
+    assert any("mlp" in x and "jit_compile=True" in x and "= 1.15 (target ≤ 1.2: PASS)" in x
+               for x in lines)
+    assert any("mlp" in x and "diffrax" in x and "= 0.77 (target ≤ 1: PASS)" in x for x in lines)
+    assert any("conv" in x and "not compiled" in x and "= 1.15 (target ≤ 1.1: MISS)" in x
+               for x in lines)
+    assert any("conv" in x and "diffrax" in x and "PASS" in x for x in lines)
+    assert not any("conv" in x and "jit_compile=True)" in x for x in lines)  # not a target
+    assert any("threebody" in x and "= 1.50 (target ≤ 1.2: MISS)" in x for x in lines)
+    # A peer that did not run is a miss, never a pass.
+    assert any("threebody" in x and "diffrax" in x and "n/a" in x and "MISS" in x for x in lines)
+
+
+def test_keras_fit_benchmark_runs_and_modes_train_alike(tmp_path):
+    import keras_fit
+
+    out = tmp_path / "fit.md"
+    results = keras_fit.main(["--quick", "--modes", "default,nojit", "--out", str(out)])
+    assert set(results) == {"default", "nojit"}
+    # Same initial weights and batches: the compiled loops train the same model.
+    np.testing.assert_allclose(results["default"]["loss"], results["nojit"]["loss"], rtol=1e-3)
+    assert results["default"]["steps"] == results["nojit"]["steps"]
+    table = out.read_text()
+    assert "| Keras default compile, ODELayer default" in table and "n/a" in table

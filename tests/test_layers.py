@@ -552,9 +552,10 @@ NON_DEFAULT = dict(
     factor_max=4.0,
     throw=False,
     return_sequences=True,
+    jit_compile=False,
     name="my_ode",
 )
-FIXED_STEP = dict(t=(0.0, 0.5), method="rk4", step_size=0.1, name="fixed_ode")
+FIXED_STEP = dict(t=(0.0, 0.5), method="rk4", step_size=0.1, jit_compile=True, name="fixed_ode")
 # NumPy values, as a user computing tolerances per feature passes them: scalars of
 # either float type and per-element arrays. A config must hold them as plain numbers.
 NUMPY = dict(
@@ -816,12 +817,13 @@ def test_export_serves_without_keras(tmp_path):
 # --------------------------------------------------------------------------------------
 
 
-def _xla_pair_model(batchnorm):
+def _xla_pair_model(batchnorm, layer_jit="auto"):
     recorder = TrainingRecorder(HIDDEN)
     norm = [keras.layers.BatchNormalization(momentum=0.5)] if batchnorm else []
     dynamics = keras.Sequential([recorder, *norm, keras.layers.Dense(STATE)])
     model = keras.Sequential(
-        [keras.Input((STATE,)), tfaca.ODELayer(dynamics, max_steps=64), keras.layers.Dense(1)]
+        [keras.Input((STATE,)), tfaca.ODELayer(dynamics, max_steps=64, jit_compile=layer_jit),
+         keras.layers.Dense(1)]
     )
     return model, recorder
 
@@ -836,7 +838,8 @@ def test_jit_compile_trains_like_without_xla(batchnorm):
     results = {}
     initial = None
     for jit in (False, True):
-        model, recorder = _xla_pair_model(batchnorm)
+        # The reference runs no XLA at all: its solver loops not compiled either.
+        model, recorder = _xla_pair_model(batchnorm, layer_jit="auto" if jit else False)
         if initial is None:
             initial = model.get_weights()
         else:
@@ -1139,6 +1142,9 @@ def test_solve_of_a_low_precision_state_computes_in_float32(dtype):
         (dict(factor_max=0.5), ValueError, "factor_max"),
         (dict(throw="no"), TypeError, "throw"),
         (dict(throw=None), TypeError, "throw"),
+        (dict(jit_compile="yes"), ValueError, "jit_compile"),
+        (dict(jit_compile=None), ValueError, "jit_compile"),
+        (dict(jit_compile=True, gradient="naive"), ValueError, "jit_compile=True"),
     ],
 )
 def test_bad_arguments(kwargs, error, argument):

@@ -212,8 +212,11 @@ def _vector_solve(A, y0, ts, weights):
     """One graph for every size and number of times: each example runs, none traces."""
     with tf.GradientTape() as tape:
         tape.watch([y0, A])
+        # Loops not compiled: XLA would compile them once per shape drawn (up to 30 here);
+        # tests/test_jit.py shows compiled loops give the same numbers.
         ys = tfaca.odeint(
-            lambda t, y, A: tf.linalg.matvec(A, y), y0, ts, args=(A,), rtol=RTOL, atol=ATOL
+            lambda t, y, A: tf.linalg.matvec(A, y), y0, ts, args=(A,), rtol=RTOL, atol=ATOL,
+            jit_compile=False,
         )
         loss = _loss(weights, ys)
     return ys, tape.gradient(loss, [y0, A])

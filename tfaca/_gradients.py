@@ -66,6 +66,7 @@ from tensorflow.python.framework import func_graph
 from tensorflow.python.ops import while_v2
 
 from tfaca import _outputs
+from tfaca._jit import compiled
 from tfaca._loop import Checkpoints, in_xla_context, integrate, raise_on_failure
 from tfaca._solution import Stats
 
@@ -80,12 +81,14 @@ class AbstractGradient:
         """The constructor arguments, as a dict (empty for strategies without any)."""
         return {}
 
-    def solve(self, solver, controller, func, plan, y0, args, *, throw=True, **loop_kwargs):
+    def solve(self, solver, controller, func, plan, y0, args, *, throw=True, jit=False,
+              **loop_kwargs):
         """Integrates `func(t, y, args)` (flat lists) and returns a `Trajectory` whose `ys`
         are the outputs that `plan` (an `_outputs.Plan`) asks for.
 
         `throw=False`: failures in the backward pass make the gradients NaN instead of
-        raising (the forward's status is the caller's to report)."""
+        raising (the forward's status is the caller's to report). `jit`: run the loops
+        as functions compiled with XLA (`_jit`)."""
         raise NotImplementedError
 
     def __repr__(self):
@@ -121,7 +124,9 @@ class NaiveGradient(AbstractGradient):
 
     name = "naive"
 
-    def solve(self, solver, controller, func, plan, y0, args, *, throw=True, **loop_kwargs):
+    def solve(self, solver, controller, func, plan, y0, args, *, throw=True, jit=False,
+              **loop_kwargs):
+        del jit  # never compiled on its own (`_jit.decide`)
         trajectory = _run(
             solver, controller, lambda t, y: func(t, y, args), plan, y0, record=False,
             loop_kwargs=loop_kwargs,
@@ -304,18 +309,23 @@ class ACAGradient(AbstractGradient):
 
     name = "aca"
 
-    def solve(self, solver, controller, func, plan, y0, args, *, throw=True, **loop_kwargs):
-        def forward(times, y0, args):
-            return _run(
-                solver, controller, lambda t, y: func(t, y, args), plan, y0, record=True,
-                loop_kwargs=loop_kwargs,
-            )
+    def solve(self, solver, controller, func, plan, y0, args, *, throw=True, jit=False,
+              **loop_kwargs):
+        forward = compiled(lambda times, y0, args: _run(
+            solver, controller, lambda t, y: func(t, y, args), plan, y0, record=True,
+            loop_kwargs=loop_kwargs,
+        ), jit)
 
         def backward(trajectory, times, y0, sources, g_ys, variables, differentiable):
             f = lambda t, y: func(t, y, args)  # noqa: E731
             if differentiable:
                 return _unrolled_vjp(solver, f, trajectory, times, y0, sources, g_ys, variables)
-            return _replay(solver, f, trajectory, times, sources, g_ys, variables, throw)
+            # `sources` reach the compiled function as captures, as `func` reads them,
+            # so that the tape inside watches what `func` uses.
+            replay = compiled(lambda checkpoints, times, g_ys: _replay(
+                solver, f, checkpoints, times, sources, g_ys, variables), jit)
+            mismatch, grads = replay(trajectory.checkpoints, times, g_ys)
+            return _check_replay(mismatch, grads, throw)
 
         trajectory = _solve_with_custom_gradient(
             forward, backward, func, _times(plan), y0, args, second_order=None
@@ -369,7 +379,7 @@ def _last_stage_cotangents(solver, dt, g_c):
     return out
 
 
-def _replay(solver, f, trajectory, times, sources, g_ys, variables, throw):
+def _replay(solver, f, checkpoints, times, sources, g_ys, variables):
     """The ACA backward pass: pull the output cotangents back through the accepted steps.
 
     Outputs the loop stepped onto add their cotangent to the state the step lands on;
@@ -380,8 +390,11 @@ def _replay(solver, f, trajectory, times, sources, g_ys, variables, throw):
     first stage, which takes its cotangent too (and, for the last step, one evaluation
     at the end of the solve). So a step costs the stages `y_{i+1}` needs, with or
     without outputs inside, and no branch is taken per step.
+
+    Returns `(mismatch, grads)`: the first step whose replay did not rebuild the state
+    the forward pass accepted (-1 if none; `_check_replay` reports it) and the gradients
+    of the times, `y0`, the sources and the variables, as one flat list.
     """
-    checkpoints = trajectory.checkpoints
     stops = times[0]
     dense = len(times) > 1
     n = checkpoints.num_steps
@@ -470,7 +483,7 @@ def _replay(solver, f, trajectory, times, sources, g_ys, variables, throw):
                              tf.reduce_sum(landing)])
     g_times = [g_stops, pulled.g_ts] if dense else [g_stops]
     g_y0 = [a_n + g[0] for a_n, g in zip(a, g_ys)]
-    return _check_replay(mismatch, [*g_times, *g_y0, *g_sources, *g_vars], throw)
+    return mismatch, [*g_times, *g_y0, *g_sources, *g_vars]
 
 
 def _differs(ys, recorded, relative):
@@ -654,8 +667,9 @@ class AdjointGradient(AbstractGradient):
         options = ", ".join(f"{k}={v!r}" for k, v in self.options().items())
         return f"{type(self).__name__}({options})"
 
-    def solve(self, solver, controller, func, plan, y0, args, *, throw=True, **loop_kwargs):
-        def forward(times, y0, args):
+    def solve(self, solver, controller, func, plan, y0, args, *, throw=True, jit=False,
+              **loop_kwargs):
+        def run(times, y0, args):
             trajectory = _run(
                 solver, controller, lambda t, y: func(t, y, args), plan, y0, record=False,
                 loop_kwargs=loop_kwargs,
@@ -663,11 +677,17 @@ class AdjointGradient(AbstractGradient):
             # The reverse solve needs the outputs and the end state, not the steps.
             return trajectory._replace(checkpoints=None)
 
+        forward = compiled(run, jit)
+
         def backward(trajectory, times, y0, sources, g_ys, variables, differentiable):
-            return self._reverse_solve(
+            # `args` and `sources` are captured, as in ACA's replay.
+            reverse = compiled(lambda trajectory, times, y0, g_ys: self._reverse_solve(
                 solver, controller, func, trajectory, times, y0, args, sources, g_ys,
-                variables, loop_kwargs, throw,
-            )
+                variables, loop_kwargs), jit)
+            grads, status, t_final = reverse(trajectory, times, y0, g_ys)
+            if throw:
+                return raise_on_failure(status, t_final, grads, "in the adjoint's reverse solve")
+            return _nan_where(status != 0, grads)
 
         refusal = _SECOND_ORDER.format(
             what="the adjoint cannot give: its reverse solve takes the forward outputs "
@@ -680,7 +700,8 @@ class AdjointGradient(AbstractGradient):
         return trajectory._replace(stats=trajectory.stats._replace(num_fevals_backward=unknown))
 
     def _reverse_solve(self, solver, controller, func, trajectory, times, y0, args, sources,
-                       g_ys, variables, loop_kwargs, throw):
+                       g_ys, variables, loop_kwargs):
+        """The gradients (a flat list), the reverse solve's status and where it ended."""
         params = list(sources) + [tf.convert_to_tensor(v) for v in variables]
         num_y, num_p = len(y0), len(params)
         ys = trajectory.ys
@@ -825,9 +846,7 @@ class AdjointGradient(AbstractGradient):
             updates = [v.assign(c) for v, c in zip(self.backward_stats, counts)]
             with tf.control_dependencies(updates):
                 grads = [tf.identity(g) for g in grads]
-        if throw:
-            return raise_on_failure(status, t_final, grads, "in the adjoint's reverse solve")
-        return _nan_where(status != 0, grads)
+        return grads, status, t_final
 
 
 def _dot(xs, ys):

@@ -6,6 +6,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tfaca import _jit
 from tfaca._gradients import _GRADIENTS, NaiveGradient, get_gradient
 from tfaca._loop import in_xla_context
 from tfaca._odeint import check_options, solve
@@ -198,6 +199,16 @@ class ODELayer(keras.layers.Layer):
             may differ per sample. If False, the solver steps onto every output time
             (at least one step per interval), and a times input must hold the same
             times in every row. With two times, `t=(t0, t1)`, both are the same solve.
+        jit_compile: whether the solver's loops (the forward integration, ACA's replay,
+            the adjoint's reverse solve) run as functions compiled with XLA inside
+            Keras' uncompiled graphs (the default `fit` on a CPU, and under every
+            `tf.distribute` strategy). `"auto"` (default): for `"aca"` and
+            `"adjoint"`, when the dynamics use only operations XLA compiles and, unless
+            a GPU is visible, no convolution (XLA runs convolution gradients inside a
+            loop slowly on CPU); never in eager calls. True: always; False: never. Same
+            results and gradients to rounding; it changes nothing under
+            `model.compile(jit_compile=True)`, which compiles everything. See
+            "Which compilation to use" in the README.
         **kwargs: base `keras.layers.Layer` arguments (`name`, `dtype`,
             `activity_regularizer`, which regularizes the output of the solve, ...).
 
@@ -293,6 +304,7 @@ class ODELayer(keras.layers.Layer):
         throw=True,
         return_sequences=False,
         interpolate=True,
+        jit_compile="auto",
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -316,6 +328,7 @@ class ODELayer(keras.layers.Layer):
             raise TypeError(
                 f"`interpolate` must be True or False. Received: interpolate={interpolate!r}"
             )
+        jit_compile = _jit.check_option(jit_compile)
         _, strategy = check_options(
             method=method, gradient=gradient, rtol=rtol, atol=atol, step_size=step_size,
             first_step=first_step, max_step=max_step, max_steps=max_steps, safety=safety,
@@ -341,6 +354,9 @@ class ODELayer(keras.layers.Layer):
         self.throw = bool(throw)
         self.return_sequences = bool(return_sequences)
         self.interpolate = bool(interpolate)
+        if jit_compile is True and strategy.name == "naive":
+            _jit.decide(True, None, None, (), (), "naive")  # raises, naming the argument
+        self.jit_compile = jit_compile
         self._pass_t = _accepts(dynamics, "t")
         self._pass_training = _accepts(dynamics, "training")
         self.fevals_tracker = keras.metrics.Mean(name=f"{self.name}_fevals")
@@ -450,6 +466,7 @@ class ODELayer(keras.layers.Layer):
             factor_max=self.factor_max,
             throw=self.throw,
             interpolate=self.interpolate,
+            jit_compile=self.jit_compile,
             name=self.name,
         )
         draws.replaying = True
@@ -500,6 +517,7 @@ class ODELayer(keras.layers.Layer):
             "throw": self.throw,
             "return_sequences": self.return_sequences,
             "interpolate": self.interpolate,
+            "jit_compile": self.jit_compile,
         }
         base_config = super().get_config()
         return {**base_config, **config}

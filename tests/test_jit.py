@@ -1,0 +1,239 @@
+"""The solver's loops compiled with XLA inside an uncompiled graph (`jit_compile=`)."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tfaca
+from tfaca import _jit
+
+from helpers import A_NP
+
+RNG = np.random.default_rng(3)
+W1 = RNG.normal(size=(4, 16)) * 0.5
+W2 = RNG.normal(size=(16, 4)) * 0.5
+
+
+def _mlp(dtype):
+    w1, w2 = tf.Variable(W1.astype(dtype)), tf.Variable(W2.astype(dtype))
+
+    def func(t, y, scale):
+        return scale * tf.tanh(y @ w1) @ w2 - 0.1 * y
+
+    return func, [w1, w2]
+
+
+def _compiled_functions(concrete):
+    """Names of the functions in a traced graph that XLA must compile."""
+    library = concrete.graph.as_graph_def().library.function
+    return [f.signature.name for f in library if f.attr["_XlaMustCompile"].b]
+
+
+def _solve_and_grad(gradient, jit, *, ts, dtype="float64", nested=False):
+    func, weights = _mlp(dtype)
+    rng = np.random.default_rng(7)  # the same inputs for every call
+    y0 = tf.constant(rng.normal(size=(5, 4)).astype(dtype))
+    scale = tf.constant(1.3, dtype)
+    if nested:
+        base = func
+        func = lambda t, y, s: {"a": base(t, y["a"], s), "b": -0.5 * y["b"] + y["a"][:, :2]}  # noqa: E731
+        y0 = {"a": y0, "b": tf.constant(rng.normal(size=(5, 2)).astype(dtype))}
+
+    @tf.function
+    def run(y0, ts, scale):
+        with tf.GradientTape() as tape:
+            tape.watch([y0, ts, scale])
+            sol = tfaca.solve(func, y0, ts, args=(scale,), gradient=gradient, rtol=1e-6,
+                              atol=1e-8, jit_compile=jit)
+            loss = sum(tf.reduce_sum(tf.sin(y)) for y in tf.nest.flatten(sol.ys))
+        grads = tape.gradient(loss, [y0, ts, scale, weights])
+        return sol.ys, grads, sol.stats.num_steps
+
+    ts = tf.constant(np.asarray(ts, dtype))
+    out = run(y0, ts, scale)
+    return out, _compiled_functions(run.get_concrete_function(y0, ts, scale))
+
+
+_SLOW = pytest.mark.slow
+
+
+@pytest.mark.parametrize(
+    "gradient, case",
+    [("aca", "two_times"), ("aca", "per_sample"), ("adjoint", "dense"),
+     pytest.param("aca", "dense", marks=_SLOW), pytest.param("aca", "nested", marks=_SLOW),
+     pytest.param("aca", "backward", marks=_SLOW),
+     pytest.param("adjoint", "two_times", marks=_SLOW),
+     pytest.param("adjoint", "per_sample", marks=_SLOW),
+     pytest.param("adjoint", "nested", marks=_SLOW),
+     pytest.param("adjoint", "backward", marks=_SLOW)],
+)
+def test_compiled_loops_give_the_same_solution_and_gradients(gradient, case):
+    ts = {
+        "two_times": [0.0, 1.5],
+        "dense": [0.0, 0.3, 0.9, 1.5],
+        "per_sample": [[0.0, 0.4, 1.5], [0.0, 0.2, 0.2], [0.0, 1.0, 1.1], [0.0, 0.5, 0.6],
+                       [0.0, 1.5, 1.5]],
+        "nested": [0.0, 0.7, 1.5],
+        "backward": [1.5, 0.8, 0.0],
+    }[case]
+    nested = case == "nested"
+    plain, none = _solve_and_grad(gradient, False, ts=ts, nested=nested)
+    jitted, names = _solve_and_grad(gradient, True, ts=ts, nested=nested)
+    assert none == [] and len(names) == 2  # the forward loop and the backward pass
+    assert int(plain[2]) == int(jitted[2])  # the same accepted steps
+    for a, b in zip(tf.nest.flatten(plain[:2]), tf.nest.flatten(jitted[:2])):
+        np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-10, atol=1e-12)
+
+
+def test_float32_to_rounding():
+    plain, _ = _solve_and_grad("aca", False, ts=[0.0, 0.5, 1.5], dtype="float32")
+    jitted, names = _solve_and_grad("aca", True, ts=[0.0, 0.5, 1.5], dtype="float32")
+    assert len(names) == 2 and int(plain[2]) == int(jitted[2])
+    for a, b in zip(tf.nest.flatten(plain[:2]), tf.nest.flatten(jitted[:2])):
+        np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=2e-4, atol=2e-5)
+
+
+def _decision(func, y0, gradient="aca", option="auto"):
+    """What `solve` decided, read from the graph it built: compiled functions or none."""
+
+    @tf.function
+    def run(y0):
+        return tfaca.solve(func, y0, [0.0, 1.0], gradient=gradient, jit_compile=option).ys
+
+    return bool(_compiled_functions(run.get_concrete_function(y0)))
+
+
+def test_auto_compiles_vector_fields_not_convolutions_on_cpu():
+    assert not tf.config.list_logical_devices("GPU")  # the rule below is the CPU's
+    y = tf.ones([2, 4])
+    w = tf.Variable(tf.eye(4))
+    assert _decision(lambda t, y: -(y @ w), y)
+    assert _decision(lambda t, y: -(y @ w), y, gradient="adjoint")
+    assert not _decision(lambda t, y: -(y @ w), y, gradient="naive")
+    assert not _decision(lambda t, y: -(y @ w), y, option=False)
+
+    image = tf.ones([2, 6, 6, 3])
+    kernel = tf.Variable(tf.zeros([3, 3, 3, 3]))
+    conv = lambda t, y: tf.nn.conv2d(y, kernel, 1, "SAME")  # noqa: E731
+    assert not _decision(conv, image)
+    assert _decision(conv, image, option=True)  # asked for: compiled all the same
+    depthwise = keras.layers.DepthwiseConv2D(3, padding="same")
+    depthwise.build(image.shape)
+    assert not _decision(lambda t, y: depthwise(y), image)
+    # Not compilable by XLA: a Python function inside the dynamics.
+    py = lambda t, y: tf.numpy_function(lambda a: -a, [y], tf.float32, stateful=False)  # noqa: E731
+    assert not _decision(lambda t, y: tf.ensure_shape(py(t, y), y.shape), y)
+
+
+def test_auto_does_not_compile_eagerly_and_true_does():
+    w = tf.Variable(tf.eye(3, dtype=tf.float64))
+    y0 = tf.constant([1.0, 0.5, -0.2], tf.float64)
+    func = lambda t, y: -tf.linalg.matvec(w, y)  # noqa: E731
+    assert _jit.decide("auto", lambda t, y, a: [func(t, y[0])], tf.float64, [y0], [],
+                       "aca") is False  # eager: each call would compile again
+    out = []
+    for jit in (True, False):
+        with tf.GradientTape() as tape:
+            ys = tfaca.odeint(func, y0, [0.0, 1.0], jit_compile=jit, rtol=1e-8, atol=1e-10)
+            loss = ys[-1][0]
+        out.append((ys.numpy(), tape.gradient(loss, w).numpy()))
+    (ys, grad), (ref, ref_grad) = out
+    np.testing.assert_allclose(ys, ref, rtol=1e-12)
+    np.testing.assert_allclose(grad, ref_grad, rtol=1e-10)
+
+
+def test_failures_still_raise_with_compiled_loops():
+    func = lambda t, y: tf.linalg.matvec(tf.constant(A_NP), y)  # noqa: E731
+    y0 = tf.constant([1.0, 0.0, 0.5], tf.float64)
+
+    @tf.function
+    def too_few_steps(y0):
+        return tfaca.odeint(func, y0, [0.0, 50.0], max_steps=3, jit_compile=True)
+
+    with pytest.raises(tf.errors.InvalidArgumentError, match="MAX_STEPS_REACHED"):
+        too_few_steps(y0)
+
+    @tf.function
+    def no_throw(y0):
+        sol = tfaca.solve(func, y0, [0.0, 50.0], max_steps=3, jit_compile=True, throw=False)
+        return sol.status, sol.ys
+
+    status, ys = no_throw(y0)
+    assert int(status) == int(tfaca.Status.MAX_STEPS_REACHED) and np.isnan(ys[-1]).all()
+
+
+def test_replay_that_differs_from_the_forward_still_raises():
+    """A `func` that draws random numbers: the compiled replay reports the mismatch and
+    the check outside the compiled function raises, as without compilation."""
+    w = tf.Variable(tf.eye(3, dtype=tf.float64))
+    y0 = tf.constant([1.0, 0.5, -0.2], tf.float64)
+    func = lambda t, y: -tf.linalg.matvec(w, y) * (1 + 0.1 * tf.random.uniform([], dtype=tf.float64))  # noqa: E731
+
+    @tf.function
+    def grad(y0):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(tfaca.odeint(func, y0, [0.0, 1.0], jit_compile=True)[-1])
+        return tape.gradient(loss, w)
+
+    with pytest.raises(tf.errors.InvalidArgumentError, match="did not reproduce"):
+        grad(y0)
+
+
+def test_adjoint_failure_in_the_compiled_reverse_solve_raises():
+    w = tf.Variable(tf.eye(3, dtype=tf.float64))
+    y0 = tf.constant([1.0, 0.5, -0.2], tf.float64)
+    func = lambda t, y: -tf.linalg.matvec(w, y)  # noqa: E731
+    strategy = tfaca.AdjointGradient(max_steps=1)
+
+    @tf.function
+    def grad(y0):
+        with tf.GradientTape() as tape:
+            ys = tfaca.odeint(func, y0, [0.0, 3.0], gradient=strategy, jit_compile=True)
+            loss = tf.reduce_sum(ys[-1])
+        return tape.gradient(loss, w)
+
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"MAX_STEPS_REACHED[\s\S]*reverse solve"):
+        grad(y0)
+
+
+def test_solve_rejects_bad_options():
+    func = lambda t, y: -y  # noqa: E731
+    with pytest.raises(ValueError, match="`jit_compile`"):
+        tfaca.solve(func, tf.ones([2]), [0.0, 1.0], jit_compile="always")
+    with pytest.raises(ValueError, match="`jit_compile=True` cannot be used with"):
+        tfaca.solve(func, tf.ones([2]), [0.0, 1.0], gradient="naive", jit_compile=True)
+
+
+def _layer_model(jit, batchnorm=False):
+    keras.utils.set_random_seed(1)
+    norm = [keras.layers.BatchNormalization(momentum=0.5)] if batchnorm else []
+    dynamics = keras.Sequential([keras.layers.Dense(16, activation="tanh"), *norm,
+                                 keras.layers.Dense(4)])
+    model = keras.Sequential([keras.Input((4,)), tfaca.ODELayer(dynamics, jit_compile=jit),
+                              keras.layers.Dense(1)])
+    # SGD: a rounding difference in a gradient moves a weight by as much (Adam would
+    # turn a tiny gradient's rounding into a step of the learning rate).
+    model.compile(keras.optimizers.SGD(0.05), "mse")  # Keras' default: no XLA on CPU
+    return model
+
+
+@pytest.mark.parametrize("batchnorm", [False, True], ids=["mlp", "batchnorm"])
+def test_fit_with_compiled_loops_trains_like_without(batchnorm):
+    x = np.random.default_rng(0).normal(size=(64, 4)).astype("float32")
+    y = np.sin(x.sum(axis=1, keepdims=True))
+    results = []
+    for jit in (False, "auto"):
+        model = _layer_model(jit, batchnorm)
+        history = model.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0)
+        results.append((history.history["loss"], model.get_weights(), model.predict(x, verbose=0)))
+    (loss0, w0, p0), (loss1, w1, p1) = results
+    np.testing.assert_allclose(loss1, loss0, rtol=1e-5)
+    for a, b in zip(w0, w1):  # BatchNorm's moving statistics included
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(p1, p0, rtol=1e-4, atol=5e-5)  # float32 solves at rtol 1e-3
+    # "auto" compiles the layer's loops in a graph that Keras does not compile.
+    layer = _layer_model("auto", batchnorm).layers[0]
+    traced = tf.function(lambda v: layer(v, training=True)).get_concrete_function(
+        tf.TensorSpec([None, 4]))
+    assert _compiled_functions(traced)
