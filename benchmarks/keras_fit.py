@@ -12,7 +12,8 @@ float32, Adam. Modes:
   tfaca before issue 12);
 - `model.compile(jit_compile=True)`: the whole train step compiled;
 - under `tf.distribute.MirroredStrategy` on two logical CPU devices (where Keras never
-  compiles), with the layer's default and with `jit_compile=False`.
+  compiles), with the layer's default (which does not compile there) and with
+  `jit_compile=True` and `False`.
 
 Each mode trains a fresh model with the same initial weights in a child process of its
 own (XLA's compile caches and TensorFlow's device set are per process); the epoch time is
@@ -36,6 +37,7 @@ MODES = {
     "nojit": "Keras default compile, `ODELayer(jit_compile=False)`",
     "xla": "`model.compile(jit_compile=True)`",
     "mirrored": "MirroredStrategy, 2 logical CPUs, ODELayer default",
+    "mirrored_jit": "MirroredStrategy, 2 logical CPUs, `ODELayer(jit_compile=True)`",
     "mirrored_nojit": "MirroredStrategy, 2 logical CPUs, `ODELayer(jit_compile=False)`",
 }
 
@@ -57,7 +59,7 @@ def child(mode, epochs, samples):
     rng = np.random.default_rng(0)
     x = rng.normal(size=(samples, 8)).astype("float32")
     y = np.sin(x[:, :1] + x[:, 1:2])
-    jit = False if mode.endswith("nojit") else "auto"
+    jit = False if mode.endswith("nojit") else True if mode.endswith("_jit") else "auto"
 
     def build():
         keras.utils.set_random_seed(0)

@@ -126,6 +126,27 @@ def test_auto_compiles_vector_fields_not_convolutions_on_cpu():
     assert not _decision(lambda t, y: tf.ensure_shape(py(t, y), y.shape), y)
 
 
+def test_compiled_loops_run_in_a_replica_of_a_distribution_strategy():
+    """`strategy.run` of a solve: "auto" compiles the loops there too, False does not,
+    and the replica computes the solution."""
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0"])
+    w = tf.Variable(tf.eye(4))
+    y = tf.ones([2, 4])
+    for option, expected in (("auto", True), (False, False)):
+        @tf.function
+        def replica(y, option=option):
+            return tfaca.odeint(lambda t, y: -(y @ w), y, [0.0, 1.0], jit_compile=option)[-1]
+
+        @tf.function
+        def step(y):
+            return strategy.run(replica, args=(y,))
+
+        with strategy.scope():
+            concrete = step.get_concrete_function(y)
+        assert bool(_compiled_functions(concrete)) is expected, option
+        np.testing.assert_allclose(step(y).numpy(), np.exp(-1.0) * np.ones([2, 4]), rtol=5e-3)
+
+
 def test_auto_does_not_compile_eagerly_and_true_does():
     w = tf.Variable(tf.eye(3, dtype=tf.float64))
     y0 = tf.constant([1.0, 0.5, -0.2], tf.float64)
