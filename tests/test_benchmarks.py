@@ -108,6 +108,7 @@ def test_default_mode_targets_are_judged_against_xla_diffrax_and_the_uncompiled_
     assert any("threebody" in x and "diffrax" in x and "n/a" in x and "MISS" in x for x in lines)
 
 
+@pytest.mark.slow
 def test_keras_fit_benchmark_runs_and_modes_train_alike(tmp_path):
     import keras_fit
 

@@ -239,7 +239,8 @@ def _layer_model(jit, batchnorm=False):
     return model
 
 
-@pytest.mark.parametrize("batchnorm", [False, True], ids=["mlp", "batchnorm"])
+@pytest.mark.parametrize("batchnorm", [False, pytest.param(True, marks=_SLOW)],
+                         ids=["mlp", "batchnorm"])
 def test_fit_with_compiled_loops_trains_like_without(batchnorm):
     x = np.random.default_rng(0).normal(size=(64, 4)).astype("float32")
     y = np.sin(x.sum(axis=1, keepdims=True))

@@ -159,7 +159,9 @@ def weights_of(layer):
 
 
 @pytest.mark.parametrize(
-    "build", [sequential_model, functional_model, subclassed_model],
+    "build",
+    [sequential_model, pytest.param(functional_model, marks=pytest.mark.slow),
+     pytest.param(subclassed_model, marks=pytest.mark.slow)],
     ids=["sequential", "functional", "subclassed"],
 )
 def test_models_fit_evaluate_predict(build):
@@ -802,6 +804,7 @@ def test_export_serves_without_tfaca(tmp_path):
                                atol=1e-5)
 
 
+@pytest.mark.slow  # test_export_serves_without_tfaca serves the same model in the suite
 def test_export_serves_without_keras(tmp_path):
     """README: "serving needs TensorFlow only"."""
     model, x = _export_model()
