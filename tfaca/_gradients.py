@@ -66,7 +66,7 @@ from tensorflow.python.framework import func_graph
 from tensorflow.python.ops import while_v2
 
 from tfaca import _outputs
-from tfaca._jit import compiled
+from tfaca._jit import compiled, scratch_trace
 from tfaca._loop import Checkpoints, in_xla_context, integrate, raise_on_failure
 from tfaca._solution import Stats
 
@@ -162,14 +162,8 @@ def _probe(func, times, y0, args):
     """
     if tf.executing_eagerly() and not tape_record.could_possibly_record():
         return [], []
-    graph = func_graph.FuncGraph("tfaca_probe")
-    try:
-        with tape_record.stop_recording(), graph.as_default():
-            t = tf.compat.v1.placeholder(times[0].dtype, [])
-            y = [tf.compat.v1.placeholder(x.dtype, x.shape) for x in y0]
-            a = [tf.compat.v1.placeholder(x.dtype, x.shape) for x in args]
-            func(t, y, a)
-    except Exception:  # noqa: BLE001 - see the docstring
+    graph = scratch_trace(func, times[0].dtype, y0, args)
+    if graph is None:
         return [], []
     known = {id(x) for x in [*times, *y0, *args]}
     captures = graph.external_captures

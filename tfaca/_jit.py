@@ -46,40 +46,16 @@ _NOT_COMPILABLE = {
     "AsString", "StringJoin", "NumpyFunction",
 }
 
-def check_option(value):
-    """`jit_compile` checked: `"auto"`, True or False (a NumPy bool becomes a bool)."""
+def check_option(value, strategy_name):
+    """`jit_compile` checked: `"auto"`, True or False (a NumPy bool becomes a bool), and
+    not True with the naive gradient."""
     if isinstance(value, str) and value == "auto":
         return value
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
-    raise ValueError(
-        f'`jit_compile` must be "auto", True or False. Received: jit_compile={value!r}'
-    )
-
-
-def operation_types(func, dtype, y0, args):
-    """The types of the operations `func(t, y, args)` builds (flat lists), nested
-    functions and loop bodies included, found by tracing it once into a scratch graph
-    (nothing runs). None if it cannot be traced."""
-    graph = func_graph.FuncGraph("tfaca_jit_probe")
-    try:
-        with tape_record.stop_recording(), graph.as_default():
-            tp = tf.compat.v1.placeholder(dtype, [])
-            yp = [tf.compat.v1.placeholder(x.dtype, x.shape) for x in y0]
-            ap = [tf.compat.v1.placeholder(x.dtype, x.shape) for x in args]
-            func(tp, yp, ap)
-        definition = graph.as_graph_def()
-    except Exception:  # noqa: BLE001 - a func that cannot be traced is not compiled
-        return None
-    types = {node.op for node in definition.node}
-    for function in definition.library.function:
-        types.update(node.op for node in function.node_def)
-    return types
-
-
-def decide(option, func, dtype, y0, args, strategy_name):
-    """Whether the solve's loops run as functions compiled with XLA (see the module)."""
-    if option is True and strategy_name == "naive":
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(
+            f'`jit_compile` must be "auto", True or False. Received: jit_compile={value!r}'
+        )
+    if value and strategy_name == "naive":
         raise ValueError(
             '`jit_compile=True` cannot be used with gradient="naive": the naive gradient '
             "differentiates the solver's loop as it was recorded, which cannot leave a "
@@ -88,6 +64,41 @@ def decide(option, func, dtype, y0, args, strategy_name):
             "(`tf.function(jit_compile=True)`, `model.compile(jit_compile=True)`), or use "
             'gradient="aca". Received: jit_compile=True, gradient="naive"'
         )
+    return bool(value)
+
+
+def scratch_trace(func, dtype, y0, args):
+    """`func(t, y, args)` (flat lists) traced once into a scratch graph of placeholders,
+    with nothing recorded and nothing run; None if it cannot be traced (it calls
+    `.numpy()`, say)."""
+    graph = func_graph.FuncGraph("tfaca_probe")
+    try:
+        with tape_record.stop_recording(), graph.as_default():
+            t = tf.compat.v1.placeholder(dtype, [])
+            y = [tf.compat.v1.placeholder(x.dtype, x.shape) for x in y0]
+            a = [tf.compat.v1.placeholder(x.dtype, x.shape) for x in args]
+            func(t, y, a)
+    except Exception:  # noqa: BLE001 - see the docstring
+        return None
+    return graph
+
+
+def operation_types(func, dtype, y0, args):
+    """The types of the operations `func(t, y, args)` builds, nested functions and loop
+    bodies included (`scratch_trace`). None if it cannot be traced."""
+    graph = scratch_trace(func, dtype, y0, args)
+    if graph is None:
+        return None
+    definition = graph.as_graph_def()
+    types = {node.op for node in definition.node}
+    for function in definition.library.function:
+        types.update(node.op for node in function.node_def)
+    return types
+
+
+def decide(option, func, dtype, y0, args, strategy_name):
+    """Whether the solve's loops run as functions compiled with XLA (see the module);
+    `option` as `check_option` returns it."""
     if in_xla_context():
         return False  # compiled with the graph around them already
     if option is not True and option is not False:  # "auto"

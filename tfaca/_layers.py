@@ -328,7 +328,6 @@ class ODELayer(keras.layers.Layer):
             raise TypeError(
                 f"`interpolate` must be True or False. Received: interpolate={interpolate!r}"
             )
-        jit_compile = _jit.check_option(jit_compile)
         _, strategy = check_options(
             method=method, gradient=gradient, rtol=rtol, atol=atol, step_size=step_size,
             first_step=first_step, max_step=max_step, max_steps=max_steps, safety=safety,
@@ -354,9 +353,7 @@ class ODELayer(keras.layers.Layer):
         self.throw = bool(throw)
         self.return_sequences = bool(return_sequences)
         self.interpolate = bool(interpolate)
-        if jit_compile is True and strategy.name == "naive":
-            _jit.decide(True, None, None, (), (), "naive")  # raises, naming the argument
-        self.jit_compile = jit_compile
+        self.jit_compile = _jit.check_option(jit_compile, strategy.name)
         self._pass_t = _accepts(dynamics, "t")
         self._pass_training = _accepts(dynamics, "training")
         self.fevals_tracker = keras.metrics.Mean(name=f"{self.name}_fevals")

@@ -362,12 +362,12 @@ def solve(
         raise TypeError(f"`interpolate` must be True or False. Received: interpolate={interpolate!r}")
     if not isinstance(args, tuple):
         raise TypeError(f"`args` must be a tuple. Received: args={args!r}")
-    jit_compile = _jit.check_option(jit_compile)
     solver, strategy = check_options(
         method=method, gradient=gradient, rtol=rtol, atol=atol, step_size=step_size,
         first_step=first_step, max_step=max_step, max_steps=max_steps, safety=safety,
         factor_min=factor_min, factor_max=factor_max,
     )
+    jit_compile = _jit.check_option(jit_compile, strategy.name)
 
     with tf.name_scope(name or "odeint"):
         y0_flat = [tf.convert_to_tensor(y) for y in tf.nest.flatten(y0)]
