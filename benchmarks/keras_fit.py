@@ -12,7 +12,7 @@ float32, Adam. Modes:
   tfaca before issue 12);
 - `model.compile(jit_compile=True)`: the whole train step compiled;
 - under `tf.distribute.MirroredStrategy` on two logical CPU devices (where Keras never
-  compiles), with the layer's default (which does not compile there) and with
+  compiles), with the layer's default (which compiles the solver's loops there too) and with
   `jit_compile=True` and `False`.
 
 Each mode trains a fresh model with the same initial weights in a child process of its

@@ -436,6 +436,40 @@ def test_forward_not_recorded_on_outer_tape(gradient):
         assert connected
 
 
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_traced_without_tape_then_differentiated(jit_compile):
+    """A function traced with no tape active keeps no checkpoints (inference: `predict`,
+    a served SavedModel); differentiated later by a tape around its call, its backward
+    pass solves forward again to record them: the same gradient as a function traced
+    under the tape, to rounding, and the same outputs."""
+    y0, W, b, ts = c64(Y0_NP), c64(W_NP), c64(B_NP), c64(TS_NP)
+
+    def make():
+        @tf.function
+        def run(y0, W):
+            return tfaca.odeint(rhs, y0, ts, args=(W, b), method="dopri5", rtol=1e-6,
+                                atol=1e-6, interpolate=False, jit_compile=jit_compile)
+        return run
+
+    first = make()
+    ys_plain = first(y0, W)  # traced here, with no tape
+    with tf.GradientTape() as tape:
+        tape.watch([y0, W])
+        ys = first(y0, W)  # the same trace
+        loss = loss_of(ys)
+    g_later = tape.gradient(loss, [y0, W])
+
+    second = make()
+    with tf.GradientTape() as tape:
+        tape.watch([y0, W])
+        ys_taped = second(y0, W)  # traced under the tape
+        loss = loss_of(ys_taped)
+    g_taped = tape.gradient(loss, [y0, W])
+    np.testing.assert_allclose(ys_plain.numpy(), ys_taped.numpy(), rtol=1e-13, atol=1e-14)
+    assert_grads_close(g_later, g_taped, 1e-12, "dL/d(y0, W)")
+    assert float(tf.reduce_max(tf.abs(g_taped[1]))) > 0
+
+
 @pytest.mark.parametrize("method", ["heun_euler", "bosh3"])
 def test_backward_replays_only_accepted_steps(method):
     """Eagerly, ACA's backward calls `func` exactly `solution_stages` times per accepted step (the FSAL stage is skipped)."""

@@ -67,7 +67,9 @@ from tensorflow.python.ops import while_v2
 
 from tfaca import _outputs
 from tfaca._jit import compiled, scratch_trace
-from tfaca._loop import Checkpoints, in_xla_context, integrate, raise_on_failure
+from tfaca._loop import (
+    Checkpoints, graph_assert, in_xla_context, integrate, raise_on_failure,
+)
 from tfaca._solution import Stats
 
 
@@ -291,6 +293,13 @@ class ACAGradient(AbstractGradient):
     FSAL, stage only serves the next step) per accepted step, and with interpolated
     outputs one more at the end of the solve (`Stats.num_fevals_backward`).
 
+    Checkpoints are kept only when a gradient may be asked for: a solve traced or run
+    with no `tf.GradientTape` active (Keras' `predict` and `evaluate`, a served
+    SavedModel, eager inference) writes none. A `tf.function` traced with no tape active
+    and later differentiated by a tape around its call solves forward again in its
+    backward pass to record them (one more forward solve, not counted in
+    `num_fevals_backward`).
+
     The replay checks that it rebuilds the states the forward pass accepted (to
     `sqrt(eps)` relative): if `func` is not a deterministic function of `(t, y)` (it draws
     random numbers, or reads a variable that changed between the forward and the
@@ -305,13 +314,25 @@ class ACAGradient(AbstractGradient):
 
     def solve(self, solver, controller, func, plan, y0, args, *, throw=True, jit=False,
               **loop_kwargs):
-        forward = compiled(lambda times, y0, args: _run(
-            solver, controller, lambda t, y: func(t, y, args), plan, y0, record=True,
-            loop_kwargs=loop_kwargs,
-        ), jit)
+        def forward_with(record):
+            return compiled(lambda times, y0, args: _run(
+                solver, controller, lambda t, y: func(t, y, args), plan, y0, record=record,
+                loop_kwargs=loop_kwargs,
+            ), jit)
+
+        # Checkpoints are kept only when a tape may ask for the gradient: Keras' fit
+        # traces its step under one, `predict`, `evaluate` and served SavedModels do
+        # not, and then skip writing them (a plain graph, or a compiled loop that must
+        # return them, cannot drop them otherwise). A function traced with no tape
+        # active and differentiated later (by a tape around its call) solves forward
+        # again in the backward pass to record them (`backward`).
+        record = tape_record.could_possibly_record()
 
         def backward(trajectory, times, y0, sources, g_ys, variables, differentiable):
             f = lambda t, y: func(t, y, args)  # noqa: E731
+            if not record:
+                with tape_record.stop_recording():
+                    trajectory = forward_with(True)(times, y0, args)
             if differentiable:
                 return _unrolled_vjp(solver, f, trajectory, times, y0, sources, g_ys, variables)
             # `sources` reach the compiled function as captures, as `func` reads them,
@@ -322,7 +343,7 @@ class ACAGradient(AbstractGradient):
             return _check_replay(mismatch, grads, throw)
 
         trajectory = _solve_with_custom_gradient(
-            forward, backward, func, _times(plan), y0, args, second_order=None
+            forward_with(record), backward, func, _times(plan), y0, args, second_order=None
         )
         stats = trajectory.stats
         if plan.dense:
@@ -511,7 +532,7 @@ def _check_replay(mismatch, grads, throw):
             )
         return grads
     if throw and not in_xla_context():
-        check = tf.debugging.Assert(
+        check = graph_assert(
             tf.logical_not(bad), [_NOT_REPRODUCED.format(step="i"), "i =", mismatch]
         )
         with tf.control_dependencies([check]):

@@ -8,7 +8,7 @@ import tensorflow as tf
 
 from tfaca import _jit
 from tfaca._gradients import _GRADIENTS, NaiveGradient, get_gradient
-from tfaca._loop import in_xla_context
+from tfaca._loop import graph_assert, in_xla_context
 from tfaca._odeint import check_options, solve
 from tfaca._solvers import _SOLVERS, get_solver
 
@@ -396,7 +396,7 @@ class ODELayer(keras.layers.Layer):
                 # counted by `{name}_failures`), never solve every row at row 0's times.
                 same = tf.logical_not(tf.reduce_any(differ))
                 return tf.where(same, times[0], tf.constant(float("nan"), dtype))
-            check = tf.debugging.Assert(
+            check = graph_assert(
                 tf.logical_not(tf.reduce_any(differ)),
                 [
                     f"ODELayer '{self.name}': with interpolate=False every row of the "

@@ -103,6 +103,14 @@ def in_xla_context():
     return control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
 
 
+def graph_assert(condition, data, summarize=3):
+    """An assertion op for a graph: `tf.debugging.Assert` without its guard, a `tf.cond`
+    whose branch function costs a call on every run (~0.1 ms of a fast solve). The data
+    are a few small tensors; the op formats them only when `condition` fails."""
+    data = [tf.convert_to_tensor(x) for x in data]
+    return tf.raw_ops.Assert(condition=condition, data=data, summarize=summarize)
+
+
 def raise_on_failure(status, t_final, outputs, context):
     """Eagerly raise `SolveError`; in graphs make `outputs` depend on an assertion; under
     XLA, which has no run-time assertions, return them as they are (`status` tells).
@@ -117,7 +125,7 @@ def raise_on_failure(status, t_final, outputs, context):
     if in_xla_context():
         return outputs
     messages = tf.constant([f"{c.message} (status {c.name})" for c in Status])
-    check = tf.debugging.Assert(status == 0, [messages[status], "t =", t_final, context])
+    check = graph_assert(status == 0, [messages[status], "t =", t_final, context])
     with tf.control_dependencies([check]):
         return [tf.identity(x) for x in outputs]
 
@@ -201,13 +209,15 @@ def integrate(solver, controller, func, ts, y0, *, step_size, first_step, max_st
     ]
     degree = len(solver.dense_weights[0])
     recorded = {}
+    # A step's scalars, (t, dt) and with `record` (interval, hit) too, are packed into
+    # one entry of the time's dtype: one write per trial instead of four (each write is
+    # an operation of its own in a plain graph, a kernel under XLA). The interval index
+    # is exact in it (float32 holds integers to 2**24; the loop takes at most
+    # `max_steps` trials).
+    num_scalars = 4 if record else 2
     if record or dense:
-        recorded["t"] = _step_array(dtype, max_steps, [])
-        recorded["dt"] = _step_array(dtype, max_steps, [])
+        recorded["scalars"] = _step_array(dtype, max_steps, [num_scalars])
         recorded["y"] = [_step_array(y.dtype, max_steps, y.shape) for y in y0]
-    if record:
-        recorded["interval"] = _step_array(tf.int32, max_steps, [])
-        recorded["hit"] = _step_array(tf.bool, max_steps, [])
     if dense:
         recorded["c"] = [
             _step_array(y.dtype, max_steps, tf.TensorShape([degree]).concatenate(y.shape))
@@ -285,13 +295,12 @@ def integrate(solver, controller, func, ts, y0, *, step_size, first_step, max_st
         # Written on every trial at the index of the next accepted step: a rejected
         # trial's entry is overwritten by the retry.
         new_record, at = dict(s.record), s.num_steps
-        if "t" in new_record:
-            new_record["t"] = s.record["t"].write(at, s.t)
-            new_record["dt"] = s.record["dt"].write(at, dt)
+        if "scalars" in new_record:
+            scalars = [s.t, dt]
+            if record:
+                scalars += [tf.cast(s.i_out, dtype), tf.cast(hit, dtype)]
+            new_record["scalars"] = s.record["scalars"].write(at, tf.stack(scalars))
             new_record["y"] = [ta.write(at, y) for ta, y in zip(s.record["y"], s.y)]
-        if record:
-            new_record["interval"] = s.record["interval"].write(at, s.i_out)
-            new_record["hit"] = s.record["hit"].write(at, hit)
         if dense:
             if solver.dense_needs_f1:
                 stages = stages + [f_new]
@@ -378,20 +387,21 @@ def integrate(solver, controller, func, ts, y0, *, step_size, first_step, max_st
         rec = state.record
         n = state.num_steps
         # Entry n: where the solve ended, so that every accepted state has an entry.
-        end = {"t": rec["t"].write(n, state.t), "dt": rec["dt"].write(n, tf.ones_like(t0)),
-               "y": [ta.write(n, y) for ta, y in zip(rec["y"], state.y)]}
+        last = [state.t, tf.ones_like(t0)]
         if record:
-            end["interval"] = rec["interval"].write(n, state.i_out)
-            end["hit"] = rec["hit"].write(n, False)
+            last += [tf.cast(state.i_out, dtype), tf.zeros_like(t0)]
+        end = {"scalars": rec["scalars"].write(n, tf.stack(last)),
+               "y": [ta.write(n, y) for ta, y in zip(rec["y"], state.y)]}
         if dense:
             zeros = [tf.zeros(tf.concat([[degree], tf.shape(y)], 0), y.dtype) for y in state.y]
             end["c"] = [ta.write(n, z) for ta, z in zip(rec["c"], zeros)]
         size = n + 1
+        scalars = _dense(end["scalars"], size, tf.zeros([num_scalars], dtype))
         checkpoints = Checkpoints(
-            t=_dense(end["t"], size, t0),
-            dt=_dense(end["dt"], size, t0),
-            interval=_dense(end["interval"], size, t0) if record else (),
-            hit=_dense(end["hit"], size, t0) if record else (),
+            t=scalars[:, 0],
+            dt=scalars[:, 1],
+            interval=tf.cast(scalars[:, 2], tf.int32) if record else (),
+            hit=scalars[:, 3] > 0 if record else (),
             y=[_dense(ta, size, y) for ta, y in zip(end["y"], y0)],
             c=[_dense(ta, size, z) for ta, z in zip(end["c"], zeros)] if dense else (),
             num_steps=n,

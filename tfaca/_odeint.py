@@ -9,7 +9,7 @@ import tensorflow as tf
 from tfaca import _jit, _outputs
 from tfaca._control import StepSizeController
 from tfaca._gradients import get_gradient
-from tfaca._loop import in_xla_context, raise_on_failure
+from tfaca._loop import graph_assert, in_xla_context, raise_on_failure
 from tfaca._solution import Solution
 from tfaca._solvers import get_solver
 
@@ -122,7 +122,7 @@ def _checked(ts, valid, message):
     outputs at times it did not solve for."""
     if in_xla_context():
         return tf.where(valid, ts, tf.constant(float("nan"), ts.dtype))
-    check = tf.debugging.Assert(valid, [message + " Received: ts=", ts], summarize=20)
+    check = graph_assert(valid, [message + " Received: ts=", ts], summarize=20)
     with tf.control_dependencies([check]):
         return tf.identity(ts)
 
