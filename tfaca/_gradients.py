@@ -320,12 +320,8 @@ class ACAGradient(AbstractGradient):
                 loop_kwargs=loop_kwargs,
             ), jit)
 
-        # Checkpoints are kept only when a tape may ask for the gradient: Keras' fit
-        # traces its step under one, `predict`, `evaluate` and served SavedModels do
-        # not, and then skip writing them (a plain graph, or a compiled loop that must
-        # return them, cannot drop them otherwise). A function traced with no tape
-        # active and differentiated later (by a tape around its call) solves forward
-        # again in the backward pass to record them (`backward`).
+        # Checkpoints only when a tape may ask for the gradient (see the class docstring);
+        # a plain graph, or a compiled loop that returns them, cannot drop them later.
         record = tape_record.could_possibly_record()
 
         def backward(trajectory, times, y0, sources, g_ys, variables, differentiable):
