@@ -4,9 +4,10 @@
 Run as a script, one mode per process, because each strategy needs TensorFlow set up
 before its devices (or its gRPC server) exist:
 
-    python distribute_worker.py mirrored
-        MirroredStrategy over two logical CPU devices of this process; runs the
-        scenarios of MIRRORED_SCENARIOS and prints one JSON line prefixed with RESULT.
+    python distribute_worker.py mirrored [SCENARIO,...]
+        MirroredStrategy over two logical CPU devices of this process; runs the named
+        scenarios of MIRRORED_SCENARIOS (default: all) and prints one JSON line prefixed
+        with RESULT.
 
     python distribute_worker.py multiworker OUT_DIR INIT_NPZ
         MultiWorkerMirroredStrategy, the cluster taken from TF_CONFIG. Starts from the
@@ -268,7 +269,7 @@ MIRRORED_SCENARIOS = {
 }
 
 
-def run_mirrored():
+def run_mirrored(names=None):
     import tensorflow as tf
 
     # Two logical CPU devices; must happen before anything initializes the devices.
@@ -280,9 +281,9 @@ def run_mirrored():
     strategy = tf.distribute.MirroredStrategy(devices)
     result = {"devices": devices, "num_replicas": strategy.num_replicas_in_sync}
     # Each scenario reports on its own: one failing does not hide the others.
-    for name, scenario in MIRRORED_SCENARIOS.items():
+    for name in names or MIRRORED_SCENARIOS:
         try:
-            result[name] = scenario(strategy)
+            result[name] = MIRRORED_SCENARIOS[name](strategy)
         except Exception as e:
             import traceback
 
@@ -381,7 +382,7 @@ def multiworker_data():
 def main(argv):
     mode = argv[0]
     if mode == "mirrored":
-        run_mirrored()
+        run_mirrored(argv[1].split(",") if len(argv) > 1 else None)
     elif mode == "multiworker":
         out_dir, init_path = argv[1], argv[2]
         pathlib.Path(out_dir).mkdir(parents=True, exist_ok=True)

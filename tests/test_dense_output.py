@@ -135,6 +135,7 @@ def test_steps_do_not_depend_on_number_of_outputs(method):
     assert len(set(checkpoints)) == 1, checkpoints
 
 
+@pytest.mark.slow
 def test_stepping_onto_outputs_still_available():
     func = linear_func(A_NP)
     ts = np.linspace(0.0, 5.0, 200)
@@ -155,6 +156,7 @@ _ACCURACY = {"dopri5": (1e-9, 1e-7), "tsit5": (1e-9, 1e-7), "bosh3": (1e-7, 3e-6
                                     pytest.param("bosh3", marks=pytest.mark.slow),
                                     pytest.param("heun_euler", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.slow_variants
 def test_interpolated_outputs_match_expm(method, reverse):
     ts = np.linspace(0.0, 4.0, 401)
     if reverse:
@@ -221,6 +223,7 @@ def _variable_problem():
 
 @pytest.mark.parametrize("method", ["dopri5", "bosh3", pytest.param("tsit5", marks=pytest.mark.slow),
                                     pytest.param("heun_euler", marks=pytest.mark.slow)])
+@pytest.mark.slow_variants
 def test_aca_equals_unrolled_steps_and_interpolants(method):
     """ACA's gradient equals backprop through the same accepted steps and interpolations,
     to 1e-10 relative in float64: for y0, args, a variable and every output time."""
@@ -250,6 +253,7 @@ def test_aca_equals_unrolled_steps_and_interpolants(method):
 
 
 @pytest.mark.parametrize("mode", ["function", "xla"])
+@pytest.mark.slow_variants
 def test_aca_equals_unrolled_in_graphs(mode):
     A, func = _variable_problem()
     y0 = _y0()
@@ -273,6 +277,7 @@ def test_aca_equals_unrolled_in_graphs(mode):
     assert_grads_close(grads(y0, scale, ts), want, rtol=1e-10, name=mode)
 
 
+@pytest.mark.slow
 def test_aca_equals_unrolled_nested_reverse_time():
     """Nested states, time running backwards."""
     M = tf.constant([[0.0, 1.0], [-1.0, -0.2]], F64)
@@ -292,6 +297,7 @@ def test_aca_equals_unrolled_nested_reverse_time():
 
 
 @pytest.mark.parametrize("gradient", [pytest.param("naive", marks=pytest.mark.slow), "adjoint"])
+@pytest.mark.slow
 def test_other_modes_agree_with_aca(gradient):
     A, func = _variable_problem()
     y0 = _y0()
@@ -334,6 +340,7 @@ def test_time_gradients_match_finite_differences():
         np.testing.assert_allclose(got[k], fd / (2 * eps), rtol=1e-5, atol=1e-8)
 
 
+@pytest.mark.slow
 def test_second_derivative_through_interpolation():
     """A Hessian-vector product of ACA with interpolated outputs equals that of the same
     accepted steps and interpolants unrolled."""
@@ -360,6 +367,7 @@ def test_second_derivative_through_interpolation():
 
 
 @pytest.mark.parametrize("gradient", ["aca", "naive", "adjoint"])
+@pytest.mark.slow_variants
 def test_per_sample_times_match_solving_each_sample_alone(gradient):
     func = linear_func(A_NP)
     ts = _per_sample_ts()
@@ -378,6 +386,7 @@ def test_per_sample_times_match_solving_each_sample_alone(gradient):
 @pytest.mark.parametrize("gradient", [
     "aca", pytest.param("naive", marks=pytest.mark.slow),
     pytest.param("adjoint", marks=pytest.mark.slow)])
+@pytest.mark.slow
 def test_per_sample_gradients_and_padding(gradient):
     """Per-sample gradients equal those of each sample solved alone (to the tolerance);
     padded entries receive no gradient and pass none on."""
@@ -407,6 +416,7 @@ def test_per_sample_gradients_and_padding(gradient):
     assert np.all(g_ts.numpy()[1:, 0] == 0.0)
 
 
+@pytest.mark.slow
 def test_adjoint_per_sample_times_in_fit_with_a_batch_of_known_size():
     """`fit` on one batch of known size traces a static batch with times of unknown
     count: the adjoint's event loop keeps its loop shapes (it used to fail: "enters the
@@ -437,6 +447,7 @@ def test_padded_entries_pass_no_gradient_to_the_state():
 
 
 @pytest.mark.parametrize("mode", ["function", "xla"])
+@pytest.mark.slow_variants
 def test_per_sample_in_graphs_without_retracing(mode):
     func = linear_func(A_NP)
     traces = []
@@ -485,6 +496,7 @@ def test_per_sample_reverse_time():
         "mixed directions",
     ],
 )
+@pytest.mark.slow_variants
 def test_bad_per_sample_times_are_refused(bad):
     ts = _per_sample_ts(pad_row=None)
     if bad == "unequal starts":
@@ -533,6 +545,7 @@ def _series_model(gradient="aca", return_sequences=True):
 
 
 @pytest.mark.parametrize("gradient", ["aca", pytest.param("adjoint", marks=pytest.mark.slow)])
+@pytest.mark.slow
 def test_odelayer_per_sample_times_fit_and_match_single_samples(gradient):
     import keras
 

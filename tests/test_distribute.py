@@ -28,7 +28,7 @@ from helpers import child_env
 TESTS = pathlib.Path(__file__).resolve().parent
 ROOT = TESTS.parent
 WORKER = TESTS / "distribute_worker.py"
-TIMEOUT = 300  # seconds for a whole subprocess run: a hang fails instead of blocking
+TIMEOUT = 900  # seconds for a whole subprocess run: a hang fails instead of blocking
 
 
 
@@ -78,13 +78,13 @@ def _outputs(log_dir, i):
 
 
 # --------------------------------------------------------------------------------------
-# MirroredStrategy, two logical CPUs, one subprocess for all scenarios.
+# MirroredStrategy, two logical CPUs, one subprocess per group of scenarios.
 
 
-@pytest.fixture(scope="module")
-def mirrored(tmp_path_factory):
+def _run_mirrored(tmp_path_factory, scenarios):
     log_dir = tmp_path_factory.mktemp("mirrored")
-    (code,) = _run_processes([[sys.executable, str(WORKER), "mirrored"]], [child_env()], log_dir)
+    command = [sys.executable, str(WORKER), "mirrored", ",".join(scenarios)]
+    (code,) = _run_processes([command], [child_env()], log_dir)
     stdout, stderr = _outputs(log_dir, 0)
     assert code == 0, f"mirrored worker: exit code {code} (None: timed out)\n{stderr}"
     result = _result_line(stdout)
@@ -92,6 +92,18 @@ def mirrored(tmp_path_factory):
     assert result["num_replicas"] == 2, result
     assert len(result["devices"]) == 2, result
     return result
+
+
+@pytest.fixture(scope="module")
+def mirrored(tmp_path_factory):
+    """The quick suite's scenarios: exact equality with one device, empty replica batches."""
+    return _run_mirrored(tmp_path_factory, ["fixed_step", "partial_batch"])
+
+
+@pytest.fixture(scope="module")
+def mirrored_more(tmp_path_factory):
+    """The slow suite's: adaptive steps, training over epochs, BatchNorm in the dynamics."""
+    return _run_mirrored(tmp_path_factory, ["adaptive_step", "adaptive_training", "batchnorm"])
 
 
 def _scenario(mirrored, name):
@@ -115,16 +127,18 @@ def test_mirrored_fixed_step_update_equals_single_device(mirrored):
     assert r["ode_fevals"] == 17.0
 
 
-def test_mirrored_adaptive_step_is_close_to_single_device(mirrored):
-    r = _scenario(mirrored, "adaptive_step")
+@pytest.mark.slow
+def test_mirrored_adaptive_step_is_close_to_single_device(mirrored_more):
+    r = _scenario(mirrored_more, "adaptive_step")
     assert r["finite"]
     assert r["max_update"] > 1e-3
     # Not equal (each replica picks its own steps), but within the solver's tolerance.
     assert r["max_diff_vs_single"] < 1e-3, r
 
 
-def test_mirrored_adaptive_fit_trains(mirrored):
-    r = _scenario(mirrored, "adaptive_training")
+@pytest.mark.slow
+def test_mirrored_adaptive_fit_trains(mirrored_more):
+    r = _scenario(mirrored_more, "adaptive_training")
     assert r["epochs"] == 4
     assert r["finite"]
     losses = r["loss_history"]
@@ -134,11 +148,12 @@ def test_mirrored_adaptive_fit_trains(mirrored):
     assert r["ode_fevals"] > 7  # an adaptive dopri5 solve: initial step search and >= 1 step
 
 
-def test_mirrored_batchnorm_dynamics_per_replica_statistics(mirrored):
+@pytest.mark.slow
+def test_mirrored_batchnorm_dynamics_per_replica_statistics(mirrored_more):
     """BatchNorm in the dynamics: each replica's moving statistics are those of one
     device on that replica's half batch (ACA updates them in the replay, before the
     weights change); the weights are the mean of the two half-batch SGD results."""
-    r = _scenario(mirrored, "batchnorm")
+    r = _scenario(mirrored_more, "batchnorm")
     assert r["finite"]
     assert r["max_update"] > 1e-3
     assert r["max_diff_vs_mean_of_halves"] < 1e-5, r

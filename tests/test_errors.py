@@ -69,6 +69,7 @@ def test_max_steps_reached_status_without_throw():
 
 
 @pytest.mark.parametrize("dtype", [tf.float64, tf.float32])
+@pytest.mark.slow_variants
 def test_blow_up_underflows_the_step(dtype):
     """Approaching the singularity the error control shrinks the step until it no longer
     advances time: DT_UNDERFLOW (the state stays finite up to there)."""
@@ -157,6 +158,7 @@ def test_nonfinite_in_function():
         (_nan_after_half, dict(), tfaca.Status.NONFINITE),
     ],
 )
+@pytest.mark.slow_variants
 def test_xla_reports_status_and_nan(func, kwargs, status):
     ts = _f64([0.0, 0.01, 3.0, 4.0])
 
@@ -288,6 +290,7 @@ def test_ts_not_monotone_eager(ts):
     assert "Received: ts=" in str(info.value)
 
 
+@pytest.mark.slow
 def test_ts_not_monotone_in_function():
     @tf.function
     def run(ts):

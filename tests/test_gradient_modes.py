@@ -75,6 +75,7 @@ def linear_loss(ys):
 
 
 @pytest.mark.parametrize("mode", MODES)
+@pytest.mark.slow_variants
 def test_tight_tolerance_matches_analytic(mode):
     y0, a, ts = tf.constant(LIN_Y0), tf.constant(A_NP), tf.constant(LIN_TS)
     with tf.GradientTape() as tape:
@@ -117,6 +118,7 @@ def nested_gradients(mode, dense, y0, k, ts):
 @pytest.mark.parametrize(
     "mode", [m if m == "aca" else pytest.param(m, marks=pytest.mark.slow) for m in MODES]
 )
+@pytest.mark.slow
 def test_execution_modes_agree(mode):
     keras.utils.set_random_seed(0)
     dense = keras.layers.Dense(2, activation="tanh", dtype="float64")
@@ -220,6 +222,7 @@ def test_naive_is_derivative_of_adaptive_solve_aca_of_accepted_steps():
 # Cost counters and failures.
 
 
+@pytest.mark.slow
 def test_backward_fevals_counters():
     y0, ts = tf.constant([2.0, 0.0], F64), tf.constant([0.0, 2.0, 4.0], F64)
     stats = {}
@@ -260,6 +263,7 @@ def _failing_adjoint_gradient():
     return tape.gradient(loss, [y0, a])
 
 
+@pytest.mark.slow
 def test_adjoint_reverse_failure_raises():
     with pytest.raises(tfaca.SolveError, match="adjoint"):
         _failing_adjoint_gradient()

@@ -91,6 +91,7 @@ def aca_and_reference(func, y0, ts, sources, loss_fn, *, args=(), method, tol, *
 
 
 @pytest.mark.parametrize("method", ADAPTIVE)
+@pytest.mark.slow_variants
 def test_unrolled_y0(method):
     y0, ts, W, b = c64(Y0_NP), c64(TS_NP), c64(W_NP), c64(B_NP)
     func = lambda t, y: rhs(t, y, W, b)  # noqa: E731
@@ -104,6 +105,7 @@ def test_unrolled_y0(method):
 
 
 @pytest.mark.parametrize("method", ADAPTIVE)
+@pytest.mark.slow_variants
 def test_unrolled_args(method):
     # An integer argument first, so that the float args are not at the front.
     y0, ts, W, b = c64(Y0_NP), c64(TS_NP), c64(W_NP), c64(B_NP)
@@ -131,6 +133,7 @@ def _mlp(dim):
 
 
 @pytest.mark.parametrize("method", ADAPTIVE)
+@pytest.mark.slow_variants
 def test_unrolled_keras_weights(method):
     keras.utils.set_random_seed(0)
     model = _mlp(3)
@@ -149,6 +152,7 @@ def test_unrolled_keras_weights(method):
 
 
 @pytest.mark.parametrize("method", ADAPTIVE)
+@pytest.mark.slow_variants
 def test_unrolled_variable(method):
     y0, ts, W = c64(Y0_NP), c64(TS_NP), c64(W_NP)
     b = tf.Variable(B_NP, dtype=F64)
@@ -179,6 +183,7 @@ def test_variable_passed_as_arg():
 
 
 @pytest.mark.parametrize("method", ADAPTIVE)
+@pytest.mark.slow_variants
 def test_unrolled_ts(method):
     y0, ts, W, b = c64(Y0_NP), c64(TS_NP), c64(W_NP), c64(B_NP)
     g_aca, g_ref, _ = aca_and_reference(
@@ -192,6 +197,7 @@ def test_unrolled_ts(method):
 
 
 @pytest.mark.parametrize("method", ADAPTIVE)
+@pytest.mark.slow_variants
 def test_unrolled_nested_state(method):
     W, b = c64(W_NP), c64(B_NP)
     y0 = (c64(Y0_NP[:2]), {"z": c64(Y0_NP[2:]), "w": c64([0.2, -0.1])})
@@ -213,6 +219,7 @@ def test_unrolled_nested_state(method):
 
 
 @pytest.mark.parametrize("method", ADAPTIVE)
+@pytest.mark.slow_variants
 def test_unrolled_reverse_time(method):
     y0, W, b = c64(Y0_NP), c64(W_NP), c64(B_NP)
     ts = c64(TS_NP[::-1])
@@ -257,6 +264,7 @@ def _linear_grads(method, gradient, tol, t0=0.3, T=2.3):
 
 
 @pytest.mark.parametrize("method", ["dopri5", "tsit5"])
+@pytest.mark.slow_variants
 def test_analytic_linear_aca(method):
     loss, g_y0, g_A, g_ts = _linear_grads(method, "aca", 1e-10)
     loss_ex, gy_ex, gA_ex, gts_ex = _linear_analytic(0.3, 2.3)
@@ -350,6 +358,7 @@ def _grads_wb(y0, ts, W, b, method="dopri5", tol=1e-6, gradient="aca"):
 
 
 @pytest.mark.parametrize("method", ["bosh3", "dopri5"])
+@pytest.mark.slow_variants
 def test_modes_agree(method):
     """Eager, tf.function and XLA: same steps, same gradients (args, ts, a Variable)."""
     inputs = (c64(Y0_NP), c64(TS_NP), c64(W_NP), c64(B_NP))
@@ -373,6 +382,7 @@ def test_modes_agree(method):
     assert_grads_close(xla[:-1], eager[:-1], 1e-12, "XLA vs eager")
 
 
+@pytest.mark.slow
 def test_float32_close_to_float64():
     g64 = tf.function(lambda *a: _grads_wb(*a, tol=1e-6))(
         c64(Y0_NP), c64(TS_NP), c64(W_NP), c64(B_NP)
@@ -386,6 +396,7 @@ def test_float32_close_to_float64():
         assert_grads_close(tf.cast(a, F64), e, 3e-4, "float32 vs float64")
 
 
+@pytest.mark.slow
 def test_naive_differs_from_aca_at_loose_tolerance():
     inputs = (c64(Y0_NP), c64(TS_NP), c64(W_NP), c64(B_NP))
     run = tf.function(lambda *a, gradient: _grads_wb(*a, method="heun_euler", tol=1e-3,
@@ -437,6 +448,7 @@ def test_forward_not_recorded_on_outer_tape(gradient):
 
 
 @pytest.mark.parametrize("jit_compile", [False, True])
+@pytest.mark.slow_variants
 def test_traced_without_tape_then_differentiated(jit_compile):
     """A function traced with no tape active keeps no checkpoints (inference: `predict`,
     a served SavedModel); differentiated later by a tape around its call, its backward
@@ -498,6 +510,7 @@ def test_backward_replays_only_accepted_steps(method):
 
 
 @pytest.mark.parametrize("method", ["heun_euler", "dopri5"])
+@pytest.mark.slow
 def test_unconnected_outputs(method):
     """Losses that use only some outputs (None cotangents for the rest)."""
     W, b = c64(W_NP), c64(B_NP)

@@ -68,6 +68,7 @@ _SLOW = pytest.mark.slow
      pytest.param("adjoint", "nested", marks=_SLOW),
      pytest.param("adjoint", "backward", marks=_SLOW)],
 )
+@pytest.mark.slow_variants
 def test_compiled_loops_give_the_same_solution_and_gradients(gradient, case):
     ts = {
         "two_times": [0.0, 1.5],
@@ -86,6 +87,7 @@ def test_compiled_loops_give_the_same_solution_and_gradients(gradient, case):
         np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.slow
 def test_float32_to_rounding():
     plain, _ = _solve_and_grad("aca", False, ts=[0.0, 0.5, 1.5], dtype="float32")
     jitted, names = _solve_and_grad("aca", True, ts=[0.0, 0.5, 1.5], dtype="float32")

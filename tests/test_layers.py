@@ -297,6 +297,7 @@ def test_dynamics_receive_the_time_in_a_model():
     np.testing.assert_allclose(model.predict(y0, verbose=0), y0 * np.exp(0.5), rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_training_flag_is_forwarded():
     x, y = regression_data(n=32)
     recorder = TrainingRecorder(STATE)
@@ -357,6 +358,7 @@ def _image_case():
 
 
 @pytest.mark.parametrize("case", [_vector_case, _image_case], ids=["vector", "image"])
+@pytest.mark.slow_variants
 def test_vector_and_image_states(case):
     model, ode, x, labels, state_shape = case()
     out = ode(x)
@@ -402,6 +404,7 @@ def _times_layer(return_sequences=False, interpolate=True):
 
 @pytest.mark.parametrize("rows", [False, True], ids=["vector", "rows"])
 @pytest.mark.parametrize("return_sequences", [False, True])
+@pytest.mark.slow_variants
 def test_times_input_matches_odeint(rows, return_sequences):
     layer = _times_layer(return_sequences)
     x = np.random.default_rng(0).normal(size=(BATCH, STATE)).astype("float32")
@@ -473,6 +476,7 @@ def test_times_input_unequal_rows_fail_the_solve_under_xla():
     assert np.all(np.isnan(run(x, ts).numpy()))
 
 
+@pytest.mark.slow
 def test_times_input_trains_in_a_model():
     x, y = regression_data(n=32)
     state, times = keras.Input((STATE,)), keras.Input((len(IRREGULAR),))
@@ -595,6 +599,7 @@ def _check_values(config, kwargs):
 
 
 @pytest.mark.parametrize("kwargs", CONFIGS, ids=CONFIG_IDS)
+@pytest.mark.slow_variants
 def test_get_config_from_config(kwargs):
     layer, x, out = _built_layer(kwargs)
     config = layer.get_config()
@@ -668,6 +673,7 @@ def test_objects_that_a_config_cannot_hold_work_but_refuse_to_save(kwargs, argum
 
 
 @pytest.mark.parametrize("kwargs", CONFIGS, ids=CONFIG_IDS)
+@pytest.mark.slow_variants
 def test_keras_file_round_trip(tmp_path, kwargs):
     x, _ = regression_data(n=BATCH)
     model = keras.Sequential(
@@ -742,7 +748,7 @@ def _serve_elsewhere(tmp_path, jobs, block_keras=False):
     cwd.mkdir()
     result = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(script), str(tmp_path / "jobs.json")],
-        cwd=cwd, env=env, capture_output=True, text=True, timeout=300,
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=900,
     )
     assert result.returncode == 0, result.stderr[-4000:]
     outputs = []
@@ -834,6 +840,7 @@ def _xla_pair_model(batchnorm, layer_jit="auto"):
 @pytest.mark.parametrize(
     "batchnorm", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["mlp", "batchnorm"]
 )
+@pytest.mark.slow
 def test_jit_compile_trains_like_without_xla(batchnorm):
     """Same initial weights, same batches: XLA gives the same losses, weights (moving
     statistics included) and predictions."""
@@ -911,6 +918,7 @@ def _changed(before, bn):
 
 
 @pytest.mark.parametrize("mode", ["eager", "graph"])
+@pytest.mark.slow_variants
 def test_batchnorm_aca_forward_leaves_moving_statistics(mode):
     layer, bn, x = _bn_layer("aca")
     stats = _reference_stats(layer, bn, x)
@@ -932,6 +940,7 @@ def test_batchnorm_aca_forward_leaves_moving_statistics(mode):
 
 
 @pytest.mark.parametrize("mode", ["eager", "graph"])
+@pytest.mark.slow_variants
 def test_batchnorm_aca_gradient_updates_moving_statistics(mode):
     layer, bn, x = _bn_layer("aca")
     stats = _reference_stats(layer, bn, x)
@@ -978,6 +987,7 @@ def test_batchnorm_inference_uses_and_keeps_moving_statistics():
     )
 
 
+@pytest.mark.slow
 def test_batchnorm_fit_updates_moving_statistics():
     x, y = regression_data(n=32)
     layer, bn, _ = _bn_layer("aca")
@@ -999,6 +1009,7 @@ def test_batchnorm_fit_updates_moving_statistics():
 # --------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_fit_and_evaluate_report_solve_metrics():
     x, y = regression_data()
     model = sequential_model()
@@ -1032,6 +1043,7 @@ def test_fit_and_evaluate_report_solve_metrics():
     assert counts(x) == first
 
 
+@pytest.mark.slow
 def test_metrics_of_two_ode_layers():
     x, y = regression_data(n=32)
     model = keras.Sequential(
@@ -1059,6 +1071,7 @@ def mixed_policy(request):
         keras.mixed_precision.set_global_policy("float32")
 
 
+@pytest.mark.slow_variants
 def test_mixed_precision_model_trains(mixed_policy):
     compute = tf.as_dtype(mixed_policy.compute_dtype)
     x, y = regression_data()

@@ -90,6 +90,7 @@ ADAPTIVE = dict(rtol=1e-5, atol=1e-6, first_step=0.5)  # rejects trial steps
 
 
 @pytest.mark.parametrize("gradient", ["aca", "adjoint", "naive"])
+@pytest.mark.slow_variants
 def test_dropout_in_training_is_one_fixed_mask_with_its_exact_gradient(gradient):
     """In training, the layer computes the field with one dropout mask, and each gradient
     mode gives what it gives on that field with the mask held fixed: for ACA, the exact
@@ -111,6 +112,7 @@ def test_dropout_in_training_is_one_fixed_mask_with_its_exact_gradient(gradient)
 
 
 @pytest.mark.parametrize("mode", ["eager", "graph"])
+@pytest.mark.slow_variants
 def test_dropout_aca_gradient_equals_backprop_at_fixed_steps(mode):
     """At fixed steps the naive gradient is backprop through the computation the layer
     made, with nothing else to differentiate: ACA must agree to rounding, with the
@@ -166,6 +168,7 @@ def _random_case(kind):
 @pytest.mark.parametrize(
     "kind", ["dropout", "gaussian_noise", "gaussian_dropout", "spatial_dropout"]
 )
+@pytest.mark.slow_variants
 def test_random_layers_aca_agrees_with_naive_at_fixed_steps(kind):
     dynamics, x, generator = _random_case(kind)
     fixed = dict(method="rk4", step_size=0.25)
@@ -245,6 +248,8 @@ def test_inference_applies_no_dropout():
 
 
 @pytest.mark.parametrize("jit_compile", [False, True], ids=["graph", "xla"])
+@pytest.mark.slow
+@pytest.mark.slow_variants
 def test_dropout_fit_step_is_the_fixed_mask_gradient(jit_compile):
     """One SGD step of `fit` moves each weight by -lr times the gradient of the batch loss
     computed with one mask, the one the generator held when the step began."""
@@ -318,6 +323,7 @@ def test_losses_added_inside_the_dynamics_are_refused(kind, mode):
     assert model.losses == []
 
 
+@pytest.mark.slow
 def test_activity_regularizer_on_the_ode_layer_regularizes_the_solution():
     """The alternative the refusal suggests works in `fit`."""
     ode = tfaca.ODELayer(mlp_dynamics(), activity_regularizer=keras.regularizers.L2(0.1))
@@ -332,6 +338,7 @@ def test_activity_regularizer_on_the_ode_layer_regularizes_the_solution():
 
 
 @pytest.mark.parametrize("jit_compile", [False, True], ids=["graph", "xla"])
+@pytest.mark.slow
 def test_weight_regularizers_in_the_dynamics_train(jit_compile):
     dynamics = keras.Sequential(
         [keras.layers.Dense(HIDDEN, activation="tanh",
@@ -378,6 +385,7 @@ FAILING = dict(rtol=1e-9, atol=1e-9, max_steps=3)
     ],
     ids=["failing_xla", "failing_no_throw", "healthy_xla", "healthy_no_throw"],
 )
+@pytest.mark.slow_variants
 def test_fit_and_evaluate_report_failures(options, jit_compile, failures):
     ode = tfaca.ODELayer(mlp_dynamics(), name="ode", **options)
     model = keras.Sequential([keras.Input((STATE,)), ode, keras.layers.Dense(1)])
@@ -409,6 +417,7 @@ def test_failures_metric_is_the_fraction_of_failed_solves():
 
 
 @pytest.mark.parametrize("given", ["name", "class", "instance"])
+@pytest.mark.slow_variants
 def test_gradient_strategy_is_built_once_and_shared_by_every_solve(given):
     strategy = tfaca.AdjointGradient()
     gradient = {"name": "adjoint", "class": tfaca.AdjointGradient, "instance": strategy}[given]
@@ -431,6 +440,7 @@ def test_gradient_strategy_is_built_once_and_shared_by_every_solve(given):
         assert int(first.backward_stats.num_steps) > 0
 
 
+@pytest.mark.slow
 def test_adjoint_counters_read_through_the_layer_after_fit():
     """After `fit` (a graph), the layer's adjoint holds the last reverse solve's counts."""
     layer = tfaca.ODELayer(mlp_dynamics(), gradient="adjoint")

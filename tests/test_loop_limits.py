@@ -255,6 +255,7 @@ def _checkpoints(max_steps):
 
 
 @pytest.mark.parametrize("size", ["exact", "large"])
+@pytest.mark.slow
 def test_xla_and_function_agree_whatever_max_steps(size):
     """The solution, statistics, status and ACA gradient are the same under XLA (buffers
     of max_steps entries) and in a plain tf.function (buffers that grow with the steps),
@@ -272,6 +273,7 @@ def test_xla_and_function_agree_whatever_max_steps(size):
     np.testing.assert_allclose(grad_x.numpy(), grad_g.numpy(), rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.slow
 def test_xla_and_function_agree_when_max_steps_is_reached():
     """One trial short, both stop at the same time with the same statistics; the output
     not reached is NaN in both."""
@@ -289,6 +291,7 @@ def test_xla_and_function_agree_when_max_steps_is_reached():
 
 
 @pytest.mark.parametrize("size", ["exact", "large"])
+@pytest.mark.slow_variants
 def test_checkpoints_agree_under_xla_and_in_a_function(size):
     """The recorded steps are the same; a tf.function returns only the accepted steps and
     the end of the solve, XLA a static max_steps + 1 entries whose first num_steps + 1

@@ -85,11 +85,13 @@ SLOW = pytest.mark.slow
     [("aca", "function"), ("adjoint", "function"), ("naive", "function"), ("aca", "xla"),
      pytest.param("adjoint", "xla", marks=SLOW), pytest.param("naive", "xla", marks=SLOW)],
 )
+@pytest.mark.slow_variants
 def test_solve_in_scan_reads_a_variable(mode, compile_mode):
     got = _scan_gradient(mode, compile_mode)
     np.testing.assert_allclose(got, _scan_analytic(), rtol=1e-7)
 
 
+@pytest.mark.slow
 def test_solve_in_scan_with_adjoint_counters():
     """An AdjointGradient built outside (it holds counter variables) works in a loop too."""
     grad = tfaca.AdjointGradient()
@@ -138,6 +140,8 @@ class _ODECell(keras.layers.Layer):
     [("aca", True), ("adjoint", False), pytest.param("aca", False, marks=SLOW),
      pytest.param("adjoint", True, marks=SLOW)],
 )
+@pytest.mark.slow
+@pytest.mark.slow_variants
 def test_keras_rnn_with_an_ode_cell_trains(mode, use_layer):
     keras.utils.set_random_seed(0)
     rng = np.random.default_rng(0)
@@ -174,6 +178,7 @@ def _hvp(loss_fn, x, v):
      pytest.param("function", "W", marks=SLOW), pytest.param("function", "ts", marks=SLOW),
      pytest.param("xla", "y0", marks=SLOW), pytest.param("xla", "ts", marks=SLOW)],
 )
+@pytest.mark.slow_variants
 def test_aca_hessian_vector_product_is_exact(compile_mode, wrt):
     """ACA's gradient differentiated again equals the second derivative of backprop
     through the same accepted steps (to rounding)."""
@@ -326,6 +331,7 @@ def test_randomness_passed_in_args_is_exact():
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("compile_mode", ["eager", "function"])
+@pytest.mark.slow_variants
 def test_closed_over_tensor_gets_its_gradient(mode, compile_mode):
     """y' = -theta * y: y(T) = y0 exp(-theta T), d/dtheta sum y(T) = -T sum y(T)."""
     y0, ts, T = c64(Y0_NP), c64([0.0, 0.8]), 0.8
@@ -428,6 +434,7 @@ def test_adjoint_reverse_failure_raises_with_throw():
 
 
 @pytest.mark.parametrize("jit_compile", [False, True])
+@pytest.mark.slow
 def test_adjoint_counters_readable_after_a_graph(jit_compile):
     grad = tfaca.AdjointGradient()
     y0, ts = c64(Y0_NP), c64(TS_NP)

@@ -264,6 +264,7 @@ def _check_nested(problem):
 # ~0.5 s an example, so the quick property samples fewer examples than the vector one.
 @settings(max_examples=8, deadline=None, database=None)
 @given(linear_problems(nested=True))
+@pytest.mark.slow
 def test_property_nested_state_matches_expm(problem):
     """A tensor (vector, row or column), a tuple or a dict (keys out of slice order) of
     components: each output and gradient component is its slice of the reference."""
@@ -387,6 +388,7 @@ def _killed_and_resumed(tmp_path, save_freq, kill_epoch, kill_batch, reference_a
     return _result(runs["reference"]), metadata, _result(resumed)["fit"]
 
 
+@pytest.mark.slow
 def test_fit_killed_after_a_mid_epoch_backup_resumes_exactly(tmp_path):
     """Backups every 2 batches (after batches 1 and 3 of each 4-batch epoch); SIGKILL as
     batch 3 of epoch 1 starts, so batch 2's update dies with the process. The resumed
@@ -451,6 +453,7 @@ def _ode_model():
     )
 
 
+@pytest.mark.slow
 def test_savedmodel_served_from_8_threads_is_bitwise_serial(tmp_path):
     """Each thread serves its own batch (its own size, so its own adaptive steps) 25
     times through `serve` or the `serving_default` signature, all 8 starting together;
@@ -524,6 +527,7 @@ def _repeat(call):
     return _rss() - rss
 
 
+@pytest.mark.slow
 def test_1000_solves_with_gradients_trace_once_and_keep_memory():
     """A `tf.function` of `tfaca.solve` (dopri5, ACA) and its gradient with respect to
     y0, the field's weights (through `args`) and nothing else, called with new y0,
@@ -615,6 +619,7 @@ def _keras_loop(method):
     assert growth < RSS_GROWTH_BOUND, f"RSS grew by {growth / 2**20:.1f} MiB"
 
 
+@pytest.mark.slow
 def test_1000_keras_predict_on_batch_trace_once_and_keep_memory():
     _keras_loop("predict_on_batch")
 

@@ -218,6 +218,7 @@ def vdp_reference():
 @pytest.mark.parametrize(
     "method, tol", [("dopri5", 1e-8), ("tsit5", 1e-8), ("bosh3", 1e-8), ("heun_euler", 1e-5)]
 )
+@pytest.mark.slow_variants
 def test_adaptive_matches_scipy_dop853(method, tol, vdp_reference):
     @tf.function
     def run():
@@ -453,6 +454,7 @@ def test_nested_list_state_with_nesting():
 
 
 @pytest.mark.parametrize("method, step_size", [("dopri5", None), ("tsit5", None), ("rk4", 0.01)])
+@pytest.mark.slow_variants
 def test_reverse_time(method, step_size):
     ts = np.array([2.0, 1.5, 0.2, -0.5])
     sol = tfaca.solve(
@@ -623,6 +625,7 @@ def test_per_element_tolerances():
     np.testing.assert_array_equal(mixed.ys.numpy()[:, :2], mixed.ys.numpy()[:, 2:])
 
 
+@pytest.mark.slow
 def test_nested_tolerances_match_flat_per_element_tolerances():
     ts = _f64([0.0, 2.0, 5.0])
 
@@ -656,6 +659,7 @@ def test_nested_tolerances_match_flat_per_element_tolerances():
     "method, per_trial, per_accept",
     [("dopri5", 6, 0), ("tsit5", 6, 0), ("bosh3", 3, 0), ("heun_euler", 1, 1)],
 )
+@pytest.mark.slow_variants
 def test_num_fevals_formula(method, per_trial, per_accept):
     """f0, one for the first-step selection, stages - 1 per trial (FSAL), plus one per
     accepted step for non-FSAL pairs (f at the new point)."""
