@@ -569,6 +569,7 @@ def test_odelayer_per_sample_times_fit_and_match_single_samples(gradient):
     assert history.history["loss"][-1] < history.history["loss"][0]
 
 
+@pytest.mark.slow
 def test_odelayer_interpolate_config_and_savedmodel(tmp_path):
     import keras
 

@@ -217,12 +217,14 @@ def multiworker(tmp_path_factory):
     return {"init": init, "reference": reference, "results": results, "weights": weights}
 
 
+@pytest.mark.slow
 def test_multiworker_workers_form_one_cluster(multiworker):
     assert [r["index"] for r in multiworker["results"]] == [0, 1]
     assert all(r["num_replicas"] == 2 for r in multiworker["results"])
 
 
 @pytest.mark.parametrize("method", ["rk4", "dopri5"])
+@pytest.mark.slow
 def test_multiworker_workers_end_with_equal_changed_weights(multiworker, method):
     w0, w1 = multiworker["weights"][method]
     init = multiworker["init"]
@@ -237,6 +239,7 @@ def test_multiworker_workers_end_with_equal_changed_weights(multiworker, method)
     assert all(np.isfinite(losses[0]))
 
 
+@pytest.mark.slow
 def test_multiworker_fixed_step_equals_single_device(multiworker):
     """Two workers x 16 samples per step == one device x 32 samples, step for step."""
     reference = multiworker["reference"]["rk4"]
@@ -247,6 +250,7 @@ def test_multiworker_fixed_step_equals_single_device(multiworker):
     )
 
 
+@pytest.mark.slow
 def test_multiworker_adaptive_trains_close_to_single_device(multiworker):
     reference = multiworker["reference"]["dopri5"]
     w0, _ = multiworker["weights"]["dopri5"]

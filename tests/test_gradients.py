@@ -133,7 +133,7 @@ def _mlp(dim):
 
 
 @pytest.mark.parametrize("method", ADAPTIVE)
-@pytest.mark.slow_variants
+@pytest.mark.slow
 def test_unrolled_keras_weights(method):
     keras.utils.set_random_seed(0)
     model = _mlp(3)
@@ -152,7 +152,7 @@ def test_unrolled_keras_weights(method):
 
 
 @pytest.mark.parametrize("method", ADAPTIVE)
-@pytest.mark.slow_variants
+@pytest.mark.slow
 def test_unrolled_variable(method):
     y0, ts, W = c64(Y0_NP), c64(TS_NP), c64(W_NP)
     b = tf.Variable(B_NP, dtype=F64)
@@ -197,7 +197,7 @@ def test_unrolled_ts(method):
 
 
 @pytest.mark.parametrize("method", ADAPTIVE)
-@pytest.mark.slow_variants
+@pytest.mark.slow
 def test_unrolled_nested_state(method):
     W, b = c64(W_NP), c64(B_NP)
     y0 = (c64(Y0_NP[:2]), {"z": c64(Y0_NP[2:]), "w": c64([0.2, -0.1])})
@@ -358,7 +358,7 @@ def _grads_wb(y0, ts, W, b, method="dopri5", tol=1e-6, gradient="aca"):
 
 
 @pytest.mark.parametrize("method", ["bosh3", "dopri5"])
-@pytest.mark.slow_variants
+@pytest.mark.slow
 def test_modes_agree(method):
     """Eager, tf.function and XLA: same steps, same gradients (args, ts, a Variable)."""
     inputs = (c64(Y0_NP), c64(TS_NP), c64(W_NP), c64(B_NP))

@@ -358,7 +358,7 @@ def _image_case():
 
 
 @pytest.mark.parametrize("case", [_vector_case, _image_case], ids=["vector", "image"])
-@pytest.mark.slow_variants
+@pytest.mark.slow
 def test_vector_and_image_states(case):
     model, ode, x, labels, state_shape = case()
     out = ode(x)
@@ -1071,7 +1071,7 @@ def mixed_policy(request):
         keras.mixed_precision.set_global_policy("float32")
 
 
-@pytest.mark.slow_variants
+@pytest.mark.slow
 def test_mixed_precision_model_trains(mixed_policy):
     compute = tf.as_dtype(mixed_policy.compute_dtype)
     x, y = regression_data()

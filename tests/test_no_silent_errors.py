@@ -231,6 +231,7 @@ def test_aca_gradient_penalty_of_keras_weights():
     assert_grads_close(got, want, rtol=1e-9, name="penalty")
 
 
+@pytest.mark.slow
 def test_naive_hessian_vector_product_matches_finite_differences():
     y0, W, ts = c64(Y0_NP), c64(A_NP), c64(TS_NP)
 
