@@ -296,7 +296,7 @@ def test_aca_equals_unrolled_nested_reverse_time():
                        rtol=1e-10)
 
 
-@pytest.mark.parametrize("gradient", [pytest.param("naive", marks=pytest.mark.slow), "adjoint"])
+@pytest.mark.parametrize("gradient", ["naive", "adjoint"])
 @pytest.mark.slow
 def test_other_modes_agree_with_aca(gradient):
     A, func = _variable_problem()
@@ -383,9 +383,7 @@ def test_per_sample_times_match_solving_each_sample_alone(gradient):
     np.testing.assert_array_equal(sol.ys.numpy()[4:, 2], sol.ys.numpy()[[3, 3], 2])
 
 
-@pytest.mark.parametrize("gradient", [
-    "aca", pytest.param("naive", marks=pytest.mark.slow),
-    pytest.param("adjoint", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("gradient", ["aca", "naive", "adjoint"])
 @pytest.mark.slow
 def test_per_sample_gradients_and_padding(gradient):
     """Per-sample gradients equal those of each sample solved alone (to the tolerance);
@@ -544,7 +542,7 @@ def _series_model(gradient="aca", return_sequences=True):
     return keras.Model([state, times], layer([state, times])), layer
 
 
-@pytest.mark.parametrize("gradient", ["aca", pytest.param("adjoint", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("gradient", ["aca", "adjoint"])
 @pytest.mark.slow
 def test_odelayer_per_sample_times_fit_and_match_single_samples(gradient):
     import keras

@@ -115,9 +115,7 @@ def nested_gradients(mode, dense, y0, k, ts):
     return tape.gradient(loss, sources), sol.stats.num_steps, sol.stats.num_rejected
 
 
-@pytest.mark.parametrize(
-    "mode", [m if m == "aca" else pytest.param(m, marks=pytest.mark.slow) for m in MODES]
-)
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.slow
 def test_execution_modes_agree(mode):
     keras.utils.set_random_seed(0)

@@ -838,7 +838,7 @@ def _xla_pair_model(batchnorm, layer_jit="auto"):
 
 
 @pytest.mark.parametrize(
-    "batchnorm", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["mlp", "batchnorm"]
+    "batchnorm", [False, True], ids=["mlp", "batchnorm"]
 )
 @pytest.mark.slow
 def test_jit_compile_trains_like_without_xla(batchnorm):
