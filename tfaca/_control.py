@@ -5,7 +5,9 @@ II.4, as scipy's `solve_ivp`, torchdiffeq and the ACA reference code (TorchDiffE
 so that tfaca takes the same steps as those libraries at the same tolerances:
 
 - one step size for the whole state (a batch shares it): the error is the RMS over every
-  element of every state component;
+  element of every state component; or, with `per_sample`, one step size per sample of a
+  batch (the leading axis of every component): the RMS over each sample's elements, so
+  that a sample's steps do not depend on the others;
 - an integral (I) controller, `dt * clip(safety * err^(-1/(q+1)), factor_min,
   factor_max)` with `q` the order of the error estimate. A PI controller damps
   oscillating step sizes on mildly stiff problems, but the paper's results and its
@@ -15,6 +17,8 @@ so that tfaca takes the same steps as those libraries at the same tolerances:
 import dataclasses
 
 import tensorflow as tf
+
+from tfaca._solvers import per_row
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,6 +34,8 @@ class StepSizeController:
         factor_min: the largest shrink per step (0.2, as those libraries).
         factor_max: the largest growth per step (10, as those libraries).
         max_step: an upper bound on `|dt|`, or `None`.
+        per_sample: whether the leading axis of every component is a batch of samples
+            with a step size each: error ratios and first steps are then `[batch]`.
     """
 
     rtol: list
@@ -38,15 +44,22 @@ class StepSizeController:
     factor_min: float = 0.2
     factor_max: float = 10.0
     max_step: float = None
+    per_sample: bool = False
 
     def _scaled_rms(self, values, scale_from):
-        """RMS over all elements of `values[n] / (atol + rtol * scale_from[n])`."""
+        """RMS over all elements of `values[n] / (atol + rtol * scale_from[n])` (per sample:
+        over each sample's elements, `[batch]`)."""
         total = 0.0
         count = 0
         for v, s, rtol, atol in zip(values, scale_from, self.rtol, self.atol):
-            ratio = v / (atol + rtol * s)
-            total += tf.reduce_sum(tf.square(ratio))
-            count += tf.size(ratio)
+            ratio = tf.square(v / (atol + rtol * s))
+            if self.per_sample:
+                axes = list(range(1, ratio.shape.rank))
+                total += tf.reduce_sum(ratio, axis=axes) if axes else ratio
+                count += tf.reduce_prod(tf.shape(ratio)[1:])
+            else:
+                total += tf.reduce_sum(ratio)
+                count += tf.size(ratio)
         # An empty state (a replica's empty batch under tf.distribute) has no error.
         return tf.sqrt(total / tf.cast(tf.maximum(count, 1), total.dtype))
 
@@ -89,7 +102,7 @@ class StepSizeController:
             tf.cast(1e-6, d0.dtype),
             0.01 * d0 / tf.where(d1 > 0, d1, tf.ones_like(d1)),
         )
-        y1 = [y + direction * h0 * f for y, f in zip(y0, f0)]
+        y1 = [y + per_row(direction * h0, f) * f for y, f in zip(y0, f0)]
         f1 = func(t0 + direction * h0, y1)
         d2 = self._scaled_rms([a - b for a, b in zip(f1, f0)], scale) / h0
         d12 = tf.maximum(d1, d2)

@@ -71,6 +71,7 @@ from tfaca._loop import (
     Checkpoints, graph_assert, in_xla_context, integrate, raise_on_failure,
 )
 from tfaca._solution import Stats
+from tfaca._solvers import per_row
 
 
 class AbstractGradient:
@@ -104,11 +105,19 @@ def _run(solver, controller, f, plan, y0, *, record, loop_kwargs):
         solver, controller, f, plan.stops, y0, record=record, dense=plan.dense, **loop_kwargs
     )
     if plan.dense:
-        later = _outputs.evaluate(trajectory.checkpoints, plan.ts, trajectory.t_final,
-                                  _outputs.direction(plan))
+        later = _outputs.evaluate(trajectory.checkpoints, _sample_times(plan.ts, y0, loop_kwargs),
+                                  trajectory.t_final, _outputs.direction(plan))
         ys = [tf.concat([y[None], out], axis=0) for y, out in zip(y0, later)]
         trajectory = trajectory._replace(ys=ys)
     return trajectory
+
+
+def _sample_times(ts, y0, loop_kwargs):
+    """Output times as the per-sample steps' interpolation reads them, `[batch, n]`
+    (shared times broadcast); else as they are."""
+    if not loop_kwargs.get("per_sample") or ts.shape.rank == 2:
+        return ts
+    return tf.broadcast_to(ts, tf.stack([tf.shape(y0[0])[0], tf.shape(ts)[0]]))
 
 
 def _times(plan):
@@ -133,7 +142,7 @@ class NaiveGradient(AbstractGradient):
             solver, controller, lambda t, y: func(t, y, args), plan, y0, record=False,
             loop_kwargs=loop_kwargs,
         )
-        zero = tf.constant(0, tf.int32)
+        zero = tf.zeros_like(trajectory.stats.num_steps)
         return trajectory._replace(stats=trajectory.stats._replace(num_fevals_backward=zero))
 
 
@@ -153,7 +162,7 @@ def _unique(items):
     return out
 
 
-def _probe(func, times, y0, args):
+def _probe(func, times, y0, args, t_shape=()):
     """What `func` reads besides its arguments: `(sources, handles)`.
 
     `func` is traced once into a scratch graph (nothing runs) and the outer tensors it
@@ -164,7 +173,7 @@ def _probe(func, times, y0, args):
     """
     if tf.executing_eagerly() and not tape_record.could_possibly_record():
         return [], []
-    graph = scratch_trace(func, times[0].dtype, y0, args)
+    graph = scratch_trace(func, times[0].dtype, y0, args, t_shape)
     if graph is None:
         return [], []
     known = {id(x) for x in [*times, *y0, *args]}
@@ -225,7 +234,7 @@ _SECOND_ORDER = (
 
 
 def _solve_with_custom_gradient(forward, backward, func, times, y0, args, *, second_order,
-                                written=()):
+                                written=(), t_shape=()):
     """Runs `forward` with no tape recording and gives its outputs `backward` as gradient.
 
     `times`: a list of time tensors (`_times(plan)`). `forward(times, y0, args) ->
@@ -241,7 +250,7 @@ def _solve_with_custom_gradient(forward, backward, func, times, y0, args, *, sec
     with tape_record.stop_recording(), tape_record.VariableWatcher() as watcher:
         trajectory = forward(times, y0, args)
     variables = _unique(v for v in watcher.watched_variables() if v.trainable)
-    closed_over, handles = _probe(func, times, y0, args)
+    closed_over, handles = _probe(func, times, y0, args, t_shape)
     if not tf.executing_eagerly():
         # Capture them here too, so that a backward pass inside a loop's gradient can
         # reach them through this graph (see `_route_handles_through_forward_graphs`).
@@ -323,6 +332,7 @@ class ACAGradient(AbstractGradient):
         # Checkpoints only when a tape may ask for the gradient (see the class docstring);
         # a plain graph, or a compiled loop that returns them, cannot drop them later.
         record = tape_record.could_possibly_record()
+        per_sample = loop_kwargs.get("per_sample", False)
 
         def backward(trajectory, times, y0, sources, g_ys, variables, differentiable):
             f = lambda t, y: func(t, y, args)  # noqa: E731
@@ -333,13 +343,20 @@ class ACAGradient(AbstractGradient):
                 return _unrolled_vjp(solver, f, trajectory, times, y0, sources, g_ys, variables)
             # `sources` reach the compiled function as captures, as `func` reads them,
             # so that the tape inside watches what `func` uses.
-            replay = compiled(lambda checkpoints, times, g_ys: _replay(
+            replay_fn = _replay_per_sample if per_sample else _replay
+            replay = compiled(lambda checkpoints, times, g_ys: replay_fn(
                 solver, f, checkpoints, times, sources, g_ys, variables), jit)
             mismatch, grads = replay(trajectory.checkpoints, times, g_ys)
             return _check_replay(mismatch, grads, throw)
 
+        second_order = None
+        if per_sample:
+            second_order = _SECOND_ORDER.format(
+                what="ACA with per-sample steps does not support yet",
+                instead='Use per_sample=False, or gradient="naive".')
         trajectory = _solve_with_custom_gradient(
-            forward_with(record), backward, func, _times(plan), y0, args, second_order=None
+            forward_with(record), backward, func, _times(plan), y0, args,
+            second_order=second_order, t_shape=y0[0].shape[:1] if per_sample else (),
         )
         stats = trajectory.stats
         if plan.dense:
@@ -385,8 +402,10 @@ def _last_stage_cotangents(solver, dt, g_c):
     out = []
     for g in g_c:
         w = tf.constant(solver.dense_weights[-1], g.dtype)  # [degree]
-        scale = tf.reshape(dt, [-1] + [1] * (g.shape.rank - 2))
-        out.append(scale * tf.tensordot(g, w, [[1], [0]]))
+        combined = tf.tensordot(g, w, [[1], [0]])  # [size, ...]
+        # dt: [size], or [size, batch] with per-sample steps.
+        scale = tf.reshape(dt, tf.concat([tf.shape(dt), [1] * (combined.shape.rank - dt.shape.rank)], 0))
+        out.append(scale * combined)
     return out
 
 
@@ -493,6 +512,138 @@ def _replay(solver, f, checkpoints, times, sources, g_ys, variables):
         g_stops += tf.stack([tf.reduce_sum(pulled.g_t) - tf.reduce_sum(landing),
                              tf.reduce_sum(landing)])
     g_times = [g_stops, pulled.g_ts] if dense else [g_stops]
+    g_y0 = [a_n + g[0] for a_n, g in zip(a, g_ys)]
+    return mismatch, [*g_times, *g_y0, *g_sources, *g_vars]
+
+
+def _replay_per_sample(solver, f, checkpoints, times, sources, g_ys, variables):
+    """ACA's backward pass for per-sample steps (`integrate(per_sample=True)`).
+
+    Entry `i` of the checkpoints is one iteration of the forward loop: every sample's
+    trial from its own `(t_i, dt_i, y_i)`, of which the samples in `accepted[i]` were
+    kept. It is replayed once for the whole batch under a tape, with the cotangent of the
+    samples that did not step there set to zero (they pass nothing to the parameters, the
+    times or the state) and their cotangent carried over unchanged. Each sample thus gets
+    the exact gradient of its own accepted steps, as if solved alone, and the
+    parameters the sum over the samples. As in `_replay`, an interpolant's last stage
+    `f(t_{i+1}, y_{i+1})` is the first stage of the sample's next accepted step, which
+    takes its cotangent: found per sample through `checkpoints.previous`.
+
+    Same returns as `_replay`.
+    """
+    cp = checkpoints
+    stops = times[0]
+    dense = len(times) > 1
+    n = cp.num_steps
+    batch = tf.shape(cp.t)[1]
+    num_stops = tf.shape(stops)[-1]
+    stops_b = tf.broadcast_to(stops, tf.stack([batch, num_stops]))
+    rows = tf.range(batch)
+    sign = tf.sign(tf.reduce_sum(stops_b[:, -1] - stops_b[:, 0]))
+    eps = float(tf.experimental.numpy.finfo(stops.dtype.as_numpy_dtype).eps)
+    same_state = math.sqrt(eps)
+
+    def masked(mask, xs, axis=0):
+        return [tf.where(per_row(mask, x, axis), x, tf.zeros_like(x)) for x in xs]
+
+    def per_sample_entry(xs, entry):
+        """`x[entry[b], b]` for each `[size, batch, ...]` x; zero where `entry` is -1."""
+        where = tf.stack([tf.maximum(entry, 0), rows], axis=1)
+        return masked(entry >= 0, [tf.gather_nd(x, where) for x in xs])
+
+    if dense:
+        later = times[1]
+        later_b = tf.broadcast_to(later, tf.stack([batch, tf.shape(later)[-1]]))
+        pulled = _outputs.pullback(cp, later_b, [g[1:] for g in g_ys], sign)
+        g_last = _last_stage_cotangents(solver, cp.dt, pulled.g_c)
+
+    def step_vjp(i, a, g_stops, g_sources, g_vars, mismatch):
+        t, dt, y = cp.t[i], cp.dt[i], [y_n[i] for y_n in cp.y]
+        accepted = cp.accepted[i]
+        hit = cp.hit[i] & accepted
+        j = tf.clip_by_value(cp.interval[i], 1, num_stops - 1)
+        if not dense:
+            # The output stops[b, j] is sample b's y_{i+1} when its step lands on it.
+            landed = masked(hit, [tf.gather_nd(g, tf.stack([j, rows], 1)) for g in g_ys])
+            a = [a_n + g_n for a_n, g_n in zip(a, landed)]
+        with tf.GradientTape() as tape:
+            tape.watch([t, dt] + y + sources)
+            f0 = f(t, y)
+            if dense:
+                y1, k = solver.replay_stages(f, t, y, f0, dt)
+                targets = y1 + solver.dense_coefficients(dt, k) + f0
+                # f(t_i, y_i) is also the last interpolation stage of the sample's
+                # previous accepted step.
+                cotangents = (masked(accepted, a)
+                              + masked(accepted, [g[i] for g in pulled.g_c], axis=1)
+                              + masked(accepted, per_sample_entry(g_last, cp.previous[i])))
+            else:
+                y1, _, _ = solver.step(f, t, y, f0, dt, solution_only=True)
+                targets, cotangents = y1, masked(accepted, a)
+        g_t, g_dt, g_y, g_s, g_v = tape.gradient(
+            targets, [t, dt, y, sources, list(variables)], output_gradients=cotangents,
+            unconnected_gradients=tf.UnconnectedGradients.ZERO,
+        )
+        g_y = [tf.convert_to_tensor(x) for x in g_y]
+        if dense:
+            g_y = [g_n + p for g_n, p in zip(g_y, masked(accepted, [p[i] for p in pulled.g_y]))]
+        a = [tf.where(per_row(accepted, a_n), g_n, a_n) for a_n, g_n in zip(a, g_y)]
+        # t_i = stops[b, j-1] + offset; the landing step's dt = stops[b, j] - t_i.
+        g_dt = tf.where(hit, g_dt, tf.zeros_like(g_dt))
+        g_stops = tf.tensor_scatter_nd_add(
+            g_stops, tf.concat([tf.stack([rows, j - 1], 1), tf.stack([rows, j], 1)], 0),
+            tf.concat([g_t - g_dt, g_dt], 0))
+        g_sources = [x + tf.convert_to_tensor(y_) for x, y_ in zip(g_sources, g_s)]
+        g_vars = [x + tf.convert_to_tensor(y_) for x, y_ in zip(g_vars, g_v)]
+        # Entry i + 1 holds every sample's state after iteration i.
+        recorded = [c[i + 1] for c in cp.y]
+        rebuilt = [tf.where(per_row(accepted, y_n), y_n, r) for y_n, r in zip(y1, recorded)]
+        differs = _differs(rebuilt, recorded, same_state)
+        mismatch = tf.where(differs & (mismatch < 0), i, mismatch)
+        return i - 1, a, g_stops, g_sources, g_vars, mismatch
+
+    g_stops = tf.zeros_like(stops_b)
+    g_sources = [tf.zeros_like(x) for x in sources]
+    g_vars = [tf.zeros_like(v) for v in variables]
+    if dense:
+        # Each sample's last interpolation stage, f at the end of its solve, evaluated
+        # once here (the stops are [t0, t_end] per sample).
+        last = cp.previous[n]
+        g_f_end = per_sample_entry(g_last, last)
+        end = [cp.t[n]] + [y_n[n] for y_n in cp.y]
+        with tf.GradientTape() as tape:
+            tape.watch(end + sources)
+            f_end = f(end[0], end[1:])
+        g_end = tape.gradient(
+            f_end, [end, sources, list(variables)], output_gradients=g_f_end,
+            unconnected_gradients=tf.UnconnectedGradients.ZERO,
+        )
+        (g_t_end, *g_y_end), g_s, g_v = [[tf.convert_to_tensor(x) for x in xs] for xs in g_end]
+        # That stage's term in the last step's coefficients depends on the landing step's
+        # size dt = t_end - t_{last}: <g, f_end> / dt onto t_end, minus onto t0.
+        dt_last, hit_last = per_sample_entry([cp.dt, cp.hit], last)
+        inner = tf.add_n([tf.reduce_sum(g * x, axis=list(range(1, x.shape.rank)))
+                          if x.shape.rank > 1 else g * x for g, x in zip(g_f_end, f_end)])
+        on_dt = tf.where(hit_last, inner / tf.where(hit_last, dt_last, 1), tf.zeros_like(inner))
+        g_stops += tf.stack([-on_dt, on_dt + g_t_end], axis=1)
+        g_sources = [x + y_ for x, y_ in zip(g_sources, g_s)]
+        g_vars = [x + y_ for x, y_ in zip(g_vars, g_v)]
+        a = [g[n] + g_n for g, g_n in zip(pulled.g_y, g_y_end)]  # each sample's end outputs
+        landing = tf.where(cp.hit & cp.accepted, pulled.g_dt, tf.zeros_like(pulled.g_dt))
+        g_stops += tf.stack([tf.reduce_sum(pulled.g_t - landing, axis=0),
+                             tf.reduce_sum(landing, axis=0)], axis=1)
+    else:
+        a = [tf.zeros_like(g[0]) for g in g_ys]
+    state = (n - 1, a, g_stops, g_sources, g_vars, tf.constant(-1, tf.int32))
+    _, a, g_stops, g_sources, g_vars, mismatch = tf.while_loop(
+        lambda i, *_: i >= 0, step_vjp, state, parallel_iterations=1
+    )
+    if stops.shape.rank == 1:
+        g_stops = tf.reduce_sum(g_stops, axis=0)
+    g_times = [g_stops]
+    if dense:
+        g_times.append(pulled.g_ts if times[1].shape.rank == 2
+                       else tf.reduce_sum(pulled.g_ts, axis=0))
     g_y0 = [a_n + g[0] for a_n, g in zip(a, g_ys)]
     return mismatch, [*g_times, *g_y0, *g_sources, *g_vars]
 

@@ -67,14 +67,14 @@ def check_option(value, strategy_name):
     return bool(value)
 
 
-def scratch_trace(func, dtype, y0, args):
+def scratch_trace(func, dtype, y0, args, t_shape=()):
     """`func(t, y, args)` (flat lists) traced once into a scratch graph of placeholders,
     with nothing recorded and nothing run; None if it cannot be traced (it calls
     `.numpy()`, say)."""
     graph = func_graph.FuncGraph("tfaca_probe")
     try:
         with tape_record.stop_recording(), graph.as_default():
-            t = tf.compat.v1.placeholder(dtype, [])
+            t = tf.compat.v1.placeholder(dtype, t_shape)
             y = [tf.compat.v1.placeholder(x.dtype, x.shape) for x in y0]
             a = [tf.compat.v1.placeholder(x.dtype, x.shape) for x in args]
             func(t, y, a)
@@ -83,10 +83,10 @@ def scratch_trace(func, dtype, y0, args):
     return graph
 
 
-def operation_types(func, dtype, y0, args):
+def operation_types(func, dtype, y0, args, t_shape=()):
     """The types of the operations `func(t, y, args)` builds, nested functions and loop
     bodies included (`scratch_trace`). None if it cannot be traced."""
-    graph = scratch_trace(func, dtype, y0, args)
+    graph = scratch_trace(func, dtype, y0, args, t_shape)
     if graph is None:
         return None
     definition = graph.as_graph_def()
@@ -96,7 +96,7 @@ def operation_types(func, dtype, y0, args):
     return types
 
 
-def decide(option, func, dtype, y0, args, strategy_name):
+def decide(option, func, dtype, y0, args, strategy_name, t_shape=()):
     """Whether the solve's loops run as functions compiled with XLA (see the module);
     `option` as `check_option` returns it."""
     if in_xla_context():
@@ -104,7 +104,7 @@ def decide(option, func, dtype, y0, args, strategy_name):
     if option is not True and option is not False:  # "auto"
         if tf.executing_eagerly() or strategy_name == "naive":
             return False
-        types = operation_types(func, dtype, y0, args)
+        types = operation_types(func, dtype, y0, args, t_shape)
         if types is None or types & _NOT_COMPILABLE:
             return False
         if not tf.config.list_logical_devices("GPU") and any(

@@ -147,7 +147,8 @@ class ODELayer(keras.layers.Layer):
     Args:
         dynamics: a Keras layer or model mapping a state to its time derivative, with the
             same shape: vectors `(batch, features)` or feature maps `(batch, H, W, C)`.
-            If its `call` accepts `t`, the current time is passed as a scalar tensor;
+            If its `call` accepts `t`, the current time is passed as a scalar tensor
+            (with `per_sample=True`, a `(batch,)` tensor: each sample's own time);
             if it accepts `training`, the flag is forwarded. It must not add losses
             (`add_loss`, `activity_regularizer`; see below); weight regularizers are fine.
         t: the integration times: `(t0, t1)` or a longer strictly monotone sequence of
@@ -305,6 +306,7 @@ class ODELayer(keras.layers.Layer):
         return_sequences=False,
         interpolate=True,
         jit_compile="auto",
+        per_sample=False,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -327,6 +329,10 @@ class ODELayer(keras.layers.Layer):
         if not isinstance(interpolate, (bool, np.bool_)):
             raise TypeError(
                 f"`interpolate` must be True or False. Received: interpolate={interpolate!r}"
+            )
+        if not isinstance(per_sample, (bool, np.bool_)):
+            raise TypeError(
+                f"`per_sample` must be True or False. Received: per_sample={per_sample!r}"
             )
         _, strategy = check_options(
             method=method, gradient=gradient, rtol=rtol, atol=atol, step_size=step_size,
@@ -354,6 +360,12 @@ class ODELayer(keras.layers.Layer):
         self.return_sequences = bool(return_sequences)
         self.interpolate = bool(interpolate)
         self.jit_compile = _jit.check_option(jit_compile, strategy.name)
+        if per_sample and strategy.name == "adjoint":
+            raise ValueError(
+                "`per_sample=True` works with gradient=\"aca\" or \"naive\"; the adjoint's "
+                "reverse solve shares one step size. Received: gradient=\"adjoint\""
+            )
+        self.per_sample = bool(per_sample)
         self._pass_t = _accepts(dynamics, "t")
         self._pass_training = _accepts(dynamics, "training")
         self.fevals_tracker = keras.metrics.Mean(name=f"{self.name}_fevals")
@@ -385,8 +397,10 @@ class ODELayer(keras.layers.Layer):
         if times is None:
             return tf.constant(self.t, dtype)
         times = tf.cast(times, dtype)
-        if times.shape.rank == 2 and self.interpolate:
-            return times  # times per sample, read from one solve by interpolation
+        if times.shape.rank == 2 and (self.interpolate or self.per_sample):
+            # Times per sample: read from one solve by interpolation, or, with per-sample
+            # steps, each sample stops at its own.
+            return times
         if times.shape.rank == 2:
             # Stepping onto the outputs, one solve serves the batch: every row must hold
             # the same times.
@@ -463,6 +477,7 @@ class ODELayer(keras.layers.Layer):
             factor_max=self.factor_max,
             throw=self.throw,
             interpolate=self.interpolate,
+            per_sample=self.per_sample,
             jit_compile=self.jit_compile,
             name=self.name,
         )
@@ -515,6 +530,7 @@ class ODELayer(keras.layers.Layer):
             "return_sequences": self.return_sequences,
             "interpolate": self.interpolate,
             "jit_compile": self.jit_compile,
+            "per_sample": self.per_sample,
         }
         base_config = super().get_config()
         return {**base_config, **config}

@@ -40,6 +40,7 @@ import tensorflow as tf
 from tensorflow.python.ops import control_flow_util
 
 from tfaca._solution import SolveError, Stats, Status
+from tfaca._solvers import per_row
 
 _RUNNING = -1
 
@@ -62,6 +63,19 @@ class Checkpoints(NamedTuple):
             each step's interpolating polynomial (`AbstractSolver.dense_coefficients`);
             else `()`.
         num_steps: int32 scalar.
+        accepted: with per-sample steps, `[num_steps + 1, batch]` bool: which samples
+            the entry's step moved; else `()`.
+        previous: with per-sample steps, `[num_steps + 1, batch]` int32: the entry of
+            each sample's accepted step before this entry (-1 if none); at entry
+            `num_steps`, each sample's last accepted step. Else `()`.
+
+    With per-sample steps (`integrate(per_sample=True)`) an entry is one iteration of the
+    loop in which some sample accepted its trial: `t`, `dt`, `interval` and `hit` are
+    `[num_steps + 1, batch]`, the states `[num_steps + 1, batch, ...]`, the coefficients
+    `[num_steps + 1, degree, batch, ...]`, and `num_steps` counts those iterations.
+    Sample `b`'s own accepted steps are the entries with `accepted[:, b]`; its start
+    times are non-decreasing along the entries (a sample waiting on a rejection, or
+    done, keeps its time), which is what `_outputs.locate` searches.
     """
 
     t: Any
@@ -71,6 +85,8 @@ class Checkpoints(NamedTuple):
     y: Any
     c: Any
     num_steps: Any
+    accepted: Any = ()
+    previous: Any = ()
 
 
 class Trajectory(NamedTuple):
@@ -96,6 +112,8 @@ class _State(NamedTuple):
     status: Any
     ys: Any
     record: Any  # dict of TensorArrays: t, dt, y (list), interval, hit, c (list); or {}
+    entries: Any  # per sample: checkpoint entries written (iterations that accepted)
+    previous: Any  # per sample: the entry of each sample's last accepted step, or -1
 
 
 def in_xla_context():
@@ -116,16 +134,29 @@ def raise_on_failure(status, t_final, outputs, context):
     XLA, which has no run-time assertions, return them as they are (`status` tells).
 
     `context` (a string) is appended to the message, e.g. the `max_steps` in force.
+    With per-sample steps `status` and `t_final` are `[batch]`: the first sample that
+    failed is reported, by its index.
     """
+    where = ""
+    if status.shape.rank == 1:
+        # Padded with a success, so that an empty batch (a replica's) reports one.
+        status = tf.concat([status, [0]], 0)
+        t_final = tf.concat([t_final, tf.zeros([1], t_final.dtype)], 0)
+        sample = tf.argmax(tf.cast(status != 0, tf.int32), output_type=tf.int32)
+        status, t_final = tf.gather(status, sample), tf.gather(t_final, sample)
+        where = "sample"
     if hasattr(status, "numpy"):
         code = Status(int(status.numpy()))
         if code != Status.SUCCESS:
-            raise SolveError(f"{code.message} (status {code.name}, t={float(t_final)}, {context})")
+            at = f"sample {int(sample)}, " if where else ""
+            raise SolveError(
+                f"{code.message} (status {code.name}, {at}t={float(t_final)}, {context})")
         return outputs
     if in_xla_context():
         return outputs
     messages = tf.constant([f"{c.message} (status {c.name})" for c in Status])
-    check = graph_assert(status == 0, [messages[status], "t =", t_final, context])
+    data = [messages[status]] + (["sample", sample] if where else []) + ["t =", t_final, context]
+    check = graph_assert(status == 0, data)
     with tf.control_dependencies([check]):
         return [tf.identity(x) for x in outputs]
 
@@ -166,14 +197,15 @@ def _step_array(dtype, max_steps, element_shape):
 
 
 def integrate(solver, controller, func, ts, y0, *, step_size, first_step, max_steps, record,
-              dense=False):
+              dense=False, per_sample=False):
     """Integrates `func` from `ts[0]` through every `ts[i]`, stepping onto each.
 
     Args:
         solver: an `AbstractSolver`.
         controller: a `StepSizeController` (unused with a fixed `step_size`).
         func: `func(t, y) -> dy/dt` on flat lists of tensors.
-        ts: 1-D tensor of strictly monotone output times.
+        ts: 1-D tensor of strictly monotone output times; with `per_sample`, also
+            `[batch, n]`: each sample's own (monotone, possibly repeating) times.
         y0: flat list of state tensors at `ts[0]`.
         step_size: `None` for adaptive stepping, else the fixed step size.
         first_step: `None` to select it automatically, else the first trial step size.
@@ -184,29 +216,54 @@ def integrate(solver, controller, func, ts, y0, *, step_size, first_step, max_st
             outputs between the steps. It costs no evaluation of `func` (the stages are
             there; a non-FSAL solver's `f(t1, y1)` is evaluated anyway) and keeps
             `degree` more state-sized tensors per accepted step.
+        per_sample: Python bool: the leading axis of every state component is a batch,
+            and each sample takes its own steps (time, step size, error ratio,
+            acceptance, landing on `ts`), as if solved alone; `func` then receives
+            `t` of shape `[batch]`. The loop runs until every sample is done (or the
+            `max_steps`-th iteration, each running sample taking one trial per
+            iteration); a sample that is done is frozen. The controller must be
+            built with `per_sample=True`. Times, statistics and status are `[batch]`;
+            outputs `[len(ts), batch, ...]`.
 
     Returns:
         A `Trajectory`; its `checkpoints` are set when `record` or `dense`.
     """
     dtype = ts.dtype
-    num_out = tf.shape(ts)[0]
-    t0 = ts[0]
-    direction = tf.sign(ts[1] - ts[0])
+    num_out = tf.shape(ts)[-1]
+    # One direction for every sample (the caller checked it); a sample whose times do
+    # not leave the start (all padding) takes one step of size 0.
+    direction = tf.sign(tf.reduce_sum(ts[..., 1] - ts[..., 0]))
+    if per_sample:
+        batch = tf.shape(y0[0])[0]
+        ts = tf.broadcast_to(ts, tf.stack([batch, num_out]))
+        t0 = ts[:, 0]
+        rows = tf.range(batch)
+
+        def stop(i):
+            return tf.gather(ts, tf.minimum(i, num_out - 1), batch_dims=1)
+    else:
+        t0 = ts[0]
+
+        def stop(i):
+            return ts[i]
+
     f0 = func(t0, y0)
-    num_fevals = tf.constant(1, tf.int32)
+    num_fevals = tf.ones_like(t0, tf.int32)
 
     adaptive = step_size is None
     if not adaptive:
-        dt0 = direction * step_size
+        dt0 = direction * step_size * tf.ones_like(t0)
     elif first_step is not None:
-        dt0 = controller.clip(direction * first_step)
+        dt0 = controller.clip(direction * first_step * tf.ones_like(t0))
     else:
         dt0 = controller.first_step(func, t0, y0, f0, solver.error_order, direction)
         num_fevals += 1
 
-    ys = [
-        _tensor_array(y.dtype, num_out, y.shape).write(0, y) for y in y0
-    ]
+    if per_sample:
+        ys = [tf.tensor_scatter_nd_update(tf.zeros(tf.concat([[num_out], tf.shape(y)], 0),
+                                                   y.dtype), [[0]], y[None]) for y in y0]
+    else:
+        ys = [_tensor_array(y.dtype, num_out, y.shape).write(0, y) for y in y0]
     degree = len(solver.dense_weights[0])
     recorded = {}
     # A step's scalars, (t, dt) and with `record` (interval, hit) too, are packed into
@@ -214,9 +271,9 @@ def integrate(solver, controller, func, ts, y0, *, step_size, first_step, max_st
     # an operation of its own in a plain graph, a kernel under XLA). The interval index
     # is exact in it (float32 holds integers to 2**24; the loop takes at most
     # `max_steps` trials).
-    num_scalars = 4 if record else 2
+    num_scalars = (6 if per_sample else 4) if record else 2
     if record or dense:
-        recorded["scalars"] = _step_array(dtype, max_steps, [num_scalars])
+        recorded["scalars"] = _step_array(dtype, max_steps, [num_scalars] + t0.shape.as_list())
         recorded["y"] = [_step_array(y.dtype, max_steps, y.shape) for y in y0]
     if dense:
         recorded["c"] = [
@@ -239,8 +296,18 @@ def integrate(solver, controller, func, ts, y0, *, step_size, first_step, max_st
     fsal = solver.tableau.fsal
     trial_fevals = solver.tableau.stages - 1
 
+    def samplewise_all(tensors):
+        """Per sample, whether every element of every tensor holds (`[batch]`)."""
+        out = True
+        for x in tensors:
+            axes = list(range(1, x.shape.rank))
+            out &= tf.reduce_all(x, axis=axes) if axes else x
+        return out
+
     def body(s):
-        t_target = ts[s.i_out]
+        if per_sample:
+            active = s.status == _RUNNING
+        t_target = stop(s.i_out)
         # Land on the output when the step reaches it or falls short by a few ulps: a
         # sliver step would waste a step and, adaptively, spoil the next step size.
         # "Few ulps" of the times being compared: the rounding of `t + dt` against
@@ -254,7 +321,7 @@ def integrate(solver, controller, func, ts, y0, *, step_size, first_step, max_st
         else:
             # Fixed steps sit on the grid t_start + k * step_size of their output
             # interval, so rounding does not accumulate over many steps.
-            t_start = ts[s.i_out - 1]
+            t_start = stop(s.i_out - 1)
             # Distances from t_start are compared: their rounding is relative to the
             # larger end of the interval, whatever part of it the step is in.
             slack = few_ulps(tf.maximum(tf.abs(t_start), tf.abs(t_target)))
@@ -262,6 +329,11 @@ def integrate(solver, controller, func, ts, y0, *, step_size, first_step, max_st
             hit = tf.abs(t_grid - t_start) >= tf.abs(t_target - t_start) - slack
             t1 = tf.where(hit, t_target, t_grid)
             dt = t1 - s.t
+        if per_sample:
+            # A sample that is done takes a step of size 0 (its result is discarded):
+            # nothing it computes can overflow, nor reach a gradient as NaN.
+            dt = tf.where(active, dt, tf.zeros_like(dt))
+            t1 = tf.where(active, t1, s.t)
         y1, f1, y_error, stages = solver.step(func, s.t, s.y, s.f, dt, return_stages=True)
 
         if adaptive:
@@ -273,32 +345,56 @@ def integrate(solver, controller, func, ts, y0, *, step_size, first_step, max_st
             # proposed before it.
             longer = tf.abs(s.dt) > tf.abs(dt_next)
             dt_next = tf.where(accept & hit & longer, s.dt, dt_next)
+        elif per_sample:
+            err_finite = samplewise_all([tf.math.is_finite(y) for y in y1])
+            accept = err_finite
+            dt_next = s.dt
         else:
             finite = [tf.reduce_all(tf.math.is_finite(y)) for y in y1]
             err_finite = tf.reduce_all(tf.stack(finite))
             accept = err_finite
             dt_next = s.dt
+        if per_sample:
+            accept &= active
+            dt_next = tf.where(active, dt_next, s.dt)
 
-        y_new = [tf.where(accept, a, b) for a, b in zip(y1, s.y)]
+        def select(new, old):
+            return [tf.where(per_row(accept, a), a, b) for a, b in zip(new, old)]
+
+        y_new = select(y1, s.y)
         if fsal:
-            f_new = [tf.where(accept, a, b) for a, b in zip(f1, s.f)]
+            f_new = select(f1, s.f)
             fevals = trial_fevals
+        elif per_sample:
+            f_new = tf.cond(tf.reduce_any(accept), lambda: select(func(t1, y1), s.f),
+                            lambda: s.f)
+            fevals = trial_fevals + tf.cast(accept, tf.int32)
         else:
             f_new = tf.cond(accept, lambda: func(t1, y1), lambda: s.f)
             fevals = trial_fevals + tf.cast(accept, tf.int32)
         t_new = tf.where(accept, t1, s.t)
         # Written on every trial at the index of the next output; kept once it is hit.
-        ys_new = [ta.write(s.i_out, y) for ta, y in zip(s.ys, y_new)]
+        if per_sample:
+            # A sample that is done writes its final state onto its last output again.
+            where = tf.stack([tf.minimum(s.i_out, num_out - 1), rows], axis=1)
+            ys_new = [tf.tensor_scatter_nd_update(out, where, y) for out, y in zip(s.ys, y_new)]
+        else:
+            ys_new = [ta.write(s.i_out, y) for ta, y in zip(s.ys, y_new)]
         i_out = s.i_out + tf.cast(accept & hit, tf.int32)
         k = tf.where(accept & hit, 0, s.k + tf.cast(accept, tf.int32))
 
         # Written on every trial at the index of the next accepted step: a rejected
-        # trial's entry is overwritten by the retry.
-        new_record, at = dict(s.record), s.num_steps
+        # trial's entry is overwritten by the retry. Per sample, at the next iteration
+        # in which some sample accepts.
+        new_record = dict(s.record)
+        at = s.entries if per_sample else s.num_steps
         if "scalars" in new_record:
-            scalars = [s.t, dt]
+            # A step of size 0 (a sample done) is recorded as 1: interpolation divides by it.
+            scalars = [s.t, tf.where(active, dt, tf.ones_like(dt)) if per_sample else dt]
             if record:
                 scalars += [tf.cast(s.i_out, dtype), tf.cast(hit, dtype)]
+                if per_sample:
+                    scalars += [tf.cast(accept, dtype), tf.cast(s.previous, dtype)]
             new_record["scalars"] = s.record["scalars"].write(at, tf.stack(scalars))
             new_record["y"] = [ta.write(at, y) for ta, y in zip(s.record["y"], s.y)]
         if dense:
@@ -307,7 +403,11 @@ def integrate(solver, controller, func, ts, y0, *, step_size, first_step, max_st
             coefficients = solver.dense_coefficients(dt, stages)
             new_record["c"] = [ta.write(at, c) for ta, c in zip(s.record["c"], coefficients)]
 
-        num_trials = s.num_trials + 1
+        if per_sample:
+            num_trials = s.num_trials + tf.cast(active, tf.int32)
+            fevals *= tf.cast(active, tf.int32)
+        else:
+            num_trials = s.num_trials + 1
         if adaptive:
             # Underflow: the proposed step no longer changes t in this precision. Only
             # |t| sets the scale, not the output time: a transient at t = 0 may need
@@ -329,6 +429,10 @@ def integrate(solver, controller, func, ts, y0, *, step_size, first_step, max_st
                 tf.where(num_trials >= max_steps, int(Status.MAX_STEPS_REACHED), _RUNNING),
             ),
         )
+        rejected = tf.logical_not(accept)
+        if per_sample:
+            status = tf.where(active, status, s.status)
+            rejected &= active
         return (
             _State(
                 t=t_new,
@@ -339,26 +443,33 @@ def integrate(solver, controller, func, ts, y0, *, step_size, first_step, max_st
                 k=k,
                 num_trials=num_trials,
                 num_steps=s.num_steps + tf.cast(accept, tf.int32),
-                num_rejected=s.num_rejected + tf.cast(tf.logical_not(accept), tf.int32),
+                num_rejected=s.num_rejected + tf.cast(rejected, tf.int32),
                 num_fevals=s.num_fevals + fevals,
                 status=status,
                 ys=ys_new,
                 record=new_record,
+                entries=s.entries + tf.cast(tf.reduce_any(accept), tf.int32) if per_sample
+                else s.entries,
+                previous=tf.where(accept, at, s.previous) if per_sample else s.previous,
             ),
         )
 
-    zero = tf.constant(0, tf.int32)
+    zero = tf.zeros_like(t0, tf.int32)
     # Non-finite times (XLA's report of times that are not monotone, see `_odeint`) fail
     # at once too, rather than after `max_steps` trials that cannot advance.
-    f0_finite = tf.reduce_all(
-        tf.stack([tf.reduce_all(tf.math.is_finite(f)) for f in f0] + [tf.reduce_all(tf.math.is_finite(ts))])
-    )
+    times_finite = tf.reduce_all(tf.math.is_finite(ts))
+    if per_sample:
+        f0_finite = samplewise_all([tf.math.is_finite(f) for f in f0]) & times_finite
+    else:
+        f0_finite = tf.reduce_all(
+            tf.stack([tf.reduce_all(tf.math.is_finite(f)) for f in f0] + [times_finite])
+        )
     state = _State(
         t=t0,
         dt=dt0,
         y=list(y0),
         f=list(f0),
-        i_out=tf.constant(1, tf.int32),
+        i_out=zero + 1,
         k=zero,
         num_trials=zero,
         num_steps=zero,
@@ -367,36 +478,44 @@ def integrate(solver, controller, func, ts, y0, *, step_size, first_step, max_st
         status=tf.where(f0_finite, _RUNNING, int(Status.NONFINITE)),
         ys=ys,
         record=recorded,
+        entries=tf.constant(0, tf.int32),
+        previous=zero - 1,
     )
     (state,) = tf.while_loop(
-        lambda s: s.status == _RUNNING,
+        lambda s: tf.reduce_any(s.status == _RUNNING) if per_sample else s.status == _RUNNING,
         body,
         (state,),
         maximum_iterations=max_steps,
     )
     # Outputs the solve did not reach are NaN, never a stale state.
-    reached = tf.range(num_out) < state.i_out
     ys_out = []
-    for ta in state.ys:
-        stacked = ta.stack()
-        mask = tf.reshape(reached, [-1] + [1] * (stacked.shape.rank - 1))
+    if per_sample:
+        reached = tf.range(num_out)[:, None] < state.i_out[None, :]  # [len(ts), batch]
+    else:
+        reached = tf.range(num_out) < state.i_out
+    for out in state.ys:
+        stacked = out if per_sample else out.stack()
+        mask = tf.reshape(reached, tf.concat(
+            [tf.shape(reached), [1] * (stacked.shape.rank - reached.shape.rank)], 0))
         ys_out.append(tf.where(mask, stacked, tf.constant(float("nan"), stacked.dtype)))
 
     checkpoints = None
     if record or dense:
         rec = state.record
-        n = state.num_steps
+        n = state.entries if per_sample else state.num_steps
         # Entry n: where the solve ended, so that every accepted state has an entry.
         last = [state.t, tf.ones_like(t0)]
         if record:
             last += [tf.cast(state.i_out, dtype), tf.zeros_like(t0)]
+            if per_sample:
+                last += [tf.zeros_like(t0), tf.cast(state.previous, dtype)]
         end = {"scalars": rec["scalars"].write(n, tf.stack(last)),
                "y": [ta.write(n, y) for ta, y in zip(rec["y"], state.y)]}
         if dense:
             zeros = [tf.zeros(tf.concat([[degree], tf.shape(y)], 0), y.dtype) for y in state.y]
             end["c"] = [ta.write(n, z) for ta, z in zip(rec["c"], zeros)]
         size = n + 1
-        scalars = _dense(end["scalars"], size, tf.zeros([num_scalars], dtype))
+        scalars = _dense(end["scalars"], size, tf.zeros(tf.shape(tf.stack(last)), dtype))
         checkpoints = Checkpoints(
             t=scalars[:, 0],
             dt=scalars[:, 1],
@@ -405,6 +524,8 @@ def integrate(solver, controller, func, ts, y0, *, step_size, first_step, max_st
             y=[_dense(ta, size, y) for ta, y in zip(end["y"], y0)],
             c=[_dense(ta, size, z) for ta, z in zip(end["c"], zeros)] if dense else (),
             num_steps=n,
+            accepted=scalars[:, 4] > 0 if record and per_sample else (),
+            previous=tf.cast(scalars[:, 5], tf.int32) if record and per_sample else (),
         )
     stats = Stats(
         num_steps=state.num_steps,

@@ -260,6 +260,7 @@ def solve(
     factor_min=0.2,
     factor_max=10.0,
     interpolate=True,
+    per_sample=False,
     throw=True,
     jit_compile="auto",
     name=None,
@@ -328,6 +329,23 @@ def solve(
             the solver steps exactly onto every output time: each output is a step's
             end (as accurate as the steps themselves), at the price of at least
             `len(ts) - 1` steps. With two times (start and end) both are the same solve.
+        per_sample: if True, the leading axis of every component of `y0` is a batch of
+            independent samples, and each is solved as if alone: its own time, step
+            size, error estimate (`rtol`/`atol` keep their meaning per sample: the RMS
+            is over that sample's elements), accepted and rejected trials, and output
+            landing or interpolation. The loop runs until the last sample is done,
+            and done samples are frozen; a sample's outputs and gradients do not
+            depend on the others in its batch (`func` must not mix samples, e.g.
+            BatchNorm in training). `func` then receives `t` of shape `(batch,)`,
+            each sample's own time; `Solution.stats` fields, `status` and `t_final`
+            are `(batch,)` too. With times per sample, each sample stops at its own
+            last time, and `interpolate=False` steps onto each sample's own times.
+            Gradients: `"aca"` (per-sample checkpoints, replayed with the other
+            samples' cotangents masked: exact for each sample's own steps) and
+            `"naive"`. Cost: every sample is evaluated in every iteration (done or
+            waiting samples with a step of size 0), so a batch costs the trials of
+            its slowest sample. Default False: one step size for the batch, from the
+            RMS error over every element, as torchdiffeq and TFP do.
         throw: if True (default) a failed solve raises: `tfaca.SolveError` eagerly,
             `tf.errors.InvalidArgumentError` in a graph. Under XLA
             (`jit_compile=True`) run-time assertions do not exist, so a failure is
@@ -362,12 +380,19 @@ def solve(
         raise TypeError(f"`interpolate` must be True or False. Received: interpolate={interpolate!r}")
     if not isinstance(args, tuple):
         raise TypeError(f"`args` must be a tuple. Received: args={args!r}")
+    if not isinstance(per_sample, (bool, np.bool_)):
+        raise TypeError(f"`per_sample` must be True or False. Received: per_sample={per_sample!r}")
     solver, strategy = check_options(
         method=method, gradient=gradient, rtol=rtol, atol=atol, step_size=step_size,
         first_step=first_step, max_step=max_step, max_steps=max_steps, safety=safety,
         factor_min=factor_min, factor_max=factor_max,
     )
     jit_compile = _jit.check_option(jit_compile, strategy.name)
+    if per_sample and strategy.name == "adjoint":
+        raise ValueError(
+            "`per_sample=True` works with gradient=\"aca\" or \"naive\"; the adjoint's "
+            "reverse solve shares one step size. Received: gradient=\"adjoint\""
+        )
 
     with tf.name_scope(name or "odeint"):
         y0_flat = [tf.convert_to_tensor(y) for y in tf.nest.flatten(y0)]
@@ -384,13 +409,21 @@ def solve(
         y0_flat = [tf.cast(y, dtype) for y in y0_flat]
         y0_struct = tf.nest.pack_sequence_as(y0, y0_flat)
         ts = _prepare_ts(ts, dtype)
-        per_sample = ts.shape.rank == 2
+        times_per_sample = ts.shape.rank == 2
         if per_sample:
-            if not interpolate:
+            for y in y0_flat:
+                if y.shape.rank == 0 or not y.shape[:1].is_compatible_with(y0_flat[0].shape[:1]):
+                    raise ValueError(
+                        "`per_sample=True` needs every component of `y0` to have the batch "
+                        "as its leading axis. Received: state components of shapes "
+                        f"{[x.shape for x in y0_flat]}"
+                    )
+        if times_per_sample:
+            if not interpolate and not per_sample:
                 raise ValueError(
                     "`ts` of shape (batch, n), times per sample, are read by interpolation: "
-                    "one solve cannot step onto every sample's times. Received: "
-                    "interpolate=False"
+                    "one solve cannot step onto every sample's times (with per_sample=True "
+                    "each sample steps onto its own). Received: interpolate=False"
                 )
             for y in y0_flat:
                 if y.shape.rank == 0 or not y.shape[:1].is_compatible_with(ts.shape[:1]):
@@ -404,10 +437,10 @@ def solve(
             ts_solved = tf.where(padded, tf.stop_gradient(ts), ts)
         else:
             ts_solved = ts
-        plan = _outputs.plan(ts_solved, interpolate)
+        plan = _outputs.plan(ts_solved, interpolate, per_sample)
         num_intervals = None
-        if not plan.dense and ts.shape[0] is not None:
-            num_intervals = ts.shape[0] - 1
+        if not plan.dense and ts.shape[-1] is not None:
+            num_intervals = ts.shape[-1] - 1
             if num_intervals > max_steps:
                 raise ValueError(
                     f"`max_steps` must be at least the number of output intervals, "
@@ -423,9 +456,11 @@ def solve(
             factor_min=float(factor_min),
             factor_max=float(factor_max),
             max_step=None if max_step is None else _as_tensor(max_step, dtype),
+            per_sample=bool(per_sample),
         )
         f = _flat_func(func, y0_struct, args, len(args_flat), dtype)
-        jit = _jit.decide(jit_compile, f, dtype, y0_flat, args_flat, strategy.name)
+        jit = _jit.decide(jit_compile, f, dtype, y0_flat, args_flat, strategy.name,
+                          t_shape=y0_flat[0].shape[:1] if per_sample else ())
         trajectory = strategy.solve(
             solver,
             controller,
@@ -438,9 +473,10 @@ def solve(
             max_steps=int(max_steps),
             throw=bool(throw),
             jit=jit,
+            **({"per_sample": True} if per_sample else {}),
         )
         ys_flat = trajectory.ys
-        if per_sample:
+        if times_per_sample:
             mask = tf.transpose(padded)
             ys_flat = [
                 tf.where(tf.reshape(mask, tf.concat([tf.shape(mask), [1] * (y.shape.rank - 2)], 0)),

@@ -51,8 +51,16 @@ class Plan(NamedTuple):
         return self.ts is not None
 
 
-def plan(ts, interpolate):
-    """The `Plan` for output times `ts` (checked by the caller: rank 1 or 2, monotone)."""
+def plan(ts, interpolate, per_sample=False):
+    """The `Plan` for output times `ts` (checked by the caller: rank 1 or 2, monotone).
+
+    With per-sample steps and times per sample, each sample stops at its own times:
+    `[batch, 2]` stops (its start and its last time) when interpolating, else every
+    one of its times."""
+    if ts.shape.rank == 2 and per_sample:
+        if not interpolate:
+            return Plan(stops=ts, ts=None)
+        return Plan(stops=tf.stack([ts[:, 0], ts[:, -1]], axis=1), ts=ts[:, 1:])
     if ts.shape.rank == 2:
         t0 = ts[0, 0]
         last = ts[:, -1]
@@ -68,7 +76,7 @@ def plan(ts, interpolate):
 def direction(plan):
     """+1 or -1: the sign of the solve's time direction, from its stops (never from the
     steps, which a solve that failed at once does not have)."""
-    return tf.sign(plan.stops[-1] - plan.stops[0])
+    return tf.sign(tf.reduce_sum(plan.stops[..., -1] - plan.stops[..., 0]))
 
 
 def locate(t, dt, num_steps, ts, sign):
@@ -76,7 +84,11 @@ def locate(t, dt, num_steps, ts, sign):
 
     Args:
         t, dt: `[size]` step starts and sizes; entries past `num_steps` are unused
-            (XLA's static buffers), entry `num_steps` is the end of the solve.
+            (XLA's static buffers), entry `num_steps` is the end of the solve. With
+            per-sample steps `[size, batch]`, and `ts` is then `[batch, n]`: sample
+            `b` is searched among its own start times `t[:, b]`, non-decreasing, where
+            the last entry at or before a time is the step that contains it (earlier
+            entries with the same start are the sample's rejected trials or waits).
         num_steps: int32 scalar.
         ts: output times, `[n]` or `[batch, n]`.
         sign: the direction of time (`direction(plan)`).
@@ -87,8 +99,16 @@ def locate(t, dt, num_steps, ts, sign):
         on the end of the solve gets `index = num_steps`, `theta = 0`.
     """
     used = tf.range(tf.shape(t)[0]) <= num_steps
+    if t.shape.rank == 2:
+        used = used[:, None]
     # Ascending keys for the binary search, whichever way time runs; unused entries last.
     keys = tf.where(used, sign * t, tf.constant(float("inf"), t.dtype))
+    if t.shape.rank == 2:
+        index = tf.searchsorted(tf.transpose(keys), sign * ts, side="right") - 1
+        index = tf.clip_by_value(index, 0, num_steps)
+        t_i = tf.gather(tf.transpose(t), index, batch_dims=1)
+        dt_i = tf.gather(tf.transpose(dt), index, batch_dims=1)
+        return index, (ts - t_i) / dt_i
     flat = tf.reshape(sign * ts, [-1])
     index = tf.searchsorted(keys, flat, side="right") - 1
     index = tf.reshape(tf.clip_by_value(index, 0, num_steps), tf.shape(ts))
@@ -120,11 +140,14 @@ def evaluate(checkpoints, ts, t_final, sign):
 
     Per sample (`ts` of shape `[batch, n]`), entry `[k, b]` is sample `b` at `ts[b, k]`.
     Outputs past `t_final` (a failed solve) are NaN, never a stale state. `sign`: the
-    direction of time.
+    direction of time. Checkpoints of per-sample steps need `ts` of shape `[batch, n]`
+    and `t_final` of shape `[batch]`.
     """
     cp = checkpoints
     per_sample = ts.shape.rank == 2
     index, theta = locate(cp.t, cp.dt, cp.num_steps, ts, sign)
+    if t_final.shape.rank == 1:
+        t_final = t_final[:, None]
     reached = sign * (ts - t_final) <= 0
     ys = []
     for y, c in zip(cp.y, cp.c):
@@ -164,8 +187,8 @@ class Pullback(NamedTuple):
 
     g_y: Any  # flat list of [size, ...]: on each step's start state
     g_c: Any  # flat list of [size, degree, ...]: on each step's coefficients
-    g_t: Any  # [size]: on each step's start time
-    g_dt: Any  # [size]: on each step's size
+    g_t: Any  # [size] (per-sample steps: [size, batch]): on each step's start time
+    g_dt: Any  # [size] (per-sample steps: [size, batch]): on each step's size
     g_ts: Any  # like ts: on the output times
 
 
@@ -198,6 +221,12 @@ def pullback(checkpoints, ts, g_ys, sign):
         u += _inner(g, derivative, per_sample)
     if per_sample:
         u = tf.transpose(u)  # [batch, n], as ts
+    if cp.t.shape.rank == 2:  # per-sample steps: [size, batch]
+        dt = tf.gather(tf.transpose(cp.dt), index, batch_dims=1)
+        transposed = lambda x: tf.transpose(x)[..., None]  # noqa: E731  [n, batch, 1]
+        g_t = _segment_sum(transposed(-u / dt), index, size, True)[..., 0]
+        g_dt = _segment_sum(transposed(-u * theta / dt), index, size, True)[..., 0]
+        return Pullback(g_y=g_y, g_c=g_c, g_t=g_t, g_dt=g_dt, g_ts=u / dt)
     dt = tf.gather(cp.dt, index)
     flat = tf.reshape(index, [-1])
     g_t = tf.math.unsorted_segment_sum(tf.reshape(-u / dt, [-1]), flat, size)

@@ -11,13 +11,22 @@ import tensorflow as tf
 from tfaca._tableau import ButcherTableau
 
 
+def per_row(v, x, axis=0):
+    """`v` laid out to scale `x` row by row: a scalar as it is; a `[batch]` vector (per-sample
+    times and step sizes) reshaped to broadcast along `x`'s batch axis `axis`."""
+    if v.shape.rank != 1 or x.shape.rank <= axis + 1:
+        return v
+    return tf.reshape(v, [1] * axis + [-1] + [1] * (x.shape.rank - axis - 1))
+
+
 def _weighted_sum(y0, dt, weights, k):
     """`y0 + dt * sum_i weights[i] * k[i]` component by component, zero weights skipped at
-    trace time; with `y0=None`, `dt * sum_i weights[i] * k[i]` (the error estimate)."""
+    trace time; with `y0=None`, `dt * sum_i weights[i] * k[i]` (the error estimate).
+    `dt` is a scalar, or `[batch]` (per-sample steps) scaling each sample's row."""
     out = []
     for n in range(len(k[0])):
         terms = [w * stage[n] for w, stage in zip(weights, k) if w != 0.0]
-        increment = dt * tf.add_n(terms) if terms else tf.zeros_like(k[0][n])
+        increment = per_row(dt, k[0][n]) * tf.add_n(terms) if terms else tf.zeros_like(k[0][n])
         out.append(increment if y0 is None else y0[n] + increment)
     return out
 
@@ -138,7 +147,8 @@ class AbstractSolver:
         for n in range(len(k[0])):
             stages = tf.stack([stage[n] for stage in k])
             w = tf.constant(list(zip(*weights[:len(k)])), stages.dtype)  # [degree, stages]
-            out.append(dt * tf.tensordot(w, stages, 1))
+            combined = tf.tensordot(w, stages, 1)  # [degree, ...]
+            out.append(per_row(dt, combined, axis=1) * combined)
         return out
 
     def replay_stages(self, func, t0, y0, f0, dt):
@@ -164,10 +174,11 @@ class AbstractSolver:
 
         Args:
             func: `func(t, y) -> dy/dt` on flat lists of tensors.
-            t0: scalar tensor, the start of the step.
+            t0: scalar tensor, the start of the step (`[batch]` with per-sample steps).
             y0: flat list of state tensors at `t0`.
             f0: `func(t0, y0)`, passed in so the caller can reuse it (FSAL).
-            dt: scalar tensor, the signed step size.
+            dt: scalar tensor, the signed step size (`[batch]` with per-sample steps:
+                sample `b`'s row of every state component steps by `dt[b]`).
             solution_only: compute `y1` alone, with only the stages it needs
                 (`tableau.solution_stages`); returns `(y1, None, None)`. ACA's replay
                 uses it: it saves the FSAL stage (one evaluation of seven for Dopri5).
