@@ -105,7 +105,8 @@ def mirrored_more(tmp_path_factory):
     """The slow suite's: adaptive steps, training over epochs, BatchNorm in the dynamics,
     empty replica batches."""
     return _run_mirrored(tmp_path_factory,
-                         ["adaptive_step", "adaptive_training", "batchnorm", "partial_batch"])
+                         ["adaptive_step", "per_sample_step", "adaptive_training", "batchnorm",
+                          "partial_batch"])
 
 
 def _scenario(mirrored, name):
@@ -127,6 +128,16 @@ def test_mirrored_fixed_step_update_equals_single_device(mirrored):
     # [0, 1] is 4 steps of 4 evaluations, plus the initial one.
     assert r["ode_steps"] == 4.0
     assert r["ode_fevals"] == 17.0
+
+
+@pytest.mark.slow
+def test_mirrored_per_sample_step_update_equals_single_device(mirrored_more):
+    """With per-sample steps an adaptive solve does not depend on how the batch is split."""
+    r = _scenario(mirrored_more, "per_sample_step")
+    assert r["finite"] and r["max_update"] > 1e-3
+    assert r["max_diff_vs_single"] < 1e-5, r
+    shared = _scenario(mirrored_more, "adaptive_step")
+    assert r["max_diff_vs_single"] < shared["max_diff_vs_single"], (r, shared)
 
 
 @pytest.mark.slow

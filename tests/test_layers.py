@@ -559,6 +559,7 @@ NON_DEFAULT = dict(
     throw=False,
     return_sequences=True,
     jit_compile=False,
+    per_sample=True,
     name="my_ode",
 )
 FIXED_STEP = dict(t=(0.0, 0.5), method="rk4", step_size=0.1, jit_compile=True, name="fixed_ode")

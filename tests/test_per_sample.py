@@ -7,6 +7,7 @@ outputs, ACA and naive gradients and statistics must equal those, to rounding (t
 batched matmuls round differently from a batch of one), whatever its neighbours are.
 """
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -58,6 +59,8 @@ SETTINGS = [
     ("bosh3", "naive", False),
     ("rk4", "aca", True),
     ("rk4", "aca", False),
+    ("dopri5", "adjoint", True),
+    ("bosh3", "adjoint", False),
 ]
 
 
@@ -83,7 +86,7 @@ def test_sample_in_batch_equals_sample_alone_float64(method, gradient, interpola
         assert int(sol.status[b]) == 0 and float(sol.t_final[b]) == 1.5
         g_w_alone += g_w_1
         g_ts_alone += g_ts_1
-        if b in (0, 5):
+        if b in (0, 5) and gradient != "adjoint":
             # Alone, per-sample steps are the shared ones, whose ACA gradient equals
             # backprop through the accepted steps (test_gradients.py).
             shared, g_y0_s, g_w_s, g_ts_s = solve_with_grads(
@@ -91,13 +94,15 @@ def test_sample_in_batch_equals_sample_alone_float64(method, gradient, interpola
             assert relative(one.ys, shared.ys) < 1e-12
             for got, want in ((g_y0_1, g_y0_s), (g_w_1, g_w_s), (g_ts_1, g_ts_s)):
                 assert relative(got, want) < 1e-12, b
-    # The parameters' and the shared times' gradients are the sums over the samples.
-    assert relative(g_w, g_w_alone) < 1e-12
-    assert relative(g_ts, g_ts_alone) < 1e-12
+    # The parameters' and the shared times' gradients are the sums over the samples (the
+    # adjoint's, from a longer chain of roundings, to a little more).
+    summed = 1e-11 if gradient == "adjoint" else 1e-12
+    assert relative(g_w, g_w_alone) < summed
+    assert relative(g_ts, g_ts_alone) < summed
     if method != "rk4":
         # The stiff neighbour takes far more steps than the others, who do not pay for it.
         steps = sol.stats.num_steps.numpy()
-        assert steps[5] > 3 * steps[0]
+        assert steps[5] > 2 * max(steps[:5])
 
 
 def test_sample_in_batch_equals_sample_alone_float32():
@@ -154,6 +159,38 @@ def test_times_per_sample_each_sample_stops_at_its_own(interpolate):
     # A sample that ends sooner takes fewer steps: it stops at its own last time.
     steps = sol.stats.num_steps.numpy()
     assert steps[1] < steps[2]
+
+
+@pytest.mark.parametrize("per_sample", [True, False])
+@pytest.mark.parametrize("interpolate", [True, False])
+def test_adjoint_agrees_with_aca_and_times_reach_the_last_real_time(per_sample, interpolate):
+    """At tight tolerances the adjoint's gradient (per sample: its own reverse solve per
+    sample, the parameters' by quadrature) agrees with ACA's, every time included. A row
+    whose last times are padding ends its solve (per sample), or the whole solve (the
+    farthest row, shared): the end's gradient reaches its last real time, not the
+    padding (this was lost before, with shared steps too)."""
+    if not per_sample and not interpolate:
+        pytest.skip("times per sample need interpolate=True with shared steps")
+    dtype = tf.float64
+    w = tf.constant(W_NP, dtype)
+    y0 = tf.constant(RNG.randn(4, 3), dtype)
+    rate = tf.constant([1.0, 1.0, 8.0, 1.0], dtype)
+    ts = tf.constant([[0.0, 0.5, 1.3, 1.3], [0.0, 0.2, 0.2, 0.2], [0.0, 0.4, 0.6, 0.9],
+                      [0.0, 0.1, 0.2, 0.3]], dtype)
+    grads = {}
+    for gradient in ("aca", "adjoint"):
+        with tf.GradientTape() as tape:
+            tape.watch([y0, w, ts])
+            ys = tfaca.odeint(field, y0, ts, args=(w, rate), per_sample=per_sample,
+                              interpolate=interpolate, rtol=1e-10, atol=1e-12,
+                              gradient=gradient)
+            loss = tf.reduce_sum(ys**2)
+        grads[gradient] = tape.gradient(loss, [y0, w, ts])
+    for aca, adjoint in zip(grads["aca"], grads["adjoint"]):
+        assert relative(adjoint, aca) < 1e-6
+    g_ts = grads["aca"][2].numpy()
+    assert abs(g_ts[0, 2]) > 1e-3 and abs(g_ts[1, 1]) > 1e-3  # last real times
+    assert g_ts[0, 3] == 0.0 and np.all(g_ts[1, 2:] == 0.0)  # padding
 
 
 def test_failure_is_per_sample():
@@ -236,8 +273,6 @@ def test_bad_arguments():
         tfaca.solve(func, y0, ts, per_sample="yes")
     with pytest.raises(ValueError, match="per_sample"):
         tfaca.solve(func, tf.zeros([]), ts, per_sample=True)
-    with pytest.raises(ValueError, match="adjoint"):
-        tfaca.solve(func, y0, ts, per_sample=True, gradient="adjoint")
 
 
 def test_second_derivative_is_refused_not_wrong():
@@ -251,3 +286,66 @@ def test_second_derivative_is_refused_not_wrong():
         g = inner.gradient(loss, y0)
     with pytest.raises(NotImplementedError, match="per-sample"):
         outer.gradient(g, y0)
+
+
+# ---------------------------------------------------------------------------------------
+# ODELayer
+
+
+class RateTimesTime(keras.layers.Layer):
+    """dy/dt = t * y with `t` each sample's own time, `(batch,)`."""
+
+    def call(self, y, t):
+        assert t.shape.rank == 1
+        return y * tf.cast(t, y.dtype)[:, None]
+
+
+def test_layer_passes_each_sample_its_time():
+    layer = tfaca.ODELayer(RateTimesTime(), t=(0.0, 1.0), rtol=1e-8, atol=1e-10, per_sample=True,
+                           dtype="float64")
+    y0 = np.random.default_rng(0).normal(size=(6, 3))
+    np.testing.assert_allclose(layer(y0), y0 * np.exp(0.5), rtol=1e-7)
+    ts = np.array([[0.0, 1.0], [0.0, 2.0], [0.0, 0.5]])
+    out = layer([y0[:3], ts])
+    np.testing.assert_allclose(out, y0[:3] * np.exp(ts[:, 1:] ** 2 / 2), rtol=1e-7)
+
+
+def _model(per_sample):
+    keras.utils.set_random_seed(0)
+    dynamics = keras.Sequential([keras.layers.Dense(16, activation="tanh", dtype="float64"),
+                                 keras.layers.Dense(4, dtype="float64")])
+    return keras.Sequential([
+        keras.Input((4,), dtype="float64"),
+        keras.layers.Dense(4, dtype="float64"),
+        tfaca.ODELayer(dynamics, t=(0.0, 2.0), per_sample=per_sample, dtype="float64"),
+        keras.layers.Dense(1, dtype="float64"),
+    ])
+
+
+def test_layer_fits_and_serves_predictions_independent_of_the_batch(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 4)) * np.linspace(0.2, 3.0, 64)[:, None]
+    y = np.sin(x[:, :1]) + x[:, 1:2]
+    model = _model(per_sample=True)
+    model.compile(keras.optimizers.Adam(1e-2), "mse")
+    history = model.fit(x, y, batch_size=16, epochs=3, verbose=0).history
+    assert np.all(np.isfinite(history["loss"])) and history["loss"][-1] < history["loss"][0]
+    assert model.layers[1].get_config()["per_sample"] is True
+
+    export_dir = str(tmp_path / "served")
+    model.export(export_dir, verbose=False)
+    served = tf.saved_model.load(export_dir)
+    serve = served.serve
+    in_batch = serve(tf.constant(x)).numpy()
+    # (Not `predict`: Keras feeds it NumPy inputs as float32.)
+    np.testing.assert_allclose(in_batch, model(x).numpy(), rtol=1e-12)
+    for b in (0, 31, 63):
+        alone = serve(tf.constant(x[b:b + 1])).numpy()
+        assert relative(alone[0], in_batch[b]) < 1e-12, b
+
+    # The contrast: the same weights with one step size for the batch.
+    shared = _model(per_sample=False)
+    shared.set_weights(model.get_weights())
+    batch_out = shared(x).numpy()
+    gaps = [relative(shared(x[b:b + 1]).numpy()[0], batch_out[b]) for b in (0, 31, 63)]
+    assert max(gaps) > 1e-8

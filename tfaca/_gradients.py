@@ -71,7 +71,7 @@ from tfaca._loop import (
     Checkpoints, graph_assert, in_xla_context, integrate, raise_on_failure,
 )
 from tfaca._solution import Stats
-from tfaca._solvers import per_row
+from tfaca._solvers import _weighted_sum, per_row
 
 
 class AbstractGradient:
@@ -843,22 +843,24 @@ class AdjointGradient(AbstractGradient):
 
         def backward(trajectory, times, y0, sources, g_ys, variables, differentiable):
             # `args` and `sources` are captured, as in ACA's replay.
-            reverse = compiled(lambda trajectory, times, y0, g_ys: self._reverse_solve(
+            method = self._reverse_solve_per_sample if per_sample else self._reverse_solve
+            reverse = compiled(lambda trajectory, times, y0, g_ys: method(
                 solver, controller, func, trajectory, times, y0, args, sources, g_ys,
                 variables, loop_kwargs), jit)
             grads, status, t_final = reverse(trajectory, times, y0, g_ys)
             if throw:
                 return raise_on_failure(status, t_final, grads, "in the adjoint's reverse solve")
-            return _nan_where(status != 0, grads)
+            return _nan_where(tf.reduce_any(status != 0), grads)
 
+        per_sample = loop_kwargs.get("per_sample", False)
         refusal = _SECOND_ORDER.format(
             what="the adjoint cannot give: its reverse solve takes the forward outputs "
             "as constants", instead='Use gradient="aca" (exact) or "naive".')
         trajectory = _solve_with_custom_gradient(
             forward, backward, func, _times(plan), y0, args, second_order=refusal,
-            written=self.backward_stats or (),
+            written=self.backward_stats or (), t_shape=y0[0].shape[:1] if per_sample else (),
         )
-        unknown = tf.constant(-1, tf.int32)
+        unknown = tf.constant(-1, tf.int32) - tf.zeros_like(trajectory.stats.num_steps)
         return trajectory._replace(stats=trajectory.stats._replace(num_fevals_backward=unknown))
 
     def _reverse_solve(self, solver, controller, func, trajectory, times, y0, args, sources,
@@ -1009,6 +1011,156 @@ class AdjointGradient(AbstractGradient):
             with tf.control_dependencies(updates):
                 grads = [tf.identity(g) for g in grads]
         return grads, status, t_final
+
+    def _reverse_solve_per_sample(self, solver, controller, func, trajectory, times, y0, args,
+                                  sources, g_ys, variables, loop_kwargs):
+        """The adjoint's reverse solve with per-sample steps; same returns as `_reverse_solve`
+        (status and where it ended per sample).
+
+        One reverse solve of `[y, a]` per sample, from each sample's last output time to the
+        start, stepping onto each of its output times, where `y` is reset to the forward
+        output and `a` receives that output's cotangent (`integrate`'s `on_land`). The
+        parameters' adjoint, a sum over the samples, cannot ride in a per-sample state: it
+        is the quadrature `-int a^T df/dtheta dt` along the reverse solve, taken afterwards
+        with the same Runge-Kutta weights over its recorded accepted steps (each step's
+        stages rebuilt, one vector-Jacobian product per stage with the cotangent scaled by
+        the sample's own step size, zero for a sample that did not step), so the
+        parameters' gradient is excluded from the error control (the shared reverse solve
+        includes it).
+        """
+        params = list(sources) + [tf.convert_to_tensor(v) for v in variables]
+        num_y = len(y0)
+        ys = trajectory.ys  # [n, batch, ...]
+        stops = times[0]
+        dense = len(times) > 1
+        batch = tf.shape(y0[0])[0]
+        rows = tf.range(batch)
+        # Every output time per sample, the start included: [batch, n].
+        if dense:
+            later = tf.broadcast_to(times[1], tf.stack([batch, tf.shape(times[1])[-1]]))
+            start = tf.broadcast_to(stops[..., :1], tf.stack([batch, 1]))
+            out_times = tf.concat([start, later], axis=1)
+        else:
+            out_times = tf.broadcast_to(stops, tf.stack([batch, tf.shape(stops)[-1]]))
+        num_out = tf.shape(out_times)[1]
+        reverse_stops = tf.reverse(out_times, axis=[1])
+
+        def augmented(t, state):
+            y, a = state[:num_y], state[num_y:]
+            with tf.GradientTape() as tape:
+                tape.watch(y)
+                f = func(t, y, args)
+            vjp = tape.gradient(f, y, output_gradients=a,
+                                unconnected_gradients=tf.UnconnectedGradients.ZERO)
+            return f + [-tf.convert_to_tensor(g) for g in vjp]
+
+        def at_output(xs, k):
+            """`x[k[b], b]` for each `[n, batch, ...]` x."""
+            where = tf.stack([k, rows], axis=1)
+            return [tf.gather_nd(x, where) for x in xs]
+
+        def on_land(i, landed, state):
+            # Stop i of the reverse solve is output num_out - 1 - i; the start (i = last)
+            # keeps its cotangent for g_y0 below.
+            k = num_out - 1 - tf.minimum(i, num_out - 1)
+            apply = landed & (k >= 1)
+            k = tf.maximum(k, 0)
+            y_out, g_out = at_output(ys, k), at_output(g_ys, k)
+            y = [tf.where(per_row(apply, y_n), o, y_n) for y_n, o in zip(state[:num_y], y_out)]
+            a = [a_n + tf.where(per_row(apply, g), g, tf.zeros_like(g))
+                 for a_n, g in zip(state[num_y:], g_out)]
+            return y + a
+
+        def tolerance(given, forward):
+            if given is not None:
+                return [tf.constant(given, stops.dtype)] * (2 * num_y)
+            return forward + forward
+
+        reverse_controller = dataclasses.replace(
+            controller, rtol=tolerance(self.rtol, controller.rtol),
+            atol=tolerance(self.atol, controller.atol))
+        kwargs = dict(loop_kwargs)
+        if self.max_steps is not None:
+            kwargs["max_steps"] = self.max_steps
+        last = tf.fill([batch], num_out - 1)
+        state0 = at_output(ys, last) + at_output(g_ys, last)
+        rev = integrate(solver, reverse_controller, augmented, reverse_stops, state0,
+                        record=True, on_land=on_land, **kwargs)
+        cp = rev.checkpoints
+        a_start = [x[-1] for x in rev.ys[num_y:]]  # a(t0), before g_ys[0]
+
+        # The parameters' quadrature over the reverse solve's accepted steps.
+        tableau = solver.tableau
+        count = tableau.solution_stages
+
+        def quadrature(i, g_params):
+            t, dt, accepted = cp.t[i], cp.dt[i], cp.accepted[i]
+            state = [x[i] for x in cp.y]
+            scale = tf.where(accepted, dt, tf.zeros_like(dt))
+            safe = tf.where(tf.equal(scale, 0), tf.ones_like(scale), scale)
+            k = []
+            for stage in range(count):
+                if stage == 0:
+                    stage_state = state
+                else:
+                    stage_state = _weighted_sum(state, dt, tableau.a_lower[stage - 1], k)
+                t_stage = t + tableau.c[stage] * dt
+                y, a = stage_state[:num_y], stage_state[num_y:]
+                with tf.GradientTape() as tape:
+                    tape.watch(y + list(sources))
+                    f = func(t_stage, y, args)
+                scaled = [per_row(scale, a_n) * a_n for a_n in a]
+                g_y, g_s, g_v = tape.gradient(
+                    f, [y, list(sources), list(variables)], output_gradients=scaled,
+                    unconnected_gradients=tf.UnconnectedGradients.ZERO)
+                k.append(f + [-tf.convert_to_tensor(g) / per_row(safe, g) for g in g_y])
+                weight = tableau.b_sol[stage]
+                if weight != 0.0:
+                    g_p = [tf.convert_to_tensor(g) for g in list(g_s) + list(g_v)]
+                    g_params = [x - weight * g for x, g in zip(g_params, g_p)]
+            return i + 1, g_params
+
+        _, g_params = tf.while_loop(
+            lambda i, *_: i < cp.num_steps, quadrature,
+            (tf.constant(0, tf.int32), [tf.zeros_like(p) for p in params]),
+            parallel_iterations=1)
+
+        # Output times: dL/dts[b, k] = <dL/dys[k, b], f(ts[b, k], ys[k, b])> for k >= 1.
+        def time_gradient(k, g_later):
+            g_k, y_k = [g[k] for g in g_ys], [y[k] for y in ys]
+            f = func(out_times[:, k], y_k, args)
+            inner = tf.add_n([tf.reduce_sum(g * x, axis=list(range(1, x.shape.rank)))
+                              if x.shape.rank > 1 else g * x for g, x in zip(g_k, f)])
+            return k + 1, g_later.write(k - 1, inner)
+
+        _, g_later = tf.while_loop(
+            lambda k, *_: k < num_out, time_gradient,
+            (tf.constant(1, tf.int32), tf.TensorArray(stops.dtype, size=num_out - 1,
+                                                      element_shape=y0[0].shape[:1])))
+        g_later = tf.transpose(g_later.stack())  # [batch, n - 1]
+        f0 = func(out_times[:, 0], y0, args)
+        g_t0 = -tf.add_n([tf.reduce_sum(a * x, axis=list(range(1, x.shape.rank)))
+                          if x.shape.rank > 1 else a * x for a, x in zip(a_start, f0)])
+        g_y0 = [a_n + g[0] for a_n, g in zip(a_start, g_ys)]
+        if dense:
+            g_times = [tf.stack([g_t0, tf.zeros_like(g_t0)], axis=1), g_later]
+            shared = [stops.shape.rank == 1, times[1].shape.rank == 1]
+        else:
+            g_times = [tf.concat([g_t0[:, None], g_later], axis=1)]
+            shared = [stops.shape.rank == 1]
+        g_times = [tf.reduce_sum(g, axis=0) if one else g for g, one in zip(g_times, shared)]
+        grads = [*g_times, *g_y0, *g_params]
+        stats = rev.stats
+        if self.backward_stats is not None:
+            # The slowest sample's counts: what the batched reverse solve ran; plus the
+            # quadrature's evaluations and the times' and the start's.
+            fevals = tf.reduce_max(stats.num_fevals) + cp.num_steps * count + num_out
+            counts = (tf.reduce_max(stats.num_steps), tf.reduce_max(stats.num_rejected), fevals,
+                      tf.constant(0, tf.int32))
+            updates = [v.assign(c) for v, c in zip(self.backward_stats, counts)]
+            with tf.control_dependencies(updates):
+                grads = [tf.identity(g) for g in grads]
+        return grads, rev.status, rev.t_final
 
 
 def _dot(xs, ys):

@@ -210,6 +210,17 @@ class ODELayer(keras.layers.Layer):
             results and gradients to rounding; it changes nothing under
             `model.compile(jit_compile=True)`, which compiles everything. See
             "Which compilation to use" in the README.
+        per_sample: if True, each sample of the batch takes its own steps (its own step
+            size, error estimate, accepted and rejected trials; with times per sample,
+            it stops at its own last time), as if it were solved alone: a prediction
+            then does not depend on the samples it is batched with (a served model
+            answers a request the same way alone or in any batch), and a hard sample
+            is not under-resolved by the batch's average error. The dynamics receive
+            `t` of shape `(batch,)` and must not mix samples (BatchNorm in training
+            does). Works with `"aca"` and `"naive"`. The metrics become means over the
+            samples. Cost: a batch runs as long as its slowest sample.
+            Default False: one step size for the batch, as torchdiffeq and TFP; see
+            "Per-sample steps" in the README for the measurements behind the default.
         **kwargs: base `keras.layers.Layer` arguments (`name`, `dtype`,
             `activity_regularizer`, which regularizes the output of the solve, ...).
 
@@ -221,11 +232,12 @@ class ODELayer(keras.layers.Layer):
             (or every row decreasing), and may end in repeats of its last time:
             padding for samples with fewer observations, which returns the state at the
             last real time, costs no step and passes no gradient (mask it out of the
-            loss). One solve, with one step size, serves the batch; each sample is
-            read at its own times by interpolation. Times that break these rules raise
+            loss). One solve, with one step size, serves the batch (per sample with
+            `per_sample=True`); each sample is read at its own times by interpolation. Times that break these rules raise
             `tf.errors.InvalidArgumentError` in a graph; under XLA, which has no
             run-time assertions, the solve fails instead (NaN outputs, counted by
-            `{name}_failures`). With `interpolate=False` every row must be equal.
+            `{name}_failures`). With `interpolate=False` every row must be equal
+            (unless `per_sample=True`, with which each sample steps onto its own times).
         training: forwarded to `dynamics` when its `call` accepts it.
 
     Randomness inside `dynamics` (Dropout, GaussianNoise, GaussianDropout, SpatialDropout,
@@ -360,11 +372,6 @@ class ODELayer(keras.layers.Layer):
         self.return_sequences = bool(return_sequences)
         self.interpolate = bool(interpolate)
         self.jit_compile = _jit.check_option(jit_compile, strategy.name)
-        if per_sample and strategy.name == "adjoint":
-            raise ValueError(
-                "`per_sample=True` works with gradient=\"aca\" or \"naive\"; the adjoint's "
-                "reverse solve shares one step size. Received: gradient=\"adjoint\""
-            )
         self.per_sample = bool(per_sample)
         self._pass_t = _accepts(dynamics, "t")
         self._pass_training = _accepts(dynamics, "training")

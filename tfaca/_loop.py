@@ -197,7 +197,7 @@ def _step_array(dtype, max_steps, element_shape):
 
 
 def integrate(solver, controller, func, ts, y0, *, step_size, first_step, max_steps, record,
-              dense=False, per_sample=False):
+              dense=False, per_sample=False, on_land=None):
     """Integrates `func` from `ts[0]` through every `ts[i]`, stepping onto each.
 
     Args:
@@ -224,6 +224,12 @@ def integrate(solver, controller, func, ts, y0, *, step_size, first_step, max_st
             iteration); a sample that is done is frozen. The controller must be
             built with `per_sample=True`. Times, statistics and status are `[batch]`;
             outputs `[len(ts), batch, ...]`.
+        on_land: with `per_sample`, `on_land(i, landed, y) -> y`: called after each
+            trial with `i` (`[batch]`, the index into `ts` of each sample's next stop),
+            `landed` (`[batch]` bool, the samples whose accepted step ended on it) and
+            the accepted states; returns the states to go on from (the adjoint's
+            reverse solve resets the state and adds an output's cotangent there). The
+            landed samples' derivative is evaluated again at the new state.
 
     Returns:
         A `Trajectory`; its `checkpoints` are set when `record` or `dense`.
@@ -232,7 +238,7 @@ def integrate(solver, controller, func, ts, y0, *, step_size, first_step, max_st
     num_out = tf.shape(ts)[-1]
     # One direction for every sample (the caller checked it); a sample whose times do
     # not leave the start (all padding) takes one step of size 0.
-    direction = tf.sign(tf.reduce_sum(ts[..., 1] - ts[..., 0]))
+    direction = tf.sign(tf.reduce_sum(ts[..., -1] - ts[..., 0]))
     if per_sample:
         batch = tf.shape(y0[0])[0]
         ts = tf.broadcast_to(ts, tf.stack([batch, num_out]))
@@ -373,6 +379,14 @@ def integrate(solver, controller, func, ts, y0, *, step_size, first_step, max_st
             f_new = tf.cond(accept, lambda: func(t1, y1), lambda: s.f)
             fevals = trial_fevals + tf.cast(accept, tf.int32)
         t_new = tf.where(accept, t1, s.t)
+        if on_land is not None:
+            landed = accept & hit
+            y_new = on_land(s.i_out, landed, y_new)
+            f_new = tf.cond(tf.reduce_any(landed),
+                            lambda: [tf.where(per_row(landed, a), a, b)
+                                     for a, b in zip(func(t_new, y_new), f_new)],
+                            lambda: list(f_new))
+            fevals += tf.cast(landed, tf.int32)
         # Written on every trial at the index of the next output; kept once it is hit.
         if per_sample:
             # A sample that is done writes its final state onto its last output again.

@@ -388,11 +388,6 @@ def solve(
         factor_min=factor_min, factor_max=factor_max,
     )
     jit_compile = _jit.check_option(jit_compile, strategy.name)
-    if per_sample and strategy.name == "adjoint":
-        raise ValueError(
-            "`per_sample=True` works with gradient=\"aca\" or \"naive\"; the adjoint's "
-            "reverse solve shares one step size. Received: gradient=\"adjoint\""
-        )
 
     with tf.name_scope(name or "odeint"):
         y0_flat = [tf.convert_to_tensor(y) for y in tf.nest.flatten(y0)]

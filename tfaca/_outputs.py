@@ -57,13 +57,16 @@ def plan(ts, interpolate, per_sample=False):
     With per-sample steps and times per sample, each sample stops at its own times:
     `[batch, 2]` stops (its start and its last time) when interpolating, else every
     one of its times."""
+    if ts.shape.rank == 2:
+        # Each row's last real time (padding repeats it, and the caller cuts padding
+        # from the gradient): the end of a solve is a function of it.
+        last = tf.gather(ts, _last_real(ts), batch_dims=1)
     if ts.shape.rank == 2 and per_sample:
         if not interpolate:
             return Plan(stops=ts, ts=None)
-        return Plan(stops=tf.stack([ts[:, 0], ts[:, -1]], axis=1), ts=ts[:, 1:])
+        return Plan(stops=tf.stack([ts[:, 0], last], axis=1), ts=ts[:, 1:])
     if ts.shape.rank == 2:
         t0 = ts[0, 0]
-        last = ts[:, -1]
         # The row whose last time lies farthest from the start ends the solve; its gradient
         # (through the last step's size) reaches that entry.
         t_end = tf.gather(last, tf.argmax(tf.abs(last - t0)))
@@ -71,6 +74,12 @@ def plan(ts, interpolate, per_sample=False):
     if not interpolate or ts.shape[0] == 2:
         return Plan(stops=ts, ts=None)
     return Plan(stops=tf.stack([ts[0], ts[-1]]), ts=ts[1:])
+
+
+def _last_real(ts):
+    """`[batch]` int32: the index of each row's last time that is not a repeat."""
+    new = tf.cast(tf.not_equal(ts[:, 1:], ts[:, :-1]), tf.int32)
+    return tf.reduce_sum(new, axis=1)
 
 
 def direction(plan):
