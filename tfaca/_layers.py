@@ -217,8 +217,8 @@ class ODELayer(keras.layers.Layer):
             answers a request the same way alone or in any batch), and a hard sample
             is not under-resolved by the batch's average error. The dynamics receive
             `t` of shape `(batch,)` and must not mix samples (BatchNorm in training
-            does). Works with `"aca"` and `"naive"`. The metrics become means over the
-            samples. Cost: a batch runs as long as its slowest sample.
+            does). Every gradient mode works with it. The metrics become means over
+            the samples. Cost: a batch runs as long as its slowest sample.
             Default False: one step size for the batch, as torchdiffeq and TFP; see
             "Per-sample steps" in the README for the measurements behind the default.
         **kwargs: base `keras.layers.Layer` arguments (`name`, `dtype`,

@@ -341,11 +341,14 @@ def solve(
             are `(batch,)` too. With times per sample, each sample stops at its own
             last time, and `interpolate=False` steps onto each sample's own times.
             Gradients: `"aca"` (per-sample checkpoints, replayed with the other
-            samples' cotangents masked: exact for each sample's own steps) and
-            `"naive"`. Cost: every sample is evaluated in every iteration (done or
-            waiting samples with a step of size 0), so a batch costs the trials of
-            its slowest sample. Default False: one step size for the batch, from the
-            RMS error over every element, as torchdiffeq and TFP do.
+            samples' cotangents masked: exact for each sample's own steps; its second
+            derivatives are not available per sample and raise), `"naive"`, and
+            `"adjoint"` (a reverse solve per sample; the parameters' adjoint is a
+            quadrature over its accepted steps, outside its error control). Cost:
+            every sample is evaluated in every iteration (done samples with a step of
+            size 0), so a batch costs the trials of its slowest sample. Default
+            False: one step size for the batch, from the RMS error over every
+            element, as torchdiffeq and TFP do.
         throw: if True (default) a failed solve raises: `tfaca.SolveError` eagerly,
             `tf.errors.InvalidArgumentError` in a graph. Under XLA
             (`jit_compile=True`) run-time assertions do not exist, so a failure is

@@ -44,7 +44,8 @@ class SolveError(RuntimeError):
 
 
 class Stats(NamedTuple):
-    """Counts of the forward solve, as int32 scalar tensors.
+    """Counts of the forward solve, as int32 scalar tensors (`[batch]` with
+    `per_sample=True`: each sample's own counts, as if solved alone).
 
     Attributes:
         num_steps: accepted steps.
@@ -75,8 +76,11 @@ class Solution(NamedTuple):
         ys: the state at each output time, with the structure of `y0` and a leading axis
             of `len(ts)`. Entries after a failure are NaN.
         stats: a `Stats`.
-        status: an int32 scalar tensor holding a `Status` value.
-        t_final: the time the solve reached (the last output time on success).
+        status: an int32 scalar tensor holding a `Status` value; with
+            `per_sample=True`, `[batch]`, each sample's own (a sample can fail while the
+            others succeed; `throw=True` reports the first sample that failed).
+        t_final: the time the solve reached (the last output time on success);
+            `[batch]` with `per_sample=True`.
     """
 
     ts: Any
