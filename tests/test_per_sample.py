@@ -137,6 +137,7 @@ def per_sample_times():
                      [0.0, 0.1, 0.2, 0.3]])
 
 
+@pytest.mark.slow_variants
 @pytest.mark.parametrize("interpolate", [True, False])
 def test_times_per_sample_each_sample_stops_at_its_own(interpolate):
     """`dy/dt = cos(t)`: each sample gets its own time, `[batch]`, and its own times."""
@@ -179,12 +180,12 @@ def test_adjoint_agrees_with_aca_and_times_reach_the_last_real_time(per_sample, 
         with tf.GradientTape() as tape:
             tape.watch([y0, w, ts])
             ys = tfaca.odeint(field, y0, ts, args=(w, rate), per_sample=per_sample,
-                              interpolate=interpolate, rtol=1e-10, atol=1e-12,
+                              interpolate=interpolate, rtol=1e-8, atol=1e-10,
                               gradient=gradient)
             loss = tf.reduce_sum(ys**2)
         grads[gradient] = tape.gradient(loss, [y0, w, ts])
     for aca, adjoint in zip(grads["aca"], grads["adjoint"]):
-        assert relative(adjoint, aca) < 1e-6
+        assert relative(adjoint, aca) < 1e-5
     g_ts = grads["aca"][2].numpy()
     assert abs(g_ts[0, 2]) > 1e-3 and abs(g_ts[1, 1]) > 1e-3  # last real times
     assert g_ts[0, 3] == 0.0 and np.all(g_ts[1, 2:] == 0.0)  # padding
@@ -330,7 +331,7 @@ def test_layer_fits_and_serves_predictions_independent_of_the_batch(tmp_path):
     y = np.sin(x[:, :1]) + x[:, 1:2]
     model = _model(per_sample=True)
     model.compile(keras.optimizers.Adam(1e-2), "mse")
-    history = model.fit(x, y, batch_size=16, epochs=3, verbose=0).history
+    history = model.fit(x, y, batch_size=16, epochs=2, verbose=0).history
     assert np.all(np.isfinite(history["loss"])) and history["loss"][-1] < history["loss"][0]
     assert model.layers[1].get_config()["per_sample"] is True
 
