@@ -134,15 +134,16 @@ def mirrored_fixed_step(strategy):
     }
 
 
-def mirrored_adaptive_step(strategy):
-    """One SGD step of a dopri5 model: MirroredStrategy vs one device (close, not equal)."""
+def _dopri5_step_vs_single(strategy, **model_kwargs):
+    """One SGD step of a dopri5 model (`build_model` options): MirroredStrategy vs one
+    device."""
     x, y = data(GLOBAL_BATCH)
-    single = build_model("dopri5")
+    single = build_model("dopri5", **model_kwargs)
     init = single.get_weights()
     _fit_one_epoch(single, x, y)
     single_after = single.get_weights()
     with strategy.scope():
-        mirrored = build_model("dopri5", seed=1)
+        mirrored = build_model("dopri5", seed=1, **model_kwargs)
     mirrored.set_weights(init)
     _fit_one_epoch(mirrored, x, y)
     after = mirrored.get_weights()
@@ -151,6 +152,11 @@ def mirrored_adaptive_step(strategy):
         "max_update": max_abs_diff(after, init),
         "finite": all_finite(after),
     }
+
+
+def mirrored_adaptive_step(strategy):
+    """One SGD step of a dopri5 model: MirroredStrategy vs one device (close, not equal)."""
+    return _dopri5_step_vs_single(strategy)
 
 
 def mirrored_per_sample_step(strategy):
@@ -159,21 +165,7 @@ def mirrored_per_sample_step(strategy):
     splitting the batch over replicas changes nothing: the updates agree to float32
     round-off, as with a fixed step (against `adaptive_step`, which differs by about the
     tolerance)."""
-    x, y = data(GLOBAL_BATCH)
-    single = build_model("dopri5", per_sample=True)
-    init = single.get_weights()
-    _fit_one_epoch(single, x, y)
-    single_after = single.get_weights()
-    with strategy.scope():
-        mirrored = build_model("dopri5", seed=1, per_sample=True)
-    mirrored.set_weights(init)
-    _fit_one_epoch(mirrored, x, y)
-    after = mirrored.get_weights()
-    return {
-        "max_diff_vs_single": max_abs_diff(after, single_after),
-        "max_update": max_abs_diff(after, init),
-        "finite": all_finite(after),
-    }
+    return _dopri5_step_vs_single(strategy, per_sample=True)
 
 
 def mirrored_adaptive_training(strategy):
