@@ -6,6 +6,7 @@ from tfaca._gradients import (
     AbstractGradient,
     ACAGradient,
     AdjointGradient,
+    MALIGradient,
     NaiveGradient,
     get_gradient,
 )
@@ -13,6 +14,7 @@ from tfaca._layers import ODELayer
 from tfaca._odeint import odeint, solve
 from tfaca._solution import Solution, SolveError, Stats, Status
 from tfaca._solvers import (
+    ALF,
     RK4,
     AbstractSolver,
     Bosh3,
@@ -28,6 +30,7 @@ from tfaca._tableau import ButcherTableau
 __version__ = "0.1.0"
 
 __all__ = [
+    "ALF",
     "ACAGradient",
     "AbstractGradient",
     "AbstractSolver",
@@ -37,6 +40,7 @@ __all__ = [
     "Dopri5",
     "Euler",
     "HeunEuler",
+    "MALIGradient",
     "Midpoint",
     "NaiveGradient",
     "ODELayer",

@@ -59,6 +59,7 @@ differentiated. Every strategy runs the same loop, `_loop.integrate`.
 
 import dataclasses
 import math
+import numbers
 
 import tensorflow as tf
 from tensorflow.python.eager import record as tape_record
@@ -71,7 +72,7 @@ from tfaca._loop import (
     Checkpoints, graph_assert, in_xla_context, integrate, raise_on_failure,
 )
 from tfaca._solution import Stats
-from tfaca._solvers import _weighted_sum, per_row
+from tfaca._solvers import ALF, _weighted_sum, per_row
 
 
 class AbstractGradient:
@@ -95,7 +96,8 @@ class AbstractGradient:
         raise NotImplementedError
 
     def __repr__(self):
-        return f"{type(self).__name__}()"
+        given = ", ".join(f"{k}={v!r}" for k, v in self.options().items() if v is not None)
+        return f"{type(self).__name__}({given})"
 
 
 def _run(solver, controller, f, plan, y0, *, record, loop_kwargs):
@@ -321,12 +323,27 @@ class ACAGradient(AbstractGradient):
 
     name = "aca"
 
+    def __init__(self, checkpoints=None):
+        if checkpoints is not None and (
+                not isinstance(checkpoints, numbers.Integral) or isinstance(checkpoints, bool)
+                or checkpoints < 1):
+            raise ValueError(
+                "`checkpoints` must be None (keep every accepted step) or a positive int, "
+                f"the number of states to keep. Received: checkpoints={checkpoints!r}")
+        self.checkpoints = None if checkpoints is None else int(checkpoints)
+
+    def options(self):
+        return {"checkpoints": self.checkpoints}
+
     def solve(self, solver, controller, func, plan, y0, args, *, throw=True, jit=False,
               **loop_kwargs):
+        _check_replayable(self, solver, plan, loop_kwargs, budget=self.checkpoints is not None)
+        budget = self.checkpoints
+
         def forward_with(record):
             return compiled(lambda times, y0, args: _run(
                 solver, controller, lambda t, y: func(t, y, args), plan, y0, record=record,
-                loop_kwargs=loop_kwargs,
+                loop_kwargs={**loop_kwargs, "states": budget} if record else loop_kwargs,
             ), jit)
 
         # Checkpoints only when a tape may ask for the gradient (see the class docstring);
@@ -343,7 +360,8 @@ class ACAGradient(AbstractGradient):
                 return _unrolled_vjp(solver, f, trajectory, times, y0, sources, g_ys, variables)
             # `sources` reach the compiled function as captures, as `func` reads them,
             # so that the tape inside watches what `func` uses.
-            replay_fn = _replay_per_sample if per_sample else _replay
+            replay_fn = (_replay_per_sample if per_sample else
+                         _replay if budget is None else _replay_budget)
             replay = compiled(lambda checkpoints, times, g_ys: replay_fn(
                 solver, f, checkpoints, times, sources, g_ys, variables), jit)
             mismatch, grads = replay(trajectory.checkpoints, times, g_ys)
@@ -364,8 +382,152 @@ class ACAGradient(AbstractGradient):
             # the next step's first stage, plus that stage once at the end of the solve.
             replay_fevals = stats.num_steps * (len(solver.dense_weights) - 1) + 1
         else:
-            replay_fevals = stats.num_steps * solver.tableau.solution_stages
+            # With a budget, each step is rebuilt forward once before its replay.
+            replay_fevals = (stats.num_steps * solver.tableau.solution_stages
+                             * (1 if budget is None else 2))
         return trajectory._replace(stats=stats._replace(num_fevals_backward=replay_fevals))
+
+
+def _check_replayable(strategy, solver, plan, loop_kwargs, budget):
+    """Refuses the combinations a replaying strategy does not support, naming them."""
+    alf = isinstance(solver, ALF)
+    if isinstance(strategy, MALIGradient) and not alf:
+        raise ValueError(
+            'gradient="mali" needs method="alf": it rebuilds each step from the next by '
+            "inverting the asynchronous leapfrog step, which only ALF has. Received: "
+            f"method={solver!r}")
+    if isinstance(strategy, ACAGradient) and alf:
+        raise ValueError(
+            'method="alf" carries an approximation of dy/dt as state, which ACA\'s replay '
+            'does not keep: use gradient="mali" (the same gradient with no states kept), '
+            '"naive" or "adjoint". Received: gradient="aca"')
+    what = ("a checkpoint budget" if budget else "MALI") if budget or not isinstance(
+        strategy, ACAGradient) else None
+    if what is None:
+        return
+    if plan.dense:
+        raise ValueError(
+            f"With {what}, the solve must step onto every output time: interpolating "
+            "outputs would keep every step's polynomial, the memory it saves. Pass "
+            f"interpolate=False (or two times, start and end). Received: {plan.ts.shape[-1] + 1} "
+            "output times with interpolate=True")
+    if loop_kwargs.get("per_sample"):
+        raise ValueError(f"{what.capitalize()} does not support per_sample=True yet. Received: "
+                         "per_sample=True")
+
+
+class MALIGradient(AbstractGradient):
+    """MALI: exact gradients of the ALF steps with memory constant in the number of steps.
+
+    Zhuang, Dvornek, Tatikonda & Duncan, "MALI: A memory efficient and reverse accurate
+    integrator for Neural ODEs", ICLR 2021. Only with `method="alf"`, whose step is
+    invertible: the forward pass keeps the end state `(y_N, v_N)` and each accepted
+    step's `(t_i, dt_i)` (scalars); the backward pass, for `i = N - 1 ... 0`, rebuilds
+    the step's input `(y_i, v_i)` from its output with `ALF.inverse` (one evaluation of
+    `func`) and pulls the cotangents `(a_y, a_v)` back through the step, reusing that
+    evaluation's vector-Jacobian product: the step is `k = y + v h/2, u = func(t + h/2, k),
+    v' = v + 2 damping (u - v), y' = k + v' h/2`, and `func` at `k` is all it evaluates.
+    Last, `a_v` is pulled through `v_0 = func(t_0, y_0)`. Backward cost: one evaluation
+    of `func` and its vector-Jacobian product per step, plus one.
+
+    The gradient is that of the accepted ALF steps with their sizes fixed, as ACA's is of
+    the Runge–Kutta steps; it differs from backprop through those steps only by the
+    rounding of the rebuilt states (`benchmarks/mali_memory.md` measures it). Outputs
+    must be stepped onto (`interpolate=False`, or two times); not with `per_sample`.
+    The gradient cannot be differentiated again (second derivatives raise).
+    """
+
+    name = "mali"
+
+    def solve(self, solver, controller, func, plan, y0, args, *, throw=True, jit=False,
+              **loop_kwargs):
+        _check_replayable(self, solver, plan, loop_kwargs, budget=False)
+
+        def forward_with(record):
+            return compiled(lambda times, y0, args: _run(
+                solver, controller, lambda t, y: func(t, y, args), plan, y0, record=record,
+                loop_kwargs={**loop_kwargs, "states": 0} if record else loop_kwargs,
+            ), jit)
+
+        record = tape_record.could_possibly_record()
+
+        def backward(trajectory, times, y0, sources, g_ys, variables, differentiable):
+            del differentiable  # refused: second_order below
+            f = lambda t, y: func(t, y, args)  # noqa: E731
+            if not record:
+                with tape_record.stop_recording():
+                    trajectory = forward_with(True)(times, y0, args)
+            replay = compiled(lambda checkpoints, times, y0, g_ys: _mali_replay(
+                solver, f, checkpoints, times, y0, sources, g_ys, variables), jit)
+            drifted, grads = replay(trajectory.checkpoints, times, y0, g_ys)
+            return _check_replay(drifted, grads, throw, _DRIFTED)
+
+        trajectory = _solve_with_custom_gradient(
+            forward_with(record), backward, func, _times(plan), y0, args,
+            second_order=_SECOND_ORDER.format(
+                what="MALI does not support",
+                instead='Use gradient="naive" with method="alf".'),
+        )
+        stats = trajectory.stats
+        return trajectory._replace(stats=stats._replace(num_fevals_backward=stats.num_steps + 1))
+
+
+def _mali_replay(solver, f, checkpoints, times, y0, sources, g_ys, variables):
+    """MALI's backward pass (see `MALIGradient`). Returns `(drifted, grads)`: the number of
+    steps if the rebuilt start differs from `y0` by more than `sqrt(eps)` relative, else
+    -1 (`_check_replay` reports it), and the gradients of the stops, `y0`, the sources
+    and the variables, as one flat list."""
+    cp = checkpoints
+    stops = times[0]
+    lam = solver.damping
+
+    def step_vjp(i, y1, v1, a_y, a_v, g_stops, g_sources, g_vars):
+        t, dt, j, hit = cp.t[i], cp.dt[i], cp.interval[i], cp.hit[i]
+        # The output stops[j] is y_{i+1} when this step lands on it.
+        a_y = [a + tf.where(hit, g[j], tf.zeros_like(a)) for a, g in zip(a_y, g_ys)]
+        half = 0.5 * dt
+        s1 = t + half
+        k = solver.midpoint(y1, v1, dt)
+        with tf.GradientTape() as tape:
+            tape.watch([s1] + k + sources)
+            u = f(s1, k)
+        y0_, v0 = solver.start(k, u, v1, dt)
+        # Cotangents through v' = v + 2 lam (u - v) and y' = k + v' h/2.
+        bar_v1 = [av + half * ay for av, ay in zip(a_v, a_y)]
+        bar_u = [2.0 * lam * b for b in bar_v1]
+        g_s1, g_k, g_s, g_v = tape.gradient(
+            u, [s1, k, sources, list(variables)], output_gradients=bar_u,
+            unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        bar_k = [ay + tf.convert_to_tensor(gk) for ay, gk in zip(a_y, g_k)]
+        new_a_v = [(1.0 - 2.0 * lam) * b + half * bk for b, bk in zip(bar_v1, bar_k)]
+        g_dt = 0.5 * (_dot(a_y, v1) + _dot(bar_k, v0) + g_s1)
+        g_stops, g_sources, g_vars = _accumulate(
+            cp, i, g_s1, g_dt, [tf.convert_to_tensor(x) for x in g_s],
+            [tf.convert_to_tensor(x) for x in g_v], g_stops, g_sources, g_vars)
+        return i - 1, y0_, v0, bar_k, new_a_v, g_stops, g_sources, g_vars
+
+    n = cp.num_steps
+    state = (n - 1, list(cp.y_end), list(cp.f_end), [tf.zeros_like(y) for y in y0],
+             [tf.zeros_like(y) for y in y0], tf.zeros_like(stops),
+             [tf.zeros_like(x) for x in sources], [tf.zeros_like(v) for v in variables])
+    # One step's graph at a time (see `_replay`).
+    _, y_start, _, a_y, a_v, g_stops, g_sources, g_vars = tf.while_loop(
+        lambda i, *_: i >= 0, step_vjp, state, parallel_iterations=1)
+    eps = float(tf.experimental.numpy.finfo(stops.dtype.as_numpy_dtype).eps)
+    drifted = tf.where(_differs(y_start, y0, math.sqrt(eps)), n, -1)
+    # v_0 = func(t_0, y_0), from the inputs themselves (not the rebuilt state).
+    t0 = stops[0]
+    with tf.GradientTape() as tape:
+        tape.watch([t0] + list(y0) + sources)
+        f0 = f(t0, list(y0))
+    g_t0, g_y, g_s, g_v = tape.gradient(
+        f0, [t0, list(y0), sources, list(variables)], output_gradients=a_v,
+        unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    g_stops = g_stops + tf.one_hot(0, tf.shape(stops)[0], dtype=stops.dtype) * g_t0
+    g_y0 = [a + tf.convert_to_tensor(g) + g_out[0] for a, g, g_out in zip(a_y, g_y, g_ys)]
+    g_sources = [x + tf.convert_to_tensor(y) for x, y in zip(g_sources, g_s)]
+    g_vars = [x + tf.convert_to_tensor(y) for x, y in zip(g_vars, g_v)]
+    return drifted, [g_stops, *g_y0, *g_sources, *g_vars]
 
 
 def _step_vjp(solver, f, t, dt, y, a, g_c, g_f0, sources, variables):
@@ -438,10 +600,6 @@ def _replay(solver, f, checkpoints, times, sources, g_ys, variables):
     same_state = math.sqrt(eps)
 
     def step_vjp(i, a, g_stops, g_sources, g_vars, mismatch):
-        t = checkpoints.t[i]
-        dt = checkpoints.dt[i]
-        j = checkpoints.interval[i]
-        hit = checkpoints.hit[i]
         y = [y_n[i] for y_n in checkpoints.y]
         if dense:
             g_c = [g[i] for g in pulled.g_c]
@@ -449,21 +607,17 @@ def _replay(solver, f, checkpoints, times, sources, g_ys, variables):
             g_f0 = [tf.where(i > 0, g[tf.maximum(i - 1, 0)], tf.zeros_like(g[0]))
                     for g in g_last]
             y1, g_t, g_dt, g_y, g_s, g_v = _step_vjp(
-                solver, f, t, dt, y, a, g_c, g_f0, sources, variables)
+                solver, f, checkpoints.t[i], checkpoints.dt[i], y, a, g_c, g_f0, sources,
+                variables)
             g_y = [g_n + p[i] for g_n, p in zip(g_y, pulled.g_y)]
+            g_stops, g_sources, g_vars = _accumulate(
+                checkpoints, i, g_t, g_dt, g_s, g_v, g_stops, g_sources, g_vars)
         else:
-            # The output stops[j] is y_{i+1} when this step lands on it.
-            a = [a_n + tf.where(hit, g[j], tf.zeros_like(a_n)) for a_n, g in zip(a, g_ys)]
-            y1, g_t, g_dt, g_y, g_s, g_v = _step_vjp(
-                solver, f, t, dt, y, a, None, None, sources, variables)
-        # t_i = stops[j-1] + offset; the landing step's dt = stops[j] - t_i.
-        g_dt = tf.where(hit, g_dt, tf.zeros_like(g_dt))
-        g_stops = tf.tensor_scatter_nd_add(g_stops, [[j - 1], [j]], tf.stack([g_t - g_dt, g_dt]))
-        g_sources = [x + y_ for x, y_ in zip(g_sources, g_s)]
-        g_vars = [x + y_ for x, y_ in zip(g_vars, g_v)]
+            y1, g_y, g_stops, g_sources, g_vars = _landing_step_vjp(
+                solver, f, checkpoints, i, y, a, g_stops, g_sources, g_vars, sources, g_ys,
+                variables)
         # The state the forward accepted at the end of this step (entry n is the last).
-        recorded = [c[i + 1] for c in checkpoints.y]
-        differs = _differs(y1, recorded, same_state)
+        differs = _differs(y1, [c[i + 1] for c in checkpoints.y], same_state)
         mismatch = tf.where(differs & (mismatch < 0), i, mismatch)
         return i - 1, g_y, g_stops, g_sources, g_vars, mismatch
 
@@ -514,6 +668,102 @@ def _replay(solver, f, checkpoints, times, sources, g_ys, variables):
     g_times = [g_stops, pulled.g_ts] if dense else [g_stops]
     g_y0 = [a_n + g[0] for a_n, g in zip(a, g_ys)]
     return mismatch, [*g_times, *g_y0, *g_sources, *g_vars]
+
+
+def _accumulate(checkpoints, i, g_t, g_dt, g_s, g_v, g_stops, g_sources, g_vars):
+    """Adds one replayed step's gradients to the running sums: its start time's and size's
+    onto the stops (`t_i = stops[j-1] + offset`; the landing step's `dt = stops[j] - t_i`),
+    the sources' and the variables'."""
+    j = checkpoints.interval[i]
+    g_dt = tf.where(checkpoints.hit[i], g_dt, tf.zeros_like(g_dt))
+    g_stops = tf.tensor_scatter_nd_add(g_stops, [[j - 1], [j]], tf.stack([g_t - g_dt, g_dt]))
+    return (g_stops, [x + y for x, y in zip(g_sources, g_s)],
+            [x + y for x, y in zip(g_vars, g_v)])
+
+
+def _landing_step_vjp(solver, f, checkpoints, i, y, a, g_stops, g_sources, g_vars, sources,
+                      g_ys, variables):
+    """Step `i` of ACA's replay when outputs are stepped onto: adds the cotangent of the
+    output it lands on (if any) to `a`, pulls `a` back through the step rebuilt from its
+    start `y` and accumulates the gradients. Returns `(y1, a, g_stops, g_sources,
+    g_vars)`, `y1` the rebuilt end of the step."""
+    j = checkpoints.interval[i]
+    # The output stops[j] is y_{i+1} when this step lands on it.
+    a = [a_n + tf.where(checkpoints.hit[i], g[j], tf.zeros_like(a_n)) for a_n, g in zip(a, g_ys)]
+    y1, g_t, g_dt, g_y, g_s, g_v = _step_vjp(
+        solver, f, checkpoints.t[i], checkpoints.dt[i], y, a, None, None, sources, variables)
+    return (y1, g_y, *_accumulate(checkpoints, i, g_t, g_dt, g_s, g_v, g_stops, g_sources,
+                                  g_vars))
+
+
+def _replay_budget(solver, f, checkpoints, times, sources, g_ys, variables):
+    """ACA's backward pass from a checkpoint budget (`ACAGradient(checkpoints=K)`).
+
+    The forward kept the start of every `stride`-th accepted step (`cp.y[m]` is step
+    `m * stride`'s) and every step's `(t_i, dt_i)`. For each segment of `stride` steps,
+    last first: rebuild its start states forward from its checkpoint with the recorded
+    step sizes (one forward step each, with the stages `y_{i+1}` needs), then replay it
+    in reverse as `_replay` does. Same gradient as the full replay to rounding; memory
+    `K` checkpoints plus one segment's states. The rebuilt end of each segment is
+    checked against the state the forward accepted there. Returns `(mismatch, grads)`
+    as `_replay`.
+    """
+    cp = checkpoints
+    stops = times[0]
+    n, stride = cp.num_steps, cp.stride
+    eps = float(tf.experimental.numpy.finfo(stops.dtype.as_numpy_dtype).eps)
+    same_state = math.sqrt(eps)
+    # Under XLA the slots past the last segment are there too, unwritten.
+    num_segments = (n + stride - 1) // stride
+    num_slots = tf.shape(cp.y[0])[0]
+    if in_xla_context():
+        # Static buffers: a segment is at most `stride < 2 max_steps / K` steps, and
+        # never more than `max_steps`.
+        max_steps = cp.t.shape[0] - 1
+        longest = min(max_steps, -(-2 * max_steps // cp.y[0].shape[0]))
+        segment_array = lambda y: tf.TensorArray(  # noqa: E731
+            y.dtype, size=longest, element_shape=y.shape)
+    else:
+        segment_array = lambda y: tf.TensorArray(  # noqa: E731
+            y.dtype, size=0, dynamic_size=True, element_shape=y.shape)
+
+    def segment(m, a, g_stops, g_sources, g_vars, mismatch):
+        first = m * stride
+        last = tf.minimum(first + stride, n)
+
+        def rebuild(i, y, tas):
+            tas = [ta.write(i - first, y_n) for ta, y_n in zip(tas, y)]
+            t, dt = cp.t[i], cp.dt[i]
+            y1, _, _ = solver.step(f, t, y, f(t, y), dt, solution_only=True)
+            return i + 1, y1, tas
+
+        start = [y_n[m] for y_n in cp.y]
+        _, y_last, tas = tf.while_loop(
+            lambda i, *_: i < last, rebuild, (first, start, [segment_array(y) for y in start]),
+            parallel_iterations=1)
+        recorded = [tf.where(m + 1 < num_segments, y_n[tf.minimum(m + 1, num_slots - 1)], e)
+                    for y_n, e in zip(cp.y, cp.y_end)]
+        differs = _differs(y_last, recorded, same_state)
+        mismatch = tf.where(differs & (mismatch < 0), last - 1, mismatch)
+
+        def replay(i, a, g_stops, g_sources, g_vars):
+            y = [ta.read(i - first) for ta in tas]
+            _, a, g_stops, g_sources, g_vars = _landing_step_vjp(
+                solver, f, cp, i, y, a, g_stops, g_sources, g_vars, sources, g_ys, variables)
+            return i - 1, a, g_stops, g_sources, g_vars
+
+        _, a, g_stops, g_sources, g_vars = tf.while_loop(
+            lambda i, *_: i >= first, replay, (last - 1, a, g_stops, g_sources, g_vars),
+            parallel_iterations=1)
+        return m - 1, a, g_stops, g_sources, g_vars, mismatch
+
+    state = (num_segments - 1, [tf.zeros_like(y) for y in cp.y_end], tf.zeros_like(stops),
+             [tf.zeros_like(x) for x in sources], [tf.zeros_like(v) for v in variables],
+             tf.constant(-1, tf.int32))
+    _, a, g_stops, g_sources, g_vars, mismatch = tf.while_loop(
+        lambda m, *_: m >= 0, segment, state, parallel_iterations=1)
+    g_y0 = [a_n + g[0] for a_n, g in zip(a, g_ys)]
+    return mismatch, [g_stops, *g_y0, *g_sources, *g_vars]
 
 
 def _replay_per_sample(solver, f, checkpoints, times, sources, g_ys, variables):
@@ -668,19 +918,31 @@ _NOT_REPRODUCED = (
 )
 
 
-def _check_replay(mismatch, grads, throw):
+_DRIFTED = (
+    "MALI's backward pass did not rebuild the start of the solve: inverting the {steps} "
+    "accepted ALF steps from the end gave a y0 off by more than sqrt(eps) relative, so "
+    "the gradient would be taken along other states. The inverse step magnifies rounding "
+    "by |1 / (1 - 2 damping)| per step when damping != 1 (use damping=1), float32 "
+    "rounding builds up over very many steps (use float64, or fewer steps), or `func` is "
+    "not a deterministic function of (t, y). gradient=\"naive\" with method=\"alf\", or a "
+    "Runge–Kutta method with ACA, keep the states instead of rebuilding them."
+)
+
+
+def _check_replay(mismatch, grads, throw, message=_NOT_REPRODUCED):
     """Raise (eagerly or by a graph assertion) if the replay diverged; under XLA or with
-    `throw=False`, make the gradients NaN instead: never a silently wrong gradient."""
+    `throw=False`, make the gradients NaN instead: never a silently wrong gradient.
+    `message` has a `{step}` field for the step `mismatch` names."""
     bad = mismatch >= 0
     if throw and hasattr(mismatch, "numpy"):
         if bool(bad):
             raise tf.errors.InvalidArgumentError(
-                None, None, _NOT_REPRODUCED.format(step=int(mismatch))
+                None, None, message.format(step=int(mismatch), steps=int(mismatch))
             )
         return grads
     if throw and not in_xla_context():
         check = graph_assert(
-            tf.logical_not(bad), [_NOT_REPRODUCED.format(step="i"), "i =", mismatch]
+            tf.logical_not(bad), [message.format(step="i", steps="i"), "i =", mismatch]
         )
         with tf.control_dependencies([check]):
             return [tf.identity(g) for g in grads]
@@ -1167,18 +1429,23 @@ def _dot(xs, ys):
     return tf.add_n([tf.reduce_sum(x * y) for x, y in zip(xs, ys)])
 
 
-_GRADIENTS = {"aca": ACAGradient, "naive": NaiveGradient, "adjoint": AdjointGradient}
+_GRADIENTS = {"aca": ACAGradient, "naive": NaiveGradient, "adjoint": AdjointGradient,
+              "mali": MALIGradient}
 
 
 def get_gradient(gradient):
-    """Returns a strategy from a name ("aca", "naive", "adjoint"), a strategy class, or an
-    instance."""
+    """Returns a strategy from a name ("aca", "naive", "adjoint", "mali"), a strategy
+    class, an instance, or a config dict `{"name": "aca", "checkpoints": 16}` (a built-in
+    with its options)."""
     if isinstance(gradient, AbstractGradient):
         return gradient
     if isinstance(gradient, type) and issubclass(gradient, AbstractGradient):
         return gradient()
     if isinstance(gradient, str) and gradient.lower() in _GRADIENTS:
         return _GRADIENTS[gradient.lower()]()
+    if isinstance(gradient, dict) and gradient.get("name") in _GRADIENTS:
+        options = {k: v for k, v in gradient.items() if k != "name"}
+        return _GRADIENTS[gradient["name"]](**options)
     raise ValueError(
         f"`gradient` must be one of {sorted(_GRADIENTS)} or an AbstractGradient. "
         f"Received: gradient={gradient!r}"

@@ -28,13 +28,18 @@ def _is_shape_pair(shape):
 
 
 def _choice(value, getter, registry):
-    """A name for a config when `value` is a name or a default built-in, else the object."""
+    """How a config holds `value`: a name for a name or a default built-in, a dict
+    `{"name": ..., **options}` for a built-in with options (`ACAGradient(checkpoints=8)`,
+    `ALF(damping=0.8)`), else the object itself (a custom solver or strategy)."""
     instance = getter(value)  # raises on an unknown choice
     if isinstance(value, str):
         return value.lower()
     for name, cls in registry.items():
-        if type(instance) is cls and _options(instance) == _options(cls()):
-            return name
+        if type(instance) is cls:
+            options = _options(instance)
+            if options == _options(cls()):
+                return name
+            return {"name": name, **_plain(options)}
     return instance
 
 
@@ -154,8 +159,10 @@ class ODELayer(keras.layers.Layer):
         t: the integration times: `(t0, t1)` or a longer strictly monotone sequence of
             output times. Default `(0.0, 1.0)`. Ignored when times come as a second input.
         method: solver name (`"dopri5"` default; `"heun_euler"` is the paper's choice
-            for images at `rtol = atol = 1e-2`), or a solver object (a user-defined
-            solver works, but cannot be saved in a config).
+            for images at `rtol = atol = 1e-2`; `"alf"`, the asynchronous leapfrog,
+            with `gradient="mali"`), or a solver object (a built-in with options, such
+            as `tfaca.ALF(damping=0.8)`, is saved with them; a user-defined solver
+            works, but cannot be saved in a config).
         rtol, atol: relative and absolute tolerances: scalars, or arrays broadcastable to
             the state (per feature, say), as Python or NumPy numbers. Defaults 1e-3 and
             1e-6, those of scipy's `solve_ivp` and of TorchDiffEqPack (the ACA authors'
@@ -165,11 +172,16 @@ class ODELayer(keras.layers.Layer):
         gradient: how the gradient is computed: `"aca"` (default; the exact gradient of
             the accepted steps, memory O(steps x state), one replay of the accepted
             steps), `"naive"` (backpropagation through every trial step, memory
-            O(trials x stages x state); for comparison) or `"adjoint"` (a reverse solve
+            O(trials x stages x state); for comparison), `"adjoint"` (a reverse solve
             of the continuous adjoint, memory O(state), gradient as accurate as that
-            reverse solve), or a strategy object (which, unless it is a default
-            built-in, cannot be saved in a config). The layer builds the strategy once;
-            `gradient_strategy` is that instance.
+            reverse solve) or `"mali"` (with `method="alf"`: exact for the ALF steps,
+            memory O(state) whatever the number of steps), or a strategy object:
+            `tfaca.ACAGradient(checkpoints=K)` keeps at most `K` states and rebuilds the
+            others in the backward pass. Built-ins, with their options, are saved in
+            the config; a user-defined strategy cannot be. `"mali"` and a checkpoint
+            budget step onto every output time (`interpolate=False`, or the default
+            `t` of two times). The layer builds the strategy once; `gradient_strategy`
+            is that instance.
         step_size: fixed step size (required by `"euler"`, `"midpoint"`, `"rk4"`).
         first_step: first trial step; default automatic (one extra evaluation).
         max_step: upper bound on the step size; default None (unbounded), as the error
@@ -513,11 +525,13 @@ class ODELayer(keras.layers.Layer):
 
     def get_config(self):
         for argument in ("method", "gradient"):
-            if not isinstance(getattr(self, argument), str):
+            if not isinstance(getattr(self, argument), (str, dict)):
                 raise ValueError(
-                    f"ODELayer can save `{argument}` in a config only as a name. Received: "
-                    f"{argument}={getattr(self, argument)!r}. Pass a name (e.g. "
-                    '"dopri5", "adjoint") to save the layer, or rebuild it in code.'
+                    f"ODELayer can save `{argument}` in a config only as a built-in (a name, "
+                    f"or a built-in class with its options). Received: "
+                    f"{argument}={getattr(self, argument)!r}. Pass a built-in (e.g. "
+                    '"dopri5", tfaca.ACAGradient(checkpoints=8)) to save the layer, or '
+                    "rebuild it in code."
                 )
         config = {
             "dynamics": keras.saving.serialize_keras_object(self.dynamics),

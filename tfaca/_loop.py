@@ -76,6 +76,13 @@ class Checkpoints(NamedTuple):
     Sample `b`'s own accepted steps are the entries with `accepted[:, b]`; its start
     times are non-decreasing along the entries (a sample waiting on a rejection, or
     done, keeps its time), which is what `_outputs.locate` searches.
+
+    With fewer states kept (`integrate(states=...)`), the scalars still have an entry
+    per step, but `y` holds only some start states: none (`states=0`, MALI's, which
+    rebuilds them from the end), or the start of every `stride`-th step (`states=K`,
+    ACA's checkpoint budget: `y[m]` is step `m * stride`'s start, `ceil(num_steps /
+    stride) <= K` entries). `stride` is then an int32 scalar, and `y_end` and `f_end`
+    are the state and the carried derivative where the solve ended.
     """
 
     t: Any
@@ -87,6 +94,9 @@ class Checkpoints(NamedTuple):
     num_steps: Any
     accepted: Any = ()
     previous: Any = ()
+    stride: Any = ()
+    y_end: Any = ()
+    f_end: Any = ()
 
 
 class Trajectory(NamedTuple):
@@ -161,7 +171,30 @@ def raise_on_failure(status, t_final, outputs, context):
         return [tf.identity(x) for x in outputs]
 
 
-def _dense(ta, size, like):
+def _keep_thinned(slots, stride, n, y, budget):
+    """ACA's checkpoint budget: keeps the start `y` of step `n` in `slots` when `n` is a
+    multiple of `stride`, at slot `n // stride`; when that is past the `budget` slots,
+    first drops every other slot (slot `j` takes slot `2 j`) and doubles the stride.
+
+    Runs on every trial, like every write of the loop; a rejected trial's write is
+    redone by the retry, and a trial that keeps nothing writes to the last slot, which
+    is never read. Returns `(slots, stride)`."""
+
+    def thin():
+        def move(j, tas):
+            return j + 1, [ta.write(j, ta.read(2 * j)) for ta in tas]
+
+        _, moved = tf.while_loop(lambda j, _: j < (budget + 1) // 2, move,
+                                 (tf.constant(1, tf.int32), list(slots)))
+        return moved, 2 * stride
+
+    full = (n % stride == 0) & (n // stride >= budget)
+    slots, stride = tf.cond(full, thin, lambda: (list(slots), stride))
+    slot = tf.where(n % stride == 0, n // stride, budget)
+    return [ta.write(slot, y_n) for ta, y_n in zip(slots, y)], stride
+
+
+def _dense(ta, size, like, static_size=None):
     """The first `size` entries of a TensorArray as one tensor.
 
     Checkpoints leave the loop as plain tensors, not TensorArrays: a SavedModel can
@@ -172,7 +205,7 @@ def _dense(ta, size, like):
     tensor shaped as one entry.
     """
     if in_xla_context():
-        return ta.stack()
+        return ta.stack() if static_size is None else ta.gather(tf.range(static_size - 1))
     # Gathering no entry needs a fully known element shape, which a Keras batch lacks.
     empty = tf.zeros(tf.concat([[0], tf.shape(like)], 0), ta.dtype)
     return tf.cond(size > 0, lambda: ta.gather(tf.range(size)), lambda: empty)
@@ -197,7 +230,7 @@ def _step_array(dtype, max_steps, element_shape):
 
 
 def integrate(solver, controller, func, ts, y0, *, step_size, first_step, max_steps, record,
-              dense=False, per_sample=False, on_land=None):
+              dense=False, per_sample=False, on_land=None, states=None):
     """Integrates `func` from `ts[0]` through every `ts[i]`, stepping onto each.
 
     Args:
@@ -230,6 +263,11 @@ def integrate(solver, controller, func, ts, y0, *, step_size, first_step, max_st
             the accepted states; returns the states to go on from (the adjoint's
             reverse solve resets the state and adds an output's cotangent there). The
             landed samples' derivative is evaluated again at the new state.
+        states: with `record`, which accepted states to keep: `None`, every one; `0`,
+            none (the step's scalars only); a Python int `K >= 1`, at most `K`, evenly
+            spread by thinning: the start of every `stride`-th step is kept, and when the
+            `K` slots are full, every other one is dropped and the stride doubles
+            (`stride < 2 * num_steps / K`). Not with `dense` or `per_sample`.
 
     Returns:
         A `Trajectory`; its `checkpoints` are set when `record` or `dense`.
@@ -280,7 +318,12 @@ def integrate(solver, controller, func, ts, y0, *, step_size, first_step, max_st
     num_scalars = (6 if per_sample else 4) if record else 2
     if record or dense:
         recorded["scalars"] = _step_array(dtype, max_steps, [num_scalars] + t0.shape.as_list())
-        recorded["y"] = [_step_array(y.dtype, max_steps, y.shape) for y in y0]
+        if states is None:
+            recorded["y"] = [_step_array(y.dtype, max_steps, y.shape) for y in y0]
+        elif states > 0:
+            # K slots and a last one that takes the trials' writes that keep nothing.
+            recorded["y"] = [_tensor_array(y.dtype, states + 1, y.shape) for y in y0]
+            recorded["stride"] = tf.constant(1, tf.int32)
     if dense:
         recorded["c"] = [
             _step_array(y.dtype, max_steps, tf.TensorShape([degree]).concatenate(y.shape))
@@ -299,8 +342,8 @@ def integrate(solver, controller, func, ts, y0, *, step_size, first_step, max_st
         """
         return tf.maximum(4.0 * eps * magnitude, tiny)
 
-    fsal = solver.tableau.fsal
-    trial_fevals = solver.tableau.stages - 1
+    fsal = solver.fsal
+    trial_fevals = solver.trial_fevals
 
     def samplewise_all(tensors):
         """Per sample, whether every element of every tensor holds (`[batch]`)."""
@@ -410,7 +453,11 @@ def integrate(solver, controller, func, ts, y0, *, step_size, first_step, max_st
                 if per_sample:
                     scalars += [tf.cast(accept, dtype), tf.cast(s.previous, dtype)]
             new_record["scalars"] = s.record["scalars"].write(at, tf.stack(scalars))
-            new_record["y"] = [ta.write(at, y) for ta, y in zip(s.record["y"], s.y)]
+            if states is None:
+                new_record["y"] = [ta.write(at, y) for ta, y in zip(s.record["y"], s.y)]
+            elif states > 0:
+                new_record["y"], new_record["stride"] = _keep_thinned(
+                    s.record["y"], s.record["stride"], at, s.y, states)
         if dense:
             if solver.dense_needs_f1:
                 stages = stages + [f_new]
@@ -523,8 +570,9 @@ def integrate(solver, controller, func, ts, y0, *, step_size, first_step, max_st
             last += [tf.cast(state.i_out, dtype), tf.zeros_like(t0)]
             if per_sample:
                 last += [tf.zeros_like(t0), tf.cast(state.previous, dtype)]
-        end = {"scalars": rec["scalars"].write(n, tf.stack(last)),
-               "y": [ta.write(n, y) for ta, y in zip(rec["y"], state.y)]}
+        end = {"scalars": rec["scalars"].write(n, tf.stack(last))}
+        if states is None:
+            end["y"] = [ta.write(n, y) for ta, y in zip(rec["y"], state.y)]
         if dense:
             zeros = [tf.zeros(tf.concat([[degree], tf.shape(y)], 0), y.dtype) for y in state.y]
             end["c"] = [ta.write(n, z) for ta, z in zip(rec["c"], zeros)]
@@ -535,11 +583,16 @@ def integrate(solver, controller, func, ts, y0, *, step_size, first_step, max_st
             dt=scalars[:, 1],
             interval=tf.cast(scalars[:, 2], tf.int32) if record else (),
             hit=scalars[:, 3] > 0 if record else (),
-            y=[_dense(ta, size, y) for ta, y in zip(end["y"], y0)],
+            y=[_dense(ta, size, y) for ta, y in zip(end["y"], y0)] if states is None else
+            [_dense(ta, (n + rec["stride"] - 1) // rec["stride"], y, states + 1)
+             for ta, y in zip(rec["y"], y0)] if states else (),
             c=[_dense(ta, size, z) for ta, z in zip(end["c"], zeros)] if dense else (),
             num_steps=n,
             accepted=scalars[:, 4] > 0 if record and per_sample else (),
             previous=tf.cast(scalars[:, 5], tf.int32) if record and per_sample else (),
+            stride=rec["stride"] if states else (),
+            y_end=list(state.y) if states is not None else (),
+            f_end=list(state.f) if states is not None else (),
         )
     stats = Stats(
         num_steps=state.num_steps,

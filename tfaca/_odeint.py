@@ -11,7 +11,7 @@ from tfaca._control import StepSizeController
 from tfaca._gradients import get_gradient
 from tfaca._loop import graph_assert, in_xla_context, raise_on_failure
 from tfaca._solution import Solution
-from tfaca._solvers import get_solver
+from tfaca._solvers import ALF, get_solver
 
 _LOW_PRECISION = (tf.float16, tf.bfloat16)
 
@@ -288,7 +288,9 @@ def solve(
             precision); other tensors keep their dtype.
             Tensors that `func` closes over get gradients too when a tape watches them.
         method: a solver name (`"euler"`, `"midpoint"`, `"rk4"`, `"heun_euler"`, `"bosh3"`,
-            `"dopri5"`, `"tsit5"`), class or instance. Default `"dopri5"`.
+            `"dopri5"`, `"tsit5"`, `"alf"`), class or instance. Default `"dopri5"`.
+            `"alf"` (`tfaca.ALF`, the asynchronous leapfrog) is the invertible solver
+            of `gradient="mali"`.
         rtol, atol: relative and absolute tolerances: scalars, or structures like `y0`
             of values broadcastable to each component. Defaults 1e-3 and 1e-6, as
             scipy's `solve_ivp` and the ACA reference code (TorchDiffEqPack); loose
@@ -298,7 +300,12 @@ def solve(
             O(steps x state)), `"naive"` (backprop through the whole solver, rejected
             trials included; memory O(trials x stages x state)) or `"adjoint"` (the
             continuous adjoint: memory O(state), gradient only as accurate as its
-            reverse solve), or a strategy object (`tfaca.AdjointGradient(rtol=...)`).
+            reverse solve), `"mali"` (with `method="alf"` only: exact gradient of the
+            ALF steps, memory O(state) whatever the number of steps), or a strategy
+            object (`tfaca.AdjointGradient(rtol=...)`; `tfaca.ACAGradient(checkpoints=K)`
+            keeps at most `K` states and rebuilds the others, same gradient as
+            `"aca"`). MALI and a checkpoint budget step onto every output time
+            (`interpolate=False`, or two times), and do not support `per_sample`.
         step_size: a fixed step size. Required by the fixed-step methods; with an
             adaptive method it switches the error control off.
         first_step: the first trial step; default: chosen automatically
@@ -416,6 +423,10 @@ def solve(
                         "as its leading axis. Received: state components of shapes "
                         f"{[x.shape for x in y0_flat]}"
                     )
+        if per_sample and isinstance(solver, ALF):
+            raise ValueError(
+                'method="alf" does not support per_sample=True yet: use a Runge–Kutta '
+                "method, or per_sample=False. Received: per_sample=True")
         if times_per_sample:
             if not interpolate and not per_sample:
                 raise ValueError(

@@ -6,6 +6,8 @@ tensors (the caller flattens nested structures), so the step is a handful of fus
 multiply-adds per stage and never sees structures, tolerances or gradient strategies.
 """
 
+import numbers
+
 import tensorflow as tf
 
 from tfaca._tableau import ButcherTableau
@@ -106,6 +108,21 @@ class AbstractSolver:
     @property
     def adaptive(self):
         return self.error_order is not None
+
+    @property
+    def fsal(self):
+        """Whether `step` returns the derivative the next step starts from (`f1`), so
+        that the loop carries it instead of evaluating `func` after an accepted step."""
+        return self.tableau.fsal
+
+    @property
+    def trial_fevals(self):
+        """Evaluations of `func` per trial step (the first stage is carried)."""
+        return self.tableau.stages - 1
+
+    def options(self):
+        """The constructor arguments, as a dict (empty for solvers without any)."""
+        return {}
 
     @property
     def dense_needs_f1(self):
@@ -398,7 +415,104 @@ class Tsit5(AbstractSolver):
     error_order = 4
 
 
+class ALF(AbstractSolver):
+    """Asynchronous leapfrog (ALF), the invertible integrator of MALI.
+
+    The state is augmented with `v`, an approximation of `dy/dt` that the solver carries
+    from step to step (it starts as `v0 = func(t0, y0)`). One step of size `h`, with
+    one evaluation of `func` (Zhuang, Dvornek, Tatikonda & Duncan, "MALI: A memory
+    efficient and reverse accurate integrator for Neural ODEs", ICLR 2021, Algorithm 2):
+
+        k = y + v h/2;  u = func(t + h/2, k);  v' = v + 2 damping (u - v);
+        y' = k + v' h/2
+
+    Its inverse (`inverse`) rebuilds `(y, v)` from `(y', v')` with one evaluation too:
+    `k = y' - v' h/2; u = func(t + h/2, k); v = (v' - 2 damping u) / (1 - 2 damping);
+    y = k - v h/2`. That is what lets `gradient="mali"` keep no states: the backward
+    pass walks the accepted steps back from the end of the solve.
+
+    Second order in `y` with `damping=1` (the default, the reference code's); a damping
+    below 1 pulls `v` towards `func` each step, which damps the oscillation of `v` the
+    undamped method can carry on stiff problems, at first order. The inverse divides by
+    `1 - 2 damping`, so `damping` near 0.5 magnifies rounding in the rebuilt states
+    (0.5 itself is not invertible and refused). The local error estimate is
+    `h (u - v)`, of first order (`error_order=1`), under the same step-size controller as
+    the Runge–Kutta pairs; with `step_size` it runs as the fixed-step form. Dense output:
+    cubic Hermite from `(y, v)` at both ends of a step.
+
+    Args:
+        damping: the damping factor, in (0, 1] and not 0.5.
+    """
+
+    order = 2
+    error_order = 1
+
+    def __init__(self, damping=1.0):
+        if (not isinstance(damping, numbers.Real) or isinstance(damping, bool)
+                or not 0 < damping <= 1 or damping == 0.5):
+            raise ValueError(
+                "`damping` must be a number in (0, 1] other than 0.5 (where the step is not "
+                f"invertible). Received: damping={damping!r}")
+        self.damping = float(damping)
+
+    fsal = True
+    trial_fevals = 1
+    dense_needs_f1 = False
+    # y1 = y0 + h (v0 + v1) / 2: the stages are (v0, v1), the slopes at both ends.
+    dense_weights = _hermite((0.5, 0.5), 2)
+
+    def options(self):
+        return {"damping": self.damping}
+
+    def _v1(self, v, u):
+        if self.damping == 1.0:
+            return 2.0 * u - v
+        return v + 2.0 * self.damping * (u - v)
+
+    def step(self, func, t0, y0, f0, dt, solution_only=False, return_stages=False):
+        """One ALF step from `(t0, y0)` with `f0` the carried `v`; returns
+        `(y1, v1, y_error)` (and the stages `[v0, v1]` with `return_stages`)."""
+        half = 0.5 * dt
+        k = [y + per_row(half, v) * v for y, v in zip(y0, f0)]
+        u = func(t0 + half, k)
+        v1 = [self._v1(v, u_n) for v, u_n in zip(f0, u)]
+        y1 = [k_n + per_row(half, v) * v for k_n, v in zip(k, v1)]
+        y_error = None if solution_only else [per_row(dt, u_n) * (u_n - v)
+                                              for u_n, v in zip(u, f0)]
+        return (y1, v1, y_error, [list(f0), v1]) if return_stages else (y1, v1, y_error)
+
+    def inverse(self, func, t0, y1, v1, dt):
+        """The step's inverse: `(y0, v0)` from its end `(y1, v1)`, with `t0` its start and
+        `dt` its size (one evaluation of `func`, at the step's midpoint)."""
+        k = self.midpoint(y1, v1, dt)
+        return self.start(k, func(t0 + 0.5 * dt, k), v1, dt)
+
+    @staticmethod
+    def midpoint(y1, v1, dt):
+        """The midpoint `k = y1 - v1 dt/2` of the step that ended at `(y1, v1)`."""
+        half = 0.5 * dt
+        return [y - per_row(half, v) * v for y, v in zip(y1, v1)]
+
+    def start(self, k, u, v1, dt):
+        """The step's start `(y0, v0)` from its midpoint `k`, `u = func(t0 + dt/2, k)` and
+        its end's `v1`."""
+        if self.damping == 1.0:
+            v0 = [2.0 * u_n - v for u_n, v in zip(u, v1)]
+        else:
+            lam = self.damping
+            v0 = [(v - 2.0 * lam * u_n) / (1.0 - 2.0 * lam) for u_n, v in zip(u, v1)]
+        half = 0.5 * dt
+        return [k_n - per_row(half, v) * v for k_n, v in zip(k, v0)], v0
+
+    def replay_stages(self, func, t0, y0, f0, dt):
+        raise NotImplementedError("ALF steps are replayed by the MALI gradient only.")
+
+    def __repr__(self):
+        return f"ALF(damping={self.damping})" if self.damping != 1.0 else "ALF()"
+
+
 _SOLVERS = {
+    "alf": ALF,
     "euler": Euler,
     "midpoint": Midpoint,
     "rk4": RK4,
@@ -410,9 +524,13 @@ _SOLVERS = {
 
 
 def get_solver(method):
-    """Returns a solver instance from a name ("dopri5"), a solver class, or an instance."""
+    """Returns a solver instance from a name ("dopri5"), a solver class, an instance, or
+    a config dict `{"name": "alf", "damping": 0.8}` (a built-in with its options)."""
     if isinstance(method, AbstractSolver):
         return method
+    if isinstance(method, dict) and method.get("name") in _SOLVERS:
+        options = {k: v for k, v in method.items() if k != "name"}
+        return _SOLVERS[method["name"]](**options)
     if isinstance(method, type) and issubclass(method, AbstractSolver):
         return method()
     if isinstance(method, str) and method.lower() in _SOLVERS:
