@@ -11,11 +11,22 @@ benchmarks/README.md, "overhead factor").
 Frameworks are imported lazily: a child process loads one library only.
 """
 
+import math
 import time
 
 import numpy as np
 
 from problems import K1, K2, SPECS, make
+
+# MALI (ALF, gradient="mali"; TorchDiffEqPack odesolve_adjoint_sym12): the ALF's error
+# estimate h (u - v) is first order, and at the problems' atol = 1e-6 the mlp takes
+# ~6,800 ALF steps (Dopri5: 62). Both MALI entries run at one looser tolerance, in the
+# range the MALI reference code suggests (rtol 1e-2..1e-3, atol 1e-3); on mlp it also takes
+# fewer steps than rtol = 1e-2 (892 against 1,165). benchmarks/mali_speed.md states it.
+MALI_TOL = dict(rtol=1e-3, atol=1e-3)
+# Trial-step bound of the MALI entries (~2x the steps measured at MALI_TOL); under XLA it
+# sizes only scalar buffers (each step's t and dt), MALI keeps no states.
+MALI_MAX_STEPS = {"mlp": 2000, "conv": 500, "threebody": 20000}
 
 
 def _median_time(fn, n, min_time=0.0):
@@ -75,18 +86,35 @@ class TfacaRunner:
         p = make(problem)
         npdt = np.dtype(dtype)
         self.gradient_mode = {"aca": "aca", "aca_xla": "aca", "aca_nojit": "aca", "naive": "naive",
-                              "adjoint": "adjoint"}[mode]
-        self.vjp_rule = {"aca": "bwd", "naive": "fwd", "adjoint": "bwd"}[self.gradient_mode]
-        xla = mode == "aca_xla"
+                              "adjoint": "adjoint", "mali": "mali", "mali_xla": "mali",
+                              "aca_budget": "aca"}[mode]
+        self.vjp_rule = {"aca": "bwd", "naive": "fwd", "adjoint": "bwd",
+                         "mali": "bwd"}[self.gradient_mode]
+        if mode == "aca_budget":
+            self.vjp_rule = "budget"  # each step rebuilt (f-evals) then replayed (VJPs)
+        xla = mode in ("aca_xla", "mali_xla")
+        self.mode = mode
         self.y0 = tf.constant(p["y0"].astype(npdt))
         self.ws = [tf.Variable(w.astype(npdt), name=n) for n, w in p["weights"]]
         f = _tf_vf(tf, problem, self.ws)
         self.f = f
         ts = tf.constant([0.0, spec["t1"]], dtype=npdt)
-        kw = dict(method="dopri5", rtol=rtol or spec["rtol"], atol=atol or spec["atol"],
-                  max_steps=max_steps or spec["max_steps"],
+        mali = self.gradient_mode == "mali"
+        kw = dict(method="alf" if mali else "dopri5",
+                  rtol=rtol or (MALI_TOL["rtol"] if mali else spec["rtol"]),
+                  atol=atol or (MALI_TOL["atol"] if mali else spec["atol"]),
+                  max_steps=max_steps or (MALI_MAX_STEPS[problem] if mali else spec["max_steps"]),
                   jit_compile=False if mode == "aca_nojit" else jit_compile)
+        self.tolerances = (kw["rtol"], kw["atol"])
         strategy = tfaca.AdjointGradient() if self.gradient_mode == "adjoint" else self.gradient_mode
+        self.checkpoints = self.full_aca_steps = None
+        if mode == "aca_budget":
+            # K ~ sqrt(N): the full ACA solve's accepted steps N, from one forward solve.
+            probe = tf.function(lambda y0: tfaca.solve(
+                lambda t, y: f(y), y0, ts, gradient="aca", **kw).stats.num_steps)
+            self.full_aca_steps = int(probe(self.y0))
+            self.checkpoints = max(1, round(math.sqrt(self.full_aca_steps)))
+            strategy = tfaca.ACAGradient(checkpoints=self.checkpoints)
 
         def solve(y0):
             return tfaca.solve(lambda t, y: f(y), y0, ts, gradient=strategy, **kw)
@@ -137,8 +165,13 @@ class TfacaRunner:
         if self._last_counts is None:
             self.fwdbwd()
         steps, rej, nfe_f, nfe_b = self._last_counts
-        return dict(nfe_fwd=nfe_f, nfe_bwd=nfe_b, steps=steps, rejected=rej,
-                    nfe_source="tfaca Solution.stats (+AdjointGradient.backward_stats)")
+        out = dict(nfe_fwd=nfe_f, nfe_bwd=nfe_b, steps=steps, rejected=rej,
+                   nfe_source="tfaca Solution.stats (+AdjointGradient.backward_stats)")
+        if self.mode in ("mali", "mali_xla", "aca_budget"):
+            out.update(rtol=self.tolerances[0], atol=self.tolerances[1])
+        if self.checkpoints is not None:
+            out.update(checkpoints=self.checkpoints, full_aca_steps=self.full_aca_steps)
+        return out
 
     def vf_time(self, n):
         t_f = _median_time(lambda: self._vf(self.y0).numpy(), n, 0.3)
@@ -270,7 +303,8 @@ def _torch_module(torch, problem, weights):
 
 
 class TorchRunner:
-    """torchdiffeq odeint / odeint_adjoint; TorchDiffEqPack odesolve / odesolve_adjoint."""
+    """torchdiffeq odeint / odeint_adjoint; TorchDiffEqPack odesolve / odesolve_adjoint /
+    odesolve_adjoint_sym12 (MALI: method "sym12async", adaptive, at `MALI_TOL`)."""
 
     def __init__(self, problem, mode):
         import torch
@@ -286,13 +320,24 @@ class TorchRunner:
         self.y0 = torch.tensor(y0)
         self.func = _torch_module(torch, problem, [w for _, w in p["weights"]])
         self.vjp_rule = {"odeint": "fwd", "odeint_adjoint": "bwd", "odesolve": "tdep",
-                         "odesolve_adjoint": "bwd"}[mode]
+                         "odesolve_adjoint": "bwd", "mali": "tdep-mali"}[mode]
         self.ts = torch.tensor([0.0, spec["t1"]])
         if mode in ("odeint", "odeint_adjoint"):
             import torchdiffeq
             integ = torchdiffeq.odeint if mode == "odeint" else torchdiffeq.odeint_adjoint
             self._solve = lambda y0: integ(self.func, y0, self.ts, rtol=spec["rtol"],
                                            atol=spec["atol"], method="dopri5")[-1]
+        elif mode == "mali":
+            import TorchDiffEqPack as tdep
+
+            # As odesolve_adjoint's options (its docstring's keys); it mutates the dict
+            # (t0 becomes a tensor), so every call gets a fresh one. h=None: automatic
+            # first step. The solve ends on t1 (end_point_mode, its default here).
+            def mali_options():
+                return {"method": "sym12async", "h": None, "t0": 0.0, "t1": spec["t1"],
+                        "rtol": MALI_TOL["rtol"], "atol": MALI_TOL["atol"],
+                        "print_neval": False, "neval_max": 500000}
+            self._solve = lambda y0: tdep.odesolve_adjoint_sym12(self.func, y0, mali_options())
         else:
             import TorchDiffEqPack as tdep
 
@@ -376,6 +421,30 @@ class TorchRunner:
                         rk_common.RKAdaptiveStepsizeODESolver._adaptive_step = orig
             steps, rejected = tally["acc"], tally["rej"]
             source += "; steps by wrapping torchdiffeq's _adaptive_step"
+        elif self.mode == "mali":
+            from TorchDiffEqPack.odesolver.adaptive_grid_solver import AdaptiveGridSolver
+            from TorchDiffEqPack.odesolver.symplectic import Sym12Async
+            orig_integrate, orig_adapt = Sym12Async.integrate, AdaptiveGridSolver.adapt_stepsize
+            tally = {"acc": None, "rej": 0}
+
+            def integrate(solver, *a, **k):  # the forward solve returns its step ends
+                out = orig_integrate(solver, *a, **k)
+                tally["acc"] = len(out[1])
+                return out
+
+            def adapt(solver, *a, **k):  # a trial it does not accept is a rejection
+                out = orig_adapt(solver, *a, **k)
+                tally["rej"] += 0 if out[1] else 1
+                return out
+
+            Sym12Async.integrate, AdaptiveGridSolver.adapt_stepsize = integrate, adapt
+            try:
+                self.fwdbwd()
+            finally:
+                Sym12Async.integrate, AdaptiveGridSolver.adapt_stepsize = (orig_integrate,
+                                                                           orig_adapt)
+            steps, rejected = tally["acc"], tally["rej"]
+            source += "; steps by wrapping Sym12Async.integrate and adapt_stepsize"
         else:
             self.fwdbwd()
             import TorchDiffEqPack as tdep
@@ -395,6 +464,8 @@ class TorchRunner:
                    rejected=rejected, nfe_source=source)
         if self.mode == "odesolve":
             out["recorded"] = 7 * steps
+        if self.mode == "mali":
+            out.update(rtol=MALI_TOL["rtol"], atol=MALI_TOL["atol"])
         return out
 
     def vf_time(self, n):
@@ -553,4 +624,12 @@ LIBS = {
                           lambda p: DiffraxRunner(p, "recursive")),
     "diffrax-backsolve": ("diffrax", "BacksolveAdjoint jit", lambda p: DiffraxRunner(p, "backsolve")),
     "tfp": ("TFP", "DormandPrince (adjoint) tf.function", lambda p: TfpRunner(p, "default")),
+    # benchmarks/mali_speed.py: MALI (at MALI_TOL) and ACA with a checkpoint budget.
+    "tfaca-mali": ("tfaca", "ALF + MALI tf.function", lambda p: TfacaRunner(p, "mali")),
+    "tfaca-mali-xla": ("tfaca", "ALF + MALI tf.function(jit_compile)",
+                       lambda p: TfacaRunner(p, "mali_xla")),
+    "tfaca-aca-budget": ("tfaca", "ACA, ACAGradient(checkpoints=~sqrt(steps)) tf.function",
+                         lambda p: TfacaRunner(p, "aca_budget")),
+    "tdep-mali": ("TorchDiffEqPack", "odesolve_adjoint_sym12 (MALI, sym12async)",
+                  lambda p: TorchRunner(p, "mali")),
 }

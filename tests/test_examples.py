@@ -177,3 +177,12 @@ def test_image_classification_defaults_are_the_papers():
     odes = [layer for layer in node.layers if isinstance(layer, tfaca.ODELayer)]
     assert len(odes) == 4 and all(o.method == "heun_euler" for o in odes)
     assert all((o.rtol, o.atol) == (1e-2, 1e-2) for o in odes)
+
+
+def test_long_solve_runs_with_mali_and_a_budget(capsys):
+    """The quick version of examples/long_solve.py: both memory-light gradients run and
+    agree (two solvers approximating one continuous gradient)."""
+    difference = _load("long_solve").main(["--steps", "200", "--size", "16"])
+    out = capsys.readouterr().out
+    assert "full ACA would keep" in out and "MALI" in out and "checkpoints=20" in out
+    assert difference < 1e-4

@@ -26,7 +26,9 @@ sized by it: the checkpoint buffers grow with the steps taken, so time and memor
 follow the steps. Under XLA every buffer needs a static shape, so a call that keeps
 checkpoints for a gradient allocates and zero-fills `max_steps x (state + 13 bytes)`
 however few steps it takes, and holds it until the backward pass ends; the fill runs at
-memory bandwidth. Writing a step into it and `stack()` are in place (no copy of the
+memory bandwidth. With fewer states kept (`states`: ACA's checkpoint budget `K`, MALI's
+none) the state buffer has `K + 1` entries, or none, and only the scalars are sized by
+`max_steps`. Writing a step into it and `stack()` are in place (no copy of the
 buffer, in the optimized HLO), so the fill is all that grows. With no gradient pending
 XLA drops the unused buffers. Measured (`benchmarks/max_steps_xla.py`, 64x64 float32
 state, 3 steps, 2-core CPU), forward+backward under XLA: 2.4 ms at max_steps=1,000,

@@ -1,0 +1,214 @@
+"""Peak memory against the number of steps: ACA, ACA with a checkpoint budget, MALI,
+naive and the adjoint (issue 14); and the rounding drift of ALF's inverse.
+
+    python benchmarks/mali_memory.py [--quick] [--out benchmarks/mali_memory.md]
+
+The field: a 1x1-convolution network on a 32x32x32 float32 feature map (128 KiB of
+state), `dy/dt = tanh(y W1) W2` over the channels, t in [0, 1], batch 1. The number of
+steps is set by a fixed step size 1/N (N = 100, 1,000, 10,000), so every mode takes
+the same N steps (ALF for MALI, Dopri5 for the others): memory is what is measured.
+
+Each (mode, N) runs in a process of its own: one forward+backward in a `tf.function`
+(jit_compile=False, the path Keras takes on CPU and under tf.distribute) as a warm-up,
+then the peak resident memory of a second one above the resident memory before it
+(`/proc/self/status` VmHWM after resetting it, minus VmRSS). Naive stops at 1,000 steps
+(its tape holds every stage of every step: about 40 GB at 10,000).
+
+The drift table: the ALF steps of a solve inverted from its end (what MALI's backward
+pass does) give back the start to rounding; the largest relative error of the rebuilt
+`y0`, float32 and float64, for the same field and N.
+
+Prints markdown and writes it to `--out`.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+SHAPE = (1, 32, 32, 32)
+BUDGET = 100
+MODES = ["aca", "aca-budget", "mali", "naive", "adjoint"]
+STATE_MB = 4 * 32 * 32 * 32 / 2**20
+
+
+def _field(tf, dtype):
+    rng = __import__("numpy").random.default_rng(0)
+    c = SHAPE[-1]
+    w1 = tf.Variable(rng.normal(size=(c, c)) / c**0.5, dtype=dtype)
+    w2 = tf.Variable(rng.normal(size=(c, c)) / c**0.5, dtype=dtype)
+
+    def f(t, y):
+        return tf.tensordot(tf.tanh(tf.tensordot(y, w1, 1)), w2, 1)
+
+    y0 = tf.constant(rng.normal(size=SHAPE), dtype)
+    return f, y0, [w1, w2]
+
+
+def child(mode, n):
+    import tensorflow as tf
+
+    import tfaca
+    from child import _reset_hwm, _status_kb
+
+    f, y0, weights = _field(tf, tf.float32)
+    kwargs = dict(step_size=1.0 / n, max_steps=n + 10, jit_compile=False)
+    if mode == "mali":
+        kwargs.update(method="alf", gradient="mali")
+    elif mode == "aca-budget":
+        kwargs.update(gradient=tfaca.ACAGradient(checkpoints=BUDGET))
+    else:
+        kwargs.update(gradient=mode)
+
+    @tf.function
+    def fwdbwd(y0):
+        with tf.GradientTape() as tape:
+            tape.watch(y0)
+            sol = tfaca.solve(f, y0, [0.0, 1.0], **kwargs)
+            loss = tf.reduce_sum(tf.square(sol.ys[-1]))
+        return sol.stats.num_steps, tape.gradient(loss, [y0] + weights)
+
+    steps, grads = fwdbwd(y0)
+    del grads
+    base = _status_kb("VmRSS")
+    if not _reset_hwm():
+        raise SystemExit("cannot reset VmHWM (/proc/self/clear_refs)")
+    t0 = time.perf_counter()
+    _, grads = fwdbwd(y0)
+    [g.numpy() for g in grads]
+    seconds = time.perf_counter() - t0
+    peak = _status_kb("VmHWM")
+    print(json.dumps(dict(mode=mode, n=n, steps=int(steps), seconds=seconds,
+                          mem_mb=(peak - base) / 1024.0)))
+
+
+def drift(n, dtype_name):
+    """Relative error of y0 rebuilt by inverting n ALF steps from the end."""
+    import numpy as np
+    import tensorflow as tf
+
+    import tfaca
+
+    dtype = getattr(tf, dtype_name)
+    f, y0, _ = _field(tf, dtype)
+    solver = tfaca.ALF()
+    h = tf.constant(1.0 / n, dtype)
+
+    @tf.function
+    def run():
+        def forward(i, y, v):
+            y1, v1, _ = solver.step(f, tf.cast(i, dtype) * h, [y], [v], h)
+            return i + 1, y1[0], v1[0]
+
+        def backward(i, y, v):
+            y1, v1 = solver.inverse(f, tf.cast(i - 1, dtype) * h, [y], [v], h)
+            return i - 1, y1[0], v1[0]
+
+        _, y, v = tf.while_loop(lambda i, *_: i < n, forward, (0, y0, f(0.0, y0)))
+        _, y, _ = tf.while_loop(lambda i, *_: i > 0, backward, (n, y, v))
+        return y
+
+    rebuilt = run().numpy()
+    return float(np.max(np.abs(rebuilt - y0.numpy())) / np.max(np.abs(y0.numpy())))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--child", nargs=2)
+    ap.add_argument("--quick", action="store_true", help="100 and 1,000 steps only")
+    ap.add_argument("--out", default=os.path.join(HERE, "mali_memory.md"))
+    a = ap.parse_args()
+    if a.child:
+        child(a.child[0], int(a.child[1]))
+        return
+
+    ns = [100, 1000] if a.quick else [100, 1000, 10000]
+    results = {}
+    for n in ns:
+        for mode in MODES:
+            if mode == "naive" and n > 1000:
+                continue
+            proc = subprocess.run([sys.executable, __file__, "--child", mode, str(n)],
+                                  capture_output=True, text=True, timeout=3600)
+            if proc.returncode != 0:
+                raise SystemExit(proc.stderr[-3000:])
+            results[(mode, n)] = json.loads(proc.stdout.strip().splitlines()[-1])
+            print(results[(mode, n)], flush=True)
+
+    lines = [
+        "# Peak memory against the number of steps (issue 14)",
+        "",
+        f"Generated {datetime.date.today()} by `python benchmarks/mali_memory.py"
+        f"{' --quick' if a.quick else ''}` on a 2-core CPU. The field and the method are "
+        "in the script's docstring: a 32x32x32 float32 state "
+        f"({STATE_MB * 1024:.0f} KiB), fixed steps of 1/N, one forward+backward in a "
+        f"`tf.function`; budgeted ACA keeps K = {BUDGET} checkpoints.",
+        "",
+        "Peak memory above the resident memory before the call, MB (speed is measured "
+        "elsewhere, `benchmarks/mali_speed.md`: these runs shared the machine):",
+        "",
+        "| mode | " + " | ".join(f"N = {n:,}" for n in ns) + " |",
+        "|---|" + "---|" * len(ns),
+    ]
+    for mode in MODES:
+        cells = []
+        for n in ns:
+            r = results.get((mode, n))
+            cells.append("not run" if r is None else f"{r['mem_mb']:.1f}")
+        lines.append(f"| {mode} | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append(f"One state is {STATE_MB:.3f} MB. Peak memory in states:")
+    lines.append("")
+    lines.append("| mode | " + " | ".join(f"N = {n:,}" for n in ns) + " |")
+    lines.append("|---|" + "---|" * len(ns))
+    for mode in MODES:
+        cells = [("-" if (mode, n) not in results else
+                  f"{results[(mode, n)]['mem_mb'] / STATE_MB:.0f}") for n in ns]
+        lines.append(f"| {mode} | " + " | ".join(cells) + " |")
+
+    mali = [results[("mali", n)]["mem_mb"] for n in ns]
+    spread = (max(mali) - min(mali)) / min(mali)
+    budget = [results[("aca-budget", n)]["mem_mb"] / STATE_MB for n in ns]
+    bound = [BUDGET + 2 * n / BUDGET + 20 for n in ns]
+    lines += [
+        "",
+        "## Targets",
+        "",
+        f"- MALI's memory flat in the number of steps (within 10 % from {ns[0]:,} to "
+        f"{ns[-1]:,}): {min(mali):.1f} to {max(mali):.1f} MB, a spread of "
+        f"{100 * spread:.1f} %: **{'met' if spread <= 0.10 else 'missed'}**.",
+        f"- Budgeted ACA bounded by its budget: K = {BUDGET} checkpoints kept, and in the "
+        "backward pass one segment of at most 2N/K states rebuilt at a time; peak "
+        + ", ".join(f"{b:.0f}" for b in budget) + " states against the bound K + 2N/K "
+        "(+ 20 states of one step's graph and buffers) = "
+        + ", ".join(f"{b:.0f}" for b in bound)
+        + f": **{'met' if all(x <= y for x, y in zip(budget, bound)) else 'missed'}**; full "
+        "ACA: " + ", ".join(f"{results[('aca', n)]['mem_mb'] / STATE_MB:.0f}" for n in ns)
+        + " states.",
+        "",
+        "## Drift of ALF's inverse",
+        "",
+        "The largest error of `y0` rebuilt by inverting the N steps from the end, relative "
+        "to the largest `|y0|` (MALI's backward pass raises when it exceeds sqrt(eps): "
+        "3.5e-4 in float32, 1.5e-8 in float64):",
+        "",
+        "| dtype | " + " | ".join(f"N = {n:,}" for n in ns) + " |",
+        "|---|" + "---|" * len(ns),
+    ]
+    for dtype in ("float32", "float64"):
+        lines.append(f"| {dtype} | " + " | ".join(f"{drift(n, dtype):.1e}" for n in ns) + " |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    with open(a.out, "w") as fh:
+        fh.write(text)
+
+
+if __name__ == "__main__":
+    main()
