@@ -399,11 +399,13 @@ def _check_replayable(strategy, solver, plan, loop_kwargs, budget):
     if isinstance(strategy, ACAGradient) and alf:
         raise ValueError(
             'method="alf" carries an approximation of dy/dt as state, which ACA\'s replay '
-            'does not keep: use gradient="mali" (the same gradient with no states kept), '
+            'does not keep: use gradient="mali" (exact for the ALF steps, no states kept), '
             '"naive" or "adjoint". Received: gradient="aca"')
-    what = ("a checkpoint budget" if budget else "MALI") if budget or not isinstance(
-        strategy, ACAGradient) else None
-    if what is None:
+    if budget:
+        what = "a checkpoint budget"
+    elif isinstance(strategy, MALIGradient):
+        what = "MALI"
+    else:
         return
     if plan.dense:
         raise ValueError(
