@@ -184,14 +184,12 @@ def table(results, problems):
             st = f"{steps}/{run._num(r.get('rejected'))}" if steps is not None else "n/a"
             per_step = f"{r['fwdbwd_s'] / steps * 1e3:.3g}" if steps else "n/a"
             fl = floor_s(r)
-            mem = r.get("mem_fwdbwd_mb")
             lines.append(
                 f"| {p} | {name} | {mode} | {_tol(r, p)} | {_ms(r['fwd_s'])} | "
                 f"{_ms(r['fwdbwd_s'])} ({r.get('reps_fwdbwd')}) | "
                 f"{r['compile_fwdbwd_s']:.1f} | {st} | "
                 f"{run._num(r.get('nfe_fwd'))} / {run._num(r.get('nfe_bwd'))} | {per_step} | "
-                f"{_ms(fl)} | {_sci(r.get('err_y'))} | {_sci(r.get('err_grad_y0'))} | "
-                f"{_sci(r.get('err_grad_w'))} | {run._num(mem, '{:.1f}')} |")
+                f"{_ms(fl)} | {run.error_memory_cells(r)} |")
     return "\n".join(lines)
 
 

@@ -191,16 +191,19 @@ def _table(results, problems):
                      if r.get("steps") is not None else "n/a")
             nb = r.get("nfe_bwd")
             nb_s = "n/a" if nb is None or nb < 0 else str(nb)
-            mem = r.get("mem_fwdbwd_mb")
             fb = _ms(r["fwdbwd_s"]) + (" (1 run, incl. compile)" if r.get("reps_fwdbwd") == 0
                                        else "")
             lines.append(
                 f"| {p} | {name} | {mode} | {_ms(r['fwd_s'])} | {fb} | "
                 f"{'incl.' if r.get('reps_fwdbwd') == 0 else format(r['compile_fwdbwd_s'], '.1f')} | {_num(r.get('nfe_fwd'))} | {nb_s} | {steps} | "
-                f"{_sci(r.get('err_y'))} | {_sci(r.get('err_grad_y0'))} | "
-                f"{_sci(r.get('err_grad_w'))} | {_num(mem, '{:.1f}')} | "
-                f"{_num(o_f, '{:.2f}')} | {_num(o_b, '{:.2f}')} |")
+                f"{error_memory_cells(r)} | {_num(o_f, '{:.2f}')} | {_num(o_b, '{:.2f}')} |")
     return "\n".join(lines)
+
+
+def error_memory_cells(r):
+    """A result row's closing cells: its three relative errors and its peak memory."""
+    return (f"{_sci(r.get('err_y'))} | {_sci(r.get('err_grad_y0'))} | "
+            f"{_sci(r.get('err_grad_w'))} | {_num(r.get('mem_fwdbwd_mb'), '{:.1f}')}")
 
 
 def _verdict(value, target):

@@ -213,6 +213,49 @@ def _dense(ta, size, like, static_size=None):
     return tf.cond(size > 0, lambda: ta.gather(tf.range(size)), lambda: empty)
 
 
+# Outside XLA a TensorArray holds each entry as a tensor of its own, and TensorFlow's
+# allocator gives every tensor at least 256 bytes: a step's few scalars would cost 256
+# bytes, not 16 (2.5 MB over 10,000 steps, which is what grew MALI's memory). They are
+# logged in blocks of this many steps instead.
+_BLOCK = 64
+
+
+def _scalar_log(dtype, max_steps, num_scalars, like):
+    """A log of a `[num_scalars, *like.shape]` entry per step (`_log_write`,
+    `_log_columns`): under XLA a static buffer of `max_steps + 1` entries; elsewhere a
+    growing list of `_BLOCK`-entry blocks, the one being filled carried as a tensor."""
+    shape = [num_scalars] + like.shape.as_list()
+    if in_xla_context():
+        return {"entries": _step_array(dtype, max_steps, shape)}
+    return {
+        "entries": _step_array(dtype, max_steps, [_BLOCK] + shape),
+        "block": tf.zeros(tf.concat([[_BLOCK, num_scalars], tf.shape(like)], 0), dtype),
+    }
+
+
+def _log_write(log, at, value):
+    """Writes entry `at`; as every buffer of the loop, on each trial (a rejected trial's
+    entry is overwritten by the retry)."""
+    if "block" not in log:
+        return {"entries": log["entries"].write(at, value)}
+    block = tf.tensor_scatter_nd_update(log["block"], [[at % _BLOCK]], value[None])
+    return {"entries": log["entries"].write(at // _BLOCK, block), "block": block}
+
+
+def _log_columns(log, size):
+    """The first `size` (>= 1) entries (all of them under XLA), as a list of their
+    `num_scalars` columns. The columns are rows of one transposed copy."""
+    static = "block" not in log
+    if static:
+        entries = log["entries"].stack()
+    else:
+        blocks = log["entries"].gather(tf.range((size + _BLOCK - 1) // _BLOCK))
+        entries = tf.reshape(blocks, tf.concat([[-1], tf.shape(log["block"])[1:]], 0))
+    rank = entries.shape.rank
+    columns = tf.transpose(entries, [1, 0] + list(range(2, rank)))
+    return [columns[c] if static else columns[c][:size] for c in range(entries.shape[1])]
+
+
 def _tensor_array(dtype, size, element_shape):
     return tf.TensorArray(dtype, size=size, element_shape=element_shape, clear_after_read=False)
 
@@ -319,7 +362,7 @@ def integrate(solver, controller, func, ts, y0, *, step_size, first_step, max_st
     # `max_steps` trials).
     num_scalars = (6 if per_sample else 4) if record else 2
     if record or dense:
-        recorded["scalars"] = _step_array(dtype, max_steps, [num_scalars] + t0.shape.as_list())
+        recorded["scalars"] = _scalar_log(dtype, max_steps, num_scalars, t0)
         if states is None:
             recorded["y"] = [_step_array(y.dtype, max_steps, y.shape) for y in y0]
         elif states > 0:
@@ -454,7 +497,7 @@ def integrate(solver, controller, func, ts, y0, *, step_size, first_step, max_st
                 scalars += [tf.cast(s.i_out, dtype), tf.cast(hit, dtype)]
                 if per_sample:
                     scalars += [tf.cast(accept, dtype), tf.cast(s.previous, dtype)]
-            new_record["scalars"] = s.record["scalars"].write(at, tf.stack(scalars))
+            new_record["scalars"] = _log_write(s.record["scalars"], at, tf.stack(scalars))
             if states is None:
                 new_record["y"] = [ta.write(at, y) for ta, y in zip(s.record["y"], s.y)]
             elif states > 0:
@@ -572,26 +615,26 @@ def integrate(solver, controller, func, ts, y0, *, step_size, first_step, max_st
             last += [tf.cast(state.i_out, dtype), tf.zeros_like(t0)]
             if per_sample:
                 last += [tf.zeros_like(t0), tf.cast(state.previous, dtype)]
-        end = {"scalars": rec["scalars"].write(n, tf.stack(last))}
+        end = {"scalars": _log_write(rec["scalars"], n, tf.stack(last))}
         if states is None:
             end["y"] = [ta.write(n, y) for ta, y in zip(rec["y"], state.y)]
         if dense:
             zeros = [tf.zeros(tf.concat([[degree], tf.shape(y)], 0), y.dtype) for y in state.y]
             end["c"] = [ta.write(n, z) for ta, z in zip(rec["c"], zeros)]
         size = n + 1
-        scalars = _dense(end["scalars"], size, tf.zeros(tf.shape(tf.stack(last)), dtype))
+        scalars = _log_columns(end["scalars"], size)
         checkpoints = Checkpoints(
-            t=scalars[:, 0],
-            dt=scalars[:, 1],
-            interval=tf.cast(scalars[:, 2], tf.int32) if record else (),
-            hit=scalars[:, 3] > 0 if record else (),
+            t=scalars[0],
+            dt=scalars[1],
+            interval=tf.cast(scalars[2], tf.int32) if record else (),
+            hit=scalars[3] > 0 if record else (),
             y=[_dense(ta, size, y) for ta, y in zip(end["y"], y0)] if states is None else
             [_dense(ta, (n + rec["stride"] - 1) // rec["stride"], y, states + 1)
              for ta, y in zip(rec["y"], y0)] if states else (),
             c=[_dense(ta, size, z) for ta, z in zip(end["c"], zeros)] if dense else (),
             num_steps=n,
-            accepted=scalars[:, 4] > 0 if record and per_sample else (),
-            previous=tf.cast(scalars[:, 5], tf.int32) if record and per_sample else (),
+            accepted=scalars[4] > 0 if record and per_sample else (),
+            previous=tf.cast(scalars[5], tf.int32) if record and per_sample else (),
             stride=rec["stride"] if states else (),
             y_end=list(state.y) if states is not None else (),
             f_end=list(state.f) if states is not None else (),
