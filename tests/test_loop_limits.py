@@ -305,3 +305,58 @@ def test_checkpoints_agree_under_xla_and_in_a_function(size):
     for g, x in zip(graph[:-1], xla[:-1]):
         assert g.shape[0] == n + 1 and x.shape[0] == max_steps + 1
         np.testing.assert_allclose(x.numpy()[:n + 1], g.numpy(), rtol=1e-12, atol=1e-12)
+
+
+def _van_der_pol(t, y):
+    x, v = y[..., 0], y[..., 1]
+    return tf.stack([v, 5.0 * (1.0 - x**2) * v - x], axis=-1)
+
+
+@pytest.mark.parametrize("per_sample", [False, True])
+@pytest.mark.slow_variants
+def test_step_log_of_many_blocks_agrees_under_xla_and_in_a_function(per_sample, monkeypatch):
+    """Outside XLA a step's scalars are logged in blocks of 64 steps (`_loop._BLOCK`),
+    the block being filled carried through the loop; under XLA in one static buffer.
+    A stiff Van der Pol solve of several hundred steps, with rejected trials and several
+    outputs, records the same steps with blocks of 64 as with blocks of 1 (bit for bit)
+    and under XLA (to rounding, which the stiff field amplifies to ~1e-7: XLA fuses the
+    arithmetic differently), and they chain:
+    t[i] + dt[i] = t[i+1]."""
+    dtype = tf.float64
+    ts = tf.constant(np.linspace(0.0, 12.0, 5), dtype)
+    y0 = tf.constant([[2.0, 0.0], [1.0, 1.0]], dtype)
+    max_steps = 3000
+
+    def run(y0):
+        controller = StepSizeController(rtol=[tf.constant(1e-7, dtype)],
+                                        atol=[tf.constant(1e-9, dtype)], per_sample=per_sample)
+        traj = _loop.integrate(
+            tfaca.Dopri5(), controller, lambda t, y: [_van_der_pol(t, y[0])], ts, [y0],
+            step_size=None, first_step=None, max_steps=max_steps, record=True,
+            per_sample=per_sample)
+        cp = traj.checkpoints
+        columns = [cp.t, cp.dt, cp.interval, cp.hit]
+        if per_sample:
+            columns += [cp.accepted, cp.previous]
+        return columns, cp.num_steps, traj.stats.num_rejected
+
+    graph = tf.function(run)(y0)
+    xla = tf.function(run, jit_compile=True)(y0)
+    monkeypatch.setattr(_loop, "_BLOCK", 1)
+    unblocked = tf.function(run)(y0)
+    n = int(graph[1])
+    assert int(xla[1]) == int(unblocked[1]) == n > 4 * 64
+    assert np.sum(graph[2].numpy()) > 0  # some trials were rejected
+    for g, x, u in zip(graph[0], xla[0], unblocked[0]):
+        assert g.shape[0] == n + 1
+        np.testing.assert_array_equal(g.numpy(), u.numpy())
+        np.testing.assert_allclose(x.numpy()[:n + 1], g.numpy(), rtol=1e-5, atol=1e-8)
+    t, dt = graph[0][0].numpy()[:n], graph[0][1].numpy()[:n]
+    if not per_sample:
+        t, dt, accepted = t[:, None], dt[:, None], np.ones((n, 1), bool)
+    else:
+        accepted = graph[0][4].numpy()[:n] > 0  # the entries each sample accepted
+    for b in range(t.shape[1]):
+        t_b, dt_b = t[accepted[:, b], b], dt[accepted[:, b], b]
+        np.testing.assert_allclose(t_b[:-1] + dt_b[:-1], t_b[1:], rtol=1e-12, atol=1e-12)
+        assert t_b[0] == 0.0 and t_b[-1] + dt_b[-1] == pytest.approx(12.0, rel=1e-14)

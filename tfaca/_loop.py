@@ -244,16 +244,13 @@ def _log_write(log, at, value):
 
 def _log_columns(log, size):
     """The first `size` (>= 1) entries (all of them under XLA), as a list of their
-    `num_scalars` columns. The columns are rows of one transposed copy."""
-    static = "block" not in log
-    if static:
+    `num_scalars` columns, each a copy of its own (so that the entries are freed)."""
+    if "block" not in log:
         entries = log["entries"].stack()
-    else:
-        blocks = log["entries"].gather(tf.range((size + _BLOCK - 1) // _BLOCK))
-        entries = tf.reshape(blocks, tf.concat([[-1], tf.shape(log["block"])[1:]], 0))
-    rank = entries.shape.rank
-    columns = tf.transpose(entries, [1, 0] + list(range(2, rank)))
-    return [columns[c] if static else columns[c][:size] for c in range(entries.shape[1])]
+        return [entries[:, c] for c in range(entries.shape[1])]
+    blocks = log["entries"].gather(tf.range((size + _BLOCK - 1) // _BLOCK))
+    entries = tf.reshape(blocks, tf.concat([[-1], tf.shape(log["block"])[1:]], 0))
+    return [entries[:size, c] for c in range(entries.shape[1])]
 
 
 def _tensor_array(dtype, size, element_shape):
