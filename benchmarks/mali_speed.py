@@ -123,10 +123,11 @@ def probe_text(probes, problems):
     return "\n".join(lines)
 
 
-def floor_s(r):
+def floor_s(r, kernels=None):
     """The zero-overhead time of forward+backward: the entry's f-evaluations times one
-    isolated f, plus its VJPs times one isolated f + VJP (see the report's notes)."""
-    t_f, t_vjp = r.get("t_f_s"), r.get("t_vjp_s")
+    isolated f, plus its VJPs times one isolated f + VJP (see the report's notes); with
+    `kernels`, another entry, timed with that entry's isolated f and f + VJP."""
+    t_f, t_vjp = (kernels or r).get("t_f_s"), (kernels or r).get("t_vjp_s")
     nf, nb, steps = r.get("nfe_fwd"), r.get("nfe_bwd"), r.get("steps")
     if not t_f or not t_vjp or nf is None or nb is None:
         return None
@@ -265,6 +266,12 @@ def verdicts(results, problems):
                            "evaluations of f and its VJPs would miss the target; the cost of "
                            "the vector field's kernels dominates" if f > MALI_TARGET else
                            f" ≤ {MALI_TARGET:g}: the loop's overhead is what misses it"))
+                    cross = floor_s(a, kernels=peer)
+                    if cross:
+                        out.append(
+                            f"  - the same floor with TorchDiffEqPack's kernels (its isolated "
+                            f"f and f+VJP times, tfaca's evaluation counts): {_ms(cross)} / "
+                            f"{_ms(peer['fwdbwd_s'])} ms = {cross / peer['fwdbwd_s']:.2f}")
         full, bud = _get(results, "tfaca-aca", p), _get(results, "tfaca-aca-budget", p)
         if not full or not bud:
             out.append(f"- **{p} (b)** time budgeted ACA / full ACA: n/a, an entry did not run "
