@@ -1,7 +1,8 @@
 """Peak memory against the number of steps: ACA, ACA with a checkpoint budget, MALI,
 naive and the adjoint (issue 14); and the rounding drift of ALF's inverse.
 
-    python benchmarks/mali_memory.py [--quick] [--out benchmarks/mali_memory.md]
+    python benchmarks/mali_memory.py [--quick] [--modes mali,...] [--render-only]
+                                     [--out benchmarks/mali_memory.md]
 
 The field: a 1x1-convolution network on a 64x64x32 float32 feature map (512 KiB of
 state), `dy/dt = tanh(y W1) W2` over the channels, t in [0, 1], batch 1. The number of
@@ -116,8 +117,7 @@ def child(mode, n):
         tensors.append(tf.config.experimental.get_memory_info("CPU:0")["peak"] - before)
         rss.append(_status_kb("VmHWM") - base)
     print(json.dumps(dict(mode=mode, n=n, steps=int(steps), seconds=min(seconds),
-                          mem_mb=max(tensors) / 2**20, rss_mb=max(rss) / 1024.0,
-                          reps=len(tensors), mem_mb_each=[x / 2**20 for x in tensors])))
+                          rss_mb=max(rss) / 1024.0, mem_mb_each=[x / 2**20 for x in tensors])))
 
 
 def drift(n, dtype_name):

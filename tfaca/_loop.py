@@ -222,7 +222,7 @@ _BLOCK = 64
 
 def _scalar_log(dtype, max_steps, num_scalars, like):
     """A log of a `[num_scalars, *like.shape]` entry per step (`_log_write`,
-    `_log_columns`): under XLA a static buffer of `max_steps + 1` entries; elsewhere a
+    `_log_read`): under XLA a static buffer of `max_steps + 1` entries; elsewhere a
     growing list of `_BLOCK`-entry blocks, the one being filled carried as a tensor."""
     shape = [num_scalars] + like.shape.as_list()
     if in_xla_context():
@@ -242,15 +242,12 @@ def _log_write(log, at, value):
     return {"entries": log["entries"].write(at // _BLOCK, block), "block": block}
 
 
-def _log_columns(log, size):
-    """The first `size` (>= 1) entries (all of them under XLA), as a list of their
-    `num_scalars` columns, each a copy of its own (so that the entries are freed)."""
+def _log_read(log, size):
+    """The first `size` (>= 1) entries as one tensor (all of them under XLA)."""
     if "block" not in log:
-        entries = log["entries"].stack()
-        return [entries[:, c] for c in range(entries.shape[1])]
+        return log["entries"].stack()
     blocks = log["entries"].gather(tf.range((size + _BLOCK - 1) // _BLOCK))
-    entries = tf.reshape(blocks, tf.concat([[-1], tf.shape(log["block"])[1:]], 0))
-    return [entries[:size, c] for c in range(entries.shape[1])]
+    return tf.reshape(blocks, tf.concat([[-1], tf.shape(log["block"])[1:]], 0))[:size]
 
 
 def _tensor_array(dtype, size, element_shape):
@@ -619,19 +616,20 @@ def integrate(solver, controller, func, ts, y0, *, step_size, first_step, max_st
             zeros = [tf.zeros(tf.concat([[degree], tf.shape(y)], 0), y.dtype) for y in state.y]
             end["c"] = [ta.write(n, z) for ta, z in zip(rec["c"], zeros)]
         size = n + 1
-        scalars = _log_columns(end["scalars"], size)
+        # Each column a copy of its own: the log is freed once they are taken.
+        scalars = _log_read(end["scalars"], size)
         checkpoints = Checkpoints(
-            t=scalars[0],
-            dt=scalars[1],
-            interval=tf.cast(scalars[2], tf.int32) if record else (),
-            hit=scalars[3] > 0 if record else (),
+            t=scalars[:, 0],
+            dt=scalars[:, 1],
+            interval=tf.cast(scalars[:, 2], tf.int32) if record else (),
+            hit=scalars[:, 3] > 0 if record else (),
             y=[_dense(ta, size, y) for ta, y in zip(end["y"], y0)] if states is None else
             [_dense(ta, (n + rec["stride"] - 1) // rec["stride"], y, states + 1)
              for ta, y in zip(rec["y"], y0)] if states else (),
             c=[_dense(ta, size, z) for ta, z in zip(end["c"], zeros)] if dense else (),
             num_steps=n,
-            accepted=scalars[4] > 0 if record and per_sample else (),
-            previous=tf.cast(scalars[5], tf.int32) if record and per_sample else (),
+            accepted=scalars[:, 4] > 0 if record and per_sample else (),
+            previous=tf.cast(scalars[:, 5], tf.int32) if record and per_sample else (),
             stride=rec["stride"] if states else (),
             y_end=list(state.y) if states is not None else (),
             f_end=list(state.f) if states is not None else (),
