@@ -14,7 +14,7 @@ threads set to 1 (fewer orders in which independent operations can run, so fewer
 buffers that can coexist): one forward+backward in a `tf.function` (jit_compile=False,
 the path Keras takes on CPU and under tf.distribute) as a warm-up, then measured calls
 (`MEASURE[mode]`: processes x calls). Which operations overlap still varies with timing
-from call to call and process to process (MALI's peak by up to ~3 states), so an entry
+from call to call and process to process (MALI's peak by several states), so an entry
 is the median of its calls, with their range. Peak memory is measured two ways:
 
 - tensors: TensorFlow's CPU allocator set to BFC (`TF_CPU_ALLOCATOR_USE_BFC=true`),
@@ -252,6 +252,8 @@ def main():
     spread = (max(mali) - min(mali)) / min(mali)
     mali_max = [results[("mali", n)]["mem_max_mb"] for n in ns]
     spread_max = (max(mali_max) - min(mali_max)) / min(mali_max)
+    states_range = max(results[("mali", n)]["mem_max_mb"] - results[("mali", n)]["mem_min_mb"]
+                       for n in ns) / STATE_MB
     budget = [results[("aca-budget", n)]["mem_mb"] / STATE_MB for n in ns]
     # What budgeted ACA holds at most: its min(K, N) kept states twice (the loop's list
     # of them and the one tensor it hands to the backward pass, both alive while it is
@@ -268,8 +270,8 @@ def main():
         f"{ns[-1]:,}): medians {', '.join(f'{m:.2f}' for m in mali)} MB, a spread of "
         f"{100 * spread:.1f} %: **{'met' if spread <= 0.10 else 'missed'}** (largest "
         f"calls {', '.join(f'{m:.2f}' for m in mali_max)} MB, a spread of "
-        f"{100 * spread_max:.1f} %). A call's peak varies by up to 3 states from process "
-        "to process at any N (the order of independent operations, and which free block "
+        f"{100 * spread_max:.1f} %). A call's peak varies by up to {states_range:.0f} states "
+        "between calls at the same N (the order of independent operations, and which free block "
         "TensorFlow's allocator serves a tensor from); what grows with N is each step's "
         "(t, dt, interval, landing) scalars, 13 bytes per step.",
         f"- Budgeted ACA bounded by its budget: K = {BUDGET} checkpoints kept, and in the "
