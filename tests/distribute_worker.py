@@ -269,6 +269,50 @@ def mirrored_partial_batch(strategy):
     return out
 
 
+def mirrored_empty_replica_batches(strategy):
+    """5 samples at a global batch of 4: the second global batch holds one sample, so one
+    replica gets an empty batch, with per-sample steps and with times per sample (a
+    `[state, times]` input whose rows end at different times, one of them all padding).
+    fit and predict must run and stay finite."""
+    import keras
+
+    import tfaca
+
+    x, y = data(5, seed=5)
+    times = np.array([[0.0, 0.5, 1.0], [0.0, 0.7, 0.7], [0.0, 0.3, 1.2], [0.0, 0.0, 0.0],
+                      [0.0, 1.0, 1.0]], "float32")
+
+    def with_times():
+        keras.utils.set_random_seed(0)
+        state = keras.Input((NUM_FEATURES,))
+        ts = keras.Input((3,))
+        dynamics = keras.Sequential([keras.layers.Dense(16, activation="tanh"),
+                                     keras.layers.Dense(NUM_FEATURES)])
+        h = tfaca.ODELayer(dynamics, name="ode")([keras.layers.Dense(NUM_FEATURES)(state), ts])
+        model = keras.Model([state, ts], keras.layers.Dense(NUM_CLASSES)(h))
+        model.compile(optimizer=keras.optimizers.SGD(learning_rate=LEARNING_RATE),
+                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        return model
+
+    out = {}
+    for name, build, inputs in (("per_sample", lambda: build_model("dopri5", per_sample=True), x),
+                                ("times_per_sample", with_times, [x, times])):
+        with strategy.scope():
+            model = build()
+        try:
+            history = model.fit(inputs, y, batch_size=4, epochs=1, verbose=0, shuffle=False)
+            predictions = model.predict(inputs, batch_size=4, verbose=0)
+            out[name] = {
+                "error": None,
+                "loss": history.history["loss"][-1],
+                "finite": all_finite(model.get_weights()) and bool(np.isfinite(predictions).all()),
+                "predictions_shape": list(predictions.shape),
+            }
+        except Exception as e:  # reported to the test, which shows it
+            out[name] = {"error": f"{type(e).__name__}: {_brief(e)}"}
+    return out
+
+
 def _brief(error):
     """The root errors of a TensorFlow error, without the traceback of the node."""
     text = getattr(error, "message", None) or str(error)
@@ -283,6 +327,7 @@ MIRRORED_SCENARIOS = {
     "adaptive_training": mirrored_adaptive_training,
     "batchnorm": mirrored_batchnorm,
     "partial_batch": mirrored_partial_batch,
+    "empty_replica_batches": mirrored_empty_replica_batches,
 }
 
 

@@ -96,8 +96,9 @@ def _run_mirrored(tmp_path_factory, scenarios):
 
 @pytest.fixture(scope="module")
 def mirrored(tmp_path_factory):
-    """The quick suite's scenario: a step on two replicas equals one on one device."""
-    return _run_mirrored(tmp_path_factory, ["fixed_step"])
+    """The quick suite's scenarios: a step on two replicas equals one on one device;
+    empty replica batches with per-sample steps and times."""
+    return _run_mirrored(tmp_path_factory, ["fixed_step", "empty_replica_batches"])
 
 
 @pytest.fixture(scope="module")
@@ -287,3 +288,14 @@ def test_mirrored_partial_last_batch(mirrored_more, method):
     assert r["error"] is None, f"{method}: {r['error']}"
     assert np.isfinite(r["loss"]) and r["finite"]
     assert r["predictions_shape"] == [dw.GLOBAL_BATCH + 1, dw.NUM_CLASSES]
+
+
+@pytest.mark.parametrize("model", ["per_sample", "times_per_sample"])
+def test_mirrored_empty_replica_batch_with_per_sample_steps_and_times(mirrored, model):
+    """5 samples at global batch 4: one replica gets an empty batch, with
+    `ODELayer(per_sample=True)` and with a `[state, times]` input (times per sample, one
+    row all padding). fit and predict run and stay finite (both crashed before)."""
+    r = _scenario(mirrored, "empty_replica_batches")[model]
+    assert r["error"] is None, f"{model}: {r['error']}"
+    assert np.isfinite(r["loss"]) and r["finite"]
+    assert r["predictions_shape"] == [5, dw.NUM_CLASSES]

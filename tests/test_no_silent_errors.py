@@ -487,3 +487,222 @@ def test_non_monotone_times_under_xla_are_reported():
     ys, status = run(c64([0.0, 0.5, 1.0]))
     assert int(status) == 0
     np.testing.assert_allclose(ys.numpy()[:, 0], np.exp([0.0, -0.5, -1.0]), rtol=2e-3)
+
+
+# --------------------------------------------------------------------------------------
+# Round 2 (issue 25): the edge cases of times per sample, per-sample steps and MALI.
+
+ROT_NP = np.array([[-0.1, 1.0], [-1.0, -0.1]])
+WEIGHTS_NP = np.array([[1.0, 2.0], [3.0, 4.0], [-1.0, 0.5]])
+
+
+def _rotation(t, y):
+    return tf.linalg.matvec(c64(ROT_NP), y)
+
+
+def _end_value(y0, t):
+    return scipy.linalg.expm(ROT_NP * t) @ y0
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("rows", [[[0, 1, 2], [0, 1.5, 2], [0, 0.5, 1]],
+                                  [[0, 1, 2], [0, 1, 2], [0, 1, 2]]],
+                         ids=["two rows end together", "identical rows"])
+def test_rows_ending_together_each_get_their_end_time_gradient(mode, rows):
+    """Times per sample, shared steps: rows whose last time is the end of the solve each
+    get their own dL/dts (it all went to the first such row, the others 0). Against the
+    analytic <dL/dy(t_b), A y(t_b)> for every entry."""
+    y0 = np.array([[1.0, 0.5], [0.3, -0.2], [-0.4, 0.8]])
+    ts = c64(rows)
+    y0_t = c64(y0)
+    with tf.GradientTape() as tape:
+        tape.watch(ts)
+        ys = tfaca.odeint(_rotation, y0_t, ts, rtol=1e-10, atol=1e-12, gradient=strategy(mode))
+        loss = tf.reduce_sum(ys[1:] * c64(WEIGHTS_NP))
+    g_ts = tape.gradient(loss, ts).numpy()
+    rows = np.asarray(rows, float)
+    for b in range(3):
+        for k in (1, 2):
+            y = _end_value(y0[b], rows[b, k])
+            expected = WEIGHTS_NP[b] @ (ROT_NP @ y)
+            np.testing.assert_allclose(g_ts[b, k], expected, rtol=1e-6, atol=1e-9,
+                                       err_msg=f"row {b}, time {k}")
+
+
+@pytest.mark.parametrize("per_sample", [False, True])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("interpolate", [True, False])
+def test_empty_batch_returns_empty_outputs_and_gradients(per_sample, mode, interpolate):
+    """A batch of 0 samples (a replica's share of a short last batch) with per-sample
+    steps or times per sample returns empty outputs and zero gradients, eagerly and in
+    a graph of unknown batch (it crashed in 9 of 12 combinations)."""
+    W = tf.Variable(A_NP * 0.3)
+
+    def func(t, y):
+        return tf.tanh(tf.linalg.matvec(W, y))
+
+    def run(y0):
+        times = tf.zeros([tf.shape(y0)[0], 3], F64) + c64([0.0, 0.5, 1.0])
+        with tf.GradientTape() as tape:
+            tape.watch(y0)
+            ys = tfaca.odeint(func, y0, times, per_sample=per_sample, interpolate=interpolate,
+                              gradient=strategy(mode))
+            loss = tf.reduce_sum(ys)
+        g_y0, g_w = tape.gradient(loss, [y0, W])
+        return ys, g_y0, tf.zeros_like(W) if g_w is None else g_w
+
+    if not per_sample and not interpolate:
+        return  # refused: one solve cannot step onto every sample's times
+    empty = tf.zeros([0, 3], F64)
+    graph = tf.function(run, input_signature=[tf.TensorSpec([None, 3], F64)])
+    for ys, g_y0, g_w in (run(empty), graph(empty)):
+        assert ys.shape == (3, 0, 3) and g_y0.shape == (0, 3)
+        np.testing.assert_array_equal(g_w.numpy(), 0.0)
+
+
+def test_empty_batch_with_compiled_adjoint():
+    """The adjoint's reverse solve compiled with XLA (the default in a graph) for an
+    empty batch of times per sample: it failed to compile (slices of an empty batch)."""
+    W = tf.Variable(A_NP * 0.3)
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 3], F64)])
+    def run(y0):
+        times = tf.zeros([tf.shape(y0)[0], 3], F64) + c64([0.0, 0.5, 1.0])
+        with tf.GradientTape() as tape:
+            tape.watch(y0)
+            ys = tfaca.odeint(lambda t, y: tf.tanh(tf.linalg.matvec(W, y)), y0, times,
+                              gradient="adjoint", jit_compile=True)
+            loss = tf.reduce_sum(ys)
+        return tape.gradient(loss, [y0, W])
+
+    g_y0, g_w = run(tf.zeros([0, 3], F64))
+    assert g_y0.shape == (0, 3)
+    np.testing.assert_array_equal(g_w.numpy(), 0.0)
+
+
+@pytest.mark.parametrize("interpolate", [True, False])
+@pytest.mark.parametrize("mode", MODES)
+def test_padding_costs_no_step_and_an_all_padding_row_none(interpolate, mode):
+    """Per-sample steps: a row that ends in padding takes exactly the steps it takes
+    without the padding, a row that is all padding takes none and returns its state,
+    and every time gradient is finite (an all-padding row gave NaN: 0/0 for its step of
+    size 0; padding with interpolate=False took steps of size 0)."""
+    y0 = c64([[1.0, 0.5], [0.3, -0.2], [-0.4, 0.8]])
+    ts = c64([[0.0, 1.0, 2.0], [0.0, 0.0, 0.0], [0.0, 1.5, 1.5]])
+    with tf.GradientTape() as tape:
+        tape.watch([ts, y0])
+        sol = tfaca.solve(_rotation, y0, ts, per_sample=True, interpolate=interpolate,
+                          gradient=strategy(mode), rtol=1e-8, atol=1e-10)
+        loss = tf.reduce_sum(sol.ys ** 2)
+    g_ts, g_y0 = tape.gradient(loss, [ts, y0])
+    assert np.all(np.isfinite(g_ts.numpy())) and np.all(np.isfinite(g_y0.numpy()))
+    steps = sol.stats.num_steps.numpy()
+    alone = tfaca.solve(_rotation, y0[2:], c64([0.0, 1.5]), per_sample=True,
+                        interpolate=interpolate, rtol=1e-8, atol=1e-10)
+    assert steps[2] == int(alone.stats.num_steps[0])
+    assert int(sol.stats.num_fevals[2]) == int(alone.stats.num_fevals[0])
+    assert steps[1] == 0
+    np.testing.assert_array_equal(sol.ys.numpy()[:, 1], np.tile(y0.numpy()[1], (3, 1)))
+    np.testing.assert_array_equal(g_ts.numpy()[1], 0.0)
+    np.testing.assert_allclose(sol.ys.numpy()[2, 2], _end_value(y0.numpy()[2], 1.5), rtol=1e-7)
+
+
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_all_padding_batch_returns_the_state(per_sample):
+    """Every row of the times all padding (an RNN step in which no time passes, `[0, 0]`
+    per row): the solve returns the state unchanged, with no step (it was refused), in a
+    Keras RNN cell too."""
+    y0 = c64([[1.0, 0.5], [0.25, -0.5]])  # exact in float32, which the RNN's state passes
+    sol = tfaca.solve(_rotation, y0, tf.zeros([2, 2], F64), per_sample=per_sample)
+    np.testing.assert_array_equal(sol.ys.numpy(), np.stack([y0.numpy()] * 2))
+    assert np.all(sol.stats.num_steps.numpy() == 0) and np.all(sol.status.numpy() == 0)
+
+    class Cell(keras.layers.Layer):
+        state_size = 2
+
+        def call(self, inputs, states):
+            dt = inputs[:, :1]
+            times = tf.concat([tf.zeros_like(dt), dt], axis=1)
+            y = tfaca.odeint(_rotation, tf.cast(states[0], F64), tf.cast(times, F64),
+                             per_sample=per_sample)[-1]
+            return y, [y]
+
+    rnn = keras.layers.RNN(Cell(), dtype="float64")
+    gaps = np.zeros((2, 3, 1))  # no time passes in any step of any sequence
+    out = rnn(gaps, initial_state=[y0])
+    np.testing.assert_array_equal(out.numpy(), y0.numpy())
+
+
+def test_mali_state_component_starting_at_zero():
+    """MALI with a state component that starts at exactly 0 (a log-density, a zero
+    hidden state): the check of the rebuilt start compares at the scale the states
+    reach, so the valid solve is no longer refused, and its gradient matches naive
+    backprop through the same ALF solve."""
+    W = tf.constant(np.random.RandomState(0).randn(3, 3) * 0.5)
+
+    def func(t, y):
+        h, logp = y
+        dh = tf.tanh(tf.linalg.matvec(W, h))
+        return dh, -tf.reduce_sum(dh * h, axis=-1, keepdims=True)
+
+    y0 = (c64(np.random.RandomState(1).randn(4, 3)), tf.zeros([4, 1], F64))
+    grads = {}
+    for mode in ("mali", "naive"):
+        with tf.GradientTape() as tape:
+            tape.watch(y0)
+            ys = tfaca.odeint(func, y0, [0.0, 1.0], method="alf", gradient=mode,
+                              step_size=0.05)
+            loss = tf.reduce_sum(ys[1][-1]) + tf.reduce_sum(ys[0][-1] ** 2)
+        grads[mode] = tape.gradient(loss, y0)
+    for mali, naive in zip(grads["mali"], grads["naive"]):
+        np.testing.assert_allclose(mali.numpy(), naive.numpy(), rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("compile_mode", ["eager", "function"])
+def test_times_holding_a_variable_get_its_gradient(compile_mode):
+    """`odeint(f, y0, [0.0, T])` with `T` a variable: dy(T)/dT = f(T, y(T)) (it was None
+    eagerly, an error in a tf.function); also inside 2-D times."""
+    T = tf.Variable(2.0, dtype=F64)
+
+    def run():
+        with tf.GradientTape() as tape:
+            y1 = tfaca.odeint(lambda t, y: -y, c64([1.0]), [0.0, T], rtol=1e-10, atol=1e-12)[-1]
+            y2 = tfaca.odeint(lambda t, y: -y, c64([[1.0], [1.0]]), [[0.0, T], [0.0, 1.0]],
+                              rtol=1e-10, atol=1e-12)[-1, 0]
+        return tape.gradient([y1, y2], T)
+
+    if compile_mode == "function":
+        run = tf.function(run)
+    np.testing.assert_allclose(float(run()), -2 * np.exp(-2.0), rtol=1e-8)
+
+
+def test_times_rule_error_names_the_row_and_the_fix():
+    """Times per sample that break the rule: the error names the first row that breaks
+    it, with its times, and says how to fix it; in a graph too."""
+    ts = c64([[0.0, 1.0, 2.0], [0.0, 0.5, 1.0], [0.1, 0.5, 1.0]])
+    y0 = c64([[1.0], [1.0], [1.0]])
+    with pytest.raises(ValueError, match=r"Row 2 breaks it: ts\[2\]=\[0\.1 0\.5 1\. *\].*"
+                                         r"start every row at the same time"):
+        tfaca.odeint(lambda t, y: -y, y0, ts)
+    with pytest.raises(ValueError, match=r"Row 1 breaks it.*pad a shorter row"):
+        tfaca.odeint(lambda t, y: -y, y0, c64([[0.0, 1.0, 2.0], [0.0, 1.0, 0.5], [0, 1, 2]]))
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 3], F64)])
+    def run(ts):
+        return tfaca.odeint(lambda t, y: -y, tf.ones([tf.shape(ts)[0], 1], F64), ts)
+
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"Row.*\b2\b.*breaks it.*0\.1"):
+        run(ts)
+
+
+def test_batch_mismatch_of_times_and_state_in_a_graph_is_named():
+    """Times per sample whose batch differs from the state's, in a graph where neither
+    batch is known while tracing: tfaca's message, not a TensorFlow shape error."""
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 2], F64), tf.TensorSpec([None, 3], F64)])
+    def run(y0, ts):
+        return tfaca.odeint(lambda t, y: -y, y0, ts)
+
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match=r"needs every component of `y0` to have the same batch.*\[8 3\]"):
+        run(tf.ones([4, 2], F64), tf.zeros([8, 3], F64) + c64([0.0, 1.0, 2.0]))

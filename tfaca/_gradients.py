@@ -516,7 +516,9 @@ def _mali_replay(solver, f, checkpoints, times, y0, sources, g_ys, variables):
     _, y_start, _, a_y, a_v, g_stops, g_sources, g_vars = tf.while_loop(
         lambda i, *_: i >= 0, step_vjp, state, parallel_iterations=1)
     eps = float(tf.experimental.numpy.finfo(stops.dtype.as_numpy_dtype).eps)
-    drifted = tf.where(_differs(y_start, y0, math.sqrt(eps)), n, -1)
+    # Rounding builds up at the scale the states reach, not at y0's: a component that
+    # starts at 0 (a log-density, a zero hidden state) is compared at its end's scale.
+    drifted = tf.where(_differs(y_start, y0, math.sqrt(eps), also=cp.y_end), n, -1)
     # v_0 = func(t_0, y_0), from the inputs themselves (not the rebuilt state).
     t0 = stops[0]
     with tf.GradientTape() as tape:
@@ -664,12 +666,22 @@ def _replay(solver, f, checkpoints, times, sources, g_ys, variables):
         # The outputs' own pull on each step's t_i and dt_i, added outside the loop (the
         # same mapping as in step_vjp, with j = 1): when no time gradient is wanted, the
         # graph then drops the polynomial derivatives that only it needs.
+        # Entry n's time is the end of the solve, the last stop (see `_end_time_gradient`).
         landing = tf.cast(checkpoints.hit, stops.dtype) * pulled.g_dt
-        g_stops += tf.stack([tf.reduce_sum(pulled.g_t) - tf.reduce_sum(landing),
-                             tf.reduce_sum(landing)])
+        on_end = _end_time_gradient(pulled.g_t, n)
+        g_stops += tf.stack([tf.reduce_sum(pulled.g_t) - on_end - tf.reduce_sum(landing),
+                             tf.reduce_sum(landing) + on_end])
     g_times = [g_stops, pulled.g_ts] if dense else [g_stops]
     g_y0 = [a_n + g[0] for a_n, g in zip(a, g_ys)]
     return mismatch, [*g_times, *g_y0, *g_sources, *g_vars]
+
+
+def _end_time_gradient(g_t, n):
+    """The gradient on entry `n`'s time (`g_t`: `[size]`, or `[size, batch]`), the end of
+    the solve: the outputs there take their time's derivative from the end's line
+    (`Checkpoints.c`), `-<g, f_end>` onto the end and `+<g, f_end>` onto their own time,
+    so that rows of times per sample that end together each get their own."""
+    return tf.gather(g_t, n)
 
 
 def _accumulate(checkpoints, i, g_t, g_dt, g_s, g_v, g_stops, g_sources, g_vars):
@@ -691,7 +703,9 @@ def _landing_step_vjp(solver, f, checkpoints, i, y, a, g_stops, g_sources, g_var
     g_vars)`, `y1` the rebuilt end of the step."""
     j = checkpoints.interval[i]
     # The output stops[j] is y_{i+1} when this step lands on it.
-    a = [a_n + tf.where(checkpoints.hit[i], g[j], tf.zeros_like(a_n)) for a_n, g in zip(a, g_ys)]
+    # A gather, not g[j]: XLA would compile `checkpoints.interval` in as a constant.
+    a = [a_n + tf.where(checkpoints.hit[i], tf.gather(g, j), tf.zeros_like(a_n))
+         for a_n, g in zip(a, g_ys)]
     y1, g_t, g_dt, g_y, g_s, g_v = _step_vjp(
         solver, f, checkpoints.t[i], checkpoints.dt[i], y, a, None, None, sources, variables)
     return (y1, g_y, *_accumulate(checkpoints, i, g_t, g_dt, g_s, g_v, g_stops, g_sources,
@@ -882,8 +896,9 @@ def _replay_per_sample(solver, f, checkpoints, times, sources, g_ys, variables):
         g_vars = [x + y_ for x, y_ in zip(g_vars, g_v)]
         a = [g[n] + g_n for g, g_n in zip(pulled.g_y, g_y_end)]  # each sample's end outputs
         landing = tf.where(cp.hit & cp.accepted, pulled.g_dt, tf.zeros_like(pulled.g_dt))
-        g_stops += tf.stack([tf.reduce_sum(pulled.g_t - landing, axis=0),
-                             tf.reduce_sum(landing, axis=0)], axis=1)
+        on_end = _end_time_gradient(pulled.g_t, n)
+        g_stops += tf.stack([tf.reduce_sum(pulled.g_t - landing, axis=0) - on_end,
+                             tf.reduce_sum(landing, axis=0) + on_end], axis=1)
     else:
         a = [tf.zeros_like(g[0]) for g in g_ys]
     state = (n - 1, a, g_stops, g_sources, g_vars, tf.constant(-1, tf.int32))
@@ -900,12 +915,14 @@ def _replay_per_sample(solver, f, checkpoints, times, sources, g_ys, variables):
     return mismatch, [*g_times, *g_y0, *g_sources, *g_vars]
 
 
-def _differs(ys, recorded, relative):
+def _differs(ys, recorded, relative, also=None):
     """Whether any component of `ys` differs from `recorded` by more than `relative` times
-    the component's largest magnitude."""
+    the component's largest magnitude (in `ys`, `recorded`, and `also` if given)."""
     out = tf.constant(False)
-    for y, r in zip(ys, recorded):
+    for n, (y, r) in enumerate(zip(ys, recorded)):
         scale = tf.maximum(tf.reduce_max(tf.abs(r)), tf.reduce_max(tf.abs(y)))
+        if also is not None:
+            scale = tf.maximum(scale, tf.reduce_max(tf.abs(also[n])))
         out |= tf.reduce_max(tf.abs(y - r)) > relative * scale
     return out
 
@@ -1016,7 +1033,8 @@ def _unrolled_vjp(solver, f, trajectory, times, y0, sources, g_ys, variables):
                 interval=(),
                 hit=(),
                 y=[ta.write(n, y).stack() for ta, y in zip(ys_ta, y_end)],
-                c=[ta.write(n, tf.zeros_like(c[0])).stack() for ta, c in zip(cs_ta, cp.c)],
+                c=[ta.write(n, tf.concat([f_n[None], tf.zeros_like(c[0][1:])], 0)).stack()
+                   for ta, c, f_n in zip(cs_ta, cp.c, f(t[n], y_end))],
                 num_steps=n,
             )
             later = _outputs.evaluate(rebuilt, times[1], t[n], tf.sign(stops[1] - stops[0]))
@@ -1182,30 +1200,32 @@ class AdjointGradient(AbstractGradient):
 
         def arrive(e, y, a, g_later, num_fevals):
             """At output `e`: the forward state, the output's cotangent, its time gradient."""
-            col = cols[e]
+            # Gathers, not x[e]: under XLA an empty batch has no entry to slice.
+            col = tf.gather(cols, e)
             if per_sample:
-                row = rows[e]
+                row = tf.gather(rows, e)
                 mask = [tf.reshape(tf.equal(tf.range(batch), row),
                                    [-1] + [1] * (y_n.shape.rank - 1)) for y_n in y]
                 y = [tf.where(m_, out[col + 1], y_n) for m_, out, y_n in zip(mask, ys, y)]
                 g_e = [tf.where(m_, g[col + 1], tf.zeros_like(g[col + 1]))
                        for m_, g in zip(mask, g_ys)]
-                where = [[row, col]]
                 # A padded entry (its row's time repeated) has no cotangent and needs no
                 # evaluation.
-                before = tf.where(col > 0, later[row, tf.maximum(col - 1, 0)], stops[0])
-                padded = tf.equal(later[row, col], before)
+                at = tf.gather(order, e)  # later[row, col] is flat[at]
+                before = tf.where(col > 0, tf.gather(flat, tf.maximum(at - 1, 0)), stops[0])
+                padded = tf.equal(tf.gather(flat, at), before)
                 g_t = tf.cond(padded, lambda: tf.zeros([], dtype),
-                              lambda: _dot(g_e, func(event_times[e], y, args)))
+                              lambda: _dot(g_e, func(tf.gather(event_times, e), y, args)))
                 num_fevals += 1 - tf.cast(padded, tf.int32)
             else:
                 y = [out[col + 1] for out in ys]
                 g_e = [g[col + 1] for g in g_ys]
-                where = [[col]]
                 g_t = _dot(g_e, func(event_times[e], y, args))
                 num_fevals += 1
             a = [a_n + g_n for a_n, g_n in zip(a, g_e)]
-            return y, a, tf.tensor_scatter_nd_add(g_later, where, [g_t]), num_fevals
+            # Written per event, summed onto the times after the loop: a scatter into
+            # the times fails under XLA for an empty batch.
+            return y, a, g_later.write(e, g_t), num_fevals
 
         def reverse(t1, t0, state):
             trajectory = integrate(
@@ -1219,8 +1239,8 @@ class AdjointGradient(AbstractGradient):
         def event(e, y_in, a_in, g_params, g_later, num_steps, num_rejected, num_fevals,
                   status, t_final):
             y, a, g_later, num_fevals = arrive(e, y_in, a_in, g_later, num_fevals)
-            t1 = event_times[e]
-            t0 = tf.where(e > 0, event_times[tf.maximum(e - 1, 0)], stops[0])
+            t1 = tf.gather(event_times, e)
+            t0 = tf.where(e > 0, tf.gather(event_times, tf.maximum(e - 1, 0)), stops[0])
             state = y + a + g_params
             if per_sample:
                 # Samples may share a time: nothing to solve between equal times.
@@ -1248,7 +1268,8 @@ class AdjointGradient(AbstractGradient):
             inputs = (e, y_in, a_in, g_params, g_later, num_steps, num_rejected, num_fevals,
                       status, t_final)
             for x, like in zip(tf.nest.flatten(out), tf.nest.flatten(inputs)):
-                x.set_shape(like.shape)
+                if tf.is_tensor(like):
+                    x.set_shape(like.shape)
             return out
 
         state = (
@@ -1256,11 +1277,15 @@ class AdjointGradient(AbstractGradient):
             list(trajectory.y_final),
             [tf.zeros_like(y) for y in y0],
             [tf.zeros_like(p) for p in params],
-            tf.zeros_like(later),
+            tf.TensorArray(dtype, size=tf.shape(event_times)[0], element_shape=[]),
             zero, zero, zero, zero, stops[-1],
         )
         (_, _, a, g_params, g_later, num_steps, num_rejected, num_fevals, status,
          t_final) = tf.while_loop(lambda e, *_: e >= 0, event, state, parallel_iterations=1)
+        g_later = g_later.stack()  # by event
+        if per_sample:
+            g_later = tf.reshape(tf.math.unsorted_segment_sum(g_later, order, batch * m),
+                                 [batch, m])
         # The start: moving it with y0 fixed shifts the solution by -Phi f(t0, y0).
         g_t0 = -_dot(a, func(stops[0], y0, args))
         g_y0 = [a_n + g[0] for a_n, g in zip(a, g_ys)]
@@ -1346,8 +1371,11 @@ class AdjointGradient(AbstractGradient):
         kwargs = dict(loop_kwargs)
         if self.max_steps is not None:
             kwargs["max_steps"] = self.max_steps
-        last = tf.fill([batch], num_out - 1)
-        state0 = at_output(ys, last) + at_output(g_ys, last)
+        # Each sample starts back from its last real output (the loop passes over its
+        # padding, a repeat of that time); the start's own cotangent joins g_y0 below.
+        last = _outputs.last_real(out_times)
+        state0 = at_output(ys, last) + [
+            tf.where(per_row(last > 0, g), g, tf.zeros_like(g)) for g in at_output(g_ys, last)]
         rev = integrate(solver, reverse_controller, augmented, reverse_stops, state0,
                         record=True, on_land=on_land, **kwargs)
         cp = rev.checkpoints

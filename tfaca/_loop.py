@@ -50,7 +50,7 @@ _RUNNING = -1
 class Checkpoints(NamedTuple):
     """Accepted steps of a forward solve, as tensors: entry `i < num_steps` is step `i`,
     and entry `num_steps` is where the solve ended (`t_final`, its state, `dt` 1 and
-    zero coefficients), so that every accepted state, the last included, has an entry.
+    the end's line, see `c`), so that every accepted state, the last included, has an entry.
 
     Attributes:
         t: `[num_steps + 1]` start times (`[max_steps + 1]` under XLA, every field).
@@ -62,8 +62,9 @@ class Checkpoints(NamedTuple):
             without `record`).
         y: flat list of `[num_steps + 1, ...]` start states.
         c: with `dense`, a flat list of `[num_steps + 1, degree, ...]` coefficients of
-            each step's interpolating polynomial (`AbstractSolver.dense_coefficients`);
-            else `()`.
+            each step's interpolating polynomial (`AbstractSolver.dense_coefficients`),
+            and at entry `num_steps` those of the line `y + theta f` through the end
+            state with the derivative carried there (`f(t_final, y_final)`); else `()`.
         num_steps: int32 scalar.
         accepted: with per-sample steps, `[num_steps + 1, batch]` bool: which samples
             the entry's step moved; else `()`.
@@ -233,12 +234,18 @@ def _scalar_log(dtype, max_steps, num_scalars, like):
     }
 
 
-def _log_write(log, at, value):
+def _log_write(log, at, value, once=False):
     """Writes entry `at`; as every buffer of the loop, on each trial (a rejected trial's
-    entry is overwritten by the retry)."""
+    entry is overwritten by the retry). `once`: the write after the loop, by selection
+    over the block rather than a scatter, which fails on an empty batch."""
     if "block" not in log:
         return {"entries": log["entries"].write(at, value)}
-    block = tf.tensor_scatter_nd_update(log["block"], [[at % _BLOCK]], value[None])
+    if once:
+        rows = tf.reshape(tf.equal(tf.range(_BLOCK), at % _BLOCK),
+                          [_BLOCK] + [1] * value.shape.rank)
+        block = tf.where(rows, value[None], log["block"])
+    else:
+        block = tf.tensor_scatter_nd_update(log["block"], [[at % _BLOCK]], value[None])
     return {"entries": log["entries"].write(at // _BLOCK, block), "block": block}
 
 
@@ -266,6 +273,21 @@ def _step_array(dtype, max_steps, element_shape):
     return tf.TensorArray(
         dtype, size=0, dynamic_size=True, element_shape=element_shape, clear_after_read=False
     )
+
+
+def _runs(ts):
+    """Runs of equal consecutive times in `ts` (`[n]`, or `[batch, n]` row by row):
+    `(first, after)`, int32 like `ts`: the index of the first time of each entry's run,
+    and the index just past its run. Repeated stops are one stop (padding of times per
+    sample; all of a solve's stops when it has nothing to step)."""
+    rows = ts if ts.shape.rank == 2 else ts[None]
+    moves = tf.cast(tf.not_equal(rows[:, 1:], rows[:, :-1]), tf.int32)
+    run = tf.cumsum(tf.concat([tf.zeros_like(moves[:, :1]), moves], axis=1), axis=1)
+    first = tf.searchsorted(run, run, side="left", out_type=tf.int32)
+    after = tf.searchsorted(run, run, side="right", out_type=tf.int32)
+    if ts.shape.rank == 1:
+        return first[0], after[0]
+    return first, after
 
 
 def integrate(solver, controller, func, ts, y0, *, step_size, first_step, max_steps, record,
@@ -313,8 +335,8 @@ def integrate(solver, controller, func, ts, y0, *, step_size, first_step, max_st
     """
     dtype = ts.dtype
     num_out = tf.shape(ts)[-1]
-    # One direction for every sample (the caller checked it); a sample whose times do
-    # not leave the start (all padding) takes one step of size 0.
+    # One direction for every sample (the caller checked it); 0 when no sample's times
+    # leave the start (all padding): nothing is stepped.
     direction = tf.sign(tf.reduce_sum(ts[..., -1] - ts[..., 0]))
     if per_sample:
         batch = tf.shape(y0[0])[0]
@@ -328,7 +350,13 @@ def integrate(solver, controller, func, ts, y0, *, step_size, first_step, max_st
         t0 = ts[0]
 
         def stop(i):
-            return ts[i]
+            return ts[tf.minimum(i, num_out - 1)]
+    first, after = _runs(ts)
+
+    def next_stop(i):
+        """The index of the first stop after the run of equal times that `i` starts."""
+        return (tf.gather(after, tf.minimum(i, num_out - 1), batch_dims=1) if per_sample
+                else tf.gather(after, tf.minimum(i, num_out - 1)))
 
     f0 = func(t0, y0)
     num_fevals = tf.ones_like(t0, tf.int32)
@@ -343,8 +371,9 @@ def integrate(solver, controller, func, ts, y0, *, step_size, first_step, max_st
         num_fevals += 1
 
     if per_sample:
-        ys = [tf.tensor_scatter_nd_update(tf.zeros(tf.concat([[num_out], tf.shape(y)], 0),
-                                                   y.dtype), [[0]], y[None]) for y in y0]
+        # Concatenated, not scattered: a scatter into an empty batch fails.
+        ys = [tf.concat([y[None], tf.zeros(tf.concat([[num_out - 1], tf.shape(y)], 0), y.dtype)],
+                        axis=0) for y in y0]
     else:
         ys = [_tensor_array(y.dtype, num_out, y.shape).write(0, y) for y in y0]
     degree = len(solver.dense_weights[0])
@@ -476,7 +505,7 @@ def integrate(solver, controller, func, ts, y0, *, step_size, first_step, max_st
             ys_new = [tf.tensor_scatter_nd_update(out, where, y) for out, y in zip(s.ys, y_new)]
         else:
             ys_new = [ta.write(s.i_out, y) for ta, y in zip(s.ys, y_new)]
-        i_out = s.i_out + tf.cast(accept & hit, tf.int32)
+        i_out = tf.where(accept & hit, next_stop(s.i_out), s.i_out)
         k = tf.where(accept & hit, 0, s.k + tf.cast(accept, tf.int32))
 
         # Written on every trial at the index of the next accepted step: a rejected
@@ -564,18 +593,21 @@ def integrate(solver, controller, func, ts, y0, *, step_size, first_step, max_st
         f0_finite = tf.reduce_all(
             tf.stack([tf.reduce_all(tf.math.is_finite(f)) for f in f0] + [times_finite])
         )
+    # A solve whose stops all repeat the start (all padding) is done before any step.
+    i_out = next_stop(zero)
     state = _State(
         t=t0,
         dt=dt0,
         y=list(y0),
         f=list(f0),
-        i_out=zero + 1,
+        i_out=i_out,
         k=zero,
         num_trials=zero,
         num_steps=zero,
         num_rejected=zero,
         num_fevals=num_fevals,
-        status=tf.where(f0_finite, _RUNNING, int(Status.NONFINITE)),
+        status=tf.where(i_out >= num_out, int(Status.SUCCESS),
+                        tf.where(f0_finite, _RUNNING, int(Status.NONFINITE))),
         ys=ys,
         record=recorded,
         entries=tf.constant(0, tf.int32),
@@ -587,14 +619,21 @@ def integrate(solver, controller, func, ts, y0, *, step_size, first_step, max_st
         (state,),
         maximum_iterations=max_steps,
     )
-    # Outputs the solve did not reach are NaN, never a stale state.
+    # A stop that repeats the one before it is the same output: the state written at
+    # the first of its run. Outputs the solve did not reach are NaN, never a stale state.
     ys_out = []
     if per_sample:
-        reached = tf.range(num_out)[:, None] < state.i_out[None, :]  # [len(ts), batch]
+        first = tf.transpose(first)  # [len(ts), batch]
+        reached = first < state.i_out[None, :]
     else:
-        reached = tf.range(num_out) < state.i_out
+        reached = first < state.i_out
     for out in state.ys:
         stacked = out if per_sample else out.stack()
+        if per_sample:
+            stacked = tf.gather_nd(stacked, tf.stack(
+                [first, tf.broadcast_to(rows, tf.shape(first))], axis=-1))
+        else:
+            stacked = tf.gather(stacked, first)
         mask = tf.reshape(reached, tf.concat(
             [tf.shape(reached), [1] * (stacked.shape.rank - reached.shape.rank)], 0))
         ys_out.append(tf.where(mask, stacked, tf.constant(float("nan"), stacked.dtype)))
@@ -609,12 +648,16 @@ def integrate(solver, controller, func, ts, y0, *, step_size, first_step, max_st
             last += [tf.cast(state.i_out, dtype), tf.zeros_like(t0)]
             if per_sample:
                 last += [tf.zeros_like(t0), tf.cast(state.previous, dtype)]
-        end = {"scalars": _log_write(rec["scalars"], n, tf.stack(last))}
+        end = {"scalars": _log_write(rec["scalars"], n, tf.stack(last), once=True)}
         if states is None:
             end["y"] = [ta.write(n, y) for ta, y in zip(rec["y"], state.y)]
         if dense:
-            zeros = [tf.zeros(tf.concat([[degree], tf.shape(y)], 0), y.dtype) for y in state.y]
-            end["c"] = [ta.write(n, z) for ta, z in zip(rec["c"], zeros)]
+            # The end's "interpolant" extends the last state linearly, y_n + (t - t_n) f_n
+            # (`dt` 1): it is y_n at t_n, and an output there takes the derivative of its
+            # time from it, as one inside a step does from that step's polynomial.
+            ends = [tf.concat([f[None], tf.zeros(tf.concat([[degree - 1], tf.shape(f)], 0),
+                                                 f.dtype)], 0) for f in state.f]
+            end["c"] = [ta.write(n, c) for ta, c in zip(rec["c"], ends)]
         size = n + 1
         # Each column a copy of its own: the log is freed once they are taken.
         scalars = _log_read(end["scalars"], size)
@@ -626,7 +669,7 @@ def integrate(solver, controller, func, ts, y0, *, step_size, first_step, max_st
             y=[_dense(ta, size, y) for ta, y in zip(end["y"], y0)] if states is None else
             [_dense(ta, (n + rec["stride"] - 1) // rec["stride"], y, states + 1)
              for ta, y in zip(rec["y"], y0)] if states else (),
-            c=[_dense(ta, size, z) for ta, z in zip(end["c"], zeros)] if dense else (),
+            c=[_dense(ta, size, c) for ta, c in zip(end["c"], ends)] if dense else (),
             num_steps=n,
             accepted=scalars[:, 4] > 0 if record and per_sample else (),
             previous=tf.cast(scalars[:, 5], tf.int32) if record and per_sample else (),

@@ -78,7 +78,18 @@ def _as_arg(value, dtype):
     return tf.convert_to_tensor(value)
 
 
+def _holds_tensors(value):
+    """Whether a (nested) list or tuple holds tensors or variables."""
+    return isinstance(value, (list, tuple)) and any(
+        tf.is_tensor(x) or isinstance(x, tf.Variable) or _holds_tensors(x) for x in value)
+
+
 def _prepare_ts(ts, dtype):
+    if _holds_tensors(ts):
+        # `[0.0, T]` with `T` a variable or tensor: stacked as tensors, so that the
+        # gradient reaches `T` (NumPy would read its value and cut it off).
+        ts = tf.nest.map_structure(lambda x: _as_tensor(x, dtype), ts)
+        ts = tf.stack([tf.stack(row) if isinstance(row, list) else row for row in ts])
     ts = tf.convert_to_tensor(ts) if tf.is_tensor(ts) else np.asarray(ts)
     kind = tf.as_dtype(ts.dtype) if ts.dtype != object else None
     if kind is None or not (kind.is_floating or kind.is_integer):
@@ -111,35 +122,42 @@ def _prepare_ts(ts, dtype):
 _PER_SAMPLE_RULE = (
     "`ts` of shape (batch, n) must hold, in every row, the common start ts[:, 0] followed by "
     "that sample's times, strictly increasing (or all rows strictly decreasing), and may end "
-    "in repeats of the row's last time (padding for fewer observations); some row must go "
-    "past the start."
+    "in repeats of the row's last time (padding for fewer observations; a row of repeats "
+    "only is a sample that does not move)."
+)
+_PER_SAMPLE_FIX = (
+    "To fix it: start every row at the same time (prepend the common start to each "
+    "sample's observation times), keep each row monotone in one direction, and pad a "
+    "shorter row by repeating its last time at the end."
 )
 
 
-def _checked(ts, valid, message):
+def _checked(ts, valid, message, data=()):
     """`ts` after a graph assertion that `valid`; under XLA, which has no assertions, NaN
     times when not valid: the solve then reports NONFINITE with NaN outputs, never
-    outputs at times it did not solve for."""
+    outputs at times it did not solve for. `data`: more tensors for the message."""
     if in_xla_context():
         return tf.where(valid, ts, tf.constant(float("nan"), ts.dtype))
-    check = graph_assert(valid, [message + " Received: ts=", ts], summarize=20)
+    check = graph_assert(valid, [message, *data, "Received: ts=", ts], summarize=20)
     with tf.control_dependencies([check]):
         return tf.identity(ts)
 
 
-def _per_sample_valid(ts):
-    """Whether 2-D `ts` follows `_PER_SAMPLE_RULE` (a bool scalar tensor)."""
-    t0 = ts[0, 0]
+def _rows_valid(ts):
+    """`[batch]` bool: which rows of 2-D `ts` follow `_PER_SAMPLE_RULE`."""
+    t0 = _outputs.common_start(ts)
     last = ts[:, -1]
-    direction = tf.sign(tf.gather(last, tf.argmax(tf.abs(last - t0))) - t0)
-    diffs = direction * (ts[:, 1:] - ts[:, :-1])
-    strict = tf.cast(diffs > 0, tf.int32)
+    # The direction of the row farthest from the start (0 if none leaves it).
+    far = tf.concat([last - t0, [0.0 * t0]], 0)
+    direction = tf.sign(tf.gather(far, tf.argmax(tf.abs(far))))
+    diffs = ts[:, 1:] - ts[:, :-1]
+    strict = direction * diffs > 0
+    steps = tf.cast(strict, tf.int32)
     return (
-        tf.not_equal(direction, 0)
-        & tf.reduce_all(tf.equal(ts[:, 0], t0))
-        & tf.reduce_all(diffs >= 0)
+        tf.equal(ts[:, 0], t0)
+        & tf.reduce_all(strict | tf.equal(diffs, 0), axis=1)
         # Once a row repeats a time, it only repeats: padding ends a row.
-        & tf.reduce_all(strict[:, 1:] <= strict[:, :-1])
+        & tf.reduce_all(steps[:, 1:] <= steps[:, :-1], axis=1)
     )
 
 
@@ -149,11 +167,37 @@ def _prepare_per_sample_ts(ts):
             "`ts` of shape (batch, n) must hold at least two times per row (the start and an "
             f"output). Received: ts with shape {ts.shape}"
         )
+    valid = _rows_valid(ts)
+    # The first row that breaks the rule (0 when none does, or the batch is empty).
+    row = tf.argmax(tf.concat([tf.cast(~valid, tf.int32), [1]], 0), output_type=tf.int32)
     if hasattr(ts, "numpy"):
-        if not bool(_per_sample_valid(ts)):
-            raise ValueError(f"{_PER_SAMPLE_RULE} Received: ts={ts.numpy()}")
+        if not bool(tf.reduce_all(valid)):
+            row = int(row)
+            raise ValueError(
+                f"{_PER_SAMPLE_RULE} Row {row} breaks it: ts[{row}]={ts.numpy()[row]}, with "
+                f"common start ts[0, 0]={ts.numpy()[0, 0]}. {_PER_SAMPLE_FIX} Received: "
+                f"ts={ts.numpy()}")
         return ts
-    return _checked(ts, _per_sample_valid(ts), _PER_SAMPLE_RULE)
+    return _checked(ts, tf.reduce_all(valid), _PER_SAMPLE_RULE + " " + _PER_SAMPLE_FIX,
+                    ["Row", row, "breaks it: ts[row] =", ts[row:row + 1]])
+
+
+def _same_batch(ts, y0_flat):
+    """`ts` (2-D) after a graph assertion that its batch is every state component's, when
+    a batch size is unknown while tracing (a Keras batch): the solve's own message
+    rather than TensorFlow's, from deep inside the loop. Under XLA shapes are static
+    when it compiles."""
+    sizes = [ts.shape[0]] + [y.shape[0] for y in y0_flat]
+    if hasattr(ts, "numpy") or in_xla_context() or None not in sizes:
+        return ts
+    batch = tf.shape(ts)[0]
+    same = tf.reduce_all(tf.stack([tf.equal(tf.shape(y)[0], batch) for y in y0_flat]))
+    check = graph_assert(same, [
+        "`ts` of shape (batch, n) needs every component of `y0` to have the same batch "
+        "as its leading axis. Received: ts with shape", tf.shape(ts),
+        "and state components of shapes", *[tf.shape(y) for y in y0_flat]])
+    with tf.control_dependencies([check]):
+        return tf.identity(ts)
 
 
 def _padded(ts):
@@ -441,6 +485,7 @@ def solve(
                         f"batch as its leading axis. Received: ts with shape {ts.shape} and "
                         f"a state component of shape {y.shape}"
                     )
+            ts = _same_batch(ts, y0_flat)
             padded = _padded(ts)
             # Padding gets no gradient, nor passes one on (see `ys` below).
             ts_solved = tf.where(padded, tf.stop_gradient(ts), ts)

@@ -60,23 +60,32 @@ def plan(ts, interpolate, per_sample=False):
     if ts.shape.rank == 2:
         # Each row's last real time (padding repeats it, and the caller cuts padding
         # from the gradient): the end of a solve is a function of it.
-        last = tf.gather(ts, _last_real(ts), batch_dims=1)
+        last = tf.gather(ts, last_real(ts), batch_dims=1)
     if ts.shape.rank == 2 and per_sample:
         if not interpolate:
             return Plan(stops=ts, ts=None)
         return Plan(stops=tf.stack([ts[:, 0], last], axis=1), ts=ts[:, 1:])
     if ts.shape.rank == 2:
-        t0 = ts[0, 0]
-        # The row whose last time lies farthest from the start ends the solve; its gradient
-        # (through the last step's size) reaches that entry.
-        t_end = tf.gather(last, tf.argmax(tf.abs(last - t0)))
+        t0 = common_start(ts)
+        # The row whose last time lies farthest from the start ends the solve (the start
+        # itself when none leaves it, or the batch is empty). The outputs at the end of
+        # the solve take their time's gradient each through their own time (`evaluate`
+        # extends the last state linearly), so rows that end there together each get
+        # theirs; the rest of the end's gradient reaches that row's entry.
+        ends = tf.concat([last, [t0]], 0)
+        t_end = tf.gather(ends, tf.argmax(tf.abs(ends - t0)))
         return Plan(stops=tf.stack([t0, t_end]), ts=ts[:, 1:])
     if not interpolate or ts.shape[0] == 2:
         return Plan(stops=ts, ts=None)
     return Plan(stops=tf.stack([ts[0], ts[-1]]), ts=ts[1:])
 
 
-def _last_real(ts):
+def common_start(ts):
+    """`ts[0, 0]` of 2-D times (every row starts there), and 0 for an empty batch."""
+    return tf.reduce_sum(ts[:1, 0])
+
+
+def last_real(ts):
     """`[batch]` int32: the index of each row's last time that is not a repeat."""
     new = tf.cast(tf.not_equal(ts[:, 1:], ts[:, :-1]), tf.int32)
     return tf.reduce_sum(new, axis=1)
