@@ -324,8 +324,11 @@ def solve(
             strictly monotone in the same direction, and may end in repeats of its last
             time (padding for samples with fewer observations: a padded entry returns
             the state at the last real time, costs no step and gets no gradient, nor
-            passes one on). One solve runs to the time farthest from the start, and each
-            sample is interpolated at its own times (it requires `interpolate=True`).
+            passes one on; a row of repeats only is a sample that does not move, and a
+            batch of such rows returns `y0` without a step). One solve runs to the time
+            farthest from the start, and each sample is interpolated at its own times
+            (it requires `interpolate=True`, or per-sample steps). A list may hold
+            tensors or variables (`[0.0, T]`): they receive their gradient.
         args: a tuple of extra inputs passed to `func`; floating ones receive
             gradients. Python numbers and NumPy arrays convert to the solve's dtype;
             float16/bfloat16 tensors are cast to float32 (solves never run in low
