@@ -250,6 +250,9 @@ class ODELayer(keras.layers.Layer):
             run-time assertions, the solve fails instead (NaN outputs, counted by
             `{name}_failures`). With `interpolate=False` every row must be equal
             (unless `per_sample=True`, with which each sample steps onto its own times).
+            Under a mixed-precision policy the state is cast to the compute dtype, as
+            Keras casts any input, but the times are not: float16 would round 41.7 to
+            41.6875 and merge 1000.1 with 1000.2; they are solved in float32.
         training: forwarded to `dynamics` when its `call` accepts it.
 
     Randomness inside `dynamics` (Dropout, GaussianNoise, GaussianDropout, SpatialDropout,
@@ -387,6 +390,11 @@ class ODELayer(keras.layers.Layer):
         self.per_sample = bool(per_sample)
         self._pass_t = _accepts(dynamics, "t")
         self._pass_training = _accepts(dynamics, "training")
+        # Keras (3.15, `Layer.__call__`) casts every floating input to the compute dtype,
+        # times included: under a mixed policy 41.7 would become 41.6875 (float16) or
+        # 41.75 (bfloat16), and close times would merge into padding. `__call__` casts
+        # the state as Keras would and leaves the times alone.
+        self._convert_input_args = False
         self.fevals_tracker = keras.metrics.Mean(name=f"{self.name}_fevals")
         self.steps_tracker = keras.metrics.Mean(name=f"{self.name}_steps")
         self.failures_tracker = keras.metrics.Mean(name=f"{self.name}_failures")
@@ -395,6 +403,18 @@ class ODELayer(keras.layers.Layer):
     def gradient_strategy(self):
         """The `tfaca.AbstractGradient` instance every solve of this layer uses."""
         return self._gradient_strategy
+
+    def __call__(self, inputs, *args, **kwargs):
+        state, times = self._split(inputs)
+        state = self.dtype_policy.convert_input(state, self.autocast, self.input_dtype)
+        if times is None:
+            inputs = state
+        else:
+            # Converted to a tensor (a NumPy array cannot be passed positionally), never
+            # cast: `call` solves in float32, or float64 for a float64 state.
+            times = self.dtype_policy.convert_input(times, False, self.input_dtype)
+            inputs = type(inputs)([state, times])
+        return super().__call__(inputs, *args, **kwargs)
 
     def _split(self, inputs):
         if isinstance(inputs, (list, tuple)):
