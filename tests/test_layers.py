@@ -815,6 +815,31 @@ def test_export_serves_without_tfaca(tmp_path):
                                atol=1e-5)
 
 
+def _exported_adjoint_model(tmp_path):
+    """A model with an adjoint layer, exported, and its server. The adjoint's counters
+    (tf.Variables its solves capture) were "untracked resources" to `model.export`."""
+    x, y = regression_data(n=BATCH)
+    ode = tfaca.ODELayer(mlp_dynamics(), gradient="adjoint", rtol=1e-4, atol=1e-6,
+                         jit_compile=False)
+    model = keras.Sequential([keras.Input((STATE,)), ode, keras.layers.Dense(1)])
+    model.export(str(tmp_path / "served"), verbose=False)
+    return model, tf.saved_model.load(str(tmp_path / "served")), x, y
+
+
+def test_export_of_an_adjoint_layer_serves(tmp_path):
+    model, served, x, _ = _exported_adjoint_model(tmp_path)
+    np.testing.assert_allclose(served.serve(x).numpy(), model(x).numpy(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_export_of_an_adjoint_layer_keeps_its_counters_for_training(tmp_path):
+    model, _, x, y = _exported_adjoint_model(tmp_path)
+    model.compile(keras.optimizers.Adam(1e-2), "mse", jit_compile=False)
+    model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0)
+    counters = model.layers[0].gradient_strategy.backward_stats
+    assert int(counters.num_steps) > 0 and int(counters.num_fevals) > int(counters.num_steps)
+
+
 @pytest.mark.slow  # test_export_serves_without_tfaca serves the same model in the suite
 def test_export_serves_without_keras(tmp_path):
     """README: "serving needs TensorFlow only"."""

@@ -64,7 +64,7 @@ import numbers
 import tensorflow as tf
 from tensorflow.python.eager import record as tape_record
 from tensorflow.python.framework import func_graph
-from tensorflow.python.ops import while_v2
+from tensorflow.python.ops import resource_variable_ops, while_v2
 
 from tfaca import _outputs
 from tfaca._jit import compiled, scratch_trace
@@ -259,6 +259,10 @@ def _solve_with_custom_gradient(forward, backward, func, times, y0, args, *, sec
         handles += [v.handle for v in written]
         for v in written:
             tf.identity(v.handle)
+            # Recorded as used by the function being traced, as a read would be: a
+            # SavedModel export (Keras' `model.export`) saves the variables its functions
+            # use, and refuses a captured handle of any other ("untracked resource").
+            resource_variable_ops.variable_accessed(v)
     sources = [a for a in args if a.dtype.is_floating] + closed_over
 
     num_times = len(times)
