@@ -332,6 +332,18 @@ def test_dynamics_without_training_or_t_arguments():
     np.testing.assert_allclose(layer(y0, training=True), np.exp(-1.0) * y0, rtol=1e-5)
 
 
+def test_dynamics_in_torchdiffeqs_order_are_refused_with_the_fix():
+    """`call(self, t, y)` would meet "multiple values for argument 't'" in the solve."""
+
+    class TimeFirst(keras.layers.Layer):
+        def call(self, t, y):
+            return -y * t
+
+    with pytest.raises(TypeError, match=r"`dynamics`.*dynamics\(y, t=t\).*call\(t, y\)"
+                       r".*`def call\(self, y, t\)`"):
+        tfaca.ODELayer(TimeFirst())(np.ones((2, STATE), "float32"))
+
+
 # --------------------------------------------------------------------------------------
 # 3. Vector states and NHWC feature maps
 # --------------------------------------------------------------------------------------

@@ -13,11 +13,30 @@ from tfaca._odeint import check_options, solve
 from tfaca._solvers import _SOLVERS, get_solver
 
 
-def _accepts(layer, argument):
+def _parameters(layer):
     try:
-        return argument in inspect.signature(layer.call).parameters
+        return list(inspect.signature(layer.call).parameters)
     except (TypeError, ValueError):
-        return False
+        return []
+
+
+def _accepts(layer, argument):
+    return argument in _parameters(layer)
+
+
+def _check_state_first(dynamics):
+    """Refuses a `call(self, t, y)` (torchdiffeq's order), which Python would answer
+    with "got multiple values for argument 't'"."""
+    parameters = _parameters(dynamics)
+    if parameters[:1] == ["t"]:
+        raise TypeError(
+            "`dynamics` must take the state as the first argument of its `call`: "
+            "ODELayer calls `dynamics(y, t=t)` (the Keras convention, inputs first). "
+            f"Received: dynamics='{dynamics.name}' ({type(dynamics).__name__}) with "
+            f"call({', '.join(parameters)}), torchdiffeq's order. Write "
+            "`def call(self, y, t)` (or `def call(self, y)` if the field does not "
+            "depend on time)."
+        )
 
 
 def _is_shape_pair(shape):
@@ -153,7 +172,9 @@ class ODELayer(keras.layers.Layer):
         dynamics: a Keras layer or model mapping a state to its time derivative, with the
             same shape: vectors `(batch, features)` or feature maps `(batch, H, W, C)`.
             If its `call` accepts `t`, the current time is passed as a scalar tensor
-            (with `per_sample=True`, a `(batch,)` tensor: each sample's own time);
+            (with `per_sample=True`, a `(batch,)` tensor: each sample's own time) by
+            keyword, `dynamics(y, t=t)`: write `call(self, y, t)`, not torchdiffeq's
+            `forward(self, t, y)` (refused with a TypeError);
             if it accepts `training`, the flag is forwarded. It must not add losses
             (`add_loss`, `activity_regularizer`; see below); weight regularizers are fine.
         t: the integration times: `(t0, t1)` or a longer strictly monotone sequence of
@@ -361,6 +382,7 @@ class ODELayer(keras.layers.Layer):
             raise TypeError(
                 f"`per_sample` must be True or False. Received: per_sample={per_sample!r}"
             )
+        _check_state_first(dynamics)
         _, strategy = check_options(
             method=method, gradient=gradient, rtol=rtol, atol=atol, step_size=step_size,
             first_step=first_step, max_step=max_step, max_steps=max_steps, safety=safety,
