@@ -474,3 +474,13 @@ def test_tolerance_dict_with_other_keys():
             lambda t, y: {"x": y["v"], "v": -y["x"]}, y0, [0.0, 1.0],
             rtol={"x": 1e-3, "w": 1e-9},
         )
+
+
+@pytest.mark.parametrize("entry", [tfaca.solve, tfaca.odeint], ids=["solve", "odeint"])
+def test_torchdiffeq_options_dict_says_to_pass_keywords(entry):
+    with pytest.raises(TypeError, match=r"`options`.*keyword argument") as info:
+        entry(linear_func(A_NP), _f64(Y0_NP), _f64([0.0, 1.0]), method="rk4",
+              options=dict(step_size=0.1, max_num_steps=50))
+    message = str(info.value)
+    assert "odeint(func, y0, ts, step_size=0.1, max_steps=50)" in message
+    assert "Received: options={'step_size': 0.1, 'max_num_steps': 50}" in message
