@@ -197,6 +197,20 @@ def test_status_messages():
     assert "max_steps" in tfaca.Status.MAX_STEPS_REACHED.message
 
 
+def test_status_prints_its_name_and_names_a_status_tensor():
+    status = tfaca.Status.MAX_STEPS_REACHED
+    assert str(status) == f"{status}" == "MAX_STEPS_REACHED" and int(status) == 1
+    assert f"{tfaca.Status.SUCCESS:>9}" == "  SUCCESS"
+    sol = tfaca.solve(lambda t, y: y * y, _f64([[1.0], [0.1]]), [0.0, 2.0], per_sample=True,
+                      throw=False)
+    assert tfaca.Status.name_of(sol.status) == ["DT_UNDERFLOW", "SUCCESS"]
+    assert tfaca.Status.name_of(_solve().status) == "SUCCESS"
+    assert tfaca.Status.name_of(np.array([[3], [1]])) == [["NONFINITE"], ["MAX_STEPS_REACHED"]]
+    assert tfaca.Status.name_of(2) == "DT_UNDERFLOW"
+    with pytest.raises(TypeError, match="`status` must be a value"):
+        tf.function(tfaca.Status.name_of)(tf.constant(0))
+
+
 # --------------------------------------------------------------------------------------
 # Bad arguments
 # --------------------------------------------------------------------------------------
