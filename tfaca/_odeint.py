@@ -407,6 +407,17 @@ def solve(
     Raises:
         ValueError, TypeError: on bad arguments, naming the argument.
         SolveError: eagerly, when the solve fails and `throw=True`.
+
+    Control flow and limitations:
+        a solve may sit in a `tf.while_loop` body (`tf.scan`, a Keras RNN cell) or a
+        `tf.cond` branch, and `func` may read variables there: the gradient is the one
+        it has outside. Inside the gradient of a `tf.cond` branch the backward loops
+        run uncompiled (TensorFlow cannot take a branch's tensors into a compiled
+        function there; `jit_compile` is ignored). With `gradient="naive"` inside a
+        function compiled whole (`tf.function(jit_compile=True)`), TensorFlow 2.21
+        cannot compile a solve that reads variables in a `tf.cond` branch ("Resource
+        _Retval node's input does not come from _Arg directly"): solve outside the
+        cond and select, `tf.where(pred, ys, other)`, or use `"aca"`.
     """
     if options is not None:
         raise TypeError(_options_refusal(options))
