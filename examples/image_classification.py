@@ -34,8 +34,9 @@ default uncompiled graph, measured here. `--quick` (the test suite runs it): NOD
 with ACA against ResNet18 (`--models` adds the others), digits, width 8, 8 epochs,
 batch 128, a constant rate; about a minute and a half.
 
-Writes to `--out-dir`: `results.md`, `results.csv`, `accuracy.png`. `main(argv)` returns
-the numbers.
+Writes to `--out-dir` (default `results/image_classification`; with `--quick`
+`results/quick/image_classification`, ignored by git): `results.md`, `results.csv`,
+`accuracy.png`. `main(argv)` returns the numbers.
 """
 
 import argparse
@@ -367,10 +368,13 @@ def parse_args(argv=None):
                         help="compile training with XLA (model.compile(jit_compile=True))")
     parser.add_argument("--models", help=f"default: {','.join(MODELS)}; with --quick: "
                         f"{','.join(QUICK_MODELS)}")
-    parser.add_argument("--out-dir", default="results/image_classification")
+    parser.add_argument("--out-dir", help="default results/image_classification; with --quick "
+                        "results/quick/image_classification (ignored by git)")
     parser.add_argument("--quiet", action="store_true", help="no line per epoch")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.out_dir is None:  # a quick run never overwrites the committed results
+        args.out_dir = ("results/quick/" if args.quick else "results/") + "image_classification"
     config = dict(PAPER, **(QUICK if args.quick else {}))
     for key in PAPER:
         value = getattr(args, key, None)

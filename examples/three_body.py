@@ -22,9 +22,10 @@ computed by SciPy's DOP853 at rtol = atol = 1e-12, independent of tfaca.
 `--quick` (the test suite runs it): 15 epochs, 200 observations, rtol = atol = 1e-6,
 about a minute for the three modes on 2 cores.
 
-Writes to `--out-dir`: `results.md` (a table per mode), `results.csv`, `loss.png`
-(training loss per epoch, log scale) and `orbits.png` (predicted against true orbits in
-3-D over [0, 2]). `main(argv)` returns the per-mode numbers.
+Writes to `--out-dir` (default `results/three_body`; with `--quick`
+`results/quick/three_body`, ignored by git): `results.md` (a table per mode),
+`results.csv`, `loss.png` (training loss per epoch, log scale) and `orbits.png`
+(predicted against true orbits in 3-D over [0, 2]). `main(argv)` returns the per-mode numbers.
 """
 
 import argparse
@@ -270,9 +271,12 @@ def parse_args(argv=None):
     parser.add_argument("--atol", type=float, default=None)
     parser.add_argument("--modes", default=",".join(MODES),
                         help="comma-separated gradient modes (default aca,adjoint,naive)")
-    parser.add_argument("--out-dir", default="results/three_body")
+    parser.add_argument("--out-dir", help="default results/three_body; with --quick "
+                        "results/quick/three_body (ignored by git)")
     parser.add_argument("--quiet", action="store_true", help="no line per epoch")
     args = parser.parse_args(argv)
+    if args.out_dir is None:  # a quick run never overwrites the committed results
+        args.out_dir = "results/quick/three_body" if args.quick else "results/three_body"
     setup = dict(PAPER_SETUP, **(QUICK if args.quick else {}))
     for key in ("epochs", "observations", "rtol", "atol"):
         if getattr(args, key) is not None:

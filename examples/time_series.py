@@ -26,8 +26,9 @@ training wall time, and the ODE's steps and function evaluations per solve (forw
 
 `--quick` (the test suite runs it): density 10 only, 256 training series, batch 32, 6 epochs.
 
-Writes to `--out-dir`: `results.md`, `results.csv` and `trajectories.png` (fitted and
-extrapolated curves of a few test series). `main(argv)` returns the numbers.
+Writes to `--out-dir` (default `results/time_series`; with `--quick`
+`results/quick/time_series`, ignored by git): `results.md`, `results.csv` and
+`trajectories.png` (fitted and extrapolated curves of a few test series). `main(argv)` returns the numbers.
 """
 
 import argparse
@@ -259,9 +260,12 @@ def parse_args(argv=None):
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--modes", default=",".join(MODES))
-    parser.add_argument("--out-dir", default="results/time_series")
+    parser.add_argument("--out-dir", help="default results/time_series; with --quick "
+                        "results/quick/time_series (ignored by git)")
     parser.add_argument("--quiet", action="store_true", help="no line per epoch")
     args = parser.parse_args(argv)
+    if args.out_dir is None:  # a quick run never overwrites the committed results
+        args.out_dir = "results/quick/time_series" if args.quick else "results/time_series"
     config = dict(QUICK if args.quick else FULL)
     for key in ("train", "test", "epochs", "batch"):
         if getattr(args, key) is not None:

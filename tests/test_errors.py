@@ -197,6 +197,20 @@ def test_status_messages():
     assert "max_steps" in tfaca.Status.MAX_STEPS_REACHED.message
 
 
+def test_status_prints_its_name_and_names_a_status_tensor():
+    status = tfaca.Status.MAX_STEPS_REACHED
+    assert str(status) == f"{status}" == "MAX_STEPS_REACHED" and int(status) == 1
+    assert f"{tfaca.Status.SUCCESS:>9}" == "  SUCCESS"
+    sol = tfaca.solve(lambda t, y: y * y, _f64([[1.0], [0.1]]), [0.0, 2.0], per_sample=True,
+                      throw=False)
+    assert tfaca.Status.name_of(sol.status) == ["DT_UNDERFLOW", "SUCCESS"]
+    assert tfaca.Status.name_of(_solve().status) == "SUCCESS"
+    assert tfaca.Status.name_of(np.array([[3], [1]])) == [["NONFINITE"], ["MAX_STEPS_REACHED"]]
+    assert tfaca.Status.name_of(2) == "DT_UNDERFLOW"
+    with pytest.raises(TypeError, match="`status` must be a value"):
+        tf.function(tfaca.Status.name_of)(tf.constant(0))
+
+
 # --------------------------------------------------------------------------------------
 # Bad arguments
 # --------------------------------------------------------------------------------------
@@ -474,3 +488,13 @@ def test_tolerance_dict_with_other_keys():
             lambda t, y: {"x": y["v"], "v": -y["x"]}, y0, [0.0, 1.0],
             rtol={"x": 1e-3, "w": 1e-9},
         )
+
+
+@pytest.mark.parametrize("entry", [tfaca.solve, tfaca.odeint], ids=["solve", "odeint"])
+def test_torchdiffeq_options_dict_says_to_pass_keywords(entry):
+    with pytest.raises(TypeError, match=r"`options`.*keyword argument") as info:
+        entry(linear_func(A_NP), _f64(Y0_NP), _f64([0.0, 1.0]), method="rk4",
+              options=dict(step_size=0.1, max_num_steps=50))
+    message = str(info.value)
+    assert "odeint(func, y0, ts, step_size=0.1, max_steps=50)" in message
+    assert "Received: options={'step_size': 0.1, 'max_num_steps': 50}" in message

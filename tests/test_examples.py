@@ -186,3 +186,19 @@ def test_long_solve_runs_with_mali_and_a_budget(capsys):
     out = capsys.readouterr().out
     assert "full ACA would keep" in out and "MALI" in out and "checkpoints=20" in out
     assert difference < 1e-4
+
+
+@pytest.mark.parametrize(
+    "name", ["three_body", "time_series", "image_classification", "gradient_accuracy"])
+def test_quick_runs_never_write_over_the_committed_results(name):
+    example = _load(name)
+
+    def out_dir(*argv):
+        parsed = example.parse_args(list(argv))
+        return (parsed[0] if isinstance(parsed, tuple) else parsed).out_dir
+
+    assert out_dir() == f"results/{name}"  # full runs: the committed results
+    assert out_dir("--quick") == f"results/quick/{name}"
+    assert out_dir("--quick", "--out-dir", "elsewhere") == "elsewhere"
+    ignored = (ROOT / ".gitignore").read_text().splitlines()
+    assert "/results/quick/" in ignored

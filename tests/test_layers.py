@@ -332,6 +332,18 @@ def test_dynamics_without_training_or_t_arguments():
     np.testing.assert_allclose(layer(y0, training=True), np.exp(-1.0) * y0, rtol=1e-5)
 
 
+def test_dynamics_in_torchdiffeqs_order_are_refused_with_the_fix():
+    """`call(self, t, y)` would meet "multiple values for argument 't'" in the solve."""
+
+    class TimeFirst(keras.layers.Layer):
+        def call(self, t, y):
+            return -y * t
+
+    with pytest.raises(TypeError, match=r"`dynamics`.*dynamics\(y, t=t\).*call\(t, y\)"
+                       r".*`def call\(self, y, t\)`"):
+        tfaca.ODELayer(TimeFirst())(np.ones((2, STATE), "float32"))
+
+
 # --------------------------------------------------------------------------------------
 # 3. Vector states and NHWC feature maps
 # --------------------------------------------------------------------------------------
@@ -815,6 +827,31 @@ def test_export_serves_without_tfaca(tmp_path):
                                atol=1e-5)
 
 
+def _exported_adjoint_model(tmp_path):
+    """A model with an adjoint layer, exported, and its server. The adjoint's counters
+    (tf.Variables its solves capture) were "untracked resources" to `model.export`."""
+    x, y = regression_data(n=BATCH)
+    ode = tfaca.ODELayer(mlp_dynamics(), gradient="adjoint", rtol=1e-4, atol=1e-6,
+                         jit_compile=False)
+    model = keras.Sequential([keras.Input((STATE,)), ode, keras.layers.Dense(1)])
+    model.export(str(tmp_path / "served"), verbose=False)
+    return model, tf.saved_model.load(str(tmp_path / "served")), x, y
+
+
+def test_export_of_an_adjoint_layer_serves(tmp_path):
+    model, served, x, _ = _exported_adjoint_model(tmp_path)
+    np.testing.assert_allclose(served.serve(x).numpy(), model(x).numpy(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_export_of_an_adjoint_layer_keeps_its_counters_for_training(tmp_path):
+    model, _, x, y = _exported_adjoint_model(tmp_path)
+    model.compile(keras.optimizers.Adam(1e-2), "mse", jit_compile=False)
+    model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0)
+    counters = model.layers[0].gradient_strategy.backward_stats
+    assert int(counters.num_steps) > 0 and int(counters.num_fevals) > int(counters.num_steps)
+
+
 @pytest.mark.slow  # test_export_serves_without_tfaca serves the same model in the suite
 def test_export_serves_without_keras(tmp_path):
     """README: "serving needs TensorFlow only"."""
@@ -1107,6 +1144,36 @@ def test_mixed_precision_model_trains(mixed_policy):
     assert losses[-1] < losses[0], losses
     assert all(np.all(np.isfinite(w)) for w in model.get_weights())
     assert set(recorder.dtypes) == {tf.float32}
+
+
+def _drift_model(dtype=None):
+    """`[state, times] -> states` for y1' = y2, y2' = 0: y1(t) = y1(0) + t y2(0), which
+    every Runge-Kutta step solves exactly. Started at y1 = -t_k, the output crosses zero
+    near t_k, where its rounding is fine and an error in the time is not hidden."""
+    dynamics = keras.layers.Dense(
+        2, use_bias=False, dtype="float32",
+        kernel_initializer=keras.initializers.Constant([[0.0, 0.0], [1.0, 0.0]]))
+    state, times = keras.Input((2,)), keras.Input((4,))
+    ode = tfaca.ODELayer(dynamics, return_sequences=True, dtype=dtype)
+    return keras.Model([state, times], ode([state, times]))
+
+
+def test_mixed_precision_keeps_the_times_precision(mixed_policy):
+    # float16 rounds 41.7 to 41.6875 and 1000.1 and 1000.2 to 1000 (refused: a repeat
+    # before a later time); bfloat16 rounds 59.9 to 60 and all three to 1000 (taken as
+    # padding). The times must reach the solve as given.
+    state = np.array([[-41.5, 1.0], [-1000.0, 1.0]], "float32")
+    times = np.array([[0.0, 41.7, 59.9, 60.0], [0.0, 1000.1, 1000.2, 1001.0]], "float32")
+    reference = _drift_model(dtype="float32")([state, times])
+    out = _drift_model()([state, times])
+    compute = tf.as_dtype(mixed_policy.compute_dtype)
+    assert out.dtype == compute
+    # To the output's own rounding; a time rounded by float16 errs by 6 %, by bfloat16 by 25 %.
+    np.testing.assert_allclose(tf.cast(out, tf.float32), reference,
+                               rtol=float(np.finfo(compute.as_numpy_dtype).eps))
+    # float32 times near 1000 are 6e-5 apart: the float32 solve is that close.
+    np.testing.assert_allclose(reference[:, 1:, 0], [[0.2, 18.4, 18.5], [0.1, 0.2, 1.0]],
+                               atol=1e-3)
 
 
 @pytest.mark.parametrize("dtype", [tf.float16, tf.bfloat16])

@@ -1,8 +1,8 @@
 """Gradients right wherever users put a solve, or a clear refusal (never a silent wrong
-number): a solve inside a `tf.while_loop` reading variables, second derivatives,
-randomness in `func`, tensors `func` closes over, argument conversions, the adjoint
-with `throw=False` and its counters after a graph, and `max_steps` below the number of
-output intervals."""
+number): a solve inside a `tf.while_loop` or a `tf.cond` branch reading variables,
+second derivatives, randomness in `func`, tensors `func` closes over, argument
+conversions, the adjoint with `throw=False` and its counters after a graph, and
+`max_steps` below the number of output intervals."""
 
 import keras
 import numpy as np
@@ -156,6 +156,58 @@ def test_keras_rnn_with_an_ode_cell_trains(mode, use_layer):
     assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]
     # The ODE's own weights were trained, not only the update's.
     assert not np.allclose(cell.dynamics.kernel.numpy(), kernel)
+
+
+# --------------------------------------------------------------------------------------
+# 1b. A solve inside a tf.cond branch (alone, or in a loop body) whose func reads
+# variables: TensorFlow's cond gradient could not reach the variables the backward pass
+# reads ("Tensor.graph is undefined when eager execution is enabled").
+
+
+def _cond_gradient(mode, compile_mode, nest, pred):
+    W = tf.Variable(A_NP)
+    gradient = strategy(mode)  # built outside: the adjoint's counters are written too
+
+    def solve(y, t1):
+        return tfaca.odeint(lambda t, y: tf.linalg.matvec(W, y), y, c64([0.0, t1]),
+                            rtol=1e-10, atol=1e-12, gradient=gradient)[-1]
+
+    @tf.function(jit_compile=compile_mode == "xla")
+    def run(pred, y0):
+        with tf.GradientTape() as tape:
+            if nest == "cond":
+                ys = tf.cond(pred, lambda: solve(y0, 0.6), lambda: y0)
+            elif nest == "where":  # both solved outside any cond, one selected
+                ys = tf.where(pred, solve(y0, 0.6), y0)
+            else:  # a cond in a loop body, as in an RNN cell that skips some steps
+                ys = tf.scan(lambda y, _: tf.cond(pred, lambda: solve(y, 0.4), lambda: y),
+                             tf.zeros([3]), initializer=y0)
+            loss = tf.reduce_sum(ys ** 2)
+        return tape.gradient(loss, W, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+
+    return run(tf.constant(pred), c64(Y0_NP)).numpy()
+
+
+def _cond_analytic():
+    """d/dA of |expm(0.6 A) y0|^2."""
+    y1 = scipy.linalg.expm(0.6 * A_NP) @ Y0_NP
+    return 0.6 * frechet_expm(0.6 * A_NP.T, 2 * np.outer(y1, Y0_NP))
+
+
+@pytest.mark.parametrize(
+    "mode, compile_mode, nest",
+    [("aca", "function", "cond"), ("adjoint", "function", "cond"),
+     ("naive", "function", "cond"), ("aca", "xla", "cond"), ("adjoint", "xla", "cond"),
+     ("aca", "function", "cond_in_scan"), ("adjoint", "function", "cond_in_scan"),
+     # The workaround that `solve` documents for the naive gradient under XLA.
+     ("naive", "xla", "where")],
+)
+@pytest.mark.slow_variants
+def test_solve_in_a_cond_branch_reads_a_variable(mode, compile_mode, nest):
+    expected = _scan_analytic() if nest == "cond_in_scan" else _cond_analytic()
+    np.testing.assert_allclose(_cond_gradient(mode, compile_mode, nest, True), expected,
+                               rtol=1e-7)
+    np.testing.assert_array_equal(_cond_gradient(mode, compile_mode, nest, False), 0.0)
 
 
 # --------------------------------------------------------------------------------------

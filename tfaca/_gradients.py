@@ -64,7 +64,7 @@ import numbers
 import tensorflow as tf
 from tensorflow.python.eager import record as tape_record
 from tensorflow.python.framework import func_graph
-from tensorflow.python.ops import while_v2
+from tensorflow.python.ops import cond_v2, resource_variable_ops, while_v2
 
 from tfaca import _outputs
 from tfaca._jit import compiled, scratch_trace
@@ -190,30 +190,43 @@ def _probe(func, times, y0, args, t_shape=()):
 
 
 def _route_handles_through_forward_graphs(handles):
-    """Lets the backward pass read variables inside the gradient of a `tf.while_loop`.
+    """Lets the backward pass read variables inside the gradient of a `tf.while_loop` or
+    of a `tf.cond` branch.
 
-    When a solve sits in a loop body (a Keras RNN cell, `tf.scan`), its backward pass
-    is built inside TensorFlow's while-gradient graph, and `func` reads its variables by
-    their eager handles there. TensorFlow 2.21 captures an eager handle into that graph
-    without registering it as a loop output and then fails ("in list of
-    internal_captures but not in internal_capture_to_output"). The forward body already
-    captured each handle: capture that placeholder instead, through the registered
-    path (a loop invariant), and let later captures of the eager handle resolve to it.
+    When a solve sits in a loop body (a Keras RNN cell, `tf.scan`) or a `tf.cond`
+    branch, its backward pass is built inside TensorFlow's while- or cond-gradient
+    graph, and `func` reads its variables by their eager handles there. TensorFlow 2.21
+    captures an eager handle into such a graph directly and then fails: a while
+    gradient with "in list of internal_captures but not in internal_capture_to_output",
+    a cond gradient with "Tensor.graph is undefined when eager execution is enabled"
+    (tensorflow/tensorflow#50170; a plain `tf.custom_gradient` reading a variable in a
+    branch fails the same way). Each handle is captured instead through the registered
+    path, and later captures of the eager handle resolve to it: in a while gradient,
+    the placeholder by which the forward body captured it (a loop invariant); in a
+    cond gradient, a capture by the graph around it (the fix given in #50170). The
+    outermost graph goes first, so that an inner graph's capture through it is routed.
     """
+    graphs = []
     graph = tf.compat.v1.get_default_graph()
     while isinstance(graph, func_graph.FuncGraph):
+        graphs.append(graph)
+        graph = getattr(graph, "outer_graph", None)
+    for graph in reversed(graphs):
         if isinstance(graph, while_v2._WhileBodyGradFuncGraph):  # noqa: SLF001
             forward = graph._forward_graph._function_captures  # noqa: SLF001
-            mine = graph._function_captures  # noqa: SLF001
-            for handle in handles:
-                placeholder = forward.by_val_internal.get(id(handle))
-                if placeholder is None or id(handle) in mine.by_val_internal:
-                    continue
-                graph.capture(placeholder)
-                # The same capture, found by the eager handle's key from now on.
-                external, internal, tracetype = mine.pop(id(placeholder))
-                mine.add_or_replace(id(handle), external, internal, tracetype)
-        graph = getattr(graph, "outer_graph", None)
+            routes = [(h, forward.by_val_internal.get(id(h))) for h in handles]
+        elif isinstance(graph, cond_v2._CondGradFuncGraph):  # noqa: SLF001
+            routes = [(h, graph.outer_graph.capture(h)) for h in handles]
+        else:
+            continue
+        mine = graph._function_captures  # noqa: SLF001
+        for handle, placeholder in routes:
+            if placeholder is None or id(handle) in mine.by_val_internal:
+                continue
+            graph.capture(placeholder)
+            # The same capture, found by the eager handle's key from now on.
+            external, internal, tracetype = mine.pop(id(placeholder))
+            mine.add_or_replace(id(handle), external, internal, tracetype)
 
 
 def _refuse_differentiation(tensors, message):
@@ -249,6 +262,12 @@ def _solve_with_custom_gradient(forward, backward, func, times, y0, args, *, sec
     differentiable backward is exact. `written`: variables the backward pass assigns
     (the adjoint's counters). `tf.custom_gradient` lives only here.
     """
+    graph = tf.compat.v1.get_default_graph()
+    if isinstance(graph, func_graph.FuncGraph):
+        # Inputs from a graph around this one (a tf.cond branch's input from the loop
+        # around it) are captured here, where the backward pass, built in the branch's
+        # gradient graph, can reach them; it cannot reach the outer graph's tensors.
+        times, y0, args = ([graph.capture(x) for x in xs] for xs in (times, y0, args))
     with tape_record.stop_recording(), tape_record.VariableWatcher() as watcher:
         trajectory = forward(times, y0, args)
     variables = _unique(v for v in watcher.watched_variables() if v.trainable)
@@ -259,6 +278,10 @@ def _solve_with_custom_gradient(forward, backward, func, times, y0, args, *, sec
         handles += [v.handle for v in written]
         for v in written:
             tf.identity(v.handle)
+            # Recorded as used by the function being traced, as a read would be: a
+            # SavedModel export (Keras' `model.export`) saves the variables its functions
+            # use, and refuses a captured handle of any other ("untracked resource").
+            resource_variable_ops.variable_accessed(v)
     sources = [a for a in args if a.dtype.is_floating] + closed_over
 
     num_times = len(times)

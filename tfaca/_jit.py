@@ -34,7 +34,7 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.python.eager import record as tape_record
 from tensorflow.python.framework import func_graph
-from tensorflow.python.ops import resource_variable_ops
+from tensorflow.python.ops import cond_v2, resource_variable_ops
 
 from tfaca._loop import in_xla_context
 
@@ -115,6 +115,22 @@ def decide(option, func, dtype, y0, args, strategy_name, t_shape=()):
     return option
 
 
+def _in_cond_gradient():
+    """Whether the graph being built is (inside) the gradient of a `tf.cond` branch.
+
+    There a compiled function is not called: TensorFlow 2.21 marks the graph that calls
+    it as an XLA context for the call, so the gradient graph captures the forward
+    branch's tensors that the call takes as raw XLA intermediates, which the uncompiled
+    `tf.cond` around it never outputs ("Could not find external tensor capture").
+    """
+    graph = tf.compat.v1.get_default_graph()
+    while isinstance(graph, func_graph.FuncGraph):
+        if isinstance(graph, cond_v2._CondGradFuncGraph):  # noqa: SLF001
+            return True
+        graph = getattr(graph, "outer_graph", None)
+    return False
+
+
 def compiled(fn, jit):
     """`fn` as a function compiled with XLA when `jit`, else `fn` itself.
 
@@ -125,7 +141,7 @@ def compiled(fn, jit):
     call whose data inputs are all constants (a solve of constant data) ahead of time,
     uncompiled, in an executor that recurses per loop iteration, and thousands of steps
     overflow the stack (a segmentation fault, seen with 1,756 Heun-Euler steps)."""
-    if not jit:
+    if not jit or _in_cond_gradient():
         return fn
     function = tf.function(lambda clock, *args: fn(*args), jit_compile=True, autograph=False)
 

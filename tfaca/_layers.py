@@ -13,11 +13,30 @@ from tfaca._odeint import check_options, solve
 from tfaca._solvers import _SOLVERS, get_solver
 
 
-def _accepts(layer, argument):
+def _parameters(layer):
     try:
-        return argument in inspect.signature(layer.call).parameters
+        return list(inspect.signature(layer.call).parameters)
     except (TypeError, ValueError):
-        return False
+        return []
+
+
+def _accepts(layer, argument):
+    return argument in _parameters(layer)
+
+
+def _check_state_first(dynamics):
+    """Refuses a `call(self, t, y)` (torchdiffeq's order), which Python would answer
+    with "got multiple values for argument 't'"."""
+    parameters = _parameters(dynamics)
+    if parameters[:1] == ["t"]:
+        raise TypeError(
+            "`dynamics` must take the state as the first argument of its `call`: "
+            "ODELayer calls `dynamics(y, t=t)` (the Keras convention, inputs first). "
+            f"Received: dynamics='{dynamics.name}' ({type(dynamics).__name__}) with "
+            f"call({', '.join(parameters)}), torchdiffeq's order. Write "
+            "`def call(self, y, t)` (or `def call(self, y)` if the field does not "
+            "depend on time)."
+        )
 
 
 def _is_shape_pair(shape):
@@ -153,7 +172,9 @@ class ODELayer(keras.layers.Layer):
         dynamics: a Keras layer or model mapping a state to its time derivative, with the
             same shape: vectors `(batch, features)` or feature maps `(batch, H, W, C)`.
             If its `call` accepts `t`, the current time is passed as a scalar tensor
-            (with `per_sample=True`, a `(batch,)` tensor: each sample's own time);
+            (with `per_sample=True`, a `(batch,)` tensor: each sample's own time) by
+            keyword, `dynamics(y, t=t)`: write `call(self, y, t)`, not torchdiffeq's
+            `forward(self, t, y)` (refused with a TypeError);
             if it accepts `training`, the flag is forwarded. It must not add losses
             (`add_loss`, `activity_regularizer`; see below); weight regularizers are fine.
         t: the integration times: `(t0, t1)` or a longer strictly monotone sequence of
@@ -250,6 +271,9 @@ class ODELayer(keras.layers.Layer):
             run-time assertions, the solve fails instead (NaN outputs, counted by
             `{name}_failures`). With `interpolate=False` every row must be equal
             (unless `per_sample=True`, with which each sample steps onto its own times).
+            Under a mixed-precision policy the state is cast to the compute dtype, as
+            Keras casts any input, but the times are not: float16 would round 41.7 to
+            41.6875 and merge 1000.1 with 1000.2; they are solved in float32.
         training: forwarded to `dynamics` when its `call` accepts it.
 
     Randomness inside `dynamics` (Dropout, GaussianNoise, GaussianDropout, SpatialDropout,
@@ -358,6 +382,7 @@ class ODELayer(keras.layers.Layer):
             raise TypeError(
                 f"`per_sample` must be True or False. Received: per_sample={per_sample!r}"
             )
+        _check_state_first(dynamics)
         _, strategy = check_options(
             method=method, gradient=gradient, rtol=rtol, atol=atol, step_size=step_size,
             first_step=first_step, max_step=max_step, max_steps=max_steps, safety=safety,
@@ -387,6 +412,11 @@ class ODELayer(keras.layers.Layer):
         self.per_sample = bool(per_sample)
         self._pass_t = _accepts(dynamics, "t")
         self._pass_training = _accepts(dynamics, "training")
+        # Keras (3.15, `Layer.__call__`) casts every floating input to the compute dtype,
+        # times included: under a mixed policy 41.7 would become 41.6875 (float16) or
+        # 41.75 (bfloat16), and close times would merge into padding. `__call__` casts
+        # the state as Keras would and leaves the times alone.
+        self._convert_input_args = False
         self.fevals_tracker = keras.metrics.Mean(name=f"{self.name}_fevals")
         self.steps_tracker = keras.metrics.Mean(name=f"{self.name}_steps")
         self.failures_tracker = keras.metrics.Mean(name=f"{self.name}_failures")
@@ -395,6 +425,18 @@ class ODELayer(keras.layers.Layer):
     def gradient_strategy(self):
         """The `tfaca.AbstractGradient` instance every solve of this layer uses."""
         return self._gradient_strategy
+
+    def __call__(self, inputs, *args, **kwargs):
+        state, times = self._split(inputs)
+        state = self.dtype_policy.convert_input(state, self.autocast, self.input_dtype)
+        if times is None:
+            inputs = state
+        else:
+            # Converted to a tensor (a NumPy array cannot be passed positionally), never
+            # cast: `call` solves in float32, or float64 for a float64 state.
+            times = self.dtype_policy.convert_input(times, False, self.input_dtype)
+            inputs = type(inputs)([state, times])
+        return super().__call__(inputs, *args, **kwargs)
 
     def _split(self, inputs):
         if isinstance(inputs, (list, tuple)):

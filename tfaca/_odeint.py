@@ -247,6 +247,26 @@ def _flat_func(func, y0, args, num_args, dtype):
     return f
 
 
+# torchdiffeq's names for options that tfaca calls otherwise.
+_TORCHDIFFEQ_NAMES = {"max_num_steps": "max_steps", "ifactor": "factor_max",
+                      "dfactor": "factor_min"}
+
+
+def _options_refusal(options):
+    """The message refusing torchdiffeq's `options=dict(...)`, with the keywords to use."""
+    if isinstance(options, collections.abc.Mapping):
+        spelled = ", ".join(f"{_TORCHDIFFEQ_NAMES.get(k, k)}={v!r}" for k, v in options.items())
+    else:
+        spelled = "step_size=..., first_step=..."
+    return (
+        "`options` is not an argument of tfaca's solve/odeint: pass each option as a "
+        f"keyword argument, e.g. `odeint(func, y0, ts, {spelled})` (`step_size`, "
+        "`first_step`, `max_step`, `max_steps`, `safety`, `factor_min`, `factor_max`; "
+        "torchdiffeq's max_num_steps, ifactor and dfactor are max_steps, factor_max and "
+        f"factor_min). Received: options={options!r}"
+    )
+
+
 def check_options(
     *,
     method="dopri5",
@@ -308,6 +328,7 @@ def solve(
     throw=True,
     jit_compile="auto",
     name=None,
+    options=None,
 ):
     """Solves `dy/dt = func(t, y, *args)` from `y(ts[0]) = y0` and returns a `Solution`.
 
@@ -421,6 +442,9 @@ def solve(
             gradients are the same to rounding; failures raise as without it. Under
             `jit_compile=True` of the surrounding function it changes nothing.
         name: name scope for the ops.
+        options: not accepted: torchdiffeq's `options=dict(step_size=...)` is refused
+            with a TypeError that spells the same call with keyword arguments
+            (`step_size=...`), which are tfaca's only way to pass options.
 
     Returns:
         A `Solution` with `ts`, `ys` (structure of `y0`, leading axis `len(ts)`; with
@@ -430,7 +454,20 @@ def solve(
     Raises:
         ValueError, TypeError: on bad arguments, naming the argument.
         SolveError: eagerly, when the solve fails and `throw=True`.
+
+    Control flow and limitations:
+        a solve may sit in a `tf.while_loop` body (`tf.scan`, a Keras RNN cell) or a
+        `tf.cond` branch, and `func` may read variables there: the gradient is the one
+        it has outside. Inside the gradient of a `tf.cond` branch the backward loops
+        run uncompiled (TensorFlow cannot take a branch's tensors into a compiled
+        function there; `jit_compile` is ignored). With `gradient="naive"` inside a
+        function compiled whole (`tf.function(jit_compile=True)`), TensorFlow 2.21
+        cannot compile a solve that reads variables in a `tf.cond` branch ("Resource
+        _Retval node's input does not come from _Arg directly"): solve outside the
+        cond and select, `tf.where(pred, ys, other)`, or use `"aca"`.
     """
+    if options is not None:
+        raise TypeError(_options_refusal(options))
     if not callable(func):
         raise TypeError(f"`func` must be callable. Received: func={func!r}")
     if not isinstance(interpolate, (bool, np.bool_)):

@@ -3,9 +3,16 @@
 import enum
 from typing import Any, NamedTuple
 
+import numpy as np
+import tensorflow as tf
+
 
 class Status(enum.IntEnum):
-    """Result of a solve. `Solution.status` holds one of these as an int32 tensor."""
+    """Result of a solve. `Solution.status` holds one of these as an int32 tensor.
+
+    `str(status)` and f-strings give the name (`"SUCCESS"`), `int(status)` the code;
+    `Status.name_of(sol.status)` names the codes of a status tensor.
+    """
 
     SUCCESS = 0
     MAX_STEPS_REACHED = 1
@@ -15,6 +22,35 @@ class Status(enum.IntEnum):
     @property
     def message(self):
         return _MESSAGES[self]
+
+    # Python 3.11's IntEnum prints the number; a status reads better by its name.
+    def __str__(self):
+        return self.name
+
+    def __format__(self, spec):
+        return format(self.name, spec)
+
+    @classmethod
+    def name_of(cls, status):
+        """The name of a status code: a `str` for a scalar (a `Status`, an int, a scalar
+        tensor), a list of them for a `[batch]` status (`per_sample=True`), nested
+        lists for more axes. It reads values, so eagerly or from NumPy, not inside a
+        `tf.function`.
+
+        Example: `tfaca.Status.name_of(sol.status)` -> `['SUCCESS', 'NONFINITE']`.
+        """
+        if tf.is_tensor(status) and not hasattr(status, "numpy"):
+            raise TypeError(
+                "`status` must be a value: `Status.name_of` runs eagerly, not inside a "
+                "tf.function. Received: a symbolic tensor "
+                f"{status!r}. Return the status from the function and name it after."
+            )
+        codes = np.asarray(status.numpy() if hasattr(status, "numpy") else status)
+        if codes.dtype.kind not in "iu":
+            raise TypeError(f"`status` must hold integer codes. Received: status={status!r}")
+        if codes.ndim == 0:
+            return cls(int(codes)).name
+        return [cls.name_of(code) for code in codes]
 
 
 _MESSAGES = {
@@ -79,6 +115,7 @@ class Solution(NamedTuple):
         status: an int32 scalar tensor holding a `Status` value; with
             `per_sample=True`, `[batch]`, each sample's own (a sample can fail while the
             others succeed; `throw=True` reports the first sample that failed).
+            `Status.name_of(status)` gives its name(s).
         t_final: the time the solve reached (the last output time on success);
             `[batch]` with `per_sample=True`.
     """
