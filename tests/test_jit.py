@@ -1,5 +1,9 @@
 """The solver's loops compiled with XLA inside an uncompiled graph (`jit_compile=`)."""
 
+import json
+import pathlib
+import sys
+
 import keras
 import numpy as np
 import pytest
@@ -8,7 +12,7 @@ import tensorflow as tf
 import tfaca
 from tfaca import _jit
 
-from helpers import A_NP
+from helpers import A_NP, count_xla_compilations
 
 RNG = np.random.default_rng(3)
 W1 = RNG.normal(size=(4, 16)) * 0.5
@@ -261,3 +265,28 @@ def test_fit_with_compiled_loops_trains_like_without(batchnorm):
     traced = tf.function(lambda v: layer(v, training=True)).get_concrete_function(
         tf.TensorSpec([None, 4]))
     assert _compiled_functions(traced)
+
+
+# Solves whose number of accepted steps drifts between calls, as in training: one
+# subprocess runs the configurations in sequence (`compile_worker.py`) and XLA's log
+# gives each call's compilations (`helpers.count_xla_compilations`).
+_DRIFT = ["two_times", "dense"]
+_DRIFT_MORE = ["stepped", "per_sample", "per_sample_dense", "times_per_sample",
+               "per_sample_times", "budget", "mali", "adjoint", "adjoint_per_sample",
+               "adjoint_times_per_sample"]
+
+
+@pytest.mark.parametrize("configs", [_DRIFT, pytest.param(_DRIFT_MORE, marks=_SLOW)],
+                         ids=["quick", "more"])
+def test_a_solve_compiles_once_whatever_its_step_count(configs):
+    """The forward loop and the backward pass compile at the first call, never again: no
+    input of theirs has a shape, or a value XLA takes as a constant, that follows the
+    step count (a recompile costs 0.5-4 s of a training epoch)."""
+    worker = str(pathlib.Path(__file__).with_name("compile_worker.py"))
+    stdout, counts = count_xla_compilations([sys.executable, worker, ",".join(configs),
+                                             "--calls", "3" if configs is _DRIFT else "5"])
+    steps = json.loads(stdout.splitlines()[-1])
+    for config in configs:
+        assert len(set(steps[config])) > 1, (config, steps[config])  # the drift happened
+        assert counts[config] == [2] + [0] * (len(steps[config]) - 1), (
+            config, counts[config], steps[config])

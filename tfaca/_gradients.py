@@ -485,8 +485,9 @@ def _mali_replay(solver, f, checkpoints, times, y0, sources, g_ys, variables):
 
     def step_vjp(i, y1, v1, a_y, a_v, g_stops, g_sources, g_vars):
         t, dt, j, hit = cp.t[i], cp.dt[i], cp.interval[i], cp.hit[i]
-        # The output stops[j] is y_{i+1} when this step lands on it.
-        a_y = [a + tf.where(hit, g[j], tf.zeros_like(a)) for a, g in zip(a_y, g_ys)]
+        # The output stops[j] is y_{i+1} when this step lands on it (`tf.gather`, not
+        # `g[j]`: see `_replay`).
+        a_y = [a + tf.where(hit, tf.gather(g, j), tf.zeros_like(a)) for a, g in zip(a_y, g_ys)]
         half = 0.5 * dt
         s1 = t + half
         k = solver.midpoint(y1, v1, dt)
@@ -631,26 +632,31 @@ def _replay(solver, f, checkpoints, times, sources, g_ys, variables):
         # The last step's last interpolation stage, f at the end of the solve (t_n is
         # the last stop), evaluated once here; the others are the next steps' first.
         last = tf.maximum(n - 1, 0)
-        end = [checkpoints.t[n]] + [y_n[n] for y_n in checkpoints.y]
+        # Entries picked by the step count, or by a recorded value, are read with
+        # `tf.gather`, never `x[n]`: XLA takes a slice's index, and every input it is
+        # computed from, as a compile-time constant, and would compile the replay again
+        # for every step count (`_jit`).
+        end = [tf.gather(x, n) for x in [checkpoints.t, *checkpoints.y]]
+        g_f_end = [tf.gather(g, last) for g in g_last]
         with tf.GradientTape() as tape:
             tape.watch(end + sources)
             f_end = f(end[0], end[1:])
         g_end = tape.gradient(
             f_end, [end, sources, list(variables)],
-            output_gradients=[tf.where(n > 0, g[last], tf.zeros_like(g[last])) for g in g_last],
+            output_gradients=[tf.where(n > 0, g, tf.zeros_like(g)) for g in g_f_end],
             unconnected_gradients=tf.UnconnectedGradients.ZERO,
         )
         (g_t_end, *g_y_end), g_s, g_v = [[tf.convert_to_tensor(x) for x in xs] for xs in g_end]
         # That stage's term in the last step's coefficients, dt * w[-1] * f_end, also
         # depends on the landing step's size dt = t_end - t_{n-1} (the replay leaves the
         # term out): <g, f_end> / dt onto t_end, minus onto t0. Stops: [t0, t_end].
-        on_dt = _dot([g[last] for g in g_last], f_end) / checkpoints.dt[last]
-        on_dt = tf.where((n > 0) & checkpoints.hit[last], on_dt, tf.zeros_like(on_dt))
+        on_dt = _dot(g_f_end, f_end) / tf.gather(checkpoints.dt, last)
+        on_dt = tf.where((n > 0) & tf.gather(checkpoints.hit, last), on_dt, tf.zeros_like(on_dt))
         g_stops += tf.stack([-on_dt, on_dt + g_t_end])
         g_sources = [x + y_ for x, y_ in zip(g_sources, g_s)]
         g_vars = [x + y_ for x, y_ in zip(g_vars, g_v)]
         # The outputs at the end of the solve.
-        a = [g[n] + g_n for g, g_n in zip(pulled.g_y, g_y_end)]
+        a = [tf.gather(g, n) + g_n for g, g_n in zip(pulled.g_y, g_y_end)]
     else:
         a = [tf.zeros_like(g[0]) for g in g_ys]
     state = (n - 1, a, g_stops, g_sources, g_vars, tf.constant(-1, tf.int32))
@@ -690,8 +696,9 @@ def _landing_step_vjp(solver, f, checkpoints, i, y, a, g_stops, g_sources, g_var
     start `y` and accumulates the gradients. Returns `(y1, a, g_stops, g_sources,
     g_vars)`, `y1` the rebuilt end of the step."""
     j = checkpoints.interval[i]
-    # The output stops[j] is y_{i+1} when this step lands on it.
-    a = [a_n + tf.where(checkpoints.hit[i], g[j], tf.zeros_like(a_n)) for a_n, g in zip(a, g_ys)]
+    # The output stops[j] is y_{i+1} when this step lands on it (`tf.gather`: see `_replay`).
+    a = [a_n + tf.where(checkpoints.hit[i], tf.gather(g, j), tf.zeros_like(a_n))
+         for a_n, g in zip(a, g_ys)]
     y1, g_t, g_dt, g_y, g_s, g_v = _step_vjp(
         solver, f, checkpoints.t[i], checkpoints.dt[i], y, a, None, None, sources, variables)
     return (y1, g_y, *_accumulate(checkpoints, i, g_t, g_dt, g_s, g_v, g_stops, g_sources,
@@ -860,9 +867,9 @@ def _replay_per_sample(solver, f, checkpoints, times, sources, g_ys, variables):
     if dense:
         # Each sample's last interpolation stage, f at the end of its solve, evaluated
         # once here (the stops are [t0, t_end] per sample).
-        last = cp.previous[n]
+        last = tf.gather(cp.previous, n)
         g_f_end = per_sample_entry(g_last, last)
-        end = [cp.t[n]] + [y_n[n] for y_n in cp.y]
+        end = [tf.gather(x, n) for x in [cp.t, *cp.y]]
         with tf.GradientTape() as tape:
             tape.watch(end + sources)
             f_end = f(end[0], end[1:])
@@ -880,7 +887,7 @@ def _replay_per_sample(solver, f, checkpoints, times, sources, g_ys, variables):
         g_stops += tf.stack([-on_dt, on_dt + g_t_end], axis=1)
         g_sources = [x + y_ for x, y_ in zip(g_sources, g_s)]
         g_vars = [x + y_ for x, y_ in zip(g_vars, g_v)]
-        a = [g[n] + g_n for g, g_n in zip(pulled.g_y, g_y_end)]  # each sample's end outputs
+        a = [tf.gather(g, n) + g_n for g, g_n in zip(pulled.g_y, g_y_end)]  # each sample's end
         landing = tf.where(cp.hit & cp.accepted, pulled.g_dt, tf.zeros_like(pulled.g_dt))
         g_stops += tf.stack([tf.reduce_sum(pulled.g_t - landing, axis=0),
                              tf.reduce_sum(landing, axis=0)], axis=1)
@@ -1182,25 +1189,29 @@ class AdjointGradient(AbstractGradient):
 
         def arrive(e, y, a, g_later, num_fevals):
             """At output `e`: the forward state, the output's cotangent, its time gradient."""
+            # Read with `tf.gather`: with times per sample, `col` and `row` come from
+            # sorting the times, and `x[col]` would make XLA compile the times in as
+            # constants (see `_replay`).
             col = cols[e]
+            out_y = [tf.gather(x, col + 1) for x in ys]
+            out_g = [tf.gather(g, col + 1) for g in g_ys]
             if per_sample:
                 row = rows[e]
                 mask = [tf.reshape(tf.equal(tf.range(batch), row),
                                    [-1] + [1] * (y_n.shape.rank - 1)) for y_n in y]
-                y = [tf.where(m_, out[col + 1], y_n) for m_, out, y_n in zip(mask, ys, y)]
-                g_e = [tf.where(m_, g[col + 1], tf.zeros_like(g[col + 1]))
-                       for m_, g in zip(mask, g_ys)]
+                y = [tf.where(m_, out, y_n) for m_, out, y_n in zip(mask, out_y, y)]
+                g_e = [tf.where(m_, g, tf.zeros_like(g)) for m_, g in zip(mask, out_g)]
                 where = [[row, col]]
                 # A padded entry (its row's time repeated) has no cotangent and needs no
                 # evaluation.
-                before = tf.where(col > 0, later[row, tf.maximum(col - 1, 0)], stops[0])
-                padded = tf.equal(later[row, col], before)
+                before = tf.where(col > 0, tf.gather_nd(later, [row, tf.maximum(col - 1, 0)]),
+                                  stops[0])
+                padded = tf.equal(tf.gather_nd(later, [row, col]), before)
                 g_t = tf.cond(padded, lambda: tf.zeros([], dtype),
                               lambda: _dot(g_e, func(event_times[e], y, args)))
                 num_fevals += 1 - tf.cast(padded, tf.int32)
             else:
-                y = [out[col + 1] for out in ys]
-                g_e = [g[col + 1] for g in g_ys]
+                y, g_e = out_y, out_g
                 where = [[col]]
                 g_t = _dot(g_e, func(event_times[e], y, args))
                 num_fevals += 1

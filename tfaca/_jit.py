@@ -28,6 +28,14 @@ compiles.
 
 Errors keep their meaning: the loops return their status, and the checks that raise
 (`throw=True`) run outside the compiled function, in the graph that called it.
+
+XLA compiles a function once per shape of its inputs, and once per *value* of any input
+it takes as a compile-time constant: the index of a slice `x[i]` is one, and so is any
+input it is computed from. So nothing a compiled function receives may have a shape or
+a constant value that follows the number of steps a solve took (a recompile costs
+0.5-4 s, a stall in a training epoch): buffers are sized from `max_steps` (`_loop`),
+and the loops read an entry picked by a recorded value, or by the step count, with
+`tf.gather`, never `x[i]` (`tests/test_jit.py` counts the compilations).
 """
 
 import numpy as np
