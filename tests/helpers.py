@@ -219,3 +219,13 @@ def count_xla_compilations(argv, env=None):
         elif label is not None and "Instantly compiling for signature" in line:
             counts[label][-1] += 1
     return proc.stdout, counts
+
+
+def resident_bytes():
+    """The process's resident set size (VmRSS): TensorFlow's C++ allocations included,
+    which `tracemalloc` misses."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS in /proc/self/status")

@@ -67,6 +67,7 @@ from tensorflow.python.framework import func_graph
 from tensorflow.python.ops import while_v2
 
 from tfaca import _outputs
+from tfaca._control import StepSizeController
 from tfaca._jit import compiled, scratch_trace
 from tfaca._loop import (
     Checkpoints, graph_assert, in_xla_context, integrate, raise_on_failure,
@@ -92,7 +93,8 @@ class AbstractGradient:
 
         `throw=False`: failures in the backward pass make the gradients NaN instead of
         raising (the forward's status is the caller's to report). `jit`: run the loops
-        as functions compiled with XLA (`_jit`)."""
+        as functions compiled with XLA (`_jit.compiled`: False, True, or an eager
+        call's key under which they are reused)."""
         raise NotImplementedError
 
     def __repr__(self):
@@ -126,6 +128,52 @@ def _times(plan):
     """The time tensors a solve's gradient is taken for: the stops, and the interpolated
     output times when there are any."""
     return [plan.stops] + ([plan.ts] if plan.dense else [])
+
+
+def _plan(times):
+    """The plan whose `_times` are `times`."""
+    return _outputs.Plan(stops=times[0], ts=times[1] if len(times) > 1 else None)
+
+
+# The functions a strategy compiles (`_jit.compiled`) take every tensor that changes from
+# one call to the next as an argument, never closed over, so that eager calls can reuse
+# them: the controller and loop options as one `options` argument (its Python values,
+# `max_steps` say, key the function's traces), the `args` (and with them the floating
+# ones among the `sources`), the times. What they close over is fixed by `jit`'s key:
+# `func` and the tensors it closes over, the solver, the strategy's options.
+
+
+def _options(controller, loop_kwargs):
+    """The controller and the loop's options as a compiled function's argument."""
+    fields = {f.name: getattr(controller, f.name) for f in dataclasses.fields(controller)}
+    return {"controller": fields, "loop": dict(loop_kwargs)}
+
+
+def _unpack(options):
+    return StepSizeController(**options["controller"]), dict(options["loop"])
+
+
+def _sources_with(sources, args):
+    """`sources` (the floating `args`, then the tensors `func` closes over) with the
+    floating entries of `args` in place of the first ones."""
+    floating = [a for a in args if a.dtype.is_floating]
+    return floating + list(sources[len(floating):])
+
+
+def _forward(solver, func, jit, *, record, states=None, checkpoints=True):
+    """The forward solve as `forward(times, y0, args, options)`, compiled when `jit`:
+    keeping `states` (`integrate`) when it records, and dropping the checkpoints from the
+    result unless `checkpoints`."""
+
+    def run(times, y0, args, options):
+        controller, loop_kwargs = _unpack(options)
+        if record and states is not None:
+            loop_kwargs["states"] = states
+        trajectory = _run(solver, controller, lambda t, y: func(t, y, args), _plan(times), y0,
+                          record=record, loop_kwargs=loop_kwargs)
+        return trajectory if checkpoints else trajectory._replace(checkpoints=None)
+
+    return compiled(run, jit, ("forward", record, states, checkpoints))
 
 
 class NaiveGradient(AbstractGradient):
@@ -339,12 +387,11 @@ class ACAGradient(AbstractGradient):
               **loop_kwargs):
         _check_replayable(self, solver, plan, loop_kwargs, budget=self.checkpoints is not None)
         budget = self.checkpoints
+        options = _options(controller, loop_kwargs)
 
         def forward_with(record):
-            return compiled(lambda times, y0, args: _run(
-                solver, controller, lambda t, y: func(t, y, args), plan, y0, record=record,
-                loop_kwargs={**loop_kwargs, "states": budget} if record else loop_kwargs,
-            ), jit)
+            forward = _forward(solver, func, jit, record=record, states=budget)
+            return lambda times, y0, args: forward(times, y0, args, options)
 
         # Checkpoints only when a tape may ask for the gradient (see the class docstring);
         # a plain graph, or a compiled loop that returns them, cannot drop them later.
@@ -352,19 +399,21 @@ class ACAGradient(AbstractGradient):
         per_sample = loop_kwargs.get("per_sample", False)
 
         def backward(trajectory, times, y0, sources, g_ys, variables, differentiable):
-            f = lambda t, y: func(t, y, args)  # noqa: E731
             if not record:
                 with tape_record.stop_recording():
                     trajectory = forward_with(True)(times, y0, args)
             if differentiable:
+                f = lambda t, y: func(t, y, args)  # noqa: E731
                 return _unrolled_vjp(solver, f, trajectory, times, y0, sources, g_ys, variables)
-            # `sources` reach the compiled function as captures, as `func` reads them,
-            # so that the tape inside watches what `func` uses.
+            # The `sources` that `func` closes over reach the compiled function as
+            # captures, as `func` reads them, so that the tape inside watches what
+            # `func` uses; the `args` as arguments.
             replay_fn = (_replay_per_sample if per_sample else
                          _replay if budget is None else _replay_budget)
-            replay = compiled(lambda checkpoints, times, g_ys: replay_fn(
-                solver, f, checkpoints, times, sources, g_ys, variables), jit)
-            mismatch, grads = replay(trajectory.checkpoints, times, g_ys)
+            replay = compiled(lambda checkpoints, times, g_ys, args: replay_fn(
+                solver, lambda t, y: func(t, y, args), checkpoints, times,
+                _sources_with(sources, args), g_ys, variables), jit, ("replay",))
+            mismatch, grads = replay(trajectory.checkpoints, times, g_ys, args)
             return _check_replay(mismatch, grads, throw)
 
         second_order = None
@@ -444,24 +493,23 @@ class MALIGradient(AbstractGradient):
     def solve(self, solver, controller, func, plan, y0, args, *, throw=True, jit=False,
               **loop_kwargs):
         _check_replayable(self, solver, plan, loop_kwargs, budget=False)
+        options = _options(controller, loop_kwargs)
 
         def forward_with(record):
-            return compiled(lambda times, y0, args: _run(
-                solver, controller, lambda t, y: func(t, y, args), plan, y0, record=record,
-                loop_kwargs={**loop_kwargs, "states": 0} if record else loop_kwargs,
-            ), jit)
+            forward = _forward(solver, func, jit, record=record, states=0)
+            return lambda times, y0, args: forward(times, y0, args, options)
 
         record = tape_record.could_possibly_record()
 
         def backward(trajectory, times, y0, sources, g_ys, variables, differentiable):
             del differentiable  # refused: second_order below
-            f = lambda t, y: func(t, y, args)  # noqa: E731
             if not record:
                 with tape_record.stop_recording():
                     trajectory = forward_with(True)(times, y0, args)
-            replay = compiled(lambda checkpoints, times, y0, g_ys: _mali_replay(
-                solver, f, checkpoints, times, y0, sources, g_ys, variables), jit)
-            drifted, grads = replay(trajectory.checkpoints, times, y0, g_ys)
+            replay = compiled(lambda checkpoints, times, y0, g_ys, args: _mali_replay(
+                solver, lambda t, y: func(t, y, args), checkpoints, times, y0,
+                _sources_with(sources, args), g_ys, variables), jit, ("replay",))
+            drifted, grads = replay(trajectory.checkpoints, times, y0, g_ys, args)
             return _check_replay(drifted, grads, throw, _DRIFTED)
 
         trajectory = _solve_with_custom_gradient(
@@ -1102,23 +1150,27 @@ class AdjointGradient(AbstractGradient):
 
     def solve(self, solver, controller, func, plan, y0, args, *, throw=True, jit=False,
               **loop_kwargs):
-        def run(times, y0, args):
-            trajectory = _run(
-                solver, controller, lambda t, y: func(t, y, args), plan, y0, record=False,
-                loop_kwargs=loop_kwargs,
-            )
-            # The reverse solve needs the outputs and the end state, not the steps.
-            return trajectory._replace(checkpoints=None)
+        options = _options(controller, loop_kwargs)
+        # The reverse solve needs the outputs and the end state, not the steps.
+        run = _forward(solver, func, jit, record=False, checkpoints=False)
 
-        forward = compiled(run, jit)
+        def forward(times, y0, args):
+            return run(times, y0, args, options)
 
         def backward(trajectory, times, y0, sources, g_ys, variables, differentiable):
-            # `args` and `sources` are captured, as in ACA's replay.
+            # As in ACA's replay; the counters are an argument too: a compiled function
+            # reused by another instance's solve counts into that instance's.
             method = self._reverse_solve_per_sample if per_sample else self._reverse_solve
-            reverse = compiled(lambda trajectory, times, y0, g_ys: method(
-                solver, controller, func, trajectory, times, y0, args, sources, g_ys,
-                variables, loop_kwargs), jit)
-            grads, status, t_final = reverse(trajectory, times, y0, g_ys)
+
+            def reverse_solve(trajectory, times, y0, g_ys, args, options, counters):
+                controller, loop_kwargs = _unpack(options)
+                return method(solver, controller, func, trajectory, times, y0, args,
+                              _sources_with(sources, args), g_ys, variables, loop_kwargs,
+                              counters)
+
+            reverse = compiled(reverse_solve, jit, ("reverse",))
+            grads, status, t_final = reverse(trajectory, times, y0, g_ys, args, options,
+                                             self.backward_stats)
             if throw:
                 return raise_on_failure(status, t_final, grads, "in the adjoint's reverse solve")
             return _nan_where(tf.reduce_any(status != 0), grads)
@@ -1135,8 +1187,9 @@ class AdjointGradient(AbstractGradient):
         return trajectory._replace(stats=trajectory.stats._replace(num_fevals_backward=unknown))
 
     def _reverse_solve(self, solver, controller, func, trajectory, times, y0, args, sources,
-                       g_ys, variables, loop_kwargs):
-        """The gradients (a flat list), the reverse solve's status and where it ended."""
+                       g_ys, variables, loop_kwargs, counters):
+        """The gradients (a flat list), the reverse solve's status and where it ended;
+        `counters`: `backward_stats` (or None), which it assigns."""
         params = list(sources) + [tf.convert_to_tensor(v) for v in variables]
         num_y, num_p = len(y0), len(params)
         ys = trajectory.ys
@@ -1280,15 +1333,15 @@ class AdjointGradient(AbstractGradient):
         else:
             g_times = [tf.stack([g_t0, tf.zeros_like(g_t0)]), g_later]
         grads = [*g_times, *g_y0, *g_params]
-        if self.backward_stats is not None:
+        if counters is not None:
             counts = (num_steps, num_rejected, num_fevals + 1, zero)
-            updates = [v.assign(c) for v, c in zip(self.backward_stats, counts)]
+            updates = [v.assign(c) for v, c in zip(counters, counts)]
             with tf.control_dependencies(updates):
                 grads = [tf.identity(g) for g in grads]
         return grads, status, t_final
 
     def _reverse_solve_per_sample(self, solver, controller, func, trajectory, times, y0, args,
-                                  sources, g_ys, variables, loop_kwargs):
+                                  sources, g_ys, variables, loop_kwargs, counters):
         """The adjoint's reverse solve with per-sample steps; same returns as `_reverse_solve`
         (status and where it ended per sample).
 
@@ -1426,13 +1479,13 @@ class AdjointGradient(AbstractGradient):
         g_times = [tf.reduce_sum(g, axis=0) if one else g for g, one in zip(g_times, shared)]
         grads = [*g_times, *g_y0, *g_params]
         stats = rev.stats
-        if self.backward_stats is not None:
+        if counters is not None:
             # The slowest sample's counts: what the batched reverse solve ran; plus the
             # quadrature's evaluations and the times' and the start's.
             fevals = tf.reduce_max(stats.num_fevals) + cp.num_steps * count + num_out
             counts = (tf.reduce_max(stats.num_steps), tf.reduce_max(stats.num_rejected), fevals,
                       tf.constant(0, tf.int32))
-            updates = [v.assign(c) for v, c in zip(self.backward_stats, counts)]
+            updates = [v.assign(c) for v, c in zip(counters, counts)]
             with tf.control_dependencies(updates):
                 grads = [tf.identity(g) for g in grads]
         return grads, rev.status, rev.t_final
