@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+import subprocess
 
 import numpy as np
 import scipy.linalg
@@ -187,3 +188,44 @@ def child_env(tf_config=None):
     if tf_config is not None:
         env["TF_CONFIG"] = json.dumps(tf_config)
     return env
+
+
+def count_xla_compilations(argv, env=None):
+    """Runs `argv` (a Python command) in a subprocess and counts the programs XLA compiles
+    in it, per call it marks: the command writes a line `@@ LABEL` to stderr (flushed)
+    before each call. Returns `(stdout, counts)`, `counts[LABEL]` a list with each marked
+    call's number of compilations, in order.
+
+    TensorFlow 2.21: with `TF_CPP_MIN_LOG_LEVEL=0` and
+    `TF_CPP_VMODULE=device_compiler=2`, `DeviceCompiler` logs "Instantly compiling for
+    signature" each time it compiles a function XLA must compile
+    (`tf.function(jit_compile=True)`), and "Already Compiled for signature" when it
+    reuses one (`tensorflow/compiler/jit/device_compiler.h`). Its log and the marks share
+    stderr, so they arrive in order. (XLA's persistent cache,
+    `TF_XLA_FLAGS=--tf_xla_persistent_cache_directory=DIR`, also shows compilations, as
+    files, but names them by the program's fingerprint and loads a program it has seen
+    instead of compiling it: the log is the direct count.)
+    """
+    env = dict(child_env() if env is None else env)
+    env.update(TF_CPP_MIN_LOG_LEVEL="0", TF_CPP_VMODULE="device_compiler=2")
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
+    if proc.returncode:
+        raise RuntimeError(f"{argv} failed: {proc.stderr[-3000:]}")
+    counts, label = {}, None
+    for line in proc.stderr.splitlines():
+        if line.startswith("@@ "):
+            label = line[3:].strip()
+            counts.setdefault(label, []).append(0)
+        elif label is not None and "Instantly compiling for signature" in line:
+            counts[label][-1] += 1
+    return proc.stdout, counts
+
+
+def resident_bytes():
+    """The process's resident set size (VmRSS): TensorFlow's C++ allocations included,
+    which `tracemalloc` misses."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS in /proc/self/status")

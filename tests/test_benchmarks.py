@@ -113,8 +113,10 @@ def test_keras_fit_benchmark_runs_and_modes_train_alike(tmp_path):
     import keras_fit
 
     out = tmp_path / "fit.md"
-    results = keras_fit.main(["--quick", "--modes", "default,nojit", "--out", str(out)])
-    assert set(results) == {"default", "nojit"}
+    results = keras_fit.main(["--quick", "--modes", "default,nojit,drift", "--out", str(out)])
+    assert set(results) == {"default", "nojit", "drift"}
+    low, high = results["drift"]["batch_steps"]
+    assert low < high  # the drift mode's batches take different numbers of steps
     # Same initial weights and batches: the compiled loops train the same model.
     np.testing.assert_allclose(results["default"]["loss"], results["nojit"]["loss"], rtol=1e-3)
     assert results["default"]["steps"] == results["nojit"]["steps"]

@@ -32,7 +32,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import fit_worker
-from helpers import child_env
+from helpers import child_env, resident_bytes
 import tfaca
 
 TESTS = pathlib.Path(__file__).resolve().parent
@@ -509,22 +509,14 @@ WARMUP, CALLS = 200, 1000
 RSS_GROWTH_BOUND = 16 * 2**20
 
 
-def _rss():
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS in /proc/self/status")
-
-
 def _repeat(call):
     """Calls `call(i)` CALLS times; returns the RSS growth after the warm-up."""
     for i in range(WARMUP):
         call(i)
-    rss = _rss()
+    rss = resident_bytes()
     for i in range(WARMUP, CALLS):
         call(i)
-    return _rss() - rss
+    return resident_bytes() - rss
 
 
 @pytest.mark.slow

@@ -67,6 +67,7 @@ from tensorflow.python.framework import func_graph
 from tensorflow.python.ops import cond_v2, resource_variable_ops, while_v2
 
 from tfaca import _outputs
+from tfaca._control import StepSizeController
 from tfaca._jit import compiled, scratch_trace
 from tfaca._loop import (
     Checkpoints, graph_assert, in_xla_context, integrate, raise_on_failure,
@@ -92,7 +93,8 @@ class AbstractGradient:
 
         `throw=False`: failures in the backward pass make the gradients NaN instead of
         raising (the forward's status is the caller's to report). `jit`: run the loops
-        as functions compiled with XLA (`_jit`)."""
+        as functions compiled with XLA (`_jit.compiled`: False, True, or an eager
+        call's key under which they are reused)."""
         raise NotImplementedError
 
     def __repr__(self):
@@ -126,6 +128,52 @@ def _times(plan):
     """The time tensors a solve's gradient is taken for: the stops, and the interpolated
     output times when there are any."""
     return [plan.stops] + ([plan.ts] if plan.dense else [])
+
+
+def _plan(times):
+    """The plan whose `_times` are `times`."""
+    return _outputs.Plan(stops=times[0], ts=times[1] if len(times) > 1 else None)
+
+
+# The functions a strategy compiles (`_jit.compiled`) take every tensor that changes from
+# one call to the next as an argument, never closed over, so that eager calls can reuse
+# them: the controller and loop options as one `options` argument (its Python values,
+# `max_steps` say, key the function's traces), the `args` (and with them the floating
+# ones among the `sources`), the times. What they close over is fixed by `jit`'s key:
+# `func` and the tensors it closes over, the solver, the strategy's options.
+
+
+def _options(controller, loop_kwargs):
+    """The controller and the loop's options as a compiled function's argument."""
+    fields = {f.name: getattr(controller, f.name) for f in dataclasses.fields(controller)}
+    return {"controller": fields, "loop": dict(loop_kwargs)}
+
+
+def _unpack(options):
+    return StepSizeController(**options["controller"]), dict(options["loop"])
+
+
+def _sources_with(sources, args):
+    """`sources` (the floating `args`, then the tensors `func` closes over) with the
+    floating entries of `args` in place of the first ones."""
+    floating = [a for a in args if a.dtype.is_floating]
+    return floating + list(sources[len(floating):])
+
+
+def _forward(solver, func, jit, *, record, states=None, checkpoints=True):
+    """The forward solve as `forward(times, y0, args, options)`, compiled when `jit`:
+    keeping `states` (`integrate`) when it records, and dropping the checkpoints from the
+    result unless `checkpoints`."""
+
+    def run(times, y0, args, options):
+        controller, loop_kwargs = _unpack(options)
+        if record and states is not None:
+            loop_kwargs["states"] = states
+        trajectory = _run(solver, controller, lambda t, y: func(t, y, args), _plan(times), y0,
+                          record=record, loop_kwargs=loop_kwargs)
+        return trajectory if checkpoints else trajectory._replace(checkpoints=None)
+
+    return compiled(run, jit, ("forward", record, states, checkpoints))
 
 
 class NaiveGradient(AbstractGradient):
@@ -362,12 +410,11 @@ class ACAGradient(AbstractGradient):
               **loop_kwargs):
         _check_replayable(self, solver, plan, loop_kwargs, budget=self.checkpoints is not None)
         budget = self.checkpoints
+        options = _options(controller, loop_kwargs)
 
         def forward_with(record):
-            return compiled(lambda times, y0, args: _run(
-                solver, controller, lambda t, y: func(t, y, args), plan, y0, record=record,
-                loop_kwargs={**loop_kwargs, "states": budget} if record else loop_kwargs,
-            ), jit)
+            forward = _forward(solver, func, jit, record=record, states=budget)
+            return lambda times, y0, args: forward(times, y0, args, options)
 
         # Checkpoints only when a tape may ask for the gradient (see the class docstring);
         # a plain graph, or a compiled loop that returns them, cannot drop them later.
@@ -375,19 +422,21 @@ class ACAGradient(AbstractGradient):
         per_sample = loop_kwargs.get("per_sample", False)
 
         def backward(trajectory, times, y0, sources, g_ys, variables, differentiable):
-            f = lambda t, y: func(t, y, args)  # noqa: E731
             if not record:
                 with tape_record.stop_recording():
                     trajectory = forward_with(True)(times, y0, args)
             if differentiable:
+                f = lambda t, y: func(t, y, args)  # noqa: E731
                 return _unrolled_vjp(solver, f, trajectory, times, y0, sources, g_ys, variables)
-            # `sources` reach the compiled function as captures, as `func` reads them,
-            # so that the tape inside watches what `func` uses.
+            # The `sources` that `func` closes over reach the compiled function as
+            # captures, as `func` reads them, so that the tape inside watches what
+            # `func` uses; the `args` as arguments.
             replay_fn = (_replay_per_sample if per_sample else
                          _replay if budget is None else _replay_budget)
-            replay = compiled(lambda checkpoints, times, g_ys: replay_fn(
-                solver, f, checkpoints, times, sources, g_ys, variables), jit)
-            mismatch, grads = replay(trajectory.checkpoints, times, g_ys)
+            replay = compiled(lambda checkpoints, times, g_ys, args: replay_fn(
+                solver, lambda t, y: func(t, y, args), checkpoints, times,
+                _sources_with(sources, args), g_ys, variables), jit, ("replay",))
+            mismatch, grads = replay(trajectory.checkpoints, times, g_ys, args)
             return _check_replay(mismatch, grads, throw)
 
         second_order = None
@@ -467,24 +516,23 @@ class MALIGradient(AbstractGradient):
     def solve(self, solver, controller, func, plan, y0, args, *, throw=True, jit=False,
               **loop_kwargs):
         _check_replayable(self, solver, plan, loop_kwargs, budget=False)
+        options = _options(controller, loop_kwargs)
 
         def forward_with(record):
-            return compiled(lambda times, y0, args: _run(
-                solver, controller, lambda t, y: func(t, y, args), plan, y0, record=record,
-                loop_kwargs={**loop_kwargs, "states": 0} if record else loop_kwargs,
-            ), jit)
+            forward = _forward(solver, func, jit, record=record, states=0)
+            return lambda times, y0, args: forward(times, y0, args, options)
 
         record = tape_record.could_possibly_record()
 
         def backward(trajectory, times, y0, sources, g_ys, variables, differentiable):
             del differentiable  # refused: second_order below
-            f = lambda t, y: func(t, y, args)  # noqa: E731
             if not record:
                 with tape_record.stop_recording():
                     trajectory = forward_with(True)(times, y0, args)
-            replay = compiled(lambda checkpoints, times, y0, g_ys: _mali_replay(
-                solver, f, checkpoints, times, y0, sources, g_ys, variables), jit)
-            drifted, grads = replay(trajectory.checkpoints, times, y0, g_ys)
+            replay = compiled(lambda checkpoints, times, y0, g_ys, args: _mali_replay(
+                solver, lambda t, y: func(t, y, args), checkpoints, times, y0,
+                _sources_with(sources, args), g_ys, variables), jit, ("replay",))
+            drifted, grads = replay(trajectory.checkpoints, times, y0, g_ys, args)
             return _check_replay(drifted, grads, throw, _DRIFTED)
 
         trajectory = _solve_with_custom_gradient(
@@ -508,8 +556,9 @@ def _mali_replay(solver, f, checkpoints, times, y0, sources, g_ys, variables):
 
     def step_vjp(i, y1, v1, a_y, a_v, g_stops, g_sources, g_vars):
         t, dt, j, hit = cp.t[i], cp.dt[i], cp.interval[i], cp.hit[i]
-        # The output stops[j] is y_{i+1} when this step lands on it.
-        a_y = [a + tf.where(hit, g[j], tf.zeros_like(a)) for a, g in zip(a_y, g_ys)]
+        # The output stops[j] is y_{i+1} when this step lands on it (`tf.gather`, not
+        # `g[j]`: see `_replay`).
+        a_y = [a + tf.where(hit, tf.gather(g, j), tf.zeros_like(a)) for a, g in zip(a_y, g_ys)]
         half = 0.5 * dt
         s1 = t + half
         k = solver.midpoint(y1, v1, dt)
@@ -656,26 +705,31 @@ def _replay(solver, f, checkpoints, times, sources, g_ys, variables):
         # The last step's last interpolation stage, f at the end of the solve (t_n is
         # the last stop), evaluated once here; the others are the next steps' first.
         last = tf.maximum(n - 1, 0)
-        end = [checkpoints.t[n]] + [y_n[n] for y_n in checkpoints.y]
+        # Entries picked by the step count, or by a recorded value, are read with
+        # `tf.gather`, never `x[n]`: XLA takes a slice's index, and every input it is
+        # computed from, as a compile-time constant, and would compile the replay again
+        # for every step count (`_jit`).
+        end = [tf.gather(x, n) for x in [checkpoints.t, *checkpoints.y]]
+        g_f_end = [tf.gather(g, last) for g in g_last]
         with tf.GradientTape() as tape:
             tape.watch(end + sources)
             f_end = f(end[0], end[1:])
         g_end = tape.gradient(
             f_end, [end, sources, list(variables)],
-            output_gradients=[tf.where(n > 0, g[last], tf.zeros_like(g[last])) for g in g_last],
+            output_gradients=[tf.where(n > 0, g, tf.zeros_like(g)) for g in g_f_end],
             unconnected_gradients=tf.UnconnectedGradients.ZERO,
         )
         (g_t_end, *g_y_end), g_s, g_v = [[tf.convert_to_tensor(x) for x in xs] for xs in g_end]
         # That stage's term in the last step's coefficients, dt * w[-1] * f_end, also
         # depends on the landing step's size dt = t_end - t_{n-1} (the replay leaves the
         # term out): <g, f_end> / dt onto t_end, minus onto t0. Stops: [t0, t_end].
-        on_dt = _dot([g[last] for g in g_last], f_end) / checkpoints.dt[last]
-        on_dt = tf.where((n > 0) & checkpoints.hit[last], on_dt, tf.zeros_like(on_dt))
+        on_dt = _dot(g_f_end, f_end) / tf.gather(checkpoints.dt, last)
+        on_dt = tf.where((n > 0) & tf.gather(checkpoints.hit, last), on_dt, tf.zeros_like(on_dt))
         g_stops += tf.stack([-on_dt, on_dt + g_t_end])
         g_sources = [x + y_ for x, y_ in zip(g_sources, g_s)]
         g_vars = [x + y_ for x, y_ in zip(g_vars, g_v)]
         # The outputs at the end of the solve.
-        a = [g[n] + g_n for g, g_n in zip(pulled.g_y, g_y_end)]
+        a = [tf.gather(g, n) + g_n for g, g_n in zip(pulled.g_y, g_y_end)]
     else:
         a = [tf.zeros_like(g[0]) for g in g_ys]
     state = (n - 1, a, g_stops, g_sources, g_vars, tf.constant(-1, tf.int32))
@@ -725,8 +779,7 @@ def _landing_step_vjp(solver, f, checkpoints, i, y, a, g_stops, g_sources, g_var
     start `y` and accumulates the gradients. Returns `(y1, a, g_stops, g_sources,
     g_vars)`, `y1` the rebuilt end of the step."""
     j = checkpoints.interval[i]
-    # The output stops[j] is y_{i+1} when this step lands on it.
-    # A gather, not g[j]: XLA would compile `checkpoints.interval` in as a constant.
+    # The output stops[j] is y_{i+1} when this step lands on it (`tf.gather`: see `_replay`).
     a = [a_n + tf.where(checkpoints.hit[i], tf.gather(g, j), tf.zeros_like(a_n))
          for a_n, g in zip(a, g_ys)]
     y1, g_t, g_dt, g_y, g_s, g_v = _step_vjp(
@@ -897,9 +950,9 @@ def _replay_per_sample(solver, f, checkpoints, times, sources, g_ys, variables):
     if dense:
         # Each sample's last interpolation stage, f at the end of its solve, evaluated
         # once here (the stops are [t0, t_end] per sample).
-        last = cp.previous[n]
+        last = tf.gather(cp.previous, n)
         g_f_end = per_sample_entry(g_last, last)
-        end = [cp.t[n]] + [y_n[n] for y_n in cp.y]
+        end = [tf.gather(x, n) for x in [cp.t, *cp.y]]
         with tf.GradientTape() as tape:
             tape.watch(end + sources)
             f_end = f(end[0], end[1:])
@@ -917,7 +970,7 @@ def _replay_per_sample(solver, f, checkpoints, times, sources, g_ys, variables):
         g_stops += tf.stack([-on_dt, on_dt + g_t_end], axis=1)
         g_sources = [x + y_ for x, y_ in zip(g_sources, g_s)]
         g_vars = [x + y_ for x, y_ in zip(g_vars, g_v)]
-        a = [g[n] + g_n for g, g_n in zip(pulled.g_y, g_y_end)]  # each sample's end outputs
+        a = [tf.gather(g, n) + g_n for g, g_n in zip(pulled.g_y, g_y_end)]  # each sample's end
         landing = tf.where(cp.hit & cp.accepted, pulled.g_dt, tf.zeros_like(pulled.g_dt))
         on_end = _end_time_gradient(pulled.g_t, n)
         g_stops += tf.stack([tf.reduce_sum(pulled.g_t - landing, axis=0) - on_end,
@@ -1136,23 +1189,27 @@ class AdjointGradient(AbstractGradient):
 
     def solve(self, solver, controller, func, plan, y0, args, *, throw=True, jit=False,
               **loop_kwargs):
-        def run(times, y0, args):
-            trajectory = _run(
-                solver, controller, lambda t, y: func(t, y, args), plan, y0, record=False,
-                loop_kwargs=loop_kwargs,
-            )
-            # The reverse solve needs the outputs and the end state, not the steps.
-            return trajectory._replace(checkpoints=None)
+        options = _options(controller, loop_kwargs)
+        # The reverse solve needs the outputs and the end state, not the steps.
+        run = _forward(solver, func, jit, record=False, checkpoints=False)
 
-        forward = compiled(run, jit)
+        def forward(times, y0, args):
+            return run(times, y0, args, options)
 
         def backward(trajectory, times, y0, sources, g_ys, variables, differentiable):
-            # `args` and `sources` are captured, as in ACA's replay.
+            # As in ACA's replay; the counters are an argument too: a compiled function
+            # reused by another instance's solve counts into that instance's.
             method = self._reverse_solve_per_sample if per_sample else self._reverse_solve
-            reverse = compiled(lambda trajectory, times, y0, g_ys: method(
-                solver, controller, func, trajectory, times, y0, args, sources, g_ys,
-                variables, loop_kwargs), jit)
-            grads, status, t_final = reverse(trajectory, times, y0, g_ys)
+
+            def reverse_solve(trajectory, times, y0, g_ys, args, options, counters):
+                controller, loop_kwargs = _unpack(options)
+                return method(solver, controller, func, trajectory, times, y0, args,
+                              _sources_with(sources, args), g_ys, variables, loop_kwargs,
+                              counters)
+
+            reverse = compiled(reverse_solve, jit, ("reverse",))
+            grads, status, t_final = reverse(trajectory, times, y0, g_ys, args, options,
+                                             self.backward_stats)
             if throw:
                 return raise_on_failure(status, t_final, grads, "in the adjoint's reverse solve")
             return _nan_where(tf.reduce_any(status != 0), grads)
@@ -1169,8 +1226,9 @@ class AdjointGradient(AbstractGradient):
         return trajectory._replace(stats=trajectory.stats._replace(num_fevals_backward=unknown))
 
     def _reverse_solve(self, solver, controller, func, trajectory, times, y0, args, sources,
-                       g_ys, variables, loop_kwargs):
-        """The gradients (a flat list), the reverse solve's status and where it ended."""
+                       g_ys, variables, loop_kwargs, counters):
+        """The gradients (a flat list), the reverse solve's status and where it ended;
+        `counters`: `backward_stats` (or None), which it assigns."""
         params = list(sources) + [tf.convert_to_tensor(v) for v in variables]
         num_y, num_p = len(y0), len(params)
         ys = trajectory.ys
@@ -1223,15 +1281,19 @@ class AdjointGradient(AbstractGradient):
 
         def arrive(e, y, a, g_later, num_fevals):
             """At output `e`: the forward state, the output's cotangent, its time gradient."""
-            # Gathers, not x[e]: under XLA an empty batch has no entry to slice.
+            # Read with `tf.gather`: with times per sample, `col` and `row` come from
+            # sorting the times, and `x[col]` would make XLA compile the times in as
+            # constants (see `_replay`); and under XLA an empty batch has no entry to
+            # slice.
             col = tf.gather(cols, e)
+            out_y = [tf.gather(x, col + 1) for x in ys]
+            out_g = [tf.gather(g, col + 1) for g in g_ys]
             if per_sample:
                 row = tf.gather(rows, e)
                 mask = [tf.reshape(tf.equal(tf.range(batch), row),
                                    [-1] + [1] * (y_n.shape.rank - 1)) for y_n in y]
-                y = [tf.where(m_, out[col + 1], y_n) for m_, out, y_n in zip(mask, ys, y)]
-                g_e = [tf.where(m_, g[col + 1], tf.zeros_like(g[col + 1]))
-                       for m_, g in zip(mask, g_ys)]
+                y = [tf.where(m_, out, y_n) for m_, out, y_n in zip(mask, out_y, y)]
+                g_e = [tf.where(m_, g, tf.zeros_like(g)) for m_, g in zip(mask, out_g)]
                 # A padded entry (its row's time repeated) has no cotangent and needs no
                 # evaluation.
                 at = tf.gather(order, e)  # later[row, col] is flat[at]
@@ -1241,9 +1303,8 @@ class AdjointGradient(AbstractGradient):
                               lambda: _dot(g_e, func(tf.gather(event_times, e), y, args)))
                 num_fevals += 1 - tf.cast(padded, tf.int32)
             else:
-                y = [out[col + 1] for out in ys]
-                g_e = [g[col + 1] for g in g_ys]
-                g_t = _dot(g_e, func(event_times[e], y, args))
+                y, g_e = out_y, out_g
+                g_t = _dot(g_e, func(tf.gather(event_times, e), y, args))
                 num_fevals += 1
             a = [a_n + g_n for a_n, g_n in zip(a, g_e)]
             # Written per event, summed onto the times after the loop: a scatter into
@@ -1317,15 +1378,15 @@ class AdjointGradient(AbstractGradient):
         else:
             g_times = [tf.stack([g_t0, tf.zeros_like(g_t0)]), g_later]
         grads = [*g_times, *g_y0, *g_params]
-        if self.backward_stats is not None:
+        if counters is not None:
             counts = (num_steps, num_rejected, num_fevals + 1, zero)
-            updates = [v.assign(c) for v, c in zip(self.backward_stats, counts)]
+            updates = [v.assign(c) for v, c in zip(counters, counts)]
             with tf.control_dependencies(updates):
                 grads = [tf.identity(g) for g in grads]
         return grads, status, t_final
 
     def _reverse_solve_per_sample(self, solver, controller, func, trajectory, times, y0, args,
-                                  sources, g_ys, variables, loop_kwargs):
+                                  sources, g_ys, variables, loop_kwargs, counters):
         """The adjoint's reverse solve with per-sample steps; same returns as `_reverse_solve`
         (status and where it ended per sample).
 
@@ -1466,13 +1527,13 @@ class AdjointGradient(AbstractGradient):
         g_times = [tf.reduce_sum(g, axis=0) if one else g for g, one in zip(g_times, shared)]
         grads = [*g_times, *g_y0, *g_params]
         stats = rev.stats
-        if self.backward_stats is not None:
+        if counters is not None:
             # The slowest sample's counts: what the batched reverse solve ran; plus the
             # quadrature's evaluations and the times' and the start's.
             fevals = tf.reduce_max(stats.num_fevals) + cp.num_steps * count + num_out
             counts = (tf.reduce_max(stats.num_steps), tf.reduce_max(stats.num_rejected), fevals,
                       tf.constant(0, tf.int32))
-            updates = [v.assign(c) for v, c in zip(self.backward_stats, counts)]
+            updates = [v.assign(c) for v, c in zip(counters, counts)]
             with tf.control_dependencies(updates):
                 grads = [tf.identity(g) for g in grads]
         return grads, rev.status, rev.t_final

@@ -507,6 +507,12 @@ class ODELayer(keras.layers.Layer):
             _refuse_added_losses(layers, counts, self.dynamics)
             return out
 
+        if training is None or isinstance(training, bool):
+            # Every call's `func` computes the same (what differs, the draws' start
+            # states, are tensors it closes over): eager calls with jit_compile=True
+            # reuse their compiled functions.
+            _jit.same_as(func, self, training)
+
         dtype = tf.float64 if y0.dtype == tf.float64 else tf.float32
         ts = self._times(times, dtype)
         # Under ACA (and the adjoint) the forward solve's evaluations must not update

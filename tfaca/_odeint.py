@@ -217,6 +217,15 @@ def _paths(structure, prefix=()):
     return [p for key, value in items for p in _paths(value, prefix + (key,))]
 
 
+def _structure(tree):
+    """A hashable description of a nested structure (its containers and their keys)."""
+    return repr(tf.nest.map_structure(lambda _: None, tree))
+
+
+def _hashable(options):
+    return tuple(sorted((k, repr(v)) for k, v in options.items()))
+
+
 def _flat_func(func, y0, args, num_args, dtype):
     """Wraps `func(t, y, *args)` as `f(t, y_flat, args_flat) -> flat list`, checking its output."""
 
@@ -437,8 +446,10 @@ def solve(
             `tf.distribute`, a plain `tf.function`). `"auto"` (default): in a graph,
             for the ACA and adjoint gradients, when `func` uses only operations XLA
             compiles and, unless a GPU is visible, no convolution (whose gradient XLA
-            runs slowly inside a loop on CPU); never eagerly, where each call would
-            compile anew. True: always (also eagerly); False: never. Results and
+            runs slowly inside a loop on CPU); never eagerly. True: always (also
+            eagerly, where later calls of the same `func` object reuse the compiled
+            functions; a new function object compiles anew, and TensorFlow keeps every
+            compiled program, 5-20 MB each); False: never. Results and
             gradients are the same to rounding; failures raise as without it. Under
             `jit_compile=True` of the surrounding function it changes nothing.
         name: name scope for the ops.
@@ -553,8 +564,14 @@ def solve(
             per_sample=bool(per_sample),
         )
         f = _flat_func(func, y0_struct, args, len(args_flat), dtype)
-        jit = _jit.decide(jit_compile, f, dtype, y0_flat, args_flat, strategy.name,
-                          t_shape=y0_flat[0].shape[:1] if per_sample else ())
+        t_shape = y0_flat[0].shape[:1] if per_sample else ()
+        jit = _jit.decide(jit_compile, f, dtype, y0_flat, args_flat, strategy.name, t_shape)
+        if jit and tf.executing_eagerly():
+            # What `f` computes besides `func`: see `_jit.reuse_key`.
+            static = (_structure(y0), _structure(args), dtype.name, type(solver),
+                      _hashable(solver.options()), type(strategy), _hashable(strategy.options()),
+                      bool(per_sample))
+            jit = _jit.reuse_key(func, f, dtype, y0_flat, args_flat, static, t_shape)
         trajectory = strategy.solve(
             solver,
             controller,
