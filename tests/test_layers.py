@@ -414,6 +414,26 @@ def _times_layer(return_sequences=False, interpolate=True):
                           return_sequences=return_sequences, interpolate=interpolate)
 
 
+@pytest.mark.parametrize("interpolate", [True, False])
+def test_times_input_of_an_empty_batch(interpolate):
+    """A `[state, times]` call on an empty batch (a replica's share of a short batch), in
+    a graph of unknown batch: empty outputs and a gradient (interpolate=False read row 0
+    of the times, which an empty batch does not have)."""
+    layer = _times_layer(interpolate=interpolate)
+
+    @tf.function(input_signature=[tf.TensorSpec([None, STATE]), tf.TensorSpec([None, 5])])
+    def run(x, ts):
+        with tf.GradientTape() as tape:
+            out = layer([x, ts])
+            loss = tf.reduce_sum(out)
+        return out, tape.gradient(loss, layer.trainable_variables)
+
+    layer([np.zeros((1, STATE), "float32"), IRREGULAR[None]])  # build
+    out, grads = run(tf.zeros([0, STATE]), tf.zeros([0, 5]))
+    assert out.shape == (0, STATE)
+    assert all(np.all(g.numpy() == 0) for g in grads)
+
+
 @pytest.mark.parametrize("rows", [False, True], ids=["vector", "rows"])
 @pytest.mark.parametrize("return_sequences", [False, True])
 @pytest.mark.slow_variants

@@ -466,11 +466,14 @@ class ODELayer(keras.layers.Layer):
             # Stepping onto the outputs, one solve serves the batch: every row must hold
             # the same times.
             differ = tf.reduce_any(tf.not_equal(times, times[:1]), axis=1)
+            # Row 0, or, for an empty batch (a replica's share of a short batch), any
+            # monotone times: there is no state to solve.
+            first = tf.concat([times[:1], tf.range(tf.shape(times)[1], dtype=dtype)[None]], 0)[0]
             if in_xla_context():
                 # No assertions under XLA: NaN times make the solve fail (NaN outputs,
                 # counted by `{name}_failures`), never solve every row at row 0's times.
                 same = tf.logical_not(tf.reduce_any(differ))
-                return tf.where(same, times[0], tf.constant(float("nan"), dtype))
+                return tf.where(same, first, tf.constant(float("nan"), dtype))
             check = graph_assert(
                 tf.logical_not(tf.reduce_any(differ)),
                 [
@@ -482,12 +485,12 @@ class ODELayer(keras.layers.Layer):
                     "whose rows",
                     tf.reshape(tf.where(differ), [-1]),
                     "differ from row 0 =",
-                    times[0],
+                    first,
                 ],
                 summarize=10,
             )
             with tf.control_dependencies([check]):
-                times = tf.identity(times[0])
+                times = tf.identity(first)
         return times
 
     def call(self, inputs, training=None):
