@@ -1,46 +1,53 @@
-"""The one integration loop, shared by every gradient strategy.
+"""The one integration loop, shared by every gradient strategy and both kinds of stepping.
 
 Algorithm (Hairer, Nørsett & Wanner I, II.4; Zhuang et al., ICML 2020, Algorithm 1):
-start at `ts[0]` with `f0 = func(t0, y0)` and a first step `dt`; repeat
+start at the first stop with `f0 = func(t0, y0)` and a first step `dt`; repeat
 
-1. aim at the next time to step onto, `ts[i]`: if `dt` would reach or pass it, shorten
-   the step to land on it exactly. The caller decides what these times are
-   (`_outputs`): every output time (outputs exact to the step's accuracy), or only the
-   start and the end, with outputs interpolated between the steps;
+1. aim at the next *stop*, the next time to step onto exactly: if `dt` would reach or
+   pass it, shorten the step to land on it. The stops are the output times
+   (`interpolate=False`), or only the start and the end (`_outputs.plan`);
 2. take a trial step of the embedded pair and its error ratio;
 3. accept it if the ratio is <= 1, by *selection* (`where(accept, new, old)`): a
    rejected trial changes nothing and, under ACA, leaves nothing behind;
-4. propose the next `dt` from the error ratio.
+4. save the outputs the accepted step covers: a stop it landed on is its end state; an
+   output time inside it is read from the step's own continuous extension (Dopri5's and
+   Tsit5's fourth-order one, cubic Hermite for the others), evaluated there from the
+   step's stages, in an inner loop over those outputs (diffrax's `SaveAt(ts=...)`);
+5. propose the next `dt` from the error ratio.
 
-The loop is one `tf.while_loop` of static `max_steps` iterations at most; under XLA
-every buffer is sized from `max_steps` and `len(ts)`, so that it compiles. With
-`record=True` it also keeps, for each accepted step, its start `(t_i, dt_i, y_i)` and
-which output interval it lies in: the checkpoints the ACA backward pass replays; with
-`dense=True`, the coefficients of each step's interpolating polynomial too, from which
-`_outputs` reads the solution between the steps.
-Buffers are written at the index of the next accepted step on every trial; a rejected
-trial's entry is overwritten by the retry, so only accepted steps survive.
+*Groups.* The stepping state (time, step size, error ratio, acceptance, status, the
+next stop) carries a leading axis of `G` groups, broadcast over the state: `G = 1`
+when the whole state shares one step size, `G = batch` with per-sample steps
+(`per_sample=True`, every state component's leading axis being the batch), where each
+sample steps, lands, saves and stops as if it were alone and `func` receives `t` of
+shape `[batch]`. A group that is done takes steps of size 0 until every group is. Output
+times have their own leading axis of `R` rows, 1 for times shared by the batch and
+`batch` for times per sample; either stepping serves either kind of times.
+
+The loop is one `tf.while_loop` of at most `max_steps` iterations (trials). With
+`record=True` it also keeps, for each iteration in which some group accepted its trial,
+the step's start `(t_i, dt_i, y_i)` and where it lies among the stops: the checkpoints
+ACA's backward pass replays, step by step, pulling back the cotangents of the outputs
+saved inside each step through the same interpolant. Buffers are written at the index
+of the next accepted step on every trial; a rejected trial's entry is overwritten by the
+retry, so only accepted steps survive.
 
 What `max_steps` costs. Outside XLA (eagerly, in a plain `tf.function`) nothing is
-sized by it: the checkpoint buffers grow with the steps taken, so time and memory
-follow the steps. Under XLA every buffer needs a static shape, so a call that keeps
-checkpoints for a gradient allocates and zero-fills `max_steps x (state + 13 bytes)`
-however few steps it takes, and holds it until the backward pass ends; the fill runs at
-memory bandwidth. With fewer states kept (`states`: ACA's checkpoint budget `K`, MALI's
-none) the state buffer has `K + 1` entries, or none, and only the scalars are sized by
-`max_steps`. Writing a step into it and `stack()` are in place (no copy of the
-buffer, in the optimized HLO), so the fill is all that grows. With no gradient pending
-XLA drops the unused buffers. Measured (`benchmarks/max_steps_xla.py`, 64x64 float32
-state, 3 steps, 2-core CPU), forward+backward under XLA: 2.4 ms at max_steps=1,000,
-18 ms at 10,000, 134 ms and 1.6 GB at 100,000 (allocating and filling the buffer alone:
-1.3, 14 and 131 ms); in a plain `tf.function` 2.2-3.0 ms and under 1 MB at each.
+sized by it: the checkpoint buffers grow with the steps taken. Under XLA every buffer
+needs a static shape: a call that keeps checkpoints for a gradient allocates and
+zero-fills `max_steps x (state + 20 bytes)` however few steps it takes. With fewer
+states kept (`states`: ACA's checkpoint budget `K`, MALI's none) the state buffer has
+`K + 1` entries, or none, and only the scalars are sized by `max_steps`. The outputs
+never are: their buffer is `len(ts)` states, written as the steps cover them.
+(`benchmarks/max_steps_xla.py`, `benchmarks/outputs.py` measure both.)
 """
 
 from typing import Any, NamedTuple
 
 import tensorflow as tf
-from tensorflow.python.ops import control_flow_util
 
+from tfaca import _outputs
+from tfaca._internals import in_xla_context
 from tfaca._solution import SolveError, Stats, Status
 from tfaca._solvers import per_row
 
@@ -48,90 +55,99 @@ _RUNNING = -1
 
 
 class Checkpoints(NamedTuple):
-    """Accepted steps of a forward solve, as tensors: entry `i < num_steps` is step `i`,
-    and entry `num_steps` is where the solve ended (`t_final`, its state, `dt` 1 and
-    the end's line, see `c`), so that every accepted state, the last included, has an entry.
+    """Accepted steps of a forward solve, as tensors. Entry `i < num_steps` is one
+    iteration of the loop in which some group accepted its trial; entry `num_steps` is
+    where the solve ended (`t_final`, its state, `dt` 1), so that every accepted state,
+    the last included, has an entry.
 
     Attributes:
-        t: `[num_steps + 1]` start times (`[max_steps + 1]` under XLA, every field).
-        dt: `[num_steps + 1]` step sizes.
-        interval: `[num_steps + 1]` int32 index `j` of the interval `[ts[j - 1], ts[j]]`
-            of the times the loop stepped onto that the step lies in (`()` without
-            `record`).
-        hit: `[num_steps + 1]` bool, whether the step ends exactly on `ts[j]` (`()`
-            without `record`).
+        t: `[num_steps + 1, G]` each group's start time (`[max_steps + 1, G]` under XLA,
+            every field). A group that did not step keeps its time, so `t[i + 1]` is
+            where step `i` ended.
+        dt: `[num_steps + 1, G]` step sizes (1 for a group that is done).
+        interval: `[num_steps + 1, G]` int32 index `j` of the interval
+            `[stops[j - 1], stops[j]]` the step lies in.
+        hit: `[num_steps + 1, G]` bool, whether the step ends exactly on `stops[j]`.
+        accepted: `[num_steps + 1, G]` bool, which groups the entry's step moved.
         y: flat list of `[num_steps + 1, ...]` start states.
-        c: with `dense`, a flat list of `[num_steps + 1, degree, ...]` coefficients of
-            each step's interpolating polynomial (`AbstractSolver.dense_coefficients`),
-            and at entry `num_steps` those of the line `y + theta f` through the end
-            state with the derivative carried there (`f(t_final, y_final)`); else `()`.
         num_steps: int32 scalar.
-        accepted: with per-sample steps, `[num_steps + 1, batch]` bool: which samples
-            the entry's step moved; else `()`.
-        previous: with per-sample steps, `[num_steps + 1, batch]` int32: the entry of
-            each sample's accepted step before this entry (-1 if none); at entry
-            `num_steps`, each sample's last accepted step. Else `()`.
-
-    With per-sample steps (`integrate(per_sample=True)`) an entry is one iteration of the
-    loop in which some sample accepted its trial: `t`, `dt`, `interval` and `hit` are
-    `[num_steps + 1, batch]`, the states `[num_steps + 1, batch, ...]`, the coefficients
-    `[num_steps + 1, degree, batch, ...]`, and `num_steps` counts those iterations.
-    Sample `b`'s own accepted steps are the entries with `accepted[:, b]`; its start
-    times are non-decreasing along the entries (a sample waiting on a rejection, or
-    done, keeps its time), which is what `_outputs.locate` searches.
-
-    With fewer states kept (`integrate(states=...)`), the scalars still have an entry
-    per step, but `y` holds only some start states: none (`states=0`, MALI's, which
-    rebuilds them from the end), or the start of every `stride`-th step (`states=K`,
-    ACA's checkpoint budget: `y[m]` is step `m * stride`'s start, `ceil(num_steps /
-    stride) <= K` entries). `stride` is then an int32 scalar, and `y_end` and `f_end`
-    are the state and the carried derivative where the solve ended.
+        stride: with a checkpoint budget (`integrate(states=K)`), an int32 scalar: `y[m]`
+            is entry `m * stride`'s start, `ceil(num_steps / stride) <= K` entries.
+        y_end, f_end: with `states` given, the state and the carried derivative where
+            the solve ended (`states=0`, MALI's, keeps no other state).
     """
 
     t: Any
     dt: Any
     interval: Any
     hit: Any
+    accepted: Any
     y: Any
-    c: Any
     num_steps: Any
-    accepted: Any = ()
-    previous: Any = ()
     stride: Any = ()
     y_end: Any = ()
     f_end: Any = ()
 
 
 class Trajectory(NamedTuple):
-    ys: Any  # flat list of [len(ts), ...] tensors
+    ys: Any  # flat list of [len(ts), ...] tensors ([len(ts), batch, ...] per sample)
     stats: Stats
     status: Any
     t_final: Any
     checkpoints: Any  # Checkpoints or None
     y_final: Any = ()  # flat list: the state at t_final
+    covering: Any = 0  # entries in which some interpolated output was saved
+
+
+class Groups(NamedTuple):
+    """How the stepping state's group axis meets the state: `shared` (`G = 1`) or one group
+    per sample of the batch (the leading axis of every state component)."""
+
+    shared: bool
+
+    def lane(self, v):
+        """A `[G]` tensor as the solver, the controller and `func` take it: a scalar when
+        shared, else as it is."""
+        return v[0] if self.shared else v
+
+    def grouped(self, v):
+        """The inverse of `lane`: `[G]`."""
+        return tf.reshape(v, [-1]) if self.shared else v
+
+    def spread(self, v, x):
+        """A `[G]` tensor laid out to broadcast over the state component `x`."""
+        return v[0] if self.shared else per_row(v, x)
+
+    def select(self, accept, new, old):
+        return [tf.where(self.spread(accept, a), a, b) for a, b in zip(new, old)]
+
+    def all_finite(self, xs):
+        """`[G]`: whether every element of each group's part of `xs` is finite."""
+        out = tf.constant(True)
+        for x in xs:
+            finite = tf.math.is_finite(x)
+            axes = list(range(0 if self.shared else 1, x.shape.rank))
+            out &= tf.reduce_all(finite, axis=axes) if axes else finite
+        return self.grouped(out) if self.shared else out
 
 
 class _State(NamedTuple):
-    t: Any
+    t: Any  # [G], as the fields below but y, f, ys, saves, record
     dt: Any
     y: Any
     f: Any
-    i_out: Any
-    k: Any  # accepted steps since the last output (fixed-step grid index)
+    i_out: Any  # the next stop
+    k: Any  # accepted steps since the last stop (fixed-step grid index)
     num_trials: Any
     num_steps: Any
     num_rejected: Any
     num_fevals: Any
     status: Any
-    ys: Any
-    record: Any  # dict of TensorArrays: t, dt, y (list), interval, hit, c (list); or {}
-    entries: Any  # per sample: checkpoint entries written (iterations that accepted)
-    previous: Any  # per sample: the entry of each sample's last accepted step, or -1
-
-
-def in_xla_context():
-    """Whether ops built now will be compiled by XLA (`jit_compile=True`)."""
-    return control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
+    outputs: Any  # list of TensorArrays: the output buffer (`_Outputs`)
+    saved: Any  # [R]: outputs saved so far per row (interpolated outputs)
+    record: Any  # dict of the checkpoint buffers, or {}
+    entries: Any  # scalar: checkpoint entries written (iterations that accepted)
+    covering: Any  # scalar: entries in which some interpolated output was saved
 
 
 def graph_assert(condition, data, summarize=3):
@@ -275,129 +291,55 @@ def _step_array(dtype, max_steps, element_shape):
     )
 
 
-def _runs(ts):
-    """Runs of equal consecutive times in `ts` (`[n]`, or `[batch, n]` row by row):
-    `(first, after)`, int32 like `ts`: the index of the first time of each entry's run,
-    and the index just past its run. Repeated stops are one stop (padding of times per
-    sample; all of a solve's stops when it has nothing to step)."""
-    rows = ts if ts.shape.rank == 2 else ts[None]
-    moves = tf.cast(tf.not_equal(rows[:, 1:], rows[:, :-1]), tf.int32)
+def _runs(stops):
+    """Runs of equal consecutive times in each row of `stops` (`[G, S]`): `(first, after)`,
+    int32 `[G, S]`: the index of the first time of each entry's run, and the index just
+    past its run. Repeated stops are one stop (padding of times per sample; all of a
+    solve's stops when it has nothing to step)."""
+    moves = tf.cast(tf.not_equal(stops[:, 1:], stops[:, :-1]), tf.int32)
     run = tf.cumsum(tf.concat([tf.zeros_like(moves[:, :1]), moves], axis=1), axis=1)
     first = tf.searchsorted(run, run, side="left", out_type=tf.int32)
     after = tf.searchsorted(run, run, side="right", out_type=tf.int32)
-    if ts.shape.rank == 1:
-        return first[0], after[0]
     return first, after
 
 
-def integrate(solver, controller, func, ts, y0, *, step_size, first_step, max_steps, record,
-              dense=False, per_sample=False, on_land=None, states=None):
-    """Integrates `func` from `ts[0]` through every `ts[i]`, stepping onto each.
+class _Saves(NamedTuple):
+    """The interpolated outputs of a solve, as the loop reads them."""
 
-    Args:
-        solver: an `AbstractSolver`.
-        controller: a `StepSizeController` (unused with a fixed `step_size`).
-        func: `func(t, y) -> dy/dt` on flat lists of tensors.
-        ts: 1-D tensor of strictly monotone output times; with `per_sample`, also
-            `[batch, n]`: each sample's own (monotone, possibly repeating) times.
-        y0: flat list of state tensors at `ts[0]`.
-        step_size: `None` for adaptive stepping, else the fixed step size.
-        first_step: `None` to select it automatically, else the first trial step size.
-        max_steps: Python int, the largest number of trial steps.
-        record: Python bool, whether to keep the ACA checkpoints.
-        dense: Python bool, whether to keep each accepted step's interpolating
-            polynomial too (`Checkpoints.c`), from which `_outputs.evaluate` reads
-            outputs between the steps. It costs no evaluation of `func` (the stages are
-            there; a non-FSAL solver's `f(t1, y1)` is evaluated anyway) and keeps
-            `degree` more state-sized tensors per accepted step.
-        per_sample: Python bool: the leading axis of every state component is a batch,
-            and each sample takes its own steps (time, step size, error ratio,
-            acceptance, landing on `ts`), as if solved alone; `func` then receives
-            `t` of shape `[batch]`. The loop runs until every sample is done (or the
-            `max_steps`-th iteration, each running sample taking one trial per
-            iteration); a sample that is done is frozen. The controller must be
-            built with `per_sample=True`. Times, statistics and status are `[batch]`;
-            outputs `[len(ts), batch, ...]`.
-        on_land: with `per_sample`, `on_land(i, landed, y) -> y`: called after each
-            trial with `i` (`[batch]`, the index into `ts` of each sample's next stop),
-            `landed` (`[batch]` bool, the samples whose accepted step ended on it) and
-            the accepted states; returns the states to go on from (the adjoint's
-            reverse solve resets the state and adds an output's cotangent there). The
-            landed samples' derivative is evaluated again at the new state.
-        states: with `record`, which accepted states to keep: `None`, every one; `0`,
-            none (the step's scalars only); a Python int `K >= 1`, at most `K`, evenly
-            spread by thinning: the start of every `stride`-th step is kept, and when the
-            `K` slots are full, every other one is dropped and the stride doubles
-            (`stride < 2 * num_steps / K`). Not with `dense` or `per_sample`.
+    ts: Any  # [R, n] output times, the start included
+    keys: Any  # sign * ts, non-decreasing per row
+    sign: Any
+    by_batch: bool
+    chunk: int  # outputs evaluated together (`_outputs.CHUNK` at most)
+    max_chunks: Any  # the most chunks a step can cover: ceil(n / chunk)
 
-    Returns:
-        A `Trajectory`; its `checkpoints` are set when `record` or `dense`.
-    """
-    dtype = ts.dtype
-    num_out = tf.shape(ts)[-1]
-    # One direction for every sample (the caller checked it); 0 when no sample's times
-    # leave the start (all padding): nothing is stepped.
-    direction = tf.sign(tf.reduce_sum(ts[..., -1] - ts[..., 0]))
-    if per_sample:
-        batch = tf.shape(y0[0])[0]
-        ts = tf.broadcast_to(ts, tf.stack([batch, num_out]))
-        t0 = ts[:, 0]
-        rows = tf.range(batch)
 
-        def stop(i):
-            return tf.gather(ts, tf.minimum(i, num_out - 1), batch_dims=1)
-    else:
-        t0 = ts[0]
+def _save_step(solver, saves, groups, outputs, lo, hi, t, dt, y, stages):
+    """Writes the outputs `lo <= k < hi` of each row (`[R]`) from the step `(t, dt, y)`
+    (`[G]` times) with stages `stages`: the chunk loop over the outputs it covers."""
+    num_rows = outputs.num_rows
+    t_rows = tf.broadcast_to(t, [num_rows]) if groups.shared else t
+    # A group that is done steps by 0 and covers nothing; its theta is never used, but
+    # must not be 0/0, which backpropagation (the naive gradient) would turn into NaN.
+    dt = tf.where(tf.equal(dt, 0), tf.ones_like(dt), dt)
+    dt_rows = tf.broadcast_to(dt, [num_rows]) if groups.shared else dt
+    size = tf.shape(saves.ts)[1]
 
-        def stop(i):
-            return ts[tf.minimum(i, num_out - 1)]
-    first, after = _runs(ts)
+    def chunk(c0, outputs):
+        index = lo[:, None] + c0 + tf.range(saves.chunk)[None]  # [R, C]
+        valid = index < hi[:, None]
+        tau = tf.gather(saves.ts, tf.minimum(index, size - 1), batch_dims=1)
+        theta = tf.where(valid, (tau - t_rows[:, None]) / dt_rows[:, None], tf.zeros_like(tau))
+        values = _outputs.interpolate(solver, y, stages, dt_rows, theta, saves.by_batch)
+        return c0 + saves.chunk, _outputs.write(outputs, index, valid, values)
 
-    def next_stop(i):
-        """The index of the first stop after the run of equal times that `i` starts."""
-        return (tf.gather(after, tf.minimum(i, num_out - 1), batch_dims=1) if per_sample
-                else tf.gather(after, tf.minimum(i, num_out - 1)))
+    _, outputs = tf.while_loop(
+        lambda c0, _: tf.reduce_any(lo + c0 < hi), chunk,
+        (tf.constant(0, tf.int32), outputs), maximum_iterations=saves.max_chunks)
+    return outputs
 
-    f0 = func(t0, y0)
-    num_fevals = tf.ones_like(t0, tf.int32)
 
-    adaptive = step_size is None
-    if not adaptive:
-        dt0 = direction * step_size * tf.ones_like(t0)
-    elif first_step is not None:
-        dt0 = controller.clip(direction * first_step * tf.ones_like(t0))
-    else:
-        dt0 = controller.first_step(func, t0, y0, f0, solver.error_order, direction)
-        num_fevals += 1
-
-    if per_sample:
-        # Concatenated, not scattered: a scatter into an empty batch fails.
-        ys = [tf.concat([y[None], tf.zeros(tf.concat([[num_out - 1], tf.shape(y)], 0), y.dtype)],
-                        axis=0) for y in y0]
-    else:
-        ys = [_tensor_array(y.dtype, num_out, y.shape).write(0, y) for y in y0]
-    degree = len(solver.dense_weights[0])
-    recorded = {}
-    # A step's scalars, (t, dt) and with `record` (interval, hit) too, are packed into
-    # one entry of the time's dtype: one write per trial instead of four (each write is
-    # an operation of its own in a plain graph, a kernel under XLA). The interval index
-    # is exact in it (float32 holds integers to 2**24; the loop takes at most
-    # `max_steps` trials).
-    num_scalars = (6 if per_sample else 4) if record else 2
-    if record or dense:
-        recorded["scalars"] = _scalar_log(dtype, max_steps, num_scalars, t0)
-        if states is None:
-            recorded["y"] = [_step_array(y.dtype, max_steps, y.shape) for y in y0]
-        elif states > 0:
-            # K slots and a last one that takes the trials' writes that keep nothing.
-            recorded["y"] = [_tensor_array(y.dtype, states + 1, y.shape) for y in y0]
-            recorded["stride"] = tf.constant(1, tf.int32)
-    if dense:
-        recorded["c"] = [
-            _step_array(y.dtype, max_steps, tf.TensorShape([degree]).concatenate(y.shape))
-            for y in y0
-        ]
-
+def _few_ulps(dtype):
     finfo = tf.experimental.numpy.finfo(dtype.as_numpy_dtype)
     eps, tiny = float(finfo.eps), float(finfo.tiny)
 
@@ -410,282 +352,318 @@ def integrate(solver, controller, func, ts, y0, *, step_size, first_step, max_st
         """
         return tf.maximum(4.0 * eps * magnitude, tiny)
 
-    fsal = solver.fsal
-    trial_fevals = solver.trial_fevals
+    return few_ulps
 
-    def samplewise_all(tensors):
-        """Per sample, whether every element of every tensor holds (`[batch]`)."""
-        out = True
-        for x in tensors:
-            axes = list(range(1, x.shape.rank))
-            out &= tf.reduce_all(x, axis=axes) if axes else x
-        return out
+
+def _aim(s, stop, adaptive, few_ulps, dtype):
+    """The trial's end `t1` and size `dt`, and whether it lands on the next stop (`[G]`)."""
+    t_target = stop(s.i_out)
+    # Land on the stop when the step reaches it or falls short by a few ulps: a sliver
+    # step would waste a step and, adaptively, spoil the next step size. "Few ulps" of
+    # the times being compared: the rounding of `t + dt` against the stop is relative to
+    # the larger of them.
+    if adaptive:
+        slack = few_ulps(tf.maximum(tf.abs(s.t), tf.abs(t_target)))
+        remaining = t_target - s.t
+        hit = tf.abs(s.dt) >= tf.abs(remaining) - slack
+        return tf.where(hit, t_target, s.t + s.dt), tf.where(hit, remaining, s.dt), hit
+    # Fixed steps sit on the grid t_start + k * step_size of their interval, so rounding
+    # does not accumulate over many steps. Distances from t_start are compared: their
+    # rounding is relative to the larger end of the interval.
+    t_start = stop(s.i_out - 1)
+    slack = few_ulps(tf.maximum(tf.abs(t_start), tf.abs(t_target)))
+    t_grid = t_start + tf.cast(s.k + 1, dtype) * s.dt
+    hit = tf.abs(t_grid - t_start) >= tf.abs(t_target - t_start) - slack
+    t1 = tf.where(hit, t_target, t_grid)
+    return t1, t1 - s.t, hit
+
+
+def integrate(solver, controller, func, stops, y0, *, step_size, first_step, max_steps, record,
+              per_sample=False, saves=None, on_land=None, states=None):
+    """Integrates `func` from the first stop through every stop, stepping onto each.
+
+    Args:
+        solver: an `AbstractSolver`.
+        controller: a `StepSizeController` (unused with a fixed `step_size`); built with
+            `per_sample=True` for per-sample steps.
+        func: `func(t, y) -> dy/dt` on flat lists of tensors.
+        stops: the times to step onto: `[S]` monotone; with `per_sample`, also
+            `[batch, S]`: each sample's own (monotone, possibly repeating) stops.
+        y0: flat list of state tensors at the first stop.
+        step_size: `None` for adaptive stepping, else the fixed step size.
+        first_step: `None` to select it automatically, else the first trial step size.
+        max_steps: Python int, the largest number of trials (iterations).
+        record: Python bool, whether to keep the ACA checkpoints.
+        per_sample: Python bool: one group per sample (the leading axis of every state
+            component), see the module docstring. Times, statistics and status are
+            then `[batch]`, and the outputs `[n, batch, ...]`.
+        saves: None: the outputs are the states at the stops. Else the output times,
+            `[n]` or `[batch, n]` (per sample), the first being the start: each is read
+            from the accepted step that covers it. They must lie between the first and
+            the last stop (of its sample).
+        on_land: with `per_sample`, `on_land(i, landed, y) -> y`: called after each
+            trial with `i` (`[batch]`, the index of each sample's next stop), `landed`
+            (`[batch]` bool, the samples whose accepted step ended on it) and the
+            accepted states; returns the states to go on from (the adjoint's reverse
+            solve resets the state and adds an output's cotangent there). The landed
+            samples' derivative is evaluated again at the new state.
+        states: with `record`, which accepted states to keep: `None`, every one; `0`,
+            none (the step's scalars only); a Python int `K >= 1`, at most `K`, evenly
+            spread by thinning: the start of every `stride`-th entry is kept, and when
+            the `K` slots are full, every other one is dropped and the stride doubles
+            (`stride < 2 * num_steps / K`).
+
+    Returns:
+        A `Trajectory`; its `checkpoints` are set when `record`.
+    """
+    groups = Groups(shared=not per_sample)
+    dtype = stops.dtype
+    stops = stops[None] if stops.shape.rank == 1 else stops
+    num_stops = tf.shape(stops)[1]
+    if per_sample:
+        stops = tf.broadcast_to(stops, tf.stack([tf.shape(y0[0])[0], num_stops]))
+    t0 = stops[:, 0]
+    # One direction for every group (the caller checked it); 0 when no group's stops
+    # leave the start (all padding): nothing is stepped.
+    sign = tf.sign(tf.reduce_sum(stops[:, -1] - stops[:, 0]))
+    first, after = _runs(stops)
+
+    def stop(i):
+        return tf.gather(stops, tf.minimum(i, num_stops - 1), batch_dims=1)
+
+    def next_stop(i):
+        """The first stop after the run of equal stops that `i` starts."""
+        return tf.gather(after, tf.minimum(i, num_stops - 1), batch_dims=1)
+
+    f0 = func(groups.lane(t0), y0)
+    num_fevals = tf.ones_like(t0, tf.int32)
+    adaptive = step_size is None
+    if not adaptive:
+        dt0 = sign * step_size * tf.ones_like(t0)
+    elif first_step is not None:
+        dt0 = controller.clip(sign * first_step * tf.ones_like(t0))
+    else:
+        dt0 = groups.grouped(controller.first_step(
+            func, groups.lane(t0), y0, f0, solver.error_order, sign))
+        num_fevals += 1
+
+    if saves is None:
+        # The outputs are the stops: rows are the groups.
+        outputs = _outputs.new_buffer(y0, num_stops, tf.shape(t0)[0], per_sample)
+        save = None
+        saved = tf.zeros([0], tf.int32)
+    else:
+        by_batch = saves.shape.rank == 2 or per_sample
+        ts_rows = saves if saves.shape.rank == 2 else saves[None]
+        if per_sample:
+            ts_rows = tf.broadcast_to(ts_rows, tf.stack([tf.shape(y0[0])[0], tf.shape(ts_rows)[1]]))
+        size = ts_rows.shape[1]
+        chunk = _outputs.CHUNK if size is None else max(1, min(size - 1, _outputs.CHUNK))
+        save = _Saves(ts=ts_rows, keys=sign * ts_rows, sign=sign, by_batch=by_batch, chunk=chunk,
+                      max_chunks=None if size is None else -(-size // chunk))
+        outputs = _outputs.new_buffer(y0, tf.shape(ts_rows)[1], tf.shape(ts_rows)[0], by_batch)
+        t0_rows = tf.broadcast_to(t0, tf.shape(ts_rows)[:1]) if groups.shared else t0
+        saved = _outputs.count_through(save.keys, t0_rows, sign)
+
+    recorded = {}
+    if record:
+        # A step's scalars, (t, dt, stop, hit, accepted), are packed into one entry of the
+        # time's dtype: one write per trial instead of five. The stop index is exact in
+        # it (float32 holds integers to 2**24; the loop takes at most `max_steps` trials).
+        recorded["scalars"] = _scalar_log(dtype, max_steps, 5, t0)
+        if states is None:
+            recorded["y"] = [_step_array(y.dtype, max_steps, y.shape) for y in y0]
+        elif states > 0:
+            # K slots and a last one that takes the trials' writes that keep nothing.
+            recorded["y"] = [_tensor_array(y.dtype, states + 1, y.shape) for y in y0]
+            recorded["stride"] = tf.constant(1, tf.int32)
+
+    few_ulps = _few_ulps(dtype)
+    body = _body(solver, controller, func, groups, stop, next_stop, few_ulps, adaptive, save,
+                 on_land, states, max_steps, num_stops, dtype)
+    zero = tf.zeros_like(t0, tf.int32)
+    # Non-finite times (XLA's report of times that are not monotone, see `_odeint`) fail
+    # at once too, rather than after `max_steps` trials that cannot advance.
+    f0_finite = groups.all_finite(f0) & tf.reduce_all(tf.math.is_finite(stops))
+    # A solve whose stops all repeat the start (all padding) is done before any step.
+    i_out = next_stop(zero)
+    state = _State(
+        t=t0, dt=dt0, y=list(y0), f=list(f0), i_out=i_out, k=zero, num_trials=zero,
+        num_steps=zero, num_rejected=zero, num_fevals=num_fevals,
+        status=tf.where(i_out >= num_stops, int(Status.SUCCESS),
+                        tf.where(f0_finite, _RUNNING, int(Status.NONFINITE))),
+        outputs=outputs, saved=saved, record=recorded, entries=tf.constant(0, tf.int32),
+        covering=tf.constant(0, tf.int32),
+    )
+    (state,) = tf.while_loop(lambda s: tf.reduce_any(s.status == _RUNNING), body, (state,),
+                             maximum_iterations=max_steps)
+    ys = _read_outputs(state, save, first, y0)
+    checkpoints = _checkpoints(state, y0, states, dtype) if record else None
+    lane = groups.lane
+    status = tf.where(state.status == _RUNNING, int(Status.MAX_STEPS_REACHED), state.status)
+    return Trajectory(
+        ys=ys,
+        stats=Stats(num_steps=lane(state.num_steps), num_rejected=lane(state.num_rejected),
+                    num_fevals=lane(state.num_fevals)),
+        status=lane(status), t_final=lane(state.t), checkpoints=checkpoints,
+        y_final=list(state.y), covering=state.covering,
+    )
+
+
+def _read_outputs(state, save, first, y0):
+    """The outputs from the loop's buffer; NaN where the solve did not reach them (a failed
+    solve), never a stale state. A stop that repeats the one before it is the same output:
+    the state written at the first of its run."""
+    buffer = state.outputs
+    ys = _outputs.read(buffer, y0)
+    if save is None:
+        # Output k of row r is the state written at first[r, k], the first of its run.
+        reached = tf.transpose(first) < state.i_out[None, :]  # [S, R]
+        perm = lambda y: [1, 0] + list(range(2, y.shape.rank))  # noqa: E731
+        by_rows = [y if buffer.by_batch else y[:, None] for y in ys]
+        ys = [tf.transpose(tf.gather(tf.transpose(y, perm(y)), first, batch_dims=1), perm(y))
+              for y in by_rows]
+        ys = [y if buffer.by_batch else y[:, 0] for y in ys]
+    else:
+        reached = tf.range(buffer.size)[:, None] < state.saved[None, :]  # [n, R]
+    out = []
+    for y in ys:
+        mask = reached if buffer.by_batch else reached[:, 0]
+        mask = tf.reshape(mask, tf.concat([tf.shape(mask), tf.ones([y.shape.rank - mask.shape.rank],
+                                                                    tf.int32)], 0))
+        out.append(tf.where(mask, y, tf.constant(float("nan"), y.dtype)))
+    return out
+
+
+def _body(solver, controller, func, groups, stop, next_stop, few_ulps, adaptive, save, on_land,
+          states, max_steps, num_stops, dtype):
+    """The loop's body: one trial for every group that is still running."""
+    lane, fsal = groups.lane, solver.fsal
 
     def body(s):
-        if per_sample:
-            active = s.status == _RUNNING
-        t_target = stop(s.i_out)
-        # Land on the output when the step reaches it or falls short by a few ulps: a
-        # sliver step would waste a step and, adaptively, spoil the next step size.
-        # "Few ulps" of the times being compared: the rounding of `t + dt` against
-        # `t_target` is relative to the larger of them.
+        active = s.status == _RUNNING
+        t1, dt, hit = _aim(s, stop, adaptive, few_ulps, dtype)
+        # A group that is done takes a step of size 0 (its result is discarded): nothing it
+        # computes can overflow, nor reach a gradient as NaN.
+        dt = tf.where(active, dt, tf.zeros_like(dt))
+        t1 = tf.where(active, t1, s.t)
+        y1, f1, y_error, stages = solver.step(func, lane(s.t), s.y, s.f, lane(dt),
+                                              return_stages=True)
         if adaptive:
-            slack = few_ulps(tf.maximum(tf.abs(s.t), tf.abs(t_target)))
-            remaining = t_target - s.t
-            hit = tf.abs(s.dt) >= tf.abs(remaining) - slack
-            t1 = tf.where(hit, t_target, s.t + s.dt)
-            dt = tf.where(hit, remaining, s.dt)
-        else:
-            # Fixed steps sit on the grid t_start + k * step_size of their output
-            # interval, so rounding does not accumulate over many steps.
-            t_start = stop(s.i_out - 1)
-            # Distances from t_start are compared: their rounding is relative to the
-            # larger end of the interval, whatever part of it the step is in.
-            slack = few_ulps(tf.maximum(tf.abs(t_start), tf.abs(t_target)))
-            t_grid = t_start + tf.cast(s.k + 1, dtype) * s.dt
-            hit = tf.abs(t_grid - t_start) >= tf.abs(t_target - t_start) - slack
-            t1 = tf.where(hit, t_target, t_grid)
-            dt = t1 - s.t
-        if per_sample:
-            # A sample that is done takes a step of size 0 (its result is discarded):
-            # nothing it computes can overflow, nor reach a gradient as NaN.
-            dt = tf.where(active, dt, tf.zeros_like(dt))
-            t1 = tf.where(active, t1, s.t)
-        y1, f1, y_error, stages = solver.step(func, s.t, s.y, s.f, dt, return_stages=True)
-
-        if adaptive:
-            err = controller.error_ratio(s.y, y1, y_error)
+            err = groups.grouped(controller.error_ratio(s.y, y1, y_error))
             accept = err <= 1.0  # False for NaN
             err_finite = tf.math.is_finite(err)
             dt_next = controller.next_step(dt, err, solver.error_order)
-            # A step shortened to land on an output says nothing against the longer step
+            # A step shortened to land on a stop says nothing against the longer step
             # proposed before it.
             longer = tf.abs(s.dt) > tf.abs(dt_next)
             dt_next = tf.where(accept & hit & longer, s.dt, dt_next)
-        elif per_sample:
-            err_finite = samplewise_all([tf.math.is_finite(y) for y in y1])
-            accept = err_finite
-            dt_next = s.dt
         else:
-            finite = [tf.reduce_all(tf.math.is_finite(y)) for y in y1]
-            err_finite = tf.reduce_all(tf.stack(finite))
+            err_finite = groups.all_finite(y1)
             accept = err_finite
             dt_next = s.dt
-        if per_sample:
-            accept &= active
-            dt_next = tf.where(active, dt_next, s.dt)
-
-        def select(new, old):
-            return [tf.where(per_row(accept, a), a, b) for a, b in zip(new, old)]
-
-        y_new = select(y1, s.y)
+        accept &= active
+        dt_next = tf.where(active, dt_next, s.dt)
+        y_new = groups.select(accept, y1, s.y)
         if fsal:
-            f_new = select(f1, s.f)
-            fevals = trial_fevals
-        elif per_sample:
-            f_new = tf.cond(tf.reduce_any(accept), lambda: select(func(t1, y1), s.f),
-                            lambda: s.f)
-            fevals = trial_fevals + tf.cast(accept, tf.int32)
+            f_new = groups.select(accept, f1, s.f)
+            fevals = solver.trial_fevals
         else:
-            f_new = tf.cond(accept, lambda: func(t1, y1), lambda: s.f)
-            fevals = trial_fevals + tf.cast(accept, tf.int32)
+            f_new = tf.cond(tf.reduce_any(accept),
+                            lambda: groups.select(accept, func(lane(t1), y1), s.f),
+                            lambda: list(s.f))
+            fevals = solver.trial_fevals + tf.cast(accept, tf.int32)
         t_new = tf.where(accept, t1, s.t)
         if on_land is not None:
             landed = accept & hit
             y_new = on_land(s.i_out, landed, y_new)
             f_new = tf.cond(tf.reduce_any(landed),
-                            lambda: [tf.where(per_row(landed, a), a, b)
-                                     for a, b in zip(func(t_new, y_new), f_new)],
+                            lambda: groups.select(landed, func(lane(t_new), y_new), f_new),
                             lambda: list(f_new))
             fevals += tf.cast(landed, tf.int32)
-        # Written on every trial at the index of the next output; kept once it is hit.
-        if per_sample:
-            # A sample that is done writes its final state onto its last output again.
-            where = tf.stack([tf.minimum(s.i_out, num_out - 1), rows], axis=1)
-            ys_new = [tf.tensor_scatter_nd_update(out, where, y) for out, y in zip(s.ys, y_new)]
+        if save is None:
+            # Written on every trial at the next stop; kept once it is hit. A group that is
+            # done writes its final state onto its last stop again.
+            index = tf.minimum(s.i_out, num_stops - 1)[:, None]
+            values = [_outputs.rows(y, not groups.shared)[:, None] for y in y_new]
+            outputs = _outputs.write(s.outputs, index, tf.ones_like(index, tf.bool), values)
+            saved = s.saved
         else:
-            ys_new = [ta.write(s.i_out, y) for ta, y in zip(s.ys, y_new)]
+            rows_t = (tf.broadcast_to(t_new, tf.shape(s.saved)) if groups.shared else t_new)
+            saved = _outputs.count_through(save.keys, rows_t, save.sign)
+            dense_stages = stages + [f_new] if solver.dense_needs_f1 else stages
+            outputs = _save_step(solver, save, groups, s.outputs, s.saved, saved, s.t, dt, s.y,
+                                 dense_stages)
         i_out = tf.where(accept & hit, next_stop(s.i_out), s.i_out)
         k = tf.where(accept & hit, 0, s.k + tf.cast(accept, tf.int32))
-
-        # Written on every trial at the index of the next accepted step: a rejected
-        # trial's entry is overwritten by the retry. Per sample, at the next iteration
-        # in which some sample accepts.
-        new_record = dict(s.record)
-        at = s.entries if per_sample else s.num_steps
-        if "scalars" in new_record:
-            # A step of size 0 (a sample done) is recorded as 1: interpolation divides by it.
-            scalars = [s.t, tf.where(active, dt, tf.ones_like(dt)) if per_sample else dt]
-            if record:
-                scalars += [tf.cast(s.i_out, dtype), tf.cast(hit, dtype)]
-                if per_sample:
-                    scalars += [tf.cast(accept, dtype), tf.cast(s.previous, dtype)]
-            new_record["scalars"] = _log_write(s.record["scalars"], at, tf.stack(scalars))
-            if states is None:
-                new_record["y"] = [ta.write(at, y) for ta, y in zip(s.record["y"], s.y)]
-            elif states > 0:
-                new_record["y"], new_record["stride"] = _keep_thinned(
-                    s.record["y"], s.record["stride"], at, s.y, states)
-        if dense:
-            if solver.dense_needs_f1:
-                stages = stages + [f_new]
-            coefficients = solver.dense_coefficients(dt, stages)
-            new_record["c"] = [ta.write(at, c) for ta, c in zip(s.record["c"], coefficients)]
-
-        if per_sample:
-            num_trials = s.num_trials + tf.cast(active, tf.int32)
-            fevals *= tf.cast(active, tf.int32)
-        else:
-            num_trials = s.num_trials + 1
+        record = _record(s, dt, hit, accept, active, states, dtype)
+        num_trials = s.num_trials + tf.cast(active, tf.int32)
+        fevals *= tf.cast(active, tf.int32)
         if adaptive:
-            # Underflow: the proposed step no longer changes t in this precision. Only
-            # |t| sets the scale, not the output time: a transient at t = 0 may need
-            # steps far below the ulps of a distant output (scipy's `min_step` is 10
-            # ulps of t). Tested after a rejection only: an accepted landing step may
-            # be a few ulps long and is no failure. If the last trial was non-finite,
-            # that is the cause worth reporting.
+            # Underflow: the proposed step no longer changes t in this precision. Only |t|
+            # sets the scale, not the stop: a transient at t = 0 may need steps far below
+            # the ulps of a distant stop (scipy's `min_step` is 10 ulps of t). Tested
+            # after a rejection only: an accepted landing step may be a few ulps long and
+            # is no failure. If the last trial was non-finite, that is the cause.
             failed = tf.logical_not(accept) & (tf.abs(dt_next) <= few_ulps(tf.abs(t_new)))
             failure = tf.where(err_finite, int(Status.DT_UNDERFLOW), int(Status.NONFINITE))
         else:
             failed = tf.logical_not(accept)
             failure = tf.constant(int(Status.NONFINITE))
         status = tf.where(
-            i_out >= num_out,
-            int(Status.SUCCESS),
-            tf.where(
-                failed,
-                failure,
-                tf.where(num_trials >= max_steps, int(Status.MAX_STEPS_REACHED), _RUNNING),
-            ),
-        )
-        rejected = tf.logical_not(accept)
-        if per_sample:
-            status = tf.where(active, status, s.status)
-            rejected &= active
-        return (
-            _State(
-                t=t_new,
-                dt=dt_next,
-                y=y_new,
-                f=f_new,
-                i_out=i_out,
-                k=k,
-                num_trials=num_trials,
-                num_steps=s.num_steps + tf.cast(accept, tf.int32),
-                num_rejected=s.num_rejected + tf.cast(rejected, tf.int32),
-                num_fevals=s.num_fevals + fevals,
-                status=status,
-                ys=ys_new,
-                record=new_record,
-                entries=s.entries + tf.cast(tf.reduce_any(accept), tf.int32) if per_sample
-                else s.entries,
-                previous=tf.where(accept, at, s.previous) if per_sample else s.previous,
-            ),
-        )
+            i_out >= num_stops, int(Status.SUCCESS),
+            tf.where(failed, failure,
+                     tf.where(num_trials >= max_steps, int(Status.MAX_STEPS_REACHED), _RUNNING)))
+        rejected = tf.logical_not(accept) & active
+        return (_State(
+            t=t_new, dt=dt_next, y=y_new, f=f_new, i_out=i_out, k=k, num_trials=num_trials,
+            num_steps=s.num_steps + tf.cast(accept, tf.int32),
+            num_rejected=s.num_rejected + tf.cast(rejected, tf.int32),
+            num_fevals=s.num_fevals + fevals, status=tf.where(active, status, s.status),
+            outputs=outputs, saved=saved, record=record,
+            entries=s.entries + tf.cast(tf.reduce_any(accept), tf.int32),
+            covering=s.covering + tf.cast(tf.reduce_any(saved > s.saved), tf.int32),
+        ),)
 
-    zero = tf.zeros_like(t0, tf.int32)
-    # Non-finite times (XLA's report of times that are not monotone, see `_odeint`) fail
-    # at once too, rather than after `max_steps` trials that cannot advance.
-    times_finite = tf.reduce_all(tf.math.is_finite(ts))
-    if per_sample:
-        f0_finite = samplewise_all([tf.math.is_finite(f) for f in f0]) & times_finite
-    else:
-        f0_finite = tf.reduce_all(
-            tf.stack([tf.reduce_all(tf.math.is_finite(f)) for f in f0] + [times_finite])
-        )
-    # A solve whose stops all repeat the start (all padding) is done before any step.
-    i_out = next_stop(zero)
-    state = _State(
-        t=t0,
-        dt=dt0,
-        y=list(y0),
-        f=list(f0),
-        i_out=i_out,
-        k=zero,
-        num_trials=zero,
-        num_steps=zero,
-        num_rejected=zero,
-        num_fevals=num_fevals,
-        status=tf.where(i_out >= num_out, int(Status.SUCCESS),
-                        tf.where(f0_finite, _RUNNING, int(Status.NONFINITE))),
-        ys=ys,
-        record=recorded,
-        entries=tf.constant(0, tf.int32),
-        previous=zero - 1,
-    )
-    (state,) = tf.while_loop(
-        lambda s: tf.reduce_any(s.status == _RUNNING) if per_sample else s.status == _RUNNING,
-        body,
-        (state,),
-        maximum_iterations=max_steps,
-    )
-    # A stop that repeats the one before it is the same output: the state written at
-    # the first of its run. Outputs the solve did not reach are NaN, never a stale state.
-    ys_out = []
-    if per_sample:
-        first = tf.transpose(first)  # [len(ts), batch]
-        reached = first < state.i_out[None, :]
-    else:
-        reached = first < state.i_out
-    for out in state.ys:
-        stacked = out if per_sample else out.stack()
-        if per_sample:
-            stacked = tf.gather_nd(stacked, tf.stack(
-                [first, tf.broadcast_to(rows, tf.shape(first))], axis=-1))
-        else:
-            stacked = tf.gather(stacked, first)
-        mask = tf.reshape(reached, tf.concat(
-            [tf.shape(reached), [1] * (stacked.shape.rank - reached.shape.rank)], 0))
-        ys_out.append(tf.where(mask, stacked, tf.constant(float("nan"), stacked.dtype)))
+    return body
 
-    checkpoints = None
-    if record or dense:
-        rec = state.record
-        n = state.entries if per_sample else state.num_steps
-        # Entry n: where the solve ended, so that every accepted state has an entry.
-        last = [state.t, tf.ones_like(t0)]
-        if record:
-            last += [tf.cast(state.i_out, dtype), tf.zeros_like(t0)]
-            if per_sample:
-                last += [tf.zeros_like(t0), tf.cast(state.previous, dtype)]
-        end = {"scalars": _log_write(rec["scalars"], n, tf.stack(last), once=True)}
-        if states is None:
-            end["y"] = [ta.write(n, y) for ta, y in zip(rec["y"], state.y)]
-        if dense:
-            # The end's "interpolant" extends the last state linearly, y_n + (t - t_n) f_n
-            # (`dt` 1): it is y_n at t_n, and an output there takes the derivative of its
-            # time from it, as one inside a step does from that step's polynomial.
-            ends = [tf.concat([f[None], tf.zeros(tf.concat([[degree - 1], tf.shape(f)], 0),
-                                                 f.dtype)], 0) for f in state.f]
-            end["c"] = [ta.write(n, c) for ta, c in zip(rec["c"], ends)]
-        size = n + 1
-        # Each column a copy of its own: the log is freed once they are taken.
-        scalars = _log_read(end["scalars"], size)
-        checkpoints = Checkpoints(
-            t=scalars[:, 0],
-            dt=scalars[:, 1],
-            interval=tf.cast(scalars[:, 2], tf.int32) if record else (),
-            hit=scalars[:, 3] > 0 if record else (),
-            y=[_dense(ta, size, y) for ta, y in zip(end["y"], y0)] if states is None else
-            [_dense(ta, (n + rec["stride"] - 1) // rec["stride"], y, states + 1)
-             for ta, y in zip(rec["y"], y0)] if states else (),
-            c=[_dense(ta, size, c) for ta, c in zip(end["c"], ends)] if dense else (),
-            num_steps=n,
-            accepted=scalars[:, 4] > 0 if record and per_sample else (),
-            previous=tf.cast(scalars[:, 5], tf.int32) if record and per_sample else (),
-            stride=rec["stride"] if states else (),
-            y_end=list(state.y) if states is not None else (),
-            f_end=list(state.f) if states is not None else (),
-        )
-    stats = Stats(
-        num_steps=state.num_steps,
-        num_rejected=state.num_rejected,
-        num_fevals=state.num_fevals,
-    )
-    status = tf.where(
-        state.status == _RUNNING, int(Status.MAX_STEPS_REACHED), state.status
-    )
-    return Trajectory(
-        ys=ys_out, stats=stats, status=status, t_final=state.t, checkpoints=checkpoints,
-        y_final=list(state.y),
+
+def _record(s, dt, hit, accept, active, states, dtype):
+    """The checkpoint buffers after this trial, written at the index of the next accepted
+    step (a rejected trial's entry is overwritten by the retry)."""
+    if not s.record:
+        return s.record
+    new = dict(s.record)
+    # A step of size 0 (a group that is done) is recorded as 1: the replay divides by it.
+    scalars = [s.t, tf.where(active, dt, tf.ones_like(dt)), tf.cast(s.i_out, dtype),
+               tf.cast(hit, dtype), tf.cast(accept, dtype)]
+    new["scalars"] = _log_write(s.record["scalars"], s.entries, tf.stack(scalars))
+    if states is None:
+        new["y"] = [ta.write(s.entries, y) for ta, y in zip(s.record["y"], s.y)]
+    elif states > 0:
+        new["y"], new["stride"] = _keep_thinned(s.record["y"], s.record["stride"], s.entries,
+                                                s.y, states)
+    return new
+
+
+def _checkpoints(state, y0, states, dtype):
+    """The recorded steps as `Checkpoints`, with the end of the solve as entry `num_steps`."""
+    rec, n = state.record, state.entries
+    ones = tf.ones_like(state.t)
+    last = [state.t, ones, tf.cast(state.i_out, dtype), 0 * ones, 0 * ones]
+    scalars = _log_read(_log_write(rec["scalars"], n, tf.stack(last), once=True), n + 1)
+    if states is None:
+        y = [_dense(ta.write(n, y_n), n + 1, like) for ta, y_n, like in zip(rec["y"], state.y, y0)]
+    elif states > 0:
+        y = [_dense(ta, (n + rec["stride"] - 1) // rec["stride"], like, states + 1)
+             for ta, like in zip(rec["y"], y0)]
+    else:
+        y = ()
+    # Each column a copy of its own: the log is freed once they are taken.
+    return Checkpoints(
+        t=scalars[:, 0], dt=scalars[:, 1], interval=tf.cast(scalars[:, 2], tf.int32),
+        hit=scalars[:, 3] > 0, accepted=scalars[:, 4] > 0, y=y, num_steps=n,
+        stride=rec["stride"] if states else (),
+        y_end=list(state.y) if states is not None else (),
+        f_end=list(state.f) if states is not None else (),
     )

@@ -11,7 +11,7 @@ from tfaca._control import StepSizeController
 from tfaca._gradients import get_gradient
 from tfaca._loop import graph_assert, in_xla_context, raise_on_failure
 from tfaca._solution import Solution
-from tfaca._solvers import ALF, get_solver
+from tfaca._solvers import get_solver
 
 _LOW_PRECISION = (tf.float16, tf.bfloat16)
 
@@ -518,10 +518,6 @@ def solve(
                         "as its leading axis. Received: state components of shapes "
                         f"{[x.shape for x in y0_flat]}"
                     )
-        if per_sample and isinstance(solver, ALF):
-            raise ValueError(
-                'method="alf" does not support per_sample=True yet: use a Runge–Kutta '
-                "method, or per_sample=False. Received: per_sample=True")
         if times_per_sample:
             if not interpolate and not per_sample:
                 raise ValueError(

@@ -1,7 +1,7 @@
-"""Where outputs come from: stepping onto them, or interpolating between the steps.
+"""Where outputs come from: stepping onto them, or reading them inside the steps.
 
 The loop (`_loop.integrate`) steps onto a list of times, the *stops*. This module decides
-what they are and how the outputs are read (the idea of diffrax's `SaveAt`):
+what they are and how outputs are read (the idea of diffrax's `SaveAt`):
 
 - `interpolate=False`: the stops are the output times; every output is a step's end
   (exact to the step's accuracy), and `len(ts) - 1` intervals cost at least as many
@@ -10,34 +10,40 @@ what they are and how the outputs are read (the idea of diffrax's `SaveAt`):
   the steps are chosen by error control alone, and each output is read from the
   continuous extension of the accepted step it falls in (`AbstractSolver.dense_weights`:
   fourth order for Dopri5 and Tsit5, cubic Hermite for the others), as torchdiffeq,
-  TorchDiffEqPack, diffrax and TFP do. Outputs then cost no steps and no evaluations of
-  `func`: one gather and a polynomial per output. With two times there is nothing to
-  interpolate and the two modes are the same solve.
+  TorchDiffEqPack, diffrax and TFP do: when the step is accepted, inside the loop, from
+  its stages. Outputs then cost no steps and no evaluations of `func`, and nothing is
+  kept per step for them. With two times there is nothing to interpolate and the two
+  modes are the same solve.
 
-Times per sample (`ts` of shape `(batch, n)`, the state's leading axis being the batch)
-are interpolated: one solve runs from the common start `ts[:, 0]` to the time farthest
-from it, and sample `b` is read at its own `ts[b, :]`. A row may end in repeats of its
-last time (padding for series with fewer observations): a repeated time gives the same
-state as the one before it, and the caller (`_odeint`) cuts it from every gradient.
+Output times have a leading axis of *rows*: one row for times the batch shares, or one
+per sample (`ts` of shape `(batch, n)`, the state's leading axis being the batch; or
+shared times with per-sample steps). A row may end in repeats of its last time (padding
+for series with fewer observations): a repeated time gives the same state as the one
+before it, and the caller (`_odeint`) cuts it from every gradient.
 
-Reading outputs is vectorized after the loop (`evaluate`): each output time is located
-among the accepted steps' starts by a binary search, and its polynomial evaluated from
-that step's recorded coefficients. `pullback` is its transpose, for ACA's backward pass:
-it turns the outputs' cotangents into cotangents on each step's start state and
-coefficients (segment sums), and gives the output times' gradients through the
-polynomial's derivative.
+An output at `tau` inside step `(t_i, dt_i, y_i)` with stages `k_s` is
+`y_i + dt_i sum_s b_s(theta) k_s`, `theta = (tau - t_i) / dt_i` in `(0, 1]`,
+`b_s(theta) = sum_p w[s][p] theta^(p + 1)`. The outputs a step covers are those with
+`t_i < tau <= t_i + dt_i` (in the direction of time): counted by a binary search of the
+step's two ends among the row's times, the same way forward and backward.
 """
 
 from typing import Any, NamedTuple
 
+import numpy as np
 import tensorflow as tf
+
+# Outputs evaluated together inside a step: one small matmul per chunk. A step that
+# covers more runs the chunk loop again; one that covers none runs it zero times.
+CHUNK = 8
 
 
 class Plan(NamedTuple):
     """How a solve produces its outputs.
 
     Attributes:
-        stops: 1-D times the loop steps onto (`ts` itself, or `[t0, t_end]`).
+        stops: the times the loop steps onto (`ts` itself, or `[t0, t_end]`); `[S]`, or
+            `[batch, S]` with per-sample steps and times per sample.
         ts: the times to interpolate at, every output time after the start (`[n - 1]`,
             or `[batch, n - 1]` per sample), or None when the outputs are the states at
             the stops. The first output is `y0` itself.
@@ -68,10 +74,8 @@ def plan(ts, interpolate, per_sample=False):
     if ts.shape.rank == 2:
         t0 = common_start(ts)
         # The row whose last time lies farthest from the start ends the solve (the start
-        # itself when none leaves it, or the batch is empty). The outputs at the end of
-        # the solve take their time's gradient each through their own time (`evaluate`
-        # extends the last state linearly), so rows that end there together each get
-        # theirs; the rest of the end's gradient reaches that row's entry.
+        # itself when none leaves it, or the batch is empty). The outputs there take
+        # their time's gradient each through their own time.
         ends = tf.concat([last, [t0]], 0)
         t_end = tf.gather(ends, tf.argmax(tf.abs(ends - t0)))
         return Plan(stops=tf.stack([t0, t_end]), ts=ts[:, 1:])
@@ -97,156 +101,210 @@ def direction(plan):
     return tf.sign(tf.reduce_sum(plan.stops[..., -1] - plan.stops[..., 0]))
 
 
-def locate(t, dt, num_steps, ts, sign):
-    """The accepted step each output time lies in, and where in it.
-
-    Args:
-        t, dt: `[size]` step starts and sizes; entries past `num_steps` are unused
-            (XLA's static buffers), entry `num_steps` is the end of the solve. With
-            per-sample steps `[size, batch]`, and `ts` is then `[batch, n]`: sample
-            `b` is searched among its own start times `t[:, b]`, non-decreasing, where
-            the last entry at or before a time is the step that contains it (earlier
-            entries with the same start are the sample's rejected trials or waits).
-        num_steps: int32 scalar.
-        ts: output times, `[n]` or `[batch, n]`.
-        sign: the direction of time (`direction(plan)`).
-
-    Returns:
-        `(index, theta)` shaped like `ts`: the step `i` with `t[i] <= ts < t[i + 1]`
-        (in the direction of time) and `theta = (ts - t[i]) / dt[i]` in `[0, 1)`; a time
-        on the end of the solve gets `index = num_steps`, `theta = 0`.
-    """
-    used = tf.range(tf.shape(t)[0]) <= num_steps
-    if t.shape.rank == 2:
-        used = used[:, None]
-    # Ascending keys for the binary search, whichever way time runs; unused entries last.
-    keys = tf.where(used, sign * t, tf.constant(float("inf"), t.dtype))
-    if t.shape.rank == 2:
-        index = tf.searchsorted(tf.transpose(keys), sign * ts, side="right") - 1
-        index = tf.clip_by_value(index, 0, num_steps)
-        t_i = tf.gather(tf.transpose(t), index, batch_dims=1)
-        dt_i = tf.gather(tf.transpose(dt), index, batch_dims=1)
-        return index, (ts - t_i) / dt_i
-    flat = tf.reshape(sign * ts, [-1])
-    index = tf.searchsorted(keys, flat, side="right") - 1
-    index = tf.reshape(tf.clip_by_value(index, 0, num_steps), tf.shape(ts))
-    # `dt` of entry num_steps is 1: theta = 0 there, whatever the time.
-    theta = (ts - tf.gather(t, index)) / tf.gather(dt, index)
-    return index, theta
+def rows(x, by_batch):
+    """A state component laid out by rows: `[R, ...]` (a leading 1 when rows are shared)."""
+    return x if by_batch else x[None]
 
 
-def _gather(x, index, per_sample):
-    """`x[index]` for `[size, ...]` records; per sample, `x[index[b, k], b]`, laid out
-    `[n, batch, ...]` (output axis first, as a solve's `ys`)."""
-    if not per_sample:
-        return tf.gather(x, index)
-    index = tf.transpose(index)  # [n, batch]
-    rows = tf.broadcast_to(tf.range(tf.shape(index)[1]), tf.shape(index))
-    return tf.gather_nd(x, tf.stack([index, rows], axis=-1))
+def unrows(x, by_batch):
+    """The inverse of `rows` on `[R, ...]`."""
+    return x if by_batch else x[0]
 
 
-def _expand_like(theta, x, per_sample):
-    """`theta` (`[n]` or `[batch, n]`) laid out `[n, (batch,) 1, ...]` to scale `x`."""
-    if per_sample:
-        theta = tf.transpose(theta)
-    trailing = tf.ones([x.shape.rank - theta.shape.rank], tf.int32)
-    return tf.reshape(theta, tf.concat([tf.shape(theta), trailing], 0))
+def count_through(keys, t_rows, sign):
+    """`[R]` int32: how many of each row's output times lie at or before `t_rows` (`[R]`),
+    in the direction of time. `keys`: `sign * ts`, `[R, n]`, non-decreasing."""
+    return tf.searchsorted(keys, (sign * t_rows)[:, None], side="right", out_type=tf.int32)[:, 0]
 
 
-def evaluate(checkpoints, ts, t_final, sign):
-    """The solution at `ts` from the recorded steps: a flat list of `[n, ...]` tensors.
-
-    Per sample (`ts` of shape `[batch, n]`), entry `[k, b]` is sample `b` at `ts[b, k]`.
-    Outputs past `t_final` (a failed solve) are NaN, never a stale state. `sign`: the
-    direction of time. Checkpoints of per-sample steps need `ts` of shape `[batch, n]`
-    and `t_final` of shape `[batch]`.
-    """
-    cp = checkpoints
-    per_sample = ts.shape.rank == 2
-    index, theta = locate(cp.t, cp.dt, cp.num_steps, ts, sign)
-    if t_final.shape.rank == 1:
-        t_final = t_final[:, None]
-    reached = sign * (ts - t_final) <= 0
-    ys = []
-    for y, c in zip(cp.y, cp.c):
-        out = _gather(y, index, per_sample)
-        th = _expand_like(theta, out, per_sample)
-        degree = c.shape[1]
-        # Horner's rule on theta * (c_1 + theta * (c_2 + ...)), each c_p gathered alone.
-        poly = _gather(c[:, degree - 1], index, per_sample)
-        for p in range(degree - 2, -1, -1):
-            poly = _gather(c[:, p], index, per_sample) + th * poly
-        out = out + th * poly
-        nan = tf.constant(float("nan"), out.dtype)
-        ys.append(tf.where(_expand_like(reached, out, per_sample), out, nan))
-    return ys
+def stage_weights(solver, theta, derivative=False):
+    """`b_s(theta)` (`[..., S]`), or its derivative `b_s'(theta)`, from the solver's
+    continuous extension (`dense_weights`, `[S][degree]`)."""
+    w = np.asarray(solver.dense_weights, dtype=np.float64)  # [S, degree]
+    degree = w.shape[1]
+    if derivative:
+        w = w * np.arange(1, degree + 1)[None, :]
+        powers, power = [tf.ones_like(theta)], tf.ones_like(theta)
+    else:
+        powers, power = [theta], theta
+    for _ in range(degree - 1):
+        power = power * theta
+        powers.append(power)
+    stacked = tf.stack(powers, axis=-1)  # [..., degree]
+    return tf.tensordot(stacked, tf.constant(w.T, theta.dtype), 1)
 
 
-def _segment_sum(values, index, size, per_sample):
-    """Sums `values` (`[n, ...]`, or `[n, batch, ...]` per sample) into `[size, ...]` by
-    the step each output lies in (per sample, by step and sample)."""
-    if not per_sample:
-        return tf.math.unsorted_segment_sum(values, index, size)
-    index = tf.transpose(index)  # [n, batch], as values
-    batch = tf.shape(index)[1]
-    segments = index * batch + tf.range(batch)
-    summed = tf.math.unsorted_segment_sum(values, segments, size * batch)
-    return tf.reshape(summed, tf.concat([[size, batch], tf.shape(values)[2:]], 0))
+def _flat_rows(x, by_batch):
+    r = rows(x, by_batch)
+    shape = tf.shape(r)
+    return tf.reshape(r, tf.stack([shape[0], tf.reduce_prod(shape[1:])])), shape[1:]
 
 
-def _inner(a, b, per_sample):
-    """Inner products over the state axes: `[n]`, or `[n, batch]` per sample."""
-    axes = list(range(2 if per_sample else 1, a.shape.rank))
-    return tf.reduce_sum(a * b, axis=axes)
+def combine(weights, stages, by_batch):
+    """`sum_s weights[r, c, s] k_s[r]` for each state component: `[R, C, ...]` per
+    component. `weights`: `[R, C, S]`; `stages`: `S` flat lists of state components."""
+    out = []
+    for n in range(len(stages[0])):
+        flat = [_flat_rows(k[n], by_batch) for k in stages]
+        k = tf.stack([f for f, _ in flat], axis=1)  # [R, S, D]
+        v = tf.matmul(weights, k)  # [R, C, D]
+        out.append(tf.reshape(v, tf.concat([tf.shape(weights)[:2], flat[0][1]], 0)))
+    return out
 
 
-class Pullback(NamedTuple):
-    """The outputs' cotangents carried back onto the recorded steps (see `pullback`)."""
-
-    g_y: Any  # flat list of [size, ...]: on each step's start state
-    g_c: Any  # flat list of [size, degree, ...]: on each step's coefficients
-    g_t: Any  # [size] (per-sample steps: [size, batch]): on each step's start time
-    g_dt: Any  # [size] (per-sample steps: [size, batch]): on each step's size
-    g_ts: Any  # like ts: on the output times
+def expand(v, like):
+    """`[R, C]` laid out to scale `[R, C, ...]`."""
+    return tf.reshape(v, tf.concat([tf.shape(v), tf.ones([like.shape.rank - 2], tf.int32)], 0))
 
 
-def pullback(checkpoints, ts, g_ys, sign):
-    """The transpose of `evaluate` for given output cotangents `g_ys`.
+def interpolate(solver, y, stages, dt_rows, theta, by_batch):
+    """The step's continuous extension at `theta` (`[R, C]`): `[R, C, ...]` per component."""
+    scale = dt_rows[:, None, None] * stage_weights(solver, theta)
+    increments = combine(scale, stages, by_batch)
+    return [rows(y_n, by_batch)[:, None] + inc for y_n, inc in zip(y, increments)]
 
-    An output is `y = y_i + sum_p theta^p c_{i,p}` with `theta = (ts - t_i) / dt_i`, so
-    its cotangent `g` gives `g` on `y_i`, `theta^p g` on `c_{i,p}`, and, through
-    `u = <g, dy/dtheta>`, `u / dt_i` on its time, `-u / dt_i` on `t_i` and
-    `-u theta / dt_i` on `dt_i`. Summed per step (and per sample) with segment sums.
-    """
-    cp = checkpoints
-    per_sample = ts.shape.rank == 2
-    size = tf.shape(cp.t)[0]
-    index, theta = locate(cp.t, cp.dt, cp.num_steps, ts, sign)
-    g_y, g_c, u = [], [], 0.0
-    for y, c, g in zip(cp.y, cp.c, g_ys):
-        th = _expand_like(theta, g, per_sample)
-        g_y.append(_segment_sum(g, index, size, per_sample))
-        degree = c.shape[1]
-        powers, power = [], th
-        for _ in range(degree):
-            powers.append(_segment_sum(power * g, index, size, per_sample))
-            power = power * th
-        # dy/dtheta = sum_p (p + 1) theta^p c_p, by Horner's rule.
-        derivative = degree * _gather(c[:, degree - 1], index, per_sample)
-        for p in range(degree - 2, -1, -1):
-            derivative = (p + 1) * _gather(c[:, p], index, per_sample) + th * derivative
-        g_c.append(tf.stack(powers, axis=1))
-        u += _inner(g, derivative, per_sample)
-    if per_sample:
-        u = tf.transpose(u)  # [batch, n], as ts
-    if cp.t.shape.rank == 2:  # per-sample steps: [size, batch]
-        dt = tf.gather(tf.transpose(cp.dt), index, batch_dims=1)
-        transposed = lambda x: tf.transpose(x)[..., None]  # noqa: E731  [n, batch, 1]
-        g_t = _segment_sum(transposed(-u / dt), index, size, True)[..., 0]
-        g_dt = _segment_sum(transposed(-u * theta / dt), index, size, True)[..., 0]
-        return Pullback(g_y=g_y, g_c=g_c, g_t=g_t, g_dt=g_dt, g_ts=u / dt)
-    dt = tf.gather(cp.dt, index)
-    flat = tf.reshape(index, [-1])
-    g_t = tf.math.unsorted_segment_sum(tf.reshape(-u / dt, [-1]), flat, size)
-    g_dt = tf.math.unsorted_segment_sum(tf.reshape(-u * theta / dt, [-1]), flat, size)
-    return Pullback(g_y=g_y, g_c=g_c, g_t=g_t, g_dt=g_dt, g_ts=u / dt)
+
+class Buffer(NamedTuple):
+    """The outputs of a solve as the loop writes them: per state component a TensorArray of
+    `n * R + 1` entries, entry `k * R + r` being output `k` of row `r` (the last entry
+    takes writes that keep nothing). Written in place under XLA; outside XLA each entry
+    is a tensor of its own, so a write costs what it writes, never the whole buffer."""
+
+    arrays: Any
+    size: Any  # n, the number of outputs per row
+    num_rows: Any  # R
+    by_batch: bool
+
+
+def new_buffer(y0, size, num_rows, by_batch):
+    """A `Buffer` with every output set to `y0` (outputs at the start are `y0`)."""
+    arrays = []
+    for y in y0:
+        r = rows(y, by_batch)
+        element = r.shape[1:]
+        ta = tf.TensorArray(y.dtype, size=size * num_rows + 1, element_shape=element,
+                            clear_after_read=False)
+        tiled = tf.broadcast_to(r[None], tf.concat([[size + 1], tf.shape(r)], 0))
+        flat = tf.reshape(tiled, tf.concat([[-1], tf.shape(r)[1:]], 0))
+        arrays.append(ta.scatter(tf.range(size * num_rows + 1), flat[:size * num_rows + 1]))
+    return Buffer(arrays, size, num_rows, by_batch)
+
+
+def write(buffer, index, valid, values):
+    """Writes `values` (per component `[R, C, ...]`) at outputs `index` (`[R, C]`) where
+    `valid`."""
+    r = tf.range(buffer.num_rows)[:, None]
+    flat = tf.reshape(tf.where(valid, index * buffer.num_rows + r,
+                               buffer.size * buffer.num_rows), [-1])
+    arrays = []
+    for ta, v in zip(buffer.arrays, values):
+        arrays.append(ta.scatter(flat, tf.reshape(v, tf.concat([[-1], tf.shape(v)[2:]], 0))))
+    return buffer._replace(arrays=arrays)
+
+
+def read(buffer, like):
+    """The outputs, `[n, ...]` (`[n, batch, ...]` by rows), per component of `like`."""
+    out = []
+    for ta, y in zip(buffer.arrays, like):
+        stacked = ta.gather(tf.range(buffer.size * buffer.num_rows))
+        shaped = tf.reshape(stacked, tf.concat([[buffer.size, buffer.num_rows],
+                                                tf.shape(stacked)[1:]], 0))
+        out.append(shaped if buffer.by_batch else shaped[:, 0])
+    return out
+
+
+def cotangent_rows(g_ys, by_batch):
+    """Output cotangents (`[n, ...]`, or `[n, batch, ...]`) laid out `[R, n, ...]`."""
+    if not by_batch:
+        return [g[None] for g in g_ys]
+    return [tf.transpose(g, [1, 0] + list(range(2, g.shape.rank))) for g in g_ys]
+
+
+class StepPullback(NamedTuple):
+    """The cotangents that a step's outputs send back onto the step (`pullback_step`)."""
+
+    g_y: Any  # per component, [R, ...]: on the step's start state
+    g_stages: Any  # per stage, per component, [R, ...]: on the stage
+    g_t: Any  # [R]: on the step's start time
+    g_dt: Any  # [R]: on its size
+    g_ts: Any  # [R, n]: on the output times, accumulated
+
+
+def pullback_step(solver, ts_rows, lo, hi, t_rows, dt_rows, stages, g_rows, g_ts, by_batch):
+    """The transpose of the outputs a step writes: for the outputs `lo <= k < hi` of each row
+    inside the step `(t_rows, dt_rows)` (`[R]`) with stage values `stages`, and their
+    cotangents `g_rows` (`cotangent_rows`), the cotangents on the step's start, stages, time
+    and size, and (added to `g_ts`, `[R, n]`) on the output times.
+
+    An output is `y + dt sum_s b_s(theta) k_s` with `theta = (tau - t) / dt`; with
+    `D = sum_s b_s'(theta) k_s` (its derivative in time) and `V = sum_s b_s(theta) k_s`, its
+    cotangent `g` gives `g` on `y`, `dt b_s(theta) g` on `k_s`, `<g, D>` on `tau`,
+    `-<g, D>` on `t` and `<g, V> - theta <g, D>` on `dt`."""
+    size = tf.shape(ts_rows)[1]
+    num_rows = tf.shape(ts_rows)[0]
+    chunk = CHUNK if ts_rows.shape[1] is None else max(1, min(ts_rows.shape[1] - 1, CHUNK))
+    flats = [[_flat_rows(k[n], by_batch) for k in stages] for n in range(len(stages[0]))]
+    k_stacked = [tf.stack([f for f, _ in flat], axis=1) for flat in flats]  # [R, S, D]
+    shapes = [flat[0][1] for flat in flats]
+    dtype = ts_rows.dtype
+
+    def body(c0, g_y, g_st, g_t, g_dt, g_ts):
+        index = lo[:, None] + c0 + tf.range(chunk)[None]
+        valid = index < hi[:, None]
+        safe = tf.minimum(index, size - 1)
+        theta = (tf.gather(ts_rows, safe, batch_dims=1) - t_rows[:, None]) / dt_rows[:, None]
+        theta = tf.where(valid, theta, tf.zeros_like(theta))
+        b = stage_weights(solver, theta)
+        b_prime = stage_weights(solver, theta, derivative=True)
+        u, w = 0.0, 0.0
+        g_y, g_st = list(g_y), list(g_st)
+        for n, (k, g_full) in enumerate(zip(k_stacked, g_rows)):
+            g = tf.gather(g_full, safe, batch_dims=1)  # [R, C, ...]
+            g = tf.reshape(g, tf.stack([num_rows, chunk, -1]))
+            g = tf.where(valid[:, :, None], g, tf.zeros_like(g))
+            g_y[n] += tf.reduce_sum(g, axis=1)
+            g_st[n] += dt_rows[:, None, None] * tf.matmul(b, g, transpose_a=True)  # [R, S, D]
+            u += tf.reduce_sum(g * tf.matmul(b_prime, k), axis=2)
+            w += tf.reduce_sum(g * tf.matmul(b, k), axis=2)
+        u = tf.where(valid, u, tf.zeros_like(u))
+        w = tf.where(valid, w, tf.zeros_like(w))
+        where = tf.stack([tf.broadcast_to(tf.range(num_rows)[:, None], tf.shape(index)), safe], -1)
+        g_ts = tf.tensor_scatter_nd_add(g_ts, tf.reshape(where, [-1, 2]), tf.reshape(u, [-1]))
+        return (c0 + chunk, g_y, g_st, g_t - tf.reduce_sum(u, 1),
+                g_dt + tf.reduce_sum(w - theta * u, 1), g_ts)
+
+    zeros_rows = tf.zeros([num_rows], dtype)
+    init = (tf.constant(0, tf.int32), [tf.zeros_like(k[:, 0]) for k in k_stacked],
+            [tf.zeros_like(k) for k in k_stacked], zeros_rows, zeros_rows, g_ts)
+    max_chunks = None if ts_rows.shape[1] is None else -(-ts_rows.shape[1] // chunk)
+    _, g_y, g_st, g_t, g_dt, g_ts = tf.while_loop(
+        lambda c0, *_: tf.reduce_any(lo + c0 < hi), body, init, maximum_iterations=max_chunks)
+    unflat = lambda x, shape: unrows(tf.reshape(x, tf.concat([[num_rows], shape], 0)), by_batch)  # noqa: E731
+    g_y = [unflat(g, shape) for g, shape in zip(g_y, shapes)]
+    g_stages = [[unflat(g_st[n][:, s], shapes[n]) for n in range(len(shapes))]
+                for s in range(len(stages))]
+    return StepPullback(g_y=g_y, g_stages=g_stages, g_t=g_t, g_dt=g_dt, g_ts=g_ts)
+
+
+def dot_covered(solver, ts_rows, lo, hi, t_rows, dt_rows, y, stages, g_rows, by_batch):
+    """`sum <g_k, y(tau_k)>` over the outputs `lo <= k < hi` of each row inside a step, as a
+    differentiable function of the step (ACA's second-order path)."""
+    size = tf.shape(ts_rows)[1]
+    chunk = CHUNK if ts_rows.shape[1] is None else max(1, min(ts_rows.shape[1] - 1, CHUNK))
+
+    def body(c0, total):
+        index = lo[:, None] + c0 + tf.range(chunk)[None]
+        valid = index < hi[:, None]
+        safe = tf.minimum(index, size - 1)
+        theta = (tf.gather(ts_rows, safe, batch_dims=1) - t_rows[:, None]) / dt_rows[:, None]
+        values = interpolate(solver, y, stages, dt_rows, theta, by_batch)
+        for v, g_full in zip(values, g_rows):
+            g = tf.gather(g_full, safe, batch_dims=1)
+            total += tf.reduce_sum(tf.where(expand(valid, v), g * v, tf.zeros_like(v)))
+        return c0 + chunk, total
+
+    max_chunks = None if ts_rows.shape[1] is None else -(-ts_rows.shape[1] // chunk)
+    _, total = tf.while_loop(lambda c0, _: tf.reduce_any(lo + c0 < hi), body,
+                             (tf.constant(0, tf.int32), tf.zeros([], ts_rows.dtype)),
+                             maximum_iterations=max_chunks)
+    return total

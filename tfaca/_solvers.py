@@ -87,6 +87,11 @@ class AbstractSolver:
     tableau: ButcherTableau = None
     order: int = None
     error_order: int = None
+    # Capabilities the gradient strategies check (never a solver's class): whether a step
+    # is rebuilt from its start state alone (ACA's replay), and whether it can be undone
+    # from its end (MALI).
+    replayable = True
+    invertible = False
 
     def __init__(self):
         if not isinstance(self.tableau, ButcherTableau):
@@ -458,6 +463,8 @@ class ALF(AbstractSolver):
     fsal = True
     trial_fevals = 1
     dense_needs_f1 = False
+    replayable = False
+    invertible = True
     # y1 = y0 + h (v0 + v1) / 2: the stages are (v0, v1), the slopes at both ends.
     dense_weights = _hermite((0.5, 0.5), 2)
 

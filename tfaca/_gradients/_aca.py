@@ -1,0 +1,344 @@
+"""ACA, the adaptive checkpoint adjoint (Zhuang, Dvornek, Li, Tatikonda, Papademetris &
+Duncan, "Adaptive Checkpoint Adjoint Method for Gradient Estimation in Neural ODE",
+ICML 2020), and its checkpoint budget.
+
+- forward: run the loop with nothing recorded on the tape; keep, for each accepted step
+  `i`, only its start `(t_i, dt_i, y_i)` (the checkpoints);
+- backward, for `i = N - 1 ... 0`: add the cotangent of any stop that step `i` lands on,
+  rebuild the step from `y_i` under a local `tf.GradientTape` and pull the cotangent `a`
+  back through it: `a <- a^T dy_{i+1}/dy_i`, and accumulate `a^T dy_{i+1}/d(args,
+  variables, t_i, dt_i)`; the local graph is dropped after each step.
+
+The result is the exact gradient of the discrete map `y0 -> y(ts)` made of the accepted
+steps, with their sizes held fixed ("discretise-then-optimise"). Within an interval
+`[s_{j-1}, s_j]` between the stops, a step starts at `t_i = s_{j-1} + (fixed offset)` and
+the step that lands on `s_j` has size `s_j - t_i`; that is how the gradient reaches the
+start and the end. An output at `tau` inside step `i` is read from the step's
+interpolant (`_outputs`); the replay of step `i` pulls its cotangent back through the
+same interpolant onto `y_i`, the step's stages, `t_i`, `dt_i` and `tau`, evaluating the
+interpolant's last stage `f(t_{i+1}, y_{i+1})` only for a step with outputs inside.
+
+One replay serves shared and per-sample steps (an entry is then one iteration of the
+loop: every group's trial from its own `(t_i, dt_i, y_i)`, of which those in
+`accepted[i]` were kept; the others get a zero cotangent and keep theirs), every output
+mode, and the checkpoint budget (`ACAGradient(checkpoints=K)`: at most `K` states kept,
+each segment between two of them rebuilt forward before it is replayed).
+
+Costs: memory O(N * state) for the checkpoints (O(K * state) with a budget) plus one
+step's graph; time one replay of each accepted step (the stages `y_{i+1}` needs and
+their vector-Jacobian products; one more stage for a step with outputs inside), never
+the rejected trials. The replay also checks that each rebuilt `y_{i+1}` is the one the
+forward pass accepted: a `func` that is not a function of `(t, y)` alone (it draws
+random numbers, or reads state that changed) would otherwise give the gradient of
+another computation than the one whose loss was taken.
+
+Second derivatives (Hessian-vector products, gradient penalties): when a tape records
+the backward pass, ACA differentiates the accepted steps rebuilt from `y0` instead of
+the constant checkpoints, so the gradient is itself exactly differentiable (memory then
+grows with every accepted step's graph, as backprop through the accepted steps would).
+"""
+
+import math
+import numbers
+import tensorflow as tf
+from tensorflow.python.eager import record as tape_record
+
+from tfaca import _outputs
+from tfaca._gradients._base import (
+    SECOND_ORDER, AbstractGradient, check_replay, compiled, differs, dot, forward_solve,
+    loop_options, solve_with_custom_gradient, sources_with, times_of,
+)
+from tfaca._gradients._replay import (
+    add_landed, onto_stops, setting_of, to_groups, to_rows,
+)
+from tfaca._loop import in_xla_context
+
+
+class ACAGradient(AbstractGradient):
+    """The adaptive checkpoint adjoint: exact gradients of the accepted steps (default).
+
+    Gradients reach `y0`, `args`, every entry of `ts`, the variables that `func` reads
+    (Keras weights included) and tensors it closes over. The backward pass evaluates
+    `func` once per stage that the solution uses (6 for Dopri5 and Tsit5, whose seventh,
+    FSAL, stage only serves the next step) per accepted step, and with interpolated
+    outputs one more at the end of the solve (`Stats.num_fevals_backward`).
+
+    Checkpoints are kept only when a gradient may be asked for: a solve traced or run
+    with no `tf.GradientTape` active (Keras' `predict` and `evaluate`, a served
+    SavedModel, eager inference) writes none. A `tf.function` traced with no tape active
+    and later differentiated by a tape around its call solves forward again in its
+    backward pass to record them (one more forward solve, not counted in
+    `num_fevals_backward`).
+
+    The replay checks that it rebuilds the states the forward pass accepted (to
+    `sqrt(eps)` relative): if `func` is not a deterministic function of `(t, y)` (it draws
+    random numbers, or reads a variable that changed between the forward and the
+    backward pass) the gradient raises (`InvalidArgumentError` in a graph) instead of
+    silently belonging to another computation; under XLA, or with `throw=False`, the
+    gradients are NaN instead. `ODELayer` makes Keras' random layers (Dropout, noise)
+    draw once per call, so they pass; in `solve`, draw the randomness outside `func` and
+    pass it in `args`.
+    """
+
+    name = "aca"
+
+    def __init__(self, checkpoints=None):
+        if checkpoints is not None and (
+                not isinstance(checkpoints, numbers.Integral) or isinstance(checkpoints, bool)
+                or checkpoints < 1):
+            raise ValueError(
+                "`checkpoints` must be None (keep every accepted step) or a positive int, "
+                f"the number of states to keep. Received: checkpoints={checkpoints!r}")
+        self.checkpoints = None if checkpoints is None else int(checkpoints)
+
+    def options(self):
+        return {"checkpoints": self.checkpoints}
+
+    def solve(self, solver, controller, func, plan, y0, args, *, throw=True, jit=False,
+              **loop_kwargs):
+        if not solver.replayable:
+            raise ValueError(
+                f"method={solver!r} carries more than the state from step to step (ALF "
+                "carries an approximation of dy/dt), which ACA's replay does not keep: use "
+                'gradient="mali" (exact for the ALF steps, no states kept), "naive" or '
+                '"adjoint". Received: gradient="aca"')
+        budget = self.checkpoints
+        options = loop_options(controller, loop_kwargs)
+
+        def forward_with(record):
+            forward = forward_solve(solver, func, jit, record=record, states=budget)
+            return lambda times, y0, args: forward(times, y0, args, options)
+
+        # Checkpoints only when a tape may ask for the gradient (see the class docstring);
+        # a plain graph, or a compiled loop that returns them, cannot drop them later.
+        record = tape_record.could_possibly_record()
+        per_sample = loop_kwargs.get("per_sample", False)
+
+        def backward(trajectory, times, y0, sources, g_ys, variables, differentiable):
+            if not record:
+                with tape_record.stop_recording():
+                    trajectory = forward_with(True)(times, y0, args)
+            if differentiable:
+                f = lambda t, y: func(t, y, args)  # noqa: E731
+                return _unrolled_vjp(solver, f, trajectory, times, y0, sources, g_ys, variables)
+            # The `sources` that `func` closes over reach the compiled function as
+            # captures, as `func` reads them, so that the tape inside watches what
+            # `func` uses; the `args` as arguments.
+            replay = compiled(lambda checkpoints, times, y0, g_ys, args: _replay(
+                solver, lambda t, y: func(t, y, args), checkpoints, times, y0,
+                sources_with(sources, args), g_ys, variables, per_sample), jit, ("replay",))
+            mismatch, grads = replay(trajectory.checkpoints, times, y0, g_ys, args)
+            return check_replay(mismatch, grads, throw)
+
+        second_order = None
+        if per_sample:
+            second_order = SECOND_ORDER.format(
+                what="ACA with per-sample steps does not support yet",
+                instead='Use per_sample=False, or gradient="naive".')
+        trajectory = solve_with_custom_gradient(
+            forward_with(record), backward, func, times_of(plan), y0, args,
+            second_order=second_order, t_shape=y0[0].shape[:1] if per_sample else (),
+        )
+        stats = trajectory.stats
+        # Each entry replays the stages its end needs (rebuilt forward once more before,
+        # with a budget), and the interpolant's last stage when outputs lie inside it.
+        stages = (len(solver.dense_weights) - 1 if plan.dense
+                  else solver.tableau.solution_stages)
+        replay_fevals = stats.num_steps * stages * (1 if budget is None else 2)
+        if plan.dense:
+            replay_fevals += trajectory.covering
+        return trajectory._replace(stats=stats._replace(num_fevals_backward=replay_fevals))
+
+
+def _replay_entry(solver, f, setting, cp, i, y, y_next, carry, sources, variables, same_state):
+    """Replays entry `i` (its start states `y`) under a tape and pulls the cotangent `a` of
+    its end state back through it, together with the cotangents of the outputs it
+    covers: a stop it landed on, or the outputs inside it, through the step's own
+    interpolant (`_outputs.pullback_step`). Its end is checked against `y_next`, the
+    state the forward pass accepted there."""
+    a, g_stops, g_sources, g_vars, g_ts, mismatch = carry
+    groups = setting.groups
+    t, dt, accepted = (tf.gather(x, i) for x in (cp.t, cp.dt, cp.accepted))
+    hit, j = tf.gather(cp.hit, i) & accepted, tf.gather(cp.interval, i)
+    if not setting.dense:
+        a = add_landed(setting, a, j, hit)
+    with tf.GradientTape() as tape:
+        tape.watch([t, dt] + list(y) + list(sources))
+        f0 = f(groups.lane(t), y)
+        if not setting.dense:
+            y1, _, _ = solver.step(f, groups.lane(t), y, f0, groups.lane(dt), solution_only=True)
+        else:
+            y1, k = solver.replay_stages(f, groups.lane(t), y, f0, groups.lane(dt))
+            t_rows = to_rows(setting, t)
+            lo = _outputs.count_through(setting.keys, t_rows, setting.sign)
+            hi = _outputs.count_through(
+                setting.keys, to_rows(setting, tf.gather(cp.t, i + 1)), setting.sign)
+            # The interpolant's last stage, f(t1, y1), only for a step with outputs inside.
+            last = tf.cond(tf.reduce_any(hi > lo), lambda: f(groups.lane(t + dt), y1),
+                           lambda: [tf.zeros_like(x) for x in y1])
+            stages = k + [last]
+    a_in = [tf.where(groups.spread(accepted, a_n), a_n, tf.zeros_like(a_n)) for a_n in a]
+    targets, cotangents = list(y1), a_in
+    if setting.dense:
+        pulled = _outputs.pullback_step(solver, setting.ts_rows, lo, hi, t_rows,
+                                        to_rows(setting, dt), stages, setting.g_rows, g_ts,
+                                        setting.by_batch)
+        targets += [x for stage in stages for x in stage]
+        cotangents += [x for stage in pulled.g_stages for x in stage]
+        g_ts = pulled.g_ts
+    g_t, g_dt, g_y, g_s, g_v = tape.gradient(
+        targets, [t, dt, list(y), list(sources), list(variables)], output_gradients=cotangents,
+        unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    g_y = [tf.convert_to_tensor(x) for x in g_y]
+    if setting.dense:
+        g_y = [x + p for x, p in zip(g_y, pulled.g_y)]
+        g_t += to_groups(setting, pulled.g_t)
+        g_dt += to_groups(setting, pulled.g_dt)
+    a = groups.select(accepted, g_y, a)
+    g_stops = onto_stops(setting, g_stops, j, hit, accepted, g_t, g_dt)
+    g_sources = [x + tf.convert_to_tensor(g) for x, g in zip(g_sources, g_s)]
+    g_vars = [x + tf.convert_to_tensor(g) for x, g in zip(g_vars, g_v)]
+    rebuilt = groups.select(accepted, y1, y_next)
+    mismatch = tf.where(differs(rebuilt, y_next, same_state) & (mismatch < 0), i, mismatch)
+    return a, g_stops, g_sources, g_vars, g_ts, mismatch
+
+
+def _replay(solver, f, checkpoints, times, y0, sources, g_ys, variables, per_sample):
+    """ACA's backward pass: every accepted step replayed once, last first (see the module
+    docstring). With all states kept, each entry's start is its checkpoint. With a
+    budget (`cp.stride`), for each segment of `stride` entries, last first, its start
+    states are rebuilt forward from its checkpoint with the recorded step sizes (one
+    forward step each), then replayed: the same gradient to rounding, memory `K`
+    checkpoints plus one segment's states.
+
+    Returns `(mismatch, grads)`: the first entry whose replay did not rebuild the state
+    the forward pass accepted (-1 if none; `check_replay` reports it) and the gradients
+    of the times, `y0`, the sources and the variables, as one flat list.
+    """
+    cp = checkpoints
+    setting = setting_of(cp, times, g_ys, per_sample, y0)
+    groups = setting.groups
+    n = cp.num_steps
+    eps = float(tf.experimental.numpy.finfo(times[0].dtype.as_numpy_dtype).eps)
+    same_state = math.sqrt(eps)
+    g_ts = tf.zeros_like(setting.ts_rows) if setting.dense else tf.zeros([])
+    carry = ([tf.zeros_like(y) for y in y0], tf.zeros_like(setting.stops),
+             [tf.zeros_like(x) for x in sources], [tf.zeros_like(v) for v in variables],
+             g_ts, tf.constant(-1, tf.int32))
+
+    def entries(first, last, state_of, carry):
+        """Replays entries `last - 1` down to `first`; `state_of(i)` is entry i's start."""
+        def body(i, *carry):
+            carry = _replay_entry(solver, f, setting, cp, i, state_of(i), state_of(i + 1),
+                                  carry, sources, variables, same_state)
+            return (i - 1, *carry)
+
+        # parallel_iterations=1: each entry's replay does not depend on the cotangent, so
+        # TensorFlow would otherwise run up to 10 replays ahead and hold their graphs at
+        # once; one at a time keeps ACA's memory at one step's graph (XLA ignores it).
+        out = tf.while_loop(lambda i, *_: i >= first, body, (last - 1, *carry),
+                            parallel_iterations=1)
+        return out[1:]
+
+    if cp.stride == ():
+        carry = entries(0, n, lambda i: [tf.gather(y, i) for y in cp.y], carry)
+    else:
+        carry = _replay_segments(solver, f, cp, groups, entries, carry)
+    a, g_stops, g_sources, g_vars, g_ts, mismatch = carry
+    stops = times[0]
+    g_stops = tf.reduce_sum(g_stops, axis=0) if stops.shape.rank == 1 else g_stops
+    g_times = [g_stops]
+    if setting.dense:
+        g_later = g_ts[:, 1:]
+        g_times.append(tf.reduce_sum(g_later, axis=0) if times[1].shape.rank == 1 else g_later)
+    g_y0 = [a_n + g[0] for a_n, g in zip(a, g_ys)]
+    return mismatch, [*g_times, *g_y0, *g_sources, *g_vars]
+
+
+def _replay_segments(solver, f, cp, groups, entries, carry):
+    """The budgeted replay's outer loop: segment `m` holds entries `[m stride, (m + 1)
+    stride)`; its states are rebuilt from checkpoint `m`, then `entries` replays it."""
+    n, stride = cp.num_steps, cp.stride
+    num_segments = (n + stride - 1) // stride
+    num_slots = tf.shape(cp.y[0])[0]
+    if in_xla_context():
+        # Static buffers: a segment is at most `stride < 2 max_steps / K` entries, and
+        # never more than `max_steps`.
+        max_steps = cp.t.shape[0] - 1
+        longest = min(max_steps, -(-2 * max_steps // cp.y[0].shape[0])) + 1
+        segment_array = lambda y: tf.TensorArray(  # noqa: E731
+            y.dtype, size=longest, element_shape=y.shape, clear_after_read=False)
+    else:
+        segment_array = lambda y: tf.TensorArray(  # noqa: E731
+            y.dtype, size=0, dynamic_size=True, element_shape=y.shape, clear_after_read=False)
+
+    def segment(m, *carry):
+        first = m * stride
+        last = tf.minimum(first + stride, n)
+
+        def rebuild(i, y, tas):
+            tas = [ta.write(i - first, y_n) for ta, y_n in zip(tas, y)]
+            t, dt, accepted = (groups.lane(tf.gather(x, i)) for x in (cp.t, cp.dt, cp.accepted))
+            y1, _, _ = solver.step(f, t, y, f(t, y), dt, solution_only=True)
+            return i + 1, groups.select(groups.grouped(accepted), y1, y), tas
+
+        start = [tf.gather(y_n, m) for y_n in cp.y]
+        _, _, tas = tf.while_loop(
+            lambda i, *_: i < last, rebuild, (first, start, [segment_array(y) for y in start]),
+            parallel_iterations=1)
+        # The state the forward accepted after the segment: the next checkpoint, or the end.
+        after = [tf.where(m + 1 < num_segments, tf.gather(y_n, tf.minimum(m + 1, num_slots - 1)), e)
+                 for y_n, e in zip(cp.y, cp.y_end)]
+        tas = [ta.write(last - first, y_n) for ta, y_n in zip(tas, after)]
+        carry = entries(first, last, lambda i: [ta.read(i - first) for ta in tas], carry)
+        return (m - 1, *carry)
+
+    out = tf.while_loop(lambda m, *_: m >= 0, segment, (num_segments - 1, *carry),
+                        parallel_iterations=1)
+    return out[1:]
+
+
+def _unrolled_vjp(solver, f, trajectory, times, y0, sources, g_ys, variables):
+    """ACA's gradient as backprop through the accepted steps rebuilt from `y0` (shared
+    steps).
+
+    Used when a tape records the backward pass: every rebuilt state (and output) is then a
+    function of `y0`, the times, the sources and the variables, so the gradient returned
+    is itself exactly differentiable (the replay's checkpoints would be constants). Same
+    value as `_replay` to rounding; memory: every accepted step's graph.
+    """
+    cp = trajectory.checkpoints
+    with tf.GradientTape() as tape:
+        tape.watch([*times, *y0, *sources])
+        setting = setting_of(cp, times, g_ys, False, y0)
+        stops = setting.stops[0]
+
+        def step(i, y, total):
+            # The step's start as a function of the stops (its offset in the interval is
+            # fixed); the landing step's size follows stops[j].
+            t_rec, dt_rec, j, hit = (tf.gather(x, i)[0] for x in (cp.t, cp.dt, cp.interval,
+                                                                   cp.hit))
+            before = tf.gather(stops, j - 1)
+            t = before + tf.stop_gradient(t_rec - before)
+            dt = tf.where(hit, tf.gather(stops, j) - t, dt_rec)
+            if not setting.dense:
+                y1, _, _ = solver.step(f, t, y, f(t, y), dt, solution_only=True)
+                landed = dot([tf.gather(g, j) for g in g_ys], y1)
+                return i + 1, y1, total + tf.where(hit, landed, tf.zeros_like(landed))
+            y1, k = solver.replay_stages(f, t, y, f(t, y), dt)
+            stages = k + [f(t + dt, y1)]
+            lo, hi = (_outputs.count_through(setting.keys, to_rows(setting, tf.gather(cp.t, m)),
+                                             setting.sign) for m in (i, i + 1))
+            total += _outputs.dot_covered(
+                solver, setting.ts_rows, lo, hi, to_rows(setting, t[None]),
+                to_rows(setting, dt[None]), y, stages, setting.g_rows, setting.by_batch)
+            return i + 1, y1, total
+
+        # XLA differentiates a loop only with a static bound: the buffers' size.
+        _, _, total = tf.while_loop(
+            lambda i, *_: i < cp.num_steps, step,
+            (tf.constant(0, tf.int32), list(y0), dot([g[0] for g in g_ys], y0)),
+            maximum_iterations=cp.t.shape[0])
+    grads = tape.gradient(total, [*times, *y0, *sources, *variables],
+                          unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    return [tf.convert_to_tensor(g) for g in grads]

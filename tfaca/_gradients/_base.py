@@ -1,0 +1,312 @@
+"""What every gradient strategy shares: the forward solve, and the one `tf.custom_gradient`.
+
+A strategy (`_aca`, `_mali`, `_naive`, `_adjoint`) runs the one loop (`_loop.integrate`)
+forward and says how its backward pass goes. What `func` depends on reaches the gradient
+whichever way it comes in: `args`, the variables it reads (found by a `VariableWatcher`,
+as `tf.custom_gradient` does), and tensors it closes over that a tape is watching (found
+by tracing `func` once into a scratch graph and listing its captures, the idea of JAX's
+`closure_convert`). All of them become explicit inputs of the one `tf.custom_gradient`,
+in `solve_with_custom_gradient`; no variable handle passes through it, which is what
+lets a solve sit inside a `tf.while_loop` (a Keras RNN cell, `tf.scan`) and still be
+differentiated.
+"""
+
+import dataclasses
+
+import tensorflow as tf
+from tensorflow.python.eager import record as tape_record
+from tensorflow.python.framework import func_graph
+from tensorflow.python.ops import resource_variable_ops
+
+from tfaca import _outputs
+from tfaca._control import StepSizeController
+from tfaca._internals import route_handles_through_forward_graphs
+from tfaca._jit import compiled, scratch_trace
+from tfaca._loop import graph_assert, in_xla_context, integrate
+
+
+class AbstractGradient:
+    """Base class of gradient strategies: `solve` returns a `Trajectory` whose `ys` carry
+    the strategy's gradient."""
+
+    name = None
+
+    def options(self):
+        """The constructor arguments, as a dict (empty for strategies without any)."""
+        return {}
+
+    def solve(self, solver, controller, func, plan, y0, args, *, throw=True, jit=False,
+              **loop_kwargs):
+        """Integrates `func(t, y, args)` (flat lists) and returns a `Trajectory` whose `ys`
+        are the outputs that `plan` (an `_outputs.Plan`) asks for.
+
+        `throw=False`: failures in the backward pass make the gradients NaN instead of
+        raising (the forward's status is the caller's to report). `jit`: run the loops
+        as functions compiled with XLA (`_jit.compiled`: False, True, or an eager
+        call's key under which they are reused)."""
+        raise NotImplementedError
+
+    def __repr__(self):
+        given = ", ".join(f"{k}={v!r}" for k, v in self.options().items() if v is not None)
+        return f"{type(self).__name__}({given})"
+
+
+def run_forward(solver, controller, f, plan, y0, *, record, loop_kwargs):
+    """The forward solve of every strategy: the loop over the plan's stops, saving the
+    outputs it interpolates (the start included) as its steps cover them."""
+    saves = None
+    if plan.dense:
+        ts = plan.ts
+        start = plan.stops[..., :1]
+        if ts.shape.rank == 2:
+            start = tf.broadcast_to(start, tf.stack([tf.shape(ts)[0], 1]))
+        saves = tf.concat([start, ts], axis=-1)
+    return integrate(solver, controller, f, plan.stops, y0, record=record, saves=saves,
+                     **loop_kwargs)
+
+
+def times_of(plan):
+    """The time tensors a solve's gradient is taken for: the stops, and the interpolated
+    output times when there are any."""
+    return [plan.stops] + ([plan.ts] if plan.dense else [])
+
+
+def plan_of(times):
+    """The plan whose `_times` are `times`."""
+    return _outputs.Plan(stops=times[0], ts=times[1] if len(times) > 1 else None)
+
+
+# The functions a strategy compiles (`_jit.compiled`) take every tensor that changes from
+# one call to the next as an argument, never closed over, so that eager calls can reuse
+# them: the controller and loop options as one `options` argument (its Python values,
+# `max_steps` say, key the function's traces), the `args` (and with them the floating
+# ones among the `sources`), the times. What they close over is fixed by `jit`'s key:
+# `func` and the tensors it closes over, the solver, the strategy's options.
+
+
+def loop_options(controller, loop_kwargs):
+    """The controller and the loop's options as a compiled function's argument."""
+    fields = {f.name: getattr(controller, f.name) for f in dataclasses.fields(controller)}
+    return {"controller": fields, "loop": dict(loop_kwargs)}
+
+
+def unpack(options):
+    return StepSizeController(**options["controller"]), dict(options["loop"])
+
+
+def sources_with(sources, args):
+    """`sources` (the floating `args`, then the tensors `func` closes over) with the
+    floating entries of `args` in place of the first ones."""
+    floating = [a for a in args if a.dtype.is_floating]
+    return floating + list(sources[len(floating):])
+
+
+def forward_solve(solver, func, jit, *, record, states=None, checkpoints=True):
+    """The forward solve as `forward(times, y0, args, options)`, compiled when `jit`:
+    keeping `states` (`integrate`) when it records, and dropping the checkpoints from the
+    result unless `checkpoints`."""
+
+    def run(times, y0, args, options):
+        controller, loop_kwargs = unpack(options)
+        if record and states is not None:
+            loop_kwargs["states"] = states
+        trajectory = run_forward(solver, controller, lambda t, y: func(t, y, args), plan_of(times), y0,
+                          record=record, loop_kwargs=loop_kwargs)
+        return trajectory if checkpoints else trajectory._replace(checkpoints=None)
+
+    return compiled(run, jit, ("forward", record, states, checkpoints))
+
+
+def _zeros_if_none(grad, like):
+    if grad is None:
+        return tf.zeros_like(like)
+    return tf.convert_to_tensor(grad)
+
+
+def _unique(items):
+    """Distinct objects (by identity), in order of first appearance."""
+    seen, out = set(), []
+    for x in items:
+        if id(x) not in seen:
+            seen.add(id(x))
+            out.append(x)
+    return out
+
+
+def _probe(func, times, y0, args, t_shape=()):
+    """What `func` reads besides its arguments: `(sources, handles)`.
+
+    `func` is traced once into a scratch graph (nothing runs) and the outer tensors it
+    captured are listed. `sources`: the floating ones that a tape or accumulator would
+    differentiate (constants cost nothing); `handles`: the eager resource handles of the
+    variables it reads. Skipped eagerly when nothing records. A `func` that cannot be
+    traced (it calls `.numpy()`) has none found: it could not run in a graph either.
+    """
+    if tf.executing_eagerly() and not tape_record.could_possibly_record():
+        return [], []
+    graph = scratch_trace(func, times[0].dtype, y0, args, t_shape)
+    if graph is None:
+        return [], []
+    known = {id(x) for x in [*times, *y0, *args]}
+    captures = graph.external_captures
+    sources = [
+        c
+        for c in captures
+        if c.dtype.is_floating and id(c) not in known and tape_record.should_record_backprop([c])
+    ]
+    handles = [c for c in captures if c.dtype == tf.resource and hasattr(c, "numpy")]
+    return sources, handles
+
+
+def _refuse_differentiation(tensors, message):
+    """Identity on `tensors` whose own gradient raises `message` (NotImplementedError)."""
+
+    @tf.custom_gradient
+    def guard(*xs):
+        def grad(*_):
+            raise NotImplementedError(message)
+
+        return [tf.identity(x) for x in xs], grad
+
+    return list(guard(*tensors)) if tensors else []
+
+
+SECOND_ORDER = (
+    "The gradient of a tfaca solve was differentiated again (a second derivative, a "
+    "Hessian-vector product or a gradient penalty), which {what}. {instead}"
+)
+
+
+def solve_with_custom_gradient(forward, backward, func, times, y0, args, *, second_order,
+                                written=(), t_shape=()):
+    """Runs `forward` with no tape recording and gives its outputs `backward` as gradient.
+
+    `times`: a list of time tensors (`times_of(plan)`). `forward(times, y0, args) ->
+    Trajectory`. `backward(trajectory, times, y0, sources, g_ys, variables,
+    differentiable)` returns the gradients of each of `times`, each `y0`, each source
+    and each variable, as one flat list in that order, where `sources` are the floating
+    `args` followed by the watched tensors `func` closes over, and
+    `differentiable` says that a tape records the backward pass. `second_order`: a
+    message for when the strategy's gradient cannot be differentiated, or None when the
+    differentiable backward is exact. `written`: variables the backward pass assigns
+    (the adjoint's counters). `tf.custom_gradient` lives only here.
+    """
+    graph = tf.compat.v1.get_default_graph()
+    if isinstance(graph, func_graph.FuncGraph):
+        # Inputs from a graph around this one (a tf.cond branch's input from the loop
+        # around it) are captured here, where the backward pass, built in the branch's
+        # gradient graph, can reach them; it cannot reach the outer graph's tensors.
+        times, y0, args = ([graph.capture(x) for x in xs] for xs in (times, y0, args))
+    with tape_record.stop_recording(), tape_record.VariableWatcher() as watcher:
+        trajectory = forward(times, y0, args)
+    variables = _unique(v for v in watcher.watched_variables() if v.trainable)
+    closed_over, handles = _probe(func, times, y0, args, t_shape)
+    if not tf.executing_eagerly():
+        # Capture them here too, so that a backward pass inside a loop's gradient can
+        # reach them through this graph (see `_route_handles_through_forward_graphs`).
+        handles += [v.handle for v in written]
+        for v in written:
+            tf.identity(v.handle)
+            # Recorded as used by the function being traced, as a read would be: a
+            # SavedModel export (Keras' `model.export`) saves the variables its functions
+            # use, and refuses a captured handle of any other ("untracked resource").
+            resource_variable_ops.variable_accessed(v)
+    sources = [a for a in args if a.dtype.is_floating] + closed_over
+
+    num_times = len(times)
+
+    @tf.custom_gradient
+    def attach(*inputs):
+        times = list(inputs[:num_times])
+
+        def grad(*g_ys):
+            g_ys = [_zeros_if_none(g, y) for g, y in zip(g_ys, trajectory.ys)]
+            recording = tape_record.could_possibly_record()
+            route_handles_through_forward_graphs(handles)
+            grads = backward(
+                trajectory, times, y0, sources, g_ys, variables,
+                recording and second_order is None,
+            )
+            if second_order is not None:
+                grads = _refuse_differentiation(grads, second_order)
+            elif not recording and not tf.executing_eagerly():
+                # Only `tf.gradients` can differentiate what no tape recorded.
+                grads = _refuse_differentiation(grads, SECOND_ORDER.format(
+                    what="only a GradientTape active while the first gradient is taken "
+                    "can follow", instead="Take both derivatives with nested "
+                    "tf.GradientTape()s."))
+            return grads
+
+        return list(trajectory.ys), grad
+
+    # Variables enter as their values read here: the gradient of a read reaches the
+    # variable, and no resource handle crosses the custom gradient (handles inside a
+    # tf.while_loop cannot, TensorFlow's "internal_captures" error).
+    reads = [tf.convert_to_tensor(v) for v in variables]
+    ys = attach(*times, *y0, *sources, *reads)
+    return trajectory._replace(ys=list(ys))
+
+
+def differs(ys, recorded, relative, also=None):
+    """Whether any component of `ys` differs from `recorded` by more than `relative` times
+    the component's largest magnitude (in `ys`, `recorded`, and `also` if given)."""
+    out = tf.constant(False)
+    for n, (y, r) in enumerate(zip(ys, recorded)):
+        scale = tf.maximum(tf.reduce_max(tf.abs(r)), tf.reduce_max(tf.abs(y)))
+        if also is not None:
+            scale = tf.maximum(scale, tf.reduce_max(tf.abs(also[n])))
+        out |= tf.reduce_max(tf.abs(y - r)) > relative * scale
+    return out
+
+
+NOT_REPRODUCED = (
+    "ACA's backward pass did not reproduce the forward solve: replaying accepted step "
+    "{step} gave another state than the forward pass accepted. `func` must be a "
+    "deterministic function of (t, y): it draws random numbers (Dropout, noise layers, "
+    "tf.random) or reads state that changed after the forward pass. tfaca.ODELayer "
+    "draws Keras random layers once per call; with tfaca.solve, draw the randomness "
+    "outside `func` and pass it in `args`, or use gradient=\"naive\"."
+)
+
+
+DRIFTED = (
+    "MALI's backward pass did not rebuild the start of the solve: inverting the {steps} "
+    "accepted ALF steps from the end gave a y0 off by more than sqrt(eps) relative, so "
+    "the gradient would be taken along other states. The inverse step magnifies rounding "
+    "by |1 / (1 - 2 damping)| per step when damping != 1 (use damping=1), float32 "
+    "rounding builds up over very many steps (use float64, or fewer steps), or `func` is "
+    "not a deterministic function of (t, y). gradient=\"naive\" with method=\"alf\", or a "
+    "Runge–Kutta method with ACA, keep the states instead of rebuilding them."
+)
+
+
+def check_replay(mismatch, grads, throw, message=NOT_REPRODUCED):
+    """Raise (eagerly or by a graph assertion) if the replay diverged; under XLA or with
+    `throw=False`, make the gradients NaN instead: never a silently wrong gradient.
+    `message` has a `{step}` field for the step `mismatch` names."""
+    bad = mismatch >= 0
+    if throw and hasattr(mismatch, "numpy"):
+        if bool(bad):
+            raise tf.errors.InvalidArgumentError(
+                None, None, message.format(step=int(mismatch), steps=int(mismatch))
+            )
+        return grads
+    if throw and not in_xla_context():
+        check = graph_assert(
+            tf.logical_not(bad), [message.format(step="i", steps="i"), "i =", mismatch]
+        )
+        with tf.control_dependencies([check]):
+            return [tf.identity(g) for g in grads]
+    return nan_where(bad, grads)
+
+
+def nan_where(failed, grads):
+    """`grads`, all NaN where `failed` (a scalar bool): a gradient that could not be
+    computed reads as one."""
+    return [tf.where(failed, tf.constant(float("nan"), g.dtype), g) for g in grads]
+
+
+def dot(xs, ys):
+    return tf.add_n([tf.reduce_sum(x * y) for x, y in zip(xs, ys)])
+
+

@@ -1,0 +1,93 @@
+"""What the replaying strategies (ACA, MALI) share: the stops and the outputs laid out by
+groups (`_loop.Groups`) and rows (`_outputs`), and where an entry's time gradients go."""
+
+from typing import Any, NamedTuple
+
+import tensorflow as tf
+
+from tfaca import _outputs
+from tfaca._loop import Groups
+
+
+class Setting(NamedTuple):
+    """What one replay entry needs besides the entry: the stops and the outputs, laid out
+    by groups and rows."""
+
+    groups: Any  # _loop.Groups
+    stops: Any  # [G, S]
+    dense: bool
+    ts_rows: Any  # [R, n] output times, the start included (dense), else None
+    keys: Any  # sign * ts_rows
+    sign: Any
+    by_batch: bool
+    g_rows: Any  # output cotangents laid out [R, n, ...] (dense), else the g_ys
+
+
+def setting_of(cp, times, g_ys, per_sample, y0):
+    groups = Groups(shared=not per_sample)
+    stops = times[0]
+    stops = stops[None] if stops.shape.rank == 1 else stops
+    if per_sample:
+        stops = tf.broadcast_to(stops, tf.stack([tf.shape(y0[0])[0], tf.shape(stops)[1]]))
+    sign = tf.sign(tf.reduce_sum(stops[:, -1] - stops[:, 0]))
+    if len(times) == 1:
+        return Setting(groups, stops, False, None, None, sign, per_sample, g_ys)
+    ts = times[1]
+    by_batch = per_sample or ts.shape.rank == 2
+    ts_rows = ts[None] if ts.shape.rank == 1 else ts
+    start = stops[:, :1]
+    if per_sample and ts.shape.rank == 1:
+        ts_rows = tf.broadcast_to(ts_rows, tf.stack([tf.shape(stops)[0], tf.shape(ts)[0]]))
+    elif ts.shape.rank == 2 and not per_sample:
+        start = tf.broadcast_to(start, tf.stack([tf.shape(ts)[0], 1]))
+    ts_rows = tf.concat([start, ts_rows], axis=1)
+    return Setting(groups, stops, True, ts_rows, sign * ts_rows, sign, by_batch,
+                    _outputs.cotangent_rows(g_ys, by_batch))
+
+
+def onto_stops(setting, g_stops, j, hit, accepted, g_t, g_dt):
+    """Adds a replayed entry's time gradients onto the stops: a step starts at
+    `t_i = stops[j - 1] + offset`, and the one that lands has `dt = stops[j] - t_i`."""
+    num_stops = tf.shape(setting.stops)[1]
+    j = tf.clip_by_value(j, 1, num_stops - 1)
+    g_t = tf.where(accepted, g_t, tf.zeros_like(g_t))
+    g_dt = tf.where(hit, g_dt, tf.zeros_like(g_dt))
+    rows = tf.range(tf.shape(j)[0])
+    where = tf.concat([tf.stack([rows, j - 1], 1), tf.stack([rows, j], 1)], 0)
+    return tf.tensor_scatter_nd_add(g_stops, where, tf.concat([g_t - g_dt, g_dt], 0))
+
+
+def to_rows(setting, v):
+    """A `[G]` tensor as `[R]` (shared steps with outputs by rows: broadcast)."""
+    if setting.groups.shared:
+        return tf.broadcast_to(v, tf.shape(setting.ts_rows)[:1])
+    return v
+
+
+def to_groups(setting, v):
+    """The transpose of `_to_rows`: `[R]` summed onto `[G]`."""
+    return tf.reshape(tf.reduce_sum(v), [1]) if setting.groups.shared else v
+
+
+def add_landed(setting, a, j, hit):
+    """`a` plus, for the groups whose step landed on stop `j` (`hit`), that stop's output
+    cotangent (read with `tf.gather`, never `g[j]`: see `_jit`)."""
+    groups = setting.groups
+    out = []
+    for a_n, g in zip(a, setting.g_rows):
+        if groups.shared:
+            landed = tf.gather(g, j)[0]
+        else:
+            landed = tf.gather_nd(g, tf.stack([tf.minimum(j, tf.shape(g)[0] - 1),
+                                               tf.range(tf.shape(j)[0])], 1))
+        out.append(a_n + tf.where(groups.spread(hit, a_n), landed, tf.zeros_like(a_n)))
+    return out
+
+
+def group_dot(groups, xs, ys):
+    """`[G]` inner products of each group's part of `xs` and `ys`."""
+    out = 0.0
+    for x, y in zip(xs, ys):
+        axes = list(range(0 if groups.shared else 1, x.shape.rank))
+        out += tf.reduce_sum(x * y, axis=axes) if axes else x * y
+    return groups.grouped(out) if groups.shared else out
