@@ -143,7 +143,7 @@ class _State(NamedTuple):
     num_rejected: Any
     num_fevals: Any
     status: Any
-    outputs: Any  # list of TensorArrays: the output buffer (`_Outputs`)
+    outputs: Any  # the output buffer's TensorArrays (`_outputs.Buffer`)
     saved: Any  # [R]: outputs saved so far per row (interpolated outputs)
     record: Any  # dict of the checkpoint buffers, or {}
     entries: Any  # scalar: checkpoint entries written (iterations that accepted)
@@ -325,18 +325,19 @@ def _save_step(solver, saves, groups, outputs, lo, hi, t, dt, y, stages):
     dt_rows = tf.broadcast_to(dt, [num_rows]) if groups.shared else dt
     size = tf.shape(saves.ts)[1]
 
-    def chunk(c0, outputs):
+    def chunk(c0, arrays):
         index = lo[:, None] + c0 + tf.range(saves.chunk)[None]  # [R, C]
         valid = index < hi[:, None]
         tau = tf.gather(saves.ts, tf.minimum(index, size - 1), batch_dims=1)
         theta = tf.where(valid, (tau - t_rows[:, None]) / dt_rows[:, None], tf.zeros_like(tau))
         values = _outputs.interpolate(solver, y, stages, dt_rows, theta, saves.by_batch)
-        return c0 + saves.chunk, _outputs.write(outputs, index, valid, values)
+        return c0 + saves.chunk, _outputs.write(outputs._replace(arrays=arrays), index, valid,
+                                                values).arrays
 
-    _, outputs = tf.while_loop(
+    _, arrays = tf.while_loop(
         lambda c0, _: tf.reduce_any(lo + c0 < hi), chunk,
-        (tf.constant(0, tf.int32), outputs), maximum_iterations=saves.max_chunks)
-    return outputs
+        (tf.constant(0, tf.int32), outputs.arrays), maximum_iterations=saves.max_chunks)
+    return outputs._replace(arrays=arrays)
 
 
 def _few_ulps(dtype):
@@ -449,7 +450,7 @@ def integrate(solver, controller, func, stops, y0, *, step_size, first_step, max
 
     if saves is None:
         # The outputs are the stops: rows are the groups.
-        outputs = _outputs.new_buffer(y0, num_stops, tf.shape(t0)[0], per_sample)
+        buffer = _outputs.new_buffer(y0, num_stops, tf.shape(t0)[0], per_sample)
         save = None
         saved = tf.zeros([0], tf.int32)
     else:
@@ -461,7 +462,7 @@ def integrate(solver, controller, func, stops, y0, *, step_size, first_step, max
         chunk = _outputs.CHUNK if size is None else max(1, min(size - 1, _outputs.CHUNK))
         save = _Saves(ts=ts_rows, keys=sign * ts_rows, sign=sign, by_batch=by_batch, chunk=chunk,
                       max_chunks=None if size is None else -(-size // chunk))
-        outputs = _outputs.new_buffer(y0, tf.shape(ts_rows)[1], tf.shape(ts_rows)[0], by_batch)
+        buffer = _outputs.new_buffer(y0, tf.shape(ts_rows)[1], tf.shape(ts_rows)[0], by_batch)
         t0_rows = tf.broadcast_to(t0, tf.shape(ts_rows)[:1]) if groups.shared else t0
         saved = _outputs.count_through(save.keys, t0_rows, sign)
 
@@ -480,7 +481,7 @@ def integrate(solver, controller, func, stops, y0, *, step_size, first_step, max
 
     few_ulps = _few_ulps(dtype)
     body = _body(solver, controller, func, groups, stop, next_stop, few_ulps, adaptive, save,
-                 on_land, states, max_steps, num_stops, dtype)
+                 buffer, on_land, states, max_steps, num_stops, dtype)
     zero = tf.zeros_like(t0, tf.int32)
     # Non-finite times (XLA's report of times that are not monotone, see `_odeint`) fail
     # at once too, rather than after `max_steps` trials that cannot advance.
@@ -492,12 +493,12 @@ def integrate(solver, controller, func, stops, y0, *, step_size, first_step, max
         num_steps=zero, num_rejected=zero, num_fevals=num_fevals,
         status=tf.where(i_out >= num_stops, int(Status.SUCCESS),
                         tf.where(f0_finite, _RUNNING, int(Status.NONFINITE))),
-        outputs=outputs, saved=saved, record=recorded, entries=tf.constant(0, tf.int32),
+        outputs=buffer.arrays, saved=saved, record=recorded, entries=tf.constant(0, tf.int32),
         covering=tf.constant(0, tf.int32),
     )
     (state,) = tf.while_loop(lambda s: tf.reduce_any(s.status == _RUNNING), body, (state,),
                              maximum_iterations=max_steps)
-    ys = _read_outputs(state, save, first, y0)
+    ys = _read_outputs(state, buffer._replace(arrays=state.outputs), save, first, y0)
     checkpoints = _checkpoints(state, y0, states, dtype) if record else None
     lane = groups.lane
     status = tf.where(state.status == _RUNNING, int(Status.MAX_STEPS_REACHED), state.status)
@@ -510,11 +511,10 @@ def integrate(solver, controller, func, stops, y0, *, step_size, first_step, max
     )
 
 
-def _read_outputs(state, save, first, y0):
+def _read_outputs(state, buffer, save, first, y0):
     """The outputs from the loop's buffer; NaN where the solve did not reach them (a failed
     solve), never a stale state. A stop that repeats the one before it is the same output:
     the state written at the first of its run."""
-    buffer = state.outputs
     ys = _outputs.read(buffer, y0)
     if save is None:
         # Output k of row r is the state written at first[r, k], the first of its run.
@@ -535,8 +535,8 @@ def _read_outputs(state, save, first, y0):
     return out
 
 
-def _body(solver, controller, func, groups, stop, next_stop, few_ulps, adaptive, save, on_land,
-          states, max_steps, num_stops, dtype):
+def _body(solver, controller, func, groups, stop, next_stop, few_ulps, adaptive, save, buffer,
+          on_land, states, max_steps, num_stops, dtype):
     """The loop's body: one trial for every group that is still running."""
     lane, fsal = groups.lane, solver.fsal
 
@@ -586,14 +586,15 @@ def _body(solver, controller, func, groups, stop, next_stop, few_ulps, adaptive,
             # done writes its final state onto its last stop again.
             index = tf.minimum(s.i_out, num_stops - 1)[:, None]
             values = [_outputs.rows(y, not groups.shared)[:, None] for y in y_new]
-            outputs = _outputs.write(s.outputs, index, tf.ones_like(index, tf.bool), values)
+            outputs = _outputs.write(buffer._replace(arrays=s.outputs), index,
+                                     tf.ones_like(index, tf.bool), values).arrays
             saved = s.saved
         else:
             rows_t = (tf.broadcast_to(t_new, tf.shape(s.saved)) if groups.shared else t_new)
             saved = _outputs.count_through(save.keys, rows_t, save.sign)
             dense_stages = stages + [f_new] if solver.dense_needs_f1 else stages
-            outputs = _save_step(solver, save, groups, s.outputs, s.saved, saved, s.t, dt, s.y,
-                                 dense_stages)
+            outputs = _save_step(solver, save, groups, buffer._replace(arrays=s.outputs), s.saved,
+                                 saved, s.t, dt, s.y, dense_stages).arrays
         i_out = tf.where(accept & hit, next_stop(s.i_out), s.i_out)
         k = tf.where(accept & hit, 0, s.k + tf.cast(accept, tf.int32))
         record = _record(s, dt, hit, accept, active, states, dtype)

@@ -33,6 +33,8 @@ from typing import Any, NamedTuple
 import numpy as np
 import tensorflow as tf
 
+from tfaca._internals import in_xla_context
+
 # Outputs evaluated together inside a step: one small matmul per chunk. A step that
 # covers more runs the chunk loop again; one that covers none runs it zero times.
 CHUNK = 8
@@ -117,6 +119,19 @@ def count_through(keys, t_rows, sign):
     return tf.searchsorted(keys, (sign * t_rows)[:, None], side="right", out_type=tf.int32)[:, 0]
 
 
+def keeping_shapes(body, init):
+    """`body` whose outputs keep the static shapes of the loop's `init` (the reshapes inside
+    lose them, which `tf.while_loop` refuses)."""
+    def wrapped(*args):
+        out = body(*args)
+        for x, like in zip(tf.nest.flatten(out), tf.nest.flatten(init)):
+            if isinstance(x, tf.Tensor) and isinstance(like, tf.Tensor):
+                x.set_shape(like.shape)
+        return out
+
+    return wrapped
+
+
 def stage_weights(solver, theta, derivative=False):
     """`b_s(theta)` (`[..., S]`), or its derivative `b_s'(theta)`, from the solver's
     continuous extension (`dense_weights`, `[S][degree]`)."""
@@ -165,10 +180,12 @@ def interpolate(solver, y, stages, dt_rows, theta, by_batch):
 
 
 class Buffer(NamedTuple):
-    """The outputs of a solve as the loop writes them: per state component a TensorArray of
-    `n * R + 1` entries, entry `k * R + r` being output `k` of row `r` (the last entry
-    takes writes that keep nothing). Written in place under XLA; outside XLA each entry
-    is a tensor of its own, so a write costs what it writes, never the whole buffer."""
+    """The outputs of a solve as the loop writes them: per state component, `n * R + 1`
+    entries, entry `k * R + r` being output `k` of row `r` (the last entry takes writes
+    that keep nothing). Under XLA one tensor, written in place by scatters; outside XLA a
+    TensorArray, each entry a tensor of its own, so that a write costs what it writes,
+    never a copy of the whole buffer (TensorFlow's executor copies a scattered tensor;
+    XLA has no scatter into a TensorArray)."""
 
     arrays: Any
     size: Any  # n, the number of outputs per row
@@ -181,12 +198,14 @@ def new_buffer(y0, size, num_rows, by_batch):
     arrays = []
     for y in y0:
         r = rows(y, by_batch)
-        element = r.shape[1:]
-        ta = tf.TensorArray(y.dtype, size=size * num_rows + 1, element_shape=element,
-                            clear_after_read=False)
         tiled = tf.broadcast_to(r[None], tf.concat([[size + 1], tf.shape(r)], 0))
-        flat = tf.reshape(tiled, tf.concat([[-1], tf.shape(r)[1:]], 0))
-        arrays.append(ta.scatter(tf.range(size * num_rows + 1), flat[:size * num_rows + 1]))
+        flat = tf.reshape(tiled, tf.concat([[-1], tf.shape(r)[1:]], 0))[:size * num_rows + 1]
+        if in_xla_context():
+            arrays.append(flat)
+            continue
+        ta = tf.TensorArray(y.dtype, size=size * num_rows + 1, element_shape=r.shape[1:],
+                            clear_after_read=False)
+        arrays.append(ta.scatter(tf.range(size * num_rows + 1), flat))
     return Buffer(arrays, size, num_rows, by_batch)
 
 
@@ -197,19 +216,27 @@ def write(buffer, index, valid, values):
     flat = tf.reshape(tf.where(valid, index * buffer.num_rows + r,
                                buffer.size * buffer.num_rows), [-1])
     arrays = []
-    for ta, v in zip(buffer.arrays, values):
-        arrays.append(ta.scatter(flat, tf.reshape(v, tf.concat([[-1], tf.shape(v)[2:]], 0))))
+    for array, v in zip(buffer.arrays, values):
+        v = tf.reshape(v, tf.concat([[-1], tf.shape(v)[2:]], 0))
+        if isinstance(array, tf.TensorArray):
+            arrays.append(array.scatter(flat, v))
+        else:
+            arrays.append(tf.tensor_scatter_nd_update(array, flat[:, None], v))
     return buffer._replace(arrays=arrays)
 
 
 def read(buffer, like):
     """The outputs, `[n, ...]` (`[n, batch, ...]` by rows), per component of `like`."""
     out = []
-    for ta, y in zip(buffer.arrays, like):
-        stacked = ta.gather(tf.range(buffer.size * buffer.num_rows))
+    for array, y in zip(buffer.arrays, like):
+        used = tf.range(buffer.size * buffer.num_rows)
+        stacked = (array.gather(used) if isinstance(array, tf.TensorArray)
+                   else tf.gather(array, used))
         shaped = tf.reshape(stacked, tf.concat([[buffer.size, buffer.num_rows],
                                                 tf.shape(stacked)[1:]], 0))
-        out.append(shaped if buffer.by_batch else shaped[:, 0])
+        shaped = shaped if buffer.by_batch else shaped[:, 0]
+        shaped.set_shape(tf.TensorShape([None]).concatenate(y.shape))
+        out.append(shaped)
     return out
 
 
@@ -278,7 +305,8 @@ def pullback_step(solver, ts_rows, lo, hi, t_rows, dt_rows, stages, g_rows, g_ts
             [tf.zeros_like(k) for k in k_stacked], zeros_rows, zeros_rows, g_ts)
     max_chunks = None if ts_rows.shape[1] is None else -(-ts_rows.shape[1] // chunk)
     _, g_y, g_st, g_t, g_dt, g_ts = tf.while_loop(
-        lambda c0, *_: tf.reduce_any(lo + c0 < hi), body, init, maximum_iterations=max_chunks)
+        lambda c0, *_: tf.reduce_any(lo + c0 < hi), keeping_shapes(body, init), init,
+        maximum_iterations=max_chunks)
     unflat = lambda x, shape: unrows(tf.reshape(x, tf.concat([[num_rows], shape], 0)), by_batch)  # noqa: E731
     g_y = [unflat(g, shape) for g, shape in zip(g_y, shapes)]
     g_stages = [[unflat(g_st[n][:, s], shapes[n]) for n in range(len(shapes))]
@@ -304,7 +332,7 @@ def dot_covered(solver, ts_rows, lo, hi, t_rows, dt_rows, y, stages, g_rows, by_
         return c0 + chunk, total
 
     max_chunks = None if ts_rows.shape[1] is None else -(-ts_rows.shape[1] // chunk)
-    _, total = tf.while_loop(lambda c0, _: tf.reduce_any(lo + c0 < hi), body,
-                             (tf.constant(0, tf.int32), tf.zeros([], ts_rows.dtype)),
-                             maximum_iterations=max_chunks)
+    init = (tf.constant(0, tf.int32), tf.zeros([], ts_rows.dtype))
+    _, total = tf.while_loop(lambda c0, _: tf.reduce_any(lo + c0 < hi),
+                             keeping_shapes(body, init), init, maximum_iterations=max_chunks)
     return total

@@ -240,7 +240,7 @@ def _replay(solver, f, checkpoints, times, y0, sources, g_ys, variables, per_sam
                             parallel_iterations=1)
         return out[1:]
 
-    if cp.stride == ():
+    if isinstance(cp.stride, tuple):
         carry = entries(0, n, lambda i: [tf.gather(y, i) for y in cp.y], carry)
     else:
         carry = _replay_segments(solver, f, cp, groups, entries, carry)
