@@ -169,7 +169,7 @@ def accepted_step_gradient(func, y0, t1, rtol, atol):
     )
     cp = traj.checkpoints
     n = int(cp.num_steps)
-    t_steps, dt_steps = np.asarray(cp.t)[:n], np.asarray(cp.dt)[:n]
+    t_steps, dt_steps = np.asarray(cp.t)[:n, 0], np.asarray(cp.dt)[:n, 0]
     with tf.GradientTape() as tape:
         tape.watch(y0)
         y = [y0]

@@ -94,7 +94,9 @@ def accepted_steps(func, y0, ts, *, args=(), method="dopri5", rtol=1e-3, atol=1e
 
     def dense(x):  # checkpoints are tensors or TensorArrays, sized num_steps or max_steps
         x = x.stack() if hasattr(x, "stack") else x
-        return np.asarray(x)[:n]
+        x = np.asarray(x)[:n]
+        # Shared steps are one group: `[size, 1]`.
+        return x[:, 0] if x.ndim == 2 and x.shape[1] == 1 else x
 
     return AcceptedSteps(
         t=dense(cp.t),

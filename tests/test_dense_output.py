@@ -58,7 +58,7 @@ def _accepted_dense_steps(func, y0, t0, t1, method, rtol, atol, args=()):
     )
     assert int(traj.status) == 0
     n = int(traj.checkpoints.num_steps)
-    return traj.checkpoints.t.numpy()[:n], traj.checkpoints.dt.numpy()[:n]
+    return traj.checkpoints.t.numpy()[:n, 0], traj.checkpoints.dt.numpy()[:n, 0]
 
 
 def _unrolled_dense(func, y0, ts, starts, sizes, method, args=()):
@@ -131,8 +131,10 @@ def test_steps_do_not_depend_on_number_of_outputs(method):
                       int(sol.stats.num_fevals)))
         checkpoints.append(float(sol.ys[-1][0]))
     assert len(set(stats)) == 1, stats
-    # The end state is the same solve at every count: bit for bit.
-    assert len(set(checkpoints)) == 1, checkpoints
+    # The end state is the same solve at every count: with two times it is the last
+    # step's end, with more it is read from the last step's interpolant at theta = 1,
+    # which is that end to rounding.
+    np.testing.assert_allclose(checkpoints, checkpoints[0], rtol=2e-14, atol=0)
 
 
 @pytest.mark.slow
@@ -618,8 +620,8 @@ def test_readme_irregular_series_model_trains():
 @pytest.mark.parametrize("method", ["dopri5", pytest.param("heun_euler", marks=pytest.mark.slow)])
 def test_backward_evaluations_are_counted(method):
     """Eagerly, ACA's backward calls `func` as often as `num_fevals_backward` says: the
-    solution's stages per step, plus one evaluation at the end of the solve (the
-    interpolants' last stage, f(t1, y1), is the next step's first)."""
+    solution's stages per step, plus the interpolant's last stage, f(t1, y1), for each
+    step with outputs inside (here only the first steps have any)."""
     calls = [0]
 
     def func(t, y):
@@ -637,7 +639,8 @@ def test_backward_evaluations_are_counted(method):
     solver = tfaca.get_solver(method)
     steps = int(sol.stats.num_steps)
     expected = int(sol.stats.num_fevals_backward)
-    assert expected == steps * solver.tableau.solution_stages + 1
+    with_outputs = expected - steps * solver.tableau.solution_stages
+    assert 1 <= with_outputs < steps
     assert calls[0] == expected
 
 

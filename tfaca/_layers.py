@@ -199,10 +199,9 @@ class ODELayer(keras.layers.Layer):
             memory O(state) whatever the number of steps), or a strategy object:
             `tfaca.ACAGradient(checkpoints=K)` keeps at most `K` states and rebuilds the
             others in the backward pass. Built-ins, with their options, are saved in
-            the config; a user-defined strategy cannot be. `"mali"` and a checkpoint
-            budget step onto every output time (`interpolate=False`, or the default
-            `t` of two times). The layer builds the strategy once; `gradient_strategy`
-            is that instance.
+            the config; a user-defined strategy cannot be. Every strategy works with
+            every output mode and with `per_sample`. The layer builds the strategy
+            once; `gradient_strategy` is that instance.
         step_size: fixed step size (required by `"euler"`, `"midpoint"`, `"rk4"`).
         first_step: first trial step; default automatic (one extra evaluation).
         max_step: upper bound on the step size; default None (unbounded), as the error

@@ -381,8 +381,8 @@ def solve(
             ALF steps, memory O(state) whatever the number of steps), or a strategy
             object (`tfaca.AdjointGradient(rtol=...)`; `tfaca.ACAGradient(checkpoints=K)`
             keeps at most `K` states and rebuilds the others, same gradient as
-            `"aca"`). MALI and a checkpoint budget step onto every output time
-            (`interpolate=False`, or two times), and do not support `per_sample`.
+            `"aca"`). Every strategy works with interpolated or stepped-onto outputs,
+            shared or per-sample times and steps.
         step_size: a fixed step size. Required by the fixed-step methods; with an
             adaptive method it switches the error control off.
         first_step: the first trial step; default: chosen automatically
