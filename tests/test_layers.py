@@ -14,9 +14,9 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from tensorflow.python.ops import control_flow_util
 
 import tfaca
+from tfaca._internals import in_xla_context, sublayers
 
 STATE = 4
 HIDDEN = 16
@@ -92,9 +92,7 @@ class TrainingRecorder(keras.layers.Layer):
     def call(self, y, training=None):
         self.flags.append(training)
         self.dtypes.append(tf.as_dtype(y.dtype))
-        self.xla.append(
-            control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
-        )
+        self.xla.append(in_xla_context())
         return self.dense(y)
 
 
@@ -144,7 +142,7 @@ def subclassed_model():
 
 
 def ode_layer_of(model):
-    layers = [layer for layer in model._flatten_layers() if isinstance(layer, tfaca.ODELayer)]
+    layers = [layer for layer in sublayers(model) if isinstance(layer, tfaca.ODELayer)]
     assert len(layers) == 1
     return layers[0]
 

@@ -57,11 +57,15 @@ import weakref
 
 import numpy as np
 import tensorflow as tf
-from tensorflow.python.eager import record as tape_record
-from tensorflow.python.framework import func_graph
-from tensorflow.python.ops import cond_v2, resource_variable_ops
 
-from tfaca._loop import in_xla_context
+from tfaca._internals import (
+    external_captures,
+    in_cond_gradient,
+    in_xla_context,
+    mark_accessed,
+    scratch_trace,
+    unfoldable_input,
+)
 
 # Operations whose gradient XLA runs slowly inside a while loop on CPU.
 _CONVOLUTIONS = ("Conv", "DepthwiseConv")
@@ -90,22 +94,6 @@ def check_option(value, strategy_name):
             'gradient="aca". Received: jit_compile=True, gradient="naive"'
         )
     return bool(value)
-
-
-def scratch_trace(func, dtype, y0, args, t_shape=()):
-    """`func(t, y, args)` (flat lists) traced once into a scratch graph of placeholders,
-    with nothing recorded and nothing run; None if it cannot be traced (it calls
-    `.numpy()`, say)."""
-    graph = func_graph.FuncGraph("tfaca_probe")
-    try:
-        with tape_record.stop_recording(), graph.as_default():
-            t = tf.compat.v1.placeholder(dtype, t_shape)
-            y = [tf.compat.v1.placeholder(x.dtype, x.shape) for x in y0]
-            a = [tf.compat.v1.placeholder(x.dtype, x.shape) for x in args]
-            func(t, y, a)
-    except Exception:  # noqa: BLE001 - see the docstring
-        return None
-    return graph
 
 
 def operation_types(func, dtype, y0, args, t_shape=()):
@@ -138,22 +126,6 @@ def decide(option, func, dtype, y0, args, strategy_name, t_shape=()):
             return False
         return True
     return option
-
-
-def _in_cond_gradient():
-    """Whether the graph being built is (inside) the gradient of a `tf.cond` branch.
-
-    There a compiled function is not called: TensorFlow 2.21 marks the graph that calls
-    it as an XLA context for the call, so the gradient graph captures the forward
-    branch's tensors that the call takes as raw XLA intermediates, which the uncompiled
-    `tf.cond` around it never outputs ("Could not find external tensor capture").
-    """
-    graph = tf.compat.v1.get_default_graph()
-    while isinstance(graph, func_graph.FuncGraph):
-        if isinstance(graph, cond_v2._CondGradFuncGraph):  # noqa: SLF001
-            return True
-        graph = getattr(graph, "outer_graph", None)
-    return False
 
 
 class _Current:
@@ -230,7 +202,7 @@ def reuse_key(func, f, dtype, y0, args, static, t_shape=()):
     graph = scratch_trace(f, dtype, y0, args, t_shape)
     if graph is None:
         return True
-    return _Key(token, method, static, tuple(graph.external_captures))
+    return _Key(token, method, static, tuple(external_captures(graph)))
 
 
 class _Key(tuple):
@@ -258,7 +230,7 @@ def compiled(fn, jit, role=None):
     call whose data inputs are all constants (a solve of constant data) ahead of time,
     uncompiled, in an executor that recurses per loop iteration, and thousands of steps
     overflow the stack (a segmentation fault, seen with 1,756 Heun-Euler steps)."""
-    if not jit or _in_cond_gradient():
+    if not jit or in_cond_gradient():
         return fn
     if isinstance(jit, _Key):
         key = (*jit, role)
@@ -275,8 +247,8 @@ def compiled(fn, jit, role=None):
 
     def call(*args):
         if not tf.executing_eagerly():
-            # A data input the optimizer cannot know (a clock read), unused inside.
-            return function(tf.raw_ops.Timestamp(), *args)
+            # A data input the optimizer cannot fold (see `_internals.unfoldable_input`).
+            return function(unfoldable_input(), *args)
         clock = tf.constant(0.0, tf.float64)
         if current is not None:
             current.fn = fn
@@ -286,8 +258,7 @@ def compiled(fn, jit, role=None):
         finally:
             if current is not None:
                 current.fn = None
-        for v in concrete.graph.variables:
-            resource_variable_ops.variable_accessed(v)
+        mark_accessed(concrete.graph.variables)
         return out
 
     return call

@@ -3,14 +3,21 @@
 import inspect
 
 import keras
-import numpy as np
 import tensorflow as tf
 
 from tfaca import _jit
-from tfaca._gradients import _GRADIENTS, NaiveGradient, get_gradient
-from tfaca._loop import graph_assert, in_xla_context
-from tfaca._odeint import check_options, solve
-from tfaca._solvers import _SOLVERS, get_solver
+from tfaca._gradients import NaiveGradient
+from tfaca._internals import (
+    added_losses,
+    cast_input,
+    in_xla_context,
+    keep_inputs_uncast,
+    seed_generators,
+    sublayers,
+)
+from tfaca._loop import graph_assert
+from tfaca._odeint import solve
+from tfaca._options import SolverOptions, revive
 
 
 def _parameters(layer):
@@ -46,54 +53,6 @@ def _is_shape_pair(shape):
     )
 
 
-def _choice(value, getter, registry):
-    """How a config holds `value`: a name for a name or a default built-in, a dict
-    `{"name": ..., **options}` for a built-in with options (`ACAGradient(checkpoints=8)`,
-    `ALF(damping=0.8)`), else the object itself (a custom solver or strategy)."""
-    instance = getter(value)  # raises on an unknown choice
-    if isinstance(value, str):
-        return value.lower()
-    for name, cls in registry.items():
-        if type(instance) is cls:
-            options = _options(instance)
-            if options == _options(cls()):
-                return name
-            return {"name": name, **_plain(options)}
-    return instance
-
-
-def _options(instance):
-    return getattr(instance, "options", dict)()
-
-
-def _plain(value):
-    """`value` as a config holds it: Python numbers and nested lists, never NumPy.
-
-    Keras writes NumPy values into a `.keras` file as `{"class_name": "__numpy__", ...}`
-    and hands that dict back to `from_config` unchanged, so a layer built from NumPy
-    tolerances could be saved but not loaded; `tolist()` keeps every value exactly
-    (a float32 scalar becomes the float64 holding the same number).
-    """
-    if tf.is_tensor(value) and hasattr(value, "numpy"):
-        value = value.numpy()
-    if isinstance(value, (np.ndarray, np.generic)):
-        return value.tolist()
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    return value
-
-
-def _seed_generators(layer):
-    """Every `keras.random.SeedGenerator` that `layer` or one of its sublayers tracks."""
-    found = {}
-    for sublayer in layer._flatten_layers(include_self=True):
-        for generator in getattr(sublayer, "_seed_generators", ()):
-            found.setdefault(id(generator), generator)
-    return list(found.values())
-
-
 class _OneDraw:
     """Makes every evaluation of the dynamics within one call draw the same random numbers.
 
@@ -113,7 +72,7 @@ class _OneDraw:
     """
 
     def __init__(self, dynamics):
-        self.states = [generator.state for generator in _seed_generators(dynamics)]
+        self.states = [generator.state for generator in seed_generators(dynamics)]
         self.start = [tf.identity(state.value) for state in self.states]
         self.replaying = False
 
@@ -138,11 +97,11 @@ def _refuse_added_losses(layers, counts, dynamics):
     while `fit` traces its step. Weight regularizers are not affected: Keras computes
     them from the variables, outside any call.
     """
-    offenders = [layer for layer, n in zip(layers, counts) if len(layer._losses) > n]
+    offenders = [layer for layer, n in zip(layers, counts) if len(added_losses(layer)) > n]
     if not offenders:
         return
     for layer, n in zip(layers, counts):
-        del layer._losses[n:]
+        del added_losses(layer)[n:]
     names = ", ".join(
         f"'{layer.name}' ({type(layer).__name__}, "
         + ("activity_regularizer" if layer.activity_regularizer is not None else "add_loss")
@@ -255,6 +214,11 @@ class ODELayer(keras.layers.Layer):
             "Per-sample steps" in the README for the measurements behind the default.
         **kwargs: base `keras.layers.Layer` arguments (`name`, `dtype`,
             `activity_regularizer`, which regularizes the output of the solve, ...).
+
+    Every solver option above (all but `dynamics`, `t` and `return_sequences`) is an
+    attribute of the same name (`layer.rtol`; `layer.method` and `layer.gradient` as
+    the config holds them, by name); setting one checks it as the constructor does.
+    `layer.solver_options` holds them all, checked (a `SolverOptions`).
 
     Call arguments:
         inputs: the initial state `(batch, ...)`, or `[state, times]` with `times` a
@@ -371,51 +335,20 @@ class ODELayer(keras.layers.Layer):
                 "`t` must hold at least two strictly increasing or strictly decreasing "
                 f"times. Received: t={t}"
             )
-        if not isinstance(throw, (bool, np.bool_)):
-            raise TypeError(f"`throw` must be True or False. Received: throw={throw!r}")
-        if not isinstance(interpolate, (bool, np.bool_)):
-            raise TypeError(
-                f"`interpolate` must be True or False. Received: interpolate={interpolate!r}"
-            )
-        if not isinstance(per_sample, (bool, np.bool_)):
-            raise TypeError(
-                f"`per_sample` must be True or False. Received: per_sample={per_sample!r}"
-            )
         _check_state_first(dynamics)
-        _, strategy = check_options(
-            method=method, gradient=gradient, rtol=rtol, atol=atol, step_size=step_size,
-            first_step=first_step, max_step=max_step, max_steps=max_steps, safety=safety,
-            factor_min=factor_min, factor_max=factor_max,
-        )
+        # The solver options, checked by their one declaration. It holds one strategy
+        # for every solve: state it keeps (the adjoint's `backward_stats`) is then
+        # readable through the layer, and a graph sees one object, not a new one per call.
+        self.solver_options = SolverOptions.from_arguments(locals())
         self.dynamics = dynamics
         self.t = t
-        self.method = _choice(method, get_solver, _SOLVERS)
-        self.gradient = _choice(gradient, get_gradient, _GRADIENTS)
-        # One strategy for every solve: state it keeps (the adjoint's `backward_stats`)
-        # is then readable through the layer, and a graph sees one object, not a new
-        # one per call.
-        self._gradient_strategy = strategy
-        self.rtol = rtol
-        self.atol = atol
-        self.step_size = step_size
-        self.first_step = first_step
-        self.max_step = max_step
-        self.max_steps = int(max_steps)
-        self.safety = float(safety)
-        self.factor_min = float(factor_min)
-        self.factor_max = float(factor_max)
-        self.throw = bool(throw)
         self.return_sequences = bool(return_sequences)
-        self.interpolate = bool(interpolate)
-        self.jit_compile = _jit.check_option(jit_compile, strategy.name)
-        self.per_sample = bool(per_sample)
         self._pass_t = _accepts(dynamics, "t")
         self._pass_training = _accepts(dynamics, "training")
-        # Keras (3.15, `Layer.__call__`) casts every floating input to the compute dtype,
-        # times included: under a mixed policy 41.7 would become 41.6875 (float16) or
-        # 41.75 (bfloat16), and close times would merge into padding. `__call__` casts
-        # the state as Keras would and leaves the times alone.
-        self._convert_input_args = False
+        # Keras casts every floating input to the compute dtype, times included;
+        # `__call__` casts the state as Keras would and leaves the times alone
+        # (`_internals.keep_inputs_uncast`).
+        keep_inputs_uncast(self)
         self.fevals_tracker = keras.metrics.Mean(name=f"{self.name}_fevals")
         self.steps_tracker = keras.metrics.Mean(name=f"{self.name}_steps")
         self.failures_tracker = keras.metrics.Mean(name=f"{self.name}_failures")
@@ -423,17 +356,17 @@ class ODELayer(keras.layers.Layer):
     @property
     def gradient_strategy(self):
         """The `tfaca.AbstractGradient` instance every solve of this layer uses."""
-        return self._gradient_strategy
+        return self.solver_options.gradient
 
     def __call__(self, inputs, *args, **kwargs):
         state, times = self._split(inputs)
-        state = self.dtype_policy.convert_input(state, self.autocast, self.input_dtype)
+        state = cast_input(self, state, self.autocast)
         if times is None:
             inputs = state
         else:
             # Converted to a tensor (a NumPy array cannot be passed positionally), never
             # cast: `call` solves in float32, or float64 for a float64 state.
-            times = self.dtype_policy.convert_input(times, False, self.input_dtype)
+            times = cast_input(self, times, False)
             inputs = type(inputs)([state, times])
         return super().__call__(inputs, *args, **kwargs)
 
@@ -495,7 +428,7 @@ class ODELayer(keras.layers.Layer):
     def call(self, inputs, training=None):
         y0, times = self._split(inputs)
         kwargs = {"training": training} if self._pass_training else {}
-        layers = list(self.dynamics._flatten_layers(include_self=True))
+        layers = sublayers(self.dynamics)
         draws = _OneDraw(self.dynamics)
 
         def dynamics(t, y):
@@ -504,7 +437,7 @@ class ODELayer(keras.layers.Layer):
             return self.dynamics(y, **kwargs)
 
         def func(t, y):
-            counts = [len(layer._losses) for layer in layers]
+            counts = [len(added_losses(layer)) for layer in layers]
             out = draws.evaluate(lambda: dynamics(t, y))
             _refuse_added_losses(layers, counts, self.dynamics)
             return out
@@ -522,34 +455,14 @@ class ODELayer(keras.layers.Layer):
         # updates them. Snapshot here, restore after the forward solve. Seed states are
         # `_OneDraw`'s business: restoring them would repeat this call's draw next call.
         restore = []
-        if training is True and not isinstance(self._gradient_strategy, NaiveGradient):
+        if training is True and not isinstance(self.gradient_strategy, NaiveGradient):
             seeds = {id(state) for state in draws.states}
             restore = [
                 (v, tf.identity(v.value))
                 for v in self.dynamics.non_trainable_variables
                 if id(v) not in seeds
             ]
-        sol = solve(
-            func,
-            y0,
-            ts,
-            method=self.method,
-            rtol=self.rtol,
-            atol=self.atol,
-            gradient=self._gradient_strategy,
-            step_size=self.step_size,
-            first_step=self.first_step,
-            max_step=self.max_step,
-            max_steps=self.max_steps,
-            safety=self.safety,
-            factor_min=self.factor_min,
-            factor_max=self.factor_max,
-            throw=self.throw,
-            interpolate=self.interpolate,
-            per_sample=self.per_sample,
-            jit_compile=self.jit_compile,
-            name=self.name,
-        )
+        sol = solve(func, y0, ts, **self.solver_options.arguments(), name=self.name)
         draws.replaying = True
         for variable, value in restore:
             variable.assign(value)
@@ -574,46 +487,34 @@ class ODELayer(keras.layers.Layer):
         return (state_shape[0], num_times) + state_shape[1:]
 
     def get_config(self):
-        for argument in ("method", "gradient"):
-            if not isinstance(getattr(self, argument), (str, dict)):
-                raise ValueError(
-                    f"ODELayer can save `{argument}` in a config only as a built-in (a name, "
-                    f"or a built-in class with its options). Received: "
-                    f"{argument}={getattr(self, argument)!r}. Pass a built-in (e.g. "
-                    '"dopri5", tfaca.ACAGradient(checkpoints=8)) to save the layer, or '
-                    "rebuild it in code."
-                )
         config = {
             "dynamics": keras.saving.serialize_keras_object(self.dynamics),
             "t": list(self.t),
-            "method": self.method,
-            "rtol": _plain(self.rtol),
-            "atol": _plain(self.atol),
-            "gradient": self.gradient,
-            "step_size": _plain(self.step_size),
-            "first_step": _plain(self.first_step),
-            "max_step": _plain(self.max_step),
-            "max_steps": self.max_steps,
-            "safety": self.safety,
-            "factor_min": self.factor_min,
-            "factor_max": self.factor_max,
-            "throw": self.throw,
+            **self.solver_options.config(),
             "return_sequences": self.return_sequences,
-            "interpolate": self.interpolate,
-            "jit_compile": self.jit_compile,
-            "per_sample": self.per_sample,
         }
         base_config = super().get_config()
         return {**base_config, **config}
 
     @classmethod
     def from_config(cls, config):
-        config = dict(config)
+        config = revive(config)
         config["dynamics"] = keras.saving.deserialize_keras_object(config["dynamics"])
-        # Files saved before `get_config` stored plain numbers hold NumPy arrays and
-        # tensors as Keras' `{"class_name": "__numpy__" or "__tensor__", ...}` dicts.
-        for key in ("rtol", "atol", "step_size", "first_step", "max_step"):
-            value = config.get(key)
-            if isinstance(value, dict) and value.get("class_name") in ("__numpy__", "__tensor__"):
-                config[key] = keras.saving.deserialize_keras_object(value)
         return cls(**config)
+
+
+def _option_property(name):
+    """`ODELayer`'s attribute for solver option `name`: read as a config holds it, set
+    through `SolverOptions.replace` (checked)."""
+
+    def get(self):
+        return self.solver_options.config_value(name)
+
+    def set(self, value):
+        self.solver_options = self.solver_options.replace(**{name: value})
+
+    return property(get, set, doc=SolverOptions.doc(name))
+
+
+for _name in SolverOptions.names():
+    setattr(ODELayer, _name, _option_property(_name))

@@ -1,36 +1,18 @@
 """`odeint` and `solve`: argument checks, dtypes, structures, dispatch. No loop code here."""
 
 import collections.abc
-import numbers
 
 import numpy as np
 import tensorflow as tf
 
 from tfaca import _jit, _outputs
 from tfaca._control import StepSizeController
-from tfaca._gradients import get_gradient
-from tfaca._loop import graph_assert, in_xla_context, raise_on_failure
+from tfaca._internals import in_xla_context
+from tfaca._loop import graph_assert, raise_on_failure
+from tfaca._options import SolverOptions, options_refusal
 from tfaca._solution import Solution
-from tfaca._solvers import get_solver
 
 _LOW_PRECISION = (tf.float16, tf.bfloat16)
-
-
-def _check_positive(name, value, allow_zero=False, allow_none=False):
-    """Checks Python or NumPy values now; tensors are the caller's responsibility."""
-    if value is None:
-        if allow_none:
-            return
-        raise ValueError(f"`{name}` must be given. Received: {name}=None")
-    if tf.is_tensor(value) and not hasattr(value, "numpy"):
-        return  # symbolic: cannot be checked at trace time
-    array = np.asarray(value)
-    if array.dtype.kind not in "iuf":
-        raise TypeError(f"`{name}` must be a number or an array of numbers. Received: {name}={value!r}")
-    bad = (array < 0) if allow_zero else (array <= 0)
-    if np.any(bad) or not np.all(np.isfinite(array)):
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"`{name}` must be finite and {bound}. Received: {name}={value!r}")
 
 
 def _tolerance(name, value, y0_structure, y0_flat, dtype):
@@ -256,65 +238,6 @@ def _flat_func(func, y0, args, num_args, dtype):
     return f
 
 
-# torchdiffeq's names for options that tfaca calls otherwise.
-_TORCHDIFFEQ_NAMES = {"max_num_steps": "max_steps", "ifactor": "factor_max",
-                      "dfactor": "factor_min"}
-
-
-def _options_refusal(options):
-    """The message refusing torchdiffeq's `options=dict(...)`, with the keywords to use."""
-    if isinstance(options, collections.abc.Mapping):
-        spelled = ", ".join(f"{_TORCHDIFFEQ_NAMES.get(k, k)}={v!r}" for k, v in options.items())
-    else:
-        spelled = "step_size=..., first_step=..."
-    return (
-        "`options` is not an argument of tfaca's solve/odeint: pass each option as a "
-        f"keyword argument, e.g. `odeint(func, y0, ts, {spelled})` (`step_size`, "
-        "`first_step`, `max_step`, `max_steps`, `safety`, `factor_min`, `factor_max`; "
-        "torchdiffeq's max_num_steps, ifactor and dfactor are max_steps, factor_max and "
-        f"factor_min). Received: options={options!r}"
-    )
-
-
-def check_options(
-    *,
-    method="dopri5",
-    gradient="aca",
-    rtol=1e-3,
-    atol=1e-6,
-    step_size=None,
-    first_step=None,
-    max_step=None,
-    max_steps=1000,
-    safety=0.9,
-    factor_min=0.2,
-    factor_max=10.0,
-):
-    """Checks the options of `solve` that do not depend on the state; returns the solver
-    and the gradient strategy. Raises ValueError/TypeError naming the argument."""
-    solver = get_solver(method)
-    strategy = get_gradient(gradient)
-    if not isinstance(max_steps, numbers.Integral) or isinstance(max_steps, bool) or max_steps < 1:
-        raise ValueError(f"`max_steps` must be a positive Python int. Received: max_steps={max_steps!r}")
-    if step_size is None and not solver.adaptive:
-        raise ValueError(
-            f"`step_size` is required by the fixed-step method {solver!r}. Received: step_size=None"
-        )
-    for name, value in (("rtol", rtol), ("atol", atol)):
-        for leaf in tf.nest.flatten(value):
-            _check_positive(name, leaf, allow_zero=(name == "atol"))
-    _check_positive("step_size", step_size, allow_none=True)
-    _check_positive("first_step", first_step, allow_none=True)
-    _check_positive("max_step", max_step, allow_none=True)
-    if not 0 < safety <= 1:
-        raise ValueError(f"`safety` must be in (0, 1]. Received: safety={safety!r}")
-    if not 0 < factor_min <= 1:
-        raise ValueError(f"`factor_min` must be in (0, 1]. Received: factor_min={factor_min!r}")
-    if not factor_max >= 1:
-        raise ValueError(f"`factor_max` must be >= 1. Received: factor_max={factor_max!r}")
-    return solver, strategy
-
-
 def solve(
     func,
     y0,
@@ -478,95 +401,55 @@ def solve(
         cond and select, `tf.where(pred, ys, other)`, or use `"aca"`.
     """
     if options is not None:
-        raise TypeError(_options_refusal(options))
+        raise TypeError(options_refusal(options))
     if not callable(func):
         raise TypeError(f"`func` must be callable. Received: func={func!r}")
-    if not isinstance(interpolate, (bool, np.bool_)):
-        raise TypeError(f"`interpolate` must be True or False. Received: interpolate={interpolate!r}")
     if not isinstance(args, tuple):
         raise TypeError(f"`args` must be a tuple. Received: args={args!r}")
-    if not isinstance(per_sample, (bool, np.bool_)):
-        raise TypeError(f"`per_sample` must be True or False. Received: per_sample={per_sample!r}")
-    solver, strategy = check_options(
-        method=method, gradient=gradient, rtol=rtol, atol=atol, step_size=step_size,
-        first_step=first_step, max_step=max_step, max_steps=max_steps, safety=safety,
-        factor_min=factor_min, factor_max=factor_max,
-    )
-    jit_compile = _jit.check_option(jit_compile, strategy.name)
-
+    # Every option is checked by its one declaration; from here on it is read from `opts`.
+    opts = SolverOptions.from_arguments(locals())
+    per_sample = opts.per_sample
     with tf.name_scope(name or "odeint"):
-        y0_flat = [tf.convert_to_tensor(y) for y in tf.nest.flatten(y0)]
-        if not y0_flat:
-            raise ValueError(f"`y0` must hold at least one tensor. Received: y0={y0!r}")
-        dtypes = {y.dtype for y in y0_flat}
-        if len(dtypes) != 1 or not all(d.is_floating for d in dtypes):
-            raise TypeError(
-                "`y0` must be floating tensors of one dtype. Received dtypes: "
-                f"{sorted(d.name for d in dtypes)}"
-            )
-        y_dtype = dtypes.pop()
-        dtype = tf.float32 if y_dtype in _LOW_PRECISION else y_dtype
-        y0_flat = [tf.cast(y, dtype) for y in y0_flat]
+        y0_flat, y_dtype, dtype = _prepare_y0(y0)
         y0_struct = tf.nest.pack_sequence_as(y0, y0_flat)
         ts = _prepare_ts(ts, dtype)
         times_per_sample = ts.shape.rank == 2
         if per_sample:
-            for y in y0_flat:
-                if y.shape.rank == 0 or not y.shape[:1].is_compatible_with(y0_flat[0].shape[:1]):
-                    raise ValueError(
-                        "`per_sample=True` needs every component of `y0` to have the batch "
-                        "as its leading axis. Received: state components of shapes "
-                        f"{[x.shape for x in y0_flat]}"
-                    )
+            _check_leading_batch(y0_flat)
         if times_per_sample:
-            if not interpolate and not per_sample:
-                raise ValueError(
-                    "`ts` of shape (batch, n), times per sample, are read by interpolation: "
-                    "one solve cannot step onto every sample's times (with per_sample=True "
-                    "each sample steps onto its own). Received: interpolate=False"
-                )
-            for y in y0_flat:
-                if y.shape.rank == 0 or not y.shape[:1].is_compatible_with(ts.shape[:1]):
-                    raise ValueError(
-                        "`ts` of shape (batch, n) needs every component of `y0` to have the "
-                        f"batch as its leading axis. Received: ts with shape {ts.shape} and "
-                        f"a state component of shape {y.shape}"
-                    )
-            ts = _same_batch(ts, y0_flat)
-            padded = _padded(ts)
-            # Padding gets no gradient, nor passes one on (see `ys` below).
-            ts_solved = tf.where(padded, tf.stop_gradient(ts), ts)
+            ts, padded, ts_solved = _per_sample_times(ts, y0_flat, opts)
         else:
             ts_solved = ts
-        plan = _outputs.plan(ts_solved, interpolate, per_sample)
+        plan = _outputs.plan(ts_solved, opts.interpolate, per_sample)
         num_intervals = None
         if not plan.dense and ts.shape[-1] is not None:
             num_intervals = ts.shape[-1] - 1
-            if num_intervals > max_steps:
+            if num_intervals > opts.max_steps:
                 raise ValueError(
                     f"`max_steps` must be at least the number of output intervals, "
                     f"len(ts) - 1 = {num_intervals}: with interpolate=False the solver "
                     f"steps onto every output time, so each interval takes at least one "
-                    f"step. Received: max_steps={max_steps}"
+                    f"step. Received: max_steps={opts.max_steps}"
                 )
         args_flat = [_as_arg(a, dtype) for a in tf.nest.flatten(args)]
         controller = StepSizeController(
-            rtol=_tolerance("rtol", rtol, y0, y0_flat, dtype),
-            atol=_tolerance("atol", atol, y0, y0_flat, dtype),
-            safety=float(safety),
-            factor_min=float(factor_min),
-            factor_max=float(factor_max),
-            max_step=None if max_step is None else _as_tensor(max_step, dtype),
-            per_sample=bool(per_sample),
+            rtol=_tolerance("rtol", opts.rtol, y0, y0_flat, dtype),
+            atol=_tolerance("atol", opts.atol, y0, y0_flat, dtype),
+            safety=opts.safety,
+            factor_min=opts.factor_min,
+            factor_max=opts.factor_max,
+            max_step=None if opts.max_step is None else _as_tensor(opts.max_step, dtype),
+            per_sample=per_sample,
         )
         f = _flat_func(func, y0_struct, args, len(args_flat), dtype)
+        solver, strategy = opts.method, opts.gradient
         t_shape = y0_flat[0].shape[:1] if per_sample else ()
-        jit = _jit.decide(jit_compile, f, dtype, y0_flat, args_flat, strategy.name, t_shape)
+        jit = _jit.decide(opts.jit_compile, f, dtype, y0_flat, args_flat, strategy.name, t_shape)
         if jit and tf.executing_eagerly():
             # What `f` computes besides `func`: see `_jit.reuse_key`.
             static = (_structure(y0), _structure(args), dtype.name, type(solver),
                       _hashable(solver.options()), type(strategy), _hashable(strategy.options()),
-                      bool(per_sample))
+                      per_sample)
             jit = _jit.reuse_key(func, f, dtype, y0_flat, args_flat, static, t_shape)
         trajectory = strategy.solve(
             solver,
@@ -575,10 +458,10 @@ def solve(
             plan,
             y0_flat,
             args_flat,
-            step_size=None if step_size is None else _as_tensor(step_size, dtype),
-            first_step=None if first_step is None else _as_tensor(first_step, dtype),
-            max_steps=int(max_steps),
-            throw=bool(throw),
+            step_size=None if opts.step_size is None else _as_tensor(opts.step_size, dtype),
+            first_step=None if opts.first_step is None else _as_tensor(opts.first_step, dtype),
+            max_steps=opts.max_steps,
+            throw=opts.throw,
             jit=jit,
             **({"per_sample": True} if per_sample else {}),
         )
@@ -590,10 +473,10 @@ def solve(
                          tf.stop_gradient(y), y)
                 for y in ys_flat
             ]
-        if throw:
+        if opts.throw:
             ys_flat = raise_on_failure(
                 trajectory.status, trajectory.t_final, ys_flat,
-                f"max_steps={max_steps}"
+                f"max_steps={opts.max_steps}"
                 + (f"; {num_intervals} output intervals, each at least one step"
                    if num_intervals is not None else ""),
             )
@@ -605,6 +488,58 @@ def solve(
             status=trajectory.status,
             t_final=trajectory.t_final,
         )
+
+
+def _prepare_y0(y0):
+    """`(y0_flat, y_dtype, dtype)`: the state's components as tensors of the solve's
+    `dtype` (float32 for a float16/bfloat16 state of dtype `y_dtype`)."""
+    y0_flat = [tf.convert_to_tensor(y) for y in tf.nest.flatten(y0)]
+    if not y0_flat:
+        raise ValueError(f"`y0` must hold at least one tensor. Received: y0={y0!r}")
+    dtypes = {y.dtype for y in y0_flat}
+    if len(dtypes) != 1 or not all(d.is_floating for d in dtypes):
+        raise TypeError(
+            "`y0` must be floating tensors of one dtype. Received dtypes: "
+            f"{sorted(d.name for d in dtypes)}"
+        )
+    y_dtype = dtypes.pop()
+    dtype = tf.float32 if y_dtype in _LOW_PRECISION else y_dtype
+    return [tf.cast(y, dtype) for y in y0_flat], y_dtype, dtype
+
+
+def _check_leading_batch(y0_flat):
+    """Refuses `per_sample=True` for a state whose components do not share a leading
+    (batch) axis."""
+    for y in y0_flat:
+        if y.shape.rank == 0 or not y.shape[:1].is_compatible_with(y0_flat[0].shape[:1]):
+            raise ValueError(
+                "`per_sample=True` needs every component of `y0` to have the batch "
+                "as its leading axis. Received: state components of shapes "
+                f"{[x.shape for x in y0_flat]}"
+            )
+
+
+def _per_sample_times(ts, y0_flat, opts):
+    """`(ts, padded, ts_solved)` for 2-D `ts` (times per sample), checked against the
+    state; `padded` marks the entries that repeat their row's last time, and
+    `ts_solved` holds them cut off from the gradient."""
+    if not opts.interpolate and not opts.per_sample:
+        raise ValueError(
+            "`ts` of shape (batch, n), times per sample, are read by interpolation: "
+            "one solve cannot step onto every sample's times (with per_sample=True "
+            "each sample steps onto its own). Received: interpolate=False"
+        )
+    for y in y0_flat:
+        if y.shape.rank == 0 or not y.shape[:1].is_compatible_with(ts.shape[:1]):
+            raise ValueError(
+                "`ts` of shape (batch, n) needs every component of `y0` to have the "
+                f"batch as its leading axis. Received: ts with shape {ts.shape} and "
+                f"a state component of shape {y.shape}"
+            )
+    ts = _same_batch(ts, y0_flat)
+    padded = _padded(ts)
+    # Padding gets no gradient, nor passes one on (see `ys` in `solve`).
+    return ts, padded, tf.where(padded, tf.stop_gradient(ts), ts)
 
 
 def odeint(func, y0, ts, **kwargs):
