@@ -198,15 +198,26 @@ def new_buffer(y0, size, num_rows, by_batch):
     arrays = []
     for y in y0:
         r = rows(y, by_batch)
-        tiled = tf.broadcast_to(r[None], tf.concat([[size + 1], tf.shape(r)], 0))
-        flat = tf.reshape(tiled, tf.concat([[-1], tf.shape(r)[1:]], 0))[:size * num_rows + 1]
+        element = tf.shape(r)[1:]
+        tiled = tf.broadcast_to(r[None], tf.concat([[size], tf.shape(r)], 0))
+        # Outputs, then the entry that takes the writes that keep nothing (concatenated:
+        # an empty batch has no row to copy it from).
+        flat = tf.concat([tf.reshape(tiled, tf.concat([[size * num_rows], element], 0)),
+                          tf.zeros(tf.concat([[1], element], 0), y.dtype)], 0)
         if in_xla_context():
-            arrays.append(flat)
+            arrays.append(_padded(flat))
             continue
         ta = tf.TensorArray(y.dtype, size=size * num_rows + 1, element_shape=r.shape[1:],
                             clear_after_read=False)
         arrays.append(ta.scatter(tf.range(size * num_rows + 1), flat))
     return Buffer(arrays, size, num_rows, by_batch)
+
+
+def _padded(entries):
+    """`[m, ...]` entries as `[m, size + 1]`: flat, and one element longer, so that an entry is
+    never empty (XLA refuses a scatter into an empty tensor, a replica's empty batch)."""
+    flat = tf.reshape(entries, tf.stack([tf.shape(entries)[0], -1]))
+    return tf.concat([flat, tf.zeros(tf.stack([tf.shape(flat)[0], 1]), flat.dtype)], axis=1)
 
 
 def write(buffer, index, valid, values):
@@ -221,7 +232,7 @@ def write(buffer, index, valid, values):
         if isinstance(array, tf.TensorArray):
             arrays.append(array.scatter(flat, v))
         else:
-            arrays.append(tf.tensor_scatter_nd_update(array, flat[:, None], v))
+            arrays.append(tf.tensor_scatter_nd_update(array, flat[:, None], _padded(v)))
     return buffer._replace(arrays=arrays)
 
 
@@ -230,10 +241,18 @@ def read(buffer, like):
     out = []
     for array, y in zip(buffer.arrays, like):
         used = tf.range(buffer.size * buffer.num_rows)
-        stacked = (array.gather(used) if isinstance(array, tf.TensorArray)
-                   else tf.gather(array, used))
-        shaped = tf.reshape(stacked, tf.concat([[buffer.size, buffer.num_rows],
-                                                tf.shape(stacked)[1:]], 0))
+        element = tf.shape(rows(y, buffer.by_batch))[1:]
+        if isinstance(array, tf.TensorArray) and tf.executing_eagerly() and not used.shape[0]:
+            # Eagerly, gathering no entry gives a float32 tensor that no tape connects to
+            # the state: an empty batch's outputs are the state's empty rows instead.
+            flat = tf.reshape(rows(y, buffer.by_batch), tf.concat([[-1], element], 0))
+            stacked = tf.gather(flat, tf.zeros([0], tf.int32))
+        elif isinstance(array, tf.TensorArray):
+            stacked = array.gather(used)
+        else:
+            stacked = tf.reshape(tf.gather(array, used)[:, :-1], tf.concat([[-1], element], 0))
+        # The element shape from the state: an empty batch's gather has lost it.
+        shaped = tf.reshape(stacked, tf.concat([[buffer.size, buffer.num_rows], element], 0))
         shaped = shaped if buffer.by_batch else shaped[:, 0]
         shaped.set_shape(tf.TensorShape([None]).concatenate(y.shape))
         out.append(shaped)
