@@ -463,7 +463,7 @@ def solve(
             max_steps=opts.max_steps,
             throw=opts.throw,
             jit=jit,
-            **({"per_sample": True} if per_sample else {}),
+            per_sample=bool(per_sample),
         )
         ys_flat = trajectory.ys
         if times_per_sample:

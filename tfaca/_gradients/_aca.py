@@ -41,7 +41,6 @@ grows with every accepted step's graph, as backprop through the accepted steps w
 import math
 import numbers
 import tensorflow as tf
-from tensorflow.python.eager import record as tape_record
 
 from tfaca import _outputs
 from tfaca._gradients._base import (
@@ -51,7 +50,7 @@ from tfaca._gradients._base import (
 from tfaca._gradients._replay import (
     add_landed, onto_stops, setting_of, to_groups, to_rows,
 )
-from tfaca._loop import in_xla_context
+from tfaca._internals import could_possibly_record, in_xla_context, stop_recording
 
 
 class ACAGradient(AbstractGradient):
@@ -94,8 +93,8 @@ class ACAGradient(AbstractGradient):
     def options(self):
         return {"checkpoints": self.checkpoints}
 
-    def solve(self, solver, controller, func, plan, y0, args, *, throw=True, jit=False,
-              **loop_kwargs):
+    def solve(self, solver, controller, func, plan, y0, args, *, per_sample=False, throw=True,
+              jit=False, **loop_kwargs):
         if not solver.replayable:
             raise ValueError(
                 f"method={solver!r} carries more than the state from step to step (ALF "
@@ -103,7 +102,7 @@ class ACAGradient(AbstractGradient):
                 'gradient="mali" (exact for the ALF steps, no states kept), "naive" or '
                 '"adjoint". Received: gradient="aca"')
         budget = self.checkpoints
-        options = loop_options(controller, loop_kwargs)
+        options = loop_options(controller, dict(loop_kwargs, per_sample=per_sample))
 
         def forward_with(record):
             forward = forward_solve(solver, func, jit, record=record, states=budget)
@@ -111,12 +110,11 @@ class ACAGradient(AbstractGradient):
 
         # Checkpoints only when a tape may ask for the gradient (see the class docstring);
         # a plain graph, or a compiled loop that returns them, cannot drop them later.
-        record = tape_record.could_possibly_record()
-        per_sample = loop_kwargs.get("per_sample", False)
+        record = could_possibly_record()
 
         def backward(trajectory, times, y0, sources, g_ys, variables, differentiable):
             if not record:
-                with tape_record.stop_recording():
+                with stop_recording():
                     trajectory = forward_with(True)(times, y0, args)
             if differentiable:
                 f = lambda t, y: func(t, y, args)  # noqa: E731

@@ -83,9 +83,9 @@ class AdjointGradient(AbstractGradient):
         options = ", ".join(f"{k}={v!r}" for k, v in self.options().items())
         return f"{type(self).__name__}({options})"
 
-    def solve(self, solver, controller, func, plan, y0, args, *, throw=True, jit=False,
-              **loop_kwargs):
-        options = loop_options(controller, loop_kwargs)
+    def solve(self, solver, controller, func, plan, y0, args, *, per_sample=False, throw=True,
+              jit=False, **loop_kwargs):
+        options = loop_options(controller, dict(loop_kwargs, per_sample=per_sample))
         # The reverse solve needs the outputs and the end state, not the steps.
         run = forward_solve(solver, func, jit, record=False, checkpoints=False)
 
@@ -110,7 +110,6 @@ class AdjointGradient(AbstractGradient):
                 return raise_on_failure(status, t_final, grads, "in the adjoint's reverse solve")
             return nan_where(tf.reduce_any(status != 0), grads)
 
-        per_sample = loop_kwargs.get("per_sample", False)
         refusal = SECOND_ORDER.format(
             what="the adjoint cannot give: its reverse solve takes the forward outputs "
             "as constants", instead='Use gradient="aca" (exact) or "naive".')

@@ -14,15 +14,16 @@ differentiated.
 import dataclasses
 
 import tensorflow as tf
-from tensorflow.python.eager import record as tape_record
-from tensorflow.python.framework import func_graph
-from tensorflow.python.ops import resource_variable_ops
 
 from tfaca import _outputs
 from tfaca._control import StepSizeController
-from tfaca._internals import route_handles_through_forward_graphs
-from tfaca._jit import compiled, scratch_trace
-from tfaca._loop import graph_assert, in_xla_context, integrate
+from tfaca._internals import (
+    VariableWatcher, could_possibly_record, external_captures, function_graph, in_xla_context,
+    mark_accessed, route_handles_through_forward_graphs, scratch_trace, should_record_backprop,
+    stop_recording,
+)
+from tfaca._jit import compiled
+from tfaca._loop import graph_assert, integrate
 
 
 class AbstractGradient:
@@ -35,11 +36,12 @@ class AbstractGradient:
         """The constructor arguments, as a dict (empty for strategies without any)."""
         return {}
 
-    def solve(self, solver, controller, func, plan, y0, args, *, throw=True, jit=False,
-              **loop_kwargs):
+    def solve(self, solver, controller, func, plan, y0, args, *, per_sample=False, throw=True,
+              jit=False, **loop_kwargs):
         """Integrates `func(t, y, args)` (flat lists) and returns a `Trajectory` whose `ys`
         are the outputs that `plan` (an `_outputs.Plan`) asks for.
 
+        `per_sample`: one group of steps per sample of the batch (`_loop.integrate`).
         `throw=False`: failures in the backward pass make the gradients NaN instead of
         raising (the forward's status is the caller's to report). `jit`: run the loops
         as functions compiled with XLA (`_jit.compiled`: False, True, or an eager
@@ -142,17 +144,17 @@ def _probe(func, times, y0, args, t_shape=()):
     variables it reads. Skipped eagerly when nothing records. A `func` that cannot be
     traced (it calls `.numpy()`) has none found: it could not run in a graph either.
     """
-    if tf.executing_eagerly() and not tape_record.could_possibly_record():
+    if tf.executing_eagerly() and not could_possibly_record():
         return [], []
     graph = scratch_trace(func, times[0].dtype, y0, args, t_shape)
     if graph is None:
         return [], []
     known = {id(x) for x in [*times, *y0, *args]}
-    captures = graph.external_captures
+    captures = external_captures(graph)
     sources = [
         c
         for c in captures
-        if c.dtype.is_floating and id(c) not in known and tape_record.should_record_backprop([c])
+        if c.dtype.is_floating and id(c) not in known and should_record_backprop([c])
     ]
     handles = [c for c in captures if c.dtype == tf.resource and hasattr(c, "numpy")]
     return sources, handles
@@ -191,13 +193,13 @@ def solve_with_custom_gradient(forward, backward, func, times, y0, args, *, seco
     differentiable backward is exact. `written`: variables the backward pass assigns
     (the adjoint's counters). `tf.custom_gradient` lives only here.
     """
-    graph = tf.compat.v1.get_default_graph()
-    if isinstance(graph, func_graph.FuncGraph):
+    graph = function_graph()
+    if graph is not None:
         # Inputs from a graph around this one (a tf.cond branch's input from the loop
         # around it) are captured here, where the backward pass, built in the branch's
         # gradient graph, can reach them; it cannot reach the outer graph's tensors.
         times, y0, args = ([graph.capture(x) for x in xs] for xs in (times, y0, args))
-    with tape_record.stop_recording(), tape_record.VariableWatcher() as watcher:
+    with stop_recording(), VariableWatcher() as watcher:
         trajectory = forward(times, y0, args)
     variables = _unique(v for v in watcher.watched_variables() if v.trainable)
     closed_over, handles = _probe(func, times, y0, args, t_shape)
@@ -207,10 +209,10 @@ def solve_with_custom_gradient(forward, backward, func, times, y0, args, *, seco
         handles += [v.handle for v in written]
         for v in written:
             tf.identity(v.handle)
-            # Recorded as used by the function being traced, as a read would be: a
-            # SavedModel export (Keras' `model.export`) saves the variables its functions
-            # use, and refuses a captured handle of any other ("untracked resource").
-            resource_variable_ops.variable_accessed(v)
+        # Recorded as used by the function being traced, as a read would be: a
+        # SavedModel export (Keras' `model.export`) saves the variables its functions
+        # use, and refuses a captured handle of any other ("untracked resource").
+        mark_accessed(written)
     sources = [a for a in args if a.dtype.is_floating] + closed_over
 
     num_times = len(times)
@@ -221,7 +223,7 @@ def solve_with_custom_gradient(forward, backward, func, times, y0, args, *, seco
 
         def grad(*g_ys):
             g_ys = [_zeros_if_none(g, y) for g, y in zip(g_ys, trajectory.ys)]
-            recording = tape_record.could_possibly_record()
+            recording = could_possibly_record()
             route_handles_through_forward_graphs(handles)
             grads = backward(
                 trajectory, times, y0, sources, g_ys, variables,

@@ -5,13 +5,13 @@ constant in the number of steps, by inverting each step instead of keeping its s
 import math
 
 import tensorflow as tf
-from tensorflow.python.eager import record as tape_record
 
 from tfaca import _outputs
 from tfaca._gradients._base import (
     DRIFTED, SECOND_ORDER, AbstractGradient, check_replay, compiled, differs, forward_solve,
     loop_options, solve_with_custom_gradient, sources_with, times_of,
 )
+from tfaca._internals import could_possibly_record, stop_recording
 from tfaca._gradients._replay import add_landed, group_dot, onto_stops, setting_of, to_groups, to_rows
 
 
@@ -41,26 +41,25 @@ class MALIGradient(AbstractGradient):
 
     name = "mali"
 
-    def solve(self, solver, controller, func, plan, y0, args, *, throw=True, jit=False,
-              **loop_kwargs):
+    def solve(self, solver, controller, func, plan, y0, args, *, per_sample=False, throw=True,
+              jit=False, **loop_kwargs):
         if not solver.invertible:
             raise ValueError(
                 'gradient="mali" needs an invertible method, method="alf": it rebuilds each '
                 "step from the next by inverting the step, which only ALF's asynchronous "
                 f"leapfrog can. Received: method={solver!r}")
-        options = loop_options(controller, loop_kwargs)
-        per_sample = loop_kwargs.get("per_sample", False)
+        options = loop_options(controller, dict(loop_kwargs, per_sample=per_sample))
 
         def forward_with(record):
             forward = forward_solve(solver, func, jit, record=record, states=0)
             return lambda times, y0, args: forward(times, y0, args, options)
 
-        record = tape_record.could_possibly_record()
+        record = could_possibly_record()
 
         def backward(trajectory, times, y0, sources, g_ys, variables, differentiable):
             del differentiable  # refused: second_order below
             if not record:
-                with tape_record.stop_recording():
+                with stop_recording():
                     trajectory = forward_with(True)(times, y0, args)
             replay = compiled(lambda checkpoints, times, y0, g_ys, args: _mali_replay(
                 solver, lambda t, y: func(t, y, args), checkpoints, times, y0,
