@@ -1,9 +1,10 @@
-"""Forward+backward time against the number of output times (issue 10); writes outputs.md.
+"""Forward+backward time against the number of output times (issue 10) and against
+max_steps (issue 26); writes outputs.md.
 
-    python benchmarks/outputs.py [--quick] [--counts 2,20,200,1000] [--libs ...]
-                                 [--reps N] [--rounds R] [--python PYTHON]
-                                 [--tfaca-root DIR] [--json PATH] [--render-only]
-                                 [--no-docs]
+    python benchmarks/outputs.py [--quick] [--counts 2,20,200,1000] [--max-steps 128,1000,4096]
+                                 [--libs ...] [--reps N] [--rounds R] [--python PYTHON]
+                                 [--tfaca-root DIR] [--baseline-root DIR] [--json PATH]
+                                 [--out PATH] [--render-only] [--no-docs]
 
 Run it with an interpreter that has the peers (`pip install -e ".[bench]"`, see
 benchmarks/README.md). One problem, from issue 10: an MLP vector field
@@ -12,23 +13,44 @@ Dopri5 at rtol=1e-5, atol=1e-6, t in [0, 2], with 2, 20, 200 or 1000 output time
 spaced in [0, 2] (ts[0] = 0 is the start). Loss: sum(ys**2) / 2 over every output;
 forward+backward = the loss and its gradients with respect to y0 and the four weights.
 
-Every (library, mode, output count) is measured in a child process of its own (this file
-with --child), as benchmarks/run.py does; the whole set runs --rounds times, the second
-round in reverse order, and each entry's time is the median over all rounds' repetitions
-(this 2-core VM drifts by more than 30 % between minutes). The VM is shared, so a child
-during which other processes used over 15 % of the CPU is measured again once the machine
-is quiet. Outputs and gradients are checked against a float64 reference (SciPy DOP853 at
-rtol=atol=1e-12 for y, and the adjoint equations solved backwards from it for the
+max_steps axis (issue 26): tfaca in its default mode (`tfaca`: a plain tf.function, where
+tfaca.solve's jit_compile="auto" compiles its own loops) and under XLA (`tfaca-xla`:
+tf.function(jit_compile=True)), and diffrax with diffeqsolve(max_steps=...), run at every
+--max-steps value (default 128, 1,000, 4,096); every other library/mode runs at the
+smallest, which is also the max_steps of the per-count table and of issue 10's targets
+(issue 10's runs used 100). The report judges issue 26's targets per tfaca mode: 20
+outputs at max_steps 4,096 within 1.25x of max_steps 128; at 4,096, 1,000 outputs within
+3x of 2; at 4,096, tfaca at most 1.0x diffrax at every count.
+
+Every (library, mode, output count, max_steps) is measured in a child process of its own
+(this file with --child), as benchmarks/run.py does; the whole set runs --rounds times,
+the second round in reverse order, and each entry's time is the median over all rounds'
+repetitions (this 2-core VM drifts by more than 30 % between minutes). The VM is shared,
+so a child during which other processes used over 15 % of the CPU is measured again once
+the machine is quiet. Outputs and gradients are checked against a float64 reference (SciPy
+DOP853 at rtol=atol=1e-12 for y, and the adjoint equations solved backwards from it for the
 gradients; cached in benchmarks/.cache/), so that a fast but wrong entry is flagged.
 
-Writes benchmarks/outputs.md, and replaces the text between
+Writes --out (default benchmarks/outputs.md), and replaces the text between
 `<!-- outputs-table:start -->` and `<!-- outputs-table:end -->` in BENCHMARKS.md (adding
 an "Output times" section at its end when the markers are missing, as they are after
-benchmarks/run.py rewrites that file) and in README.md (where the markers must exist).
-The full run takes ~15 minutes on 2 cores (plus ~1 minute for the references the first
-time); --quick (counts 2 and 200, one round of 3 repetitions) ~2 minutes.
+benchmarks/run.py rewrites that file) and in README.md (where the markers must exist);
+--no-docs leaves those two alone.
+Times on 2 cores: a child costs ~7 s (diffrax) to ~20 s (tfaca under XLA), nearly all
+of it start-up and compilation: the repetitions (~1 s even at 4,096 max_steps) are not
+where the time goes, so they stay at issue 10's 5 per round and the axis costs children.
+The full run of every library (56 entries x 2 rounds, against issue 10's 32 x 2 in ~12
+minutes) takes ~25 minutes, `--libs tfaca-xla,tfaca,diffrax` (36 entries) ~15, each
+tfaca mode added by --baseline-root ~6 more (estimates from the per-child times of a
+--quick run; plus ~2 minutes for the references the first time). --quick (counts 2, 20
+and 1000, max_steps 128 and 4096, one round of 3 repetitions; 18 entries for those three
+libraries) ~4 minutes on a quiet machine, 9 measured with other processes using ~70 % of
+the CPU.
 --tfaca-root DIR measures the tfaca/ of another checkout (e.g. a `git worktree` of a
-commit while the work tree changes); --render-only re-writes every report from --json.
+commit while the work tree changes); --baseline-root DIR measures a second checkout's
+tfaca/ in the same run, its tfaca and tfaca-xla entries interleaved with the first's (rows
+"tfaca (baseline)"), so that both see the same machine; --render-only re-writes every
+report from --json.
 """
 
 import argparse
@@ -64,10 +86,19 @@ SEED = 10
 # values take more (SciPy's RK45: 0.5: 12, 0.6: 14, 0.8: 19).
 ROTATION = 0.5
 # Trial-step bound for tfaca and diffrax alike: it sizes tfaca's XLA buffers and diffrax's
-# checkpoint count (sqrt(2 max_steps): 13 here), so it is kept near the need (~13 steps),
-# as run.py does. (diffrax measured the same at 400; at its default 4096, 1.5x slower at
-# 1000 outputs.) With interpolate=False tfaca steps onto every output: count - 1 more.
-MAX_STEPS = 100
+# checkpoint count. Issue 26 measures the cost of raising it: the libraries in AXIS_LIBS
+# run at every value of MAX_STEPS_AXIS (--max-steps); every other entry, the per-count
+# table and issue 10's targets use the smallest value, near the need (~13 accepted steps;
+# issue 10's runs used 100). With interpolate=False tfaca steps onto every output:
+# count - 1 more.
+MAX_STEPS_AXIS = [128, 1000, 4096]
+MAX_STEPS = MAX_STEPS_AXIS[0]
+AXIS_LIBS = ("tfaca-xla", "tfaca", "diffrax")
+# Issue 26's targets: (count, max_steps) pairs and bounds on forward+backward time ratios.
+T26_LOW, T26_HIGH = 128, 4096        # max_steps
+T26_STEPS_COUNT, T26_STEPS_MAX = 20, 1.25    # 20 outputs: time at 4096 / at 128
+T26_FEW, T26_MANY, T26_COUNT_MAX = 2, 1000, 3.0  # at 4096: time at 1000 outputs / at 2
+T26_DIFFRAX_MAX = 1.0                # at 4096, every count: tfaca / diffrax
 # An entry is flagged WRONG when its relative 2-norm error (over all outputs, or over each
 # gradient) exceeds this: 100 x rtol, well above what an honest float32 Dopri5 solve at
 # rtol=1e-5 reaches here (~1e-5), well below a wrong interpolation (linear: ~1e-2).
@@ -96,8 +127,9 @@ def output_times(n):
     return np.linspace(0.0, T1, n).astype(np.float32)
 
 
-def max_steps(n, interpolate):
-    return MAX_STEPS if interpolate else n - 1 + MAX_STEPS
+def steps_bound(n, interpolate, max_steps=MAX_STEPS):
+    """tfaca's max_steps: `max_steps`, plus count - 1 when it steps onto every output."""
+    return max_steps if interpolate else n - 1 + max_steps
 
 
 # ----------------------------------------------------------------------------- reference
@@ -192,7 +224,7 @@ def tfaca_has_interpolate():
 class TfacaRunner:
     """tfaca.solve, ACA gradient, in tf.function (optionally jit_compile=True) or eager."""
 
-    def __init__(self, n, compile="xla", interpolate=True):
+    def __init__(self, n, compile="xla", interpolate=True, max_steps=MAX_STEPS):
         import tensorflow as tf
 
         import tfaca
@@ -201,12 +233,13 @@ class TfacaRunner:
         self.y0 = tf.constant(y0)
         self.ws = [tf.Variable(x) for x in w]
         ts = tf.constant(output_times(n))
-        kw = dict(method="dopri5", rtol=RTOL, atol=ATOL, max_steps=max_steps(n, interpolate))
+        kw = dict(method="dopri5", rtol=RTOL, atol=ATOL,
+                  max_steps=steps_bound(n, interpolate, max_steps))
         if tfaca_has_interpolate():
             kw["interpolate"] = interpolate
         elif interpolate:
             interpolate = False  # today's tfaca: it steps onto every output
-            kw["max_steps"] = max_steps(n, False)
+            kw["max_steps"] = steps_bound(n, False, max_steps)
         self.note = (f"interpolate={interpolate}" if "interpolate" in kw
                      else "steps onto every output (no `interpolate` yet)")
         self.note += f", max_steps={kw['max_steps']}"
@@ -251,7 +284,7 @@ class DiffraxRunner:
     """diffrax Dopri5, PIDController(rtol, atol), SaveAt(ts=...), RecursiveCheckpointAdjoint,
     jax.jit."""
 
-    def __init__(self, n):
+    def __init__(self, n, max_steps=MAX_STEPS):
         import diffrax
         import jax
         import jax.numpy as jnp
@@ -261,7 +294,7 @@ class DiffraxRunner:
         self.y0 = jnp.asarray(y0)
         self.ws = [jnp.asarray(x) for x in w]
         ts = jnp.asarray(output_times(n))
-        self.note = f"max_steps={MAX_STEPS}"
+        self.note = f"max_steps={max_steps}"
 
         def vf(t, y, w):
             return jnp.tanh(y @ w[0] + w[1]) @ w[2] + w[3]
@@ -271,7 +304,7 @@ class DiffraxRunner:
                 diffrax.ODETerm(vf), diffrax.Dopri5(), 0.0, T1, None, y0, args=ws,
                 stepsize_controller=diffrax.PIDController(rtol=RTOL, atol=ATOL),
                 saveat=diffrax.SaveAt(ts=ts), adjoint=diffrax.RecursiveCheckpointAdjoint(),
-                max_steps=MAX_STEPS)
+                max_steps=max_steps)
             return sol.ys, sol.stats
 
         def loss(y0, ws):
@@ -411,7 +444,7 @@ class TfpRunner:
     in tf.function. Controller bounds as everyone else's (min factor 0.2, its default is
     0.1); it keeps its fixed first step 1e-3 (it has no automatic first step)."""
 
-    def __init__(self, n):
+    def __init__(self, n, max_steps=MAX_STEPS):
         import tensorflow as tf
         import tensorflow_probability as tfp
 
@@ -421,7 +454,7 @@ class TfpRunner:
         ts = tf.constant(output_times(n))
         solver = tfp.math.ode.DormandPrince(
             rtol=RTOL, atol=ATOL, safety_factor=0.9, min_step_size_factor=0.2,
-            max_step_size_factor=10.0, max_num_steps=40 * MAX_STEPS)
+            max_step_size_factor=10.0, max_num_steps=40 * max_steps)
         self.note = "accepted steps not exposed; forward f-evals shown"
 
         def func(t, y, w1, b1, w2, b2):
@@ -456,24 +489,55 @@ class TfpRunner:
         return None
 
 
-# key: (library, mode, factory(n), condition) -- condition "interpolate": only when tfaca
-# has the `interpolate` keyword (the exact-landing row is then a separate entry).
+# key: (library, mode, factory(n, max_steps), condition) -- condition "interpolate": only
+# when tfaca has the `interpolate` keyword (the exact-landing row is then a separate entry).
+# "tfaca" is tfaca's default mode: a plain tf.function around tfaca.solve, whose default
+# jit_compile="auto" compiles its own loops.
 LIBS = {
     "tfaca-xla": ("tfaca", "ACA, tf.function(jit_compile=True)",
-                  lambda n: TfacaRunner(n, "xla", True), None),
-    "tfaca": ("tfaca", "ACA, tf.function", lambda n: TfacaRunner(n, "function", True), None),
+                  lambda n, ms: TfacaRunner(n, "xla", True, ms), None),
+    "tfaca": ("tfaca", "ACA, tf.function (default mode)",
+              lambda n, ms: TfacaRunner(n, "function", True, ms), None),
     "tfaca-xla-land": ("tfaca", "ACA, tf.function(jit_compile=True), interpolate=False",
-                       lambda n: TfacaRunner(n, "xla", False), "interpolate"),
+                       lambda n, ms: TfacaRunner(n, "xla", False, ms), "interpolate"),
     "diffrax": ("diffrax", "RecursiveCheckpointAdjoint, SaveAt(ts), jit",
-                lambda n: DiffraxRunner(n), None),
-    "torchdiffeq": ("torchdiffeq", "odeint (backprop)", lambda n: TorchdiffeqRunner(n), None),
-    "tdep": ("TorchDiffEqPack", "odesolve (ACA), t_eval", lambda n: TdepRunner(n), None),
+                lambda n, ms: DiffraxRunner(n, ms), None),
+    "torchdiffeq": ("torchdiffeq", "odeint (backprop)", lambda n, ms: TorchdiffeqRunner(n),
+                    None),
+    "tdep": ("TorchDiffEqPack", "odesolve (ACA), t_eval", lambda n, ms: TdepRunner(n), None),
     "tdep-poly": ("TorchDiffEqPack", "odesolve (ACA), t_eval, Dopri5 interpolant",
-                  lambda n: TdepRunner(n, "polynomial"), None),
+                  lambda n, ms: TdepRunner(n, "polynomial"), None),
     "tfp": ("TFP", "DormandPrince (adjoint), solution_times, tf.function",
-            lambda n: TfpRunner(n), None),
+            lambda n, ms: TfpRunner(n, ms), None),
 }
 ORDER = list(LIBS)
+# --baseline-root DIR measures these modes of a second tfaca checkout too, as entries
+# named LIB + BASELINE, interleaved with this checkout's.
+BASELINE = "@baseline"
+BASELINE_LIBS = ("tfaca-xla", "tfaca")
+
+
+def _base_lib(lib):
+    """The LIBS key of an entry name (a baseline entry's without its suffix)."""
+    return lib.split("@")[0]
+
+
+def _spec(lib):
+    return LIBS[_base_lib(lib)]
+
+
+def on_axis(lib):
+    """Whether the library/mode is measured at every max_steps (else at the smallest)."""
+    return _base_lib(lib) in AXIS_LIBS
+
+
+def entries(libs, counts, axis):
+    """(lib, count, max_steps) of one round, in order: count, then max_steps, then lib, so
+    that the entries compared by the targets (same count and max_steps, other library)
+    run one after another."""
+    low = min(axis)
+    return [(lib, n, ms) for n in counts for ms in axis for lib in libs
+            if ms == low or on_axis(lib)]
 
 
 # ----------------------------------------------------------------------------- the child
@@ -488,11 +552,12 @@ def _times(fn, reps, budget):
     return out
 
 
-def measure(lib, n, reps, budget):
-    """One (library, count): warm-up, timed repetitions, steps, errors. A dict for JSON."""
-    out = dict(lib=lib, n=n)
+def measure(lib, n, ms, reps, budget):
+    """One (library, count, max_steps): warm-up, timed repetitions, steps, errors. A dict
+    for JSON."""
+    out = dict(lib=lib, n=n, max_steps=ms)
     t0 = time.perf_counter()
-    runner = LIBS[lib][2](n)
+    runner = _spec(lib)[2](n, ms)
     out["note"] = runner.note
     out["build_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -524,12 +589,12 @@ def measure(lib, n, reps, budget):
     return out
 
 
-def child_main(lib, n, reps, budget):
+def child_main(lib, n, ms, reps, budget):
     try:
-        out = measure(lib, n, reps, budget)
+        out = measure(lib, n, ms, reps, budget)
     except Exception as e:  # reported in the table, never hidden
         msg = " ".join(x.strip() for x in str(e).splitlines() if x.strip())
-        out = dict(lib=lib, n=n, error=f"{type(e).__name__}: {msg[:300]}",
+        out = dict(lib=lib, n=n, max_steps=ms, error=f"{type(e).__name__}: {msg[:300]}",
                    traceback=traceback.format_exc()[-3000:])
     print("@@RESULT@@" + json.dumps(out), flush=True)
 
@@ -591,15 +656,15 @@ def _measure(python, args, tfaca_root, attempts=3):
     `attempts` times) while other processes used over 15 % of the CPU during it. The
     attempt with the least other load is kept."""
     best = None
-    for _ in range(attempts):
+    for attempt in range(max(attempts, 1)):
         r = _run_child(python, args, tfaca_root, 1800)
         if "error" in r:
             return r
         if best is None or r["other_load"] < best["other_load"]:
             best = r
-        if best["other_load"] <= MAX_OTHER_LOAD:
+        if best["other_load"] <= MAX_OTHER_LOAD or attempt + 1 >= attempts:
             break
-        print(f"  {' '.join(args[:2])}: other processes used {r['other_load']:.0%} of the "
+        print(f"  {' '.join(args[:3])}: other processes used {r['other_load']:.0%} of the "
               f"CPU; measuring again once the machine is quiet", flush=True)
         _wait_quiet()
     return best
@@ -658,7 +723,8 @@ def _steps_cell(r):
 
 
 def _merge(rounds):
-    """One entry per (lib, n): the first round's fields, every round's times pooled."""
+    """One entry per (lib, n, max_steps): the first round's fields, every round's times
+    pooled."""
     merged = {}
     for results in rounds:
         for key, r in results.items():
@@ -680,68 +746,109 @@ def _merge(rounds):
     return merged
 
 
-def _get(results, lib, n):
-    r = results.get((lib, n))
+def _get(results, lib, n, ms):
+    r = results.get((lib, n, ms))
     return None if r is None or "error" in r else r
 
 
-def _label(lib, interpolate):
-    name, mode = LIBS[lib][:2]
-    if lib in ("tfaca-xla", "tfaca"):
+def _missing(results, lib, n, ms):
+    """Why (lib, n, ms) has no time: not measured, or failed."""
+    r = results.get((lib, n, ms))
+    name = _spec(lib)[0] + (" (baseline)" if lib.endswith(BASELINE) else "")
+    what = f"{name} at {n} outputs, max_steps {ms}"
+    return f"{what} not measured" if r is None else f"{what} failed"
+
+
+def _short(lib):
+    """'library mode' for the target lines."""
+    name, mode = _spec(lib)[:2]
+    return f"{name}{' (baseline)' if lib.endswith(BASELINE) else ''} {mode}"
+
+
+def _label(lib, meta):
+    """(library, mode) cells of the tables: a tfaca mode states whether its `interpolate`
+    keyword existed (today's tfaca steps onto every output without it)."""
+    name, mode = _spec(lib)[:2]
+    interpolate = meta.get("interpolate", True)
+    if lib.endswith(BASELINE):
+        name += " (baseline)"
+        interpolate = meta.get("baseline_interpolate", interpolate)
+    if _base_lib(lib) in ("tfaca-xla", "tfaca"):
         mode += ", interpolate=True" if interpolate else " (steps onto every output)"
     return name, mode
 
 
-def full_table(results, libs, counts, interpolate):
-    lines = ["| library | mode | outputs | steps acc/rej | fwd ms | fwd+bwd ms | reps | "
-             "compile s | rel err ys | rel err dL/dy0 | rel err dL/dθ | check | other load | "
-             "notes |", "|" + "---|" * 14]
+def _cell(r):
+    """fwd+bwd ms (accepted steps), 'failed', or '' when not measured."""
+    if r is None:
+        return ""
+    if "error" in r:
+        return "failed"
+    steps = f" ({r['steps']})" if r.get("steps") is not None else ""
+    return f"{_ms(r['fwdbwd_ms'])}{steps}" + ("" if _ok(r) else " WRONG")
+
+
+def full_table(results, libs, counts, axis, meta):
+    lines = ["| library | mode | outputs | max_steps | steps acc/rej | fwd ms | fwd+bwd ms | "
+             "reps | compile s | rel err ys | rel err dL/dy0 | rel err dL/dθ | check | "
+             "other load | notes |", "|" + "---|" * 15]
     for lib in libs:
-        name, mode = _label(lib, interpolate)
-        for n in counts:
-            r = results.get((lib, n))
-            if r is None:
-                continue
-            if "error" in r:
-                lines.append(f"| {name} | {mode} | {n} | FAILED: {r['error'][:200]} |" + " |" * 10)
-                continue
-            lines.append(
-                f"| {name} | {mode} | {n} | {_steps_cell(r)} | {_ms(r['fwd_ms'])} | "
-                f"{_ms(r['fwdbwd_ms'])} | {len(r['fwdbwd_times'])} | {r['compile_s']:.1f} | "
-                f"{_sci(r['err_y'])} | {_sci(r['err_grad_y0'])} | {_sci(r['err_grad_w'])} | "
-                f"{'ok' if _ok(r) else 'WRONG'} | {r.get('other_load', 0.0):.0%} | "
-                f"{r['note']} |")
+        name, mode = _label(lib, meta)
+        for ms in axis:
+            for n in counts:
+                r = results.get((lib, n, ms))
+                if r is None:
+                    continue
+                if "error" in r:
+                    lines.append(f"| {name} | {mode} | {n} | {ms} | FAILED: {r['error'][:200]} |"
+                                 + " |" * 10)
+                    continue
+                lines.append(
+                    f"| {name} | {mode} | {n} | {ms} | {_steps_cell(r)} | {_ms(r['fwd_ms'])} | "
+                    f"{_ms(r['fwdbwd_ms'])} | {len(r['fwdbwd_times'])} | {r['compile_s']:.1f} | "
+                    f"{_sci(r['err_y'])} | {_sci(r['err_grad_y0'])} | {_sci(r['err_grad_w'])} | "
+                    f"{'ok' if _ok(r) else 'WRONG'} | {r.get('other_load', 0.0):.0%} | "
+                    f"{r['note']} |")
     return "\n".join(lines)
 
 
-def summary_table(results, libs, counts, interpolate):
-    """fwd+bwd ms (accepted steps) per library and count; WRONG marks a failed check."""
+def summary_table(results, libs, counts, ms, meta):
+    """fwd+bwd ms (accepted steps) per library and count at max_steps `ms`; WRONG marks a
+    failed check."""
     head = "| library | mode | " + " | ".join(f"{n} outputs" for n in counts) + " |"
     lines = [head, "|---|---|" + "---|" * len(counts)]
     for lib in libs:
-        name, mode = _label(lib, interpolate)
-        cells = []
-        for n in counts:
-            r = results.get((lib, n))
-            if r is None:
-                cells.append("")
-            elif "error" in r:
-                cells.append("failed")
-            else:
-                steps = f" ({r['steps']})" if r.get("steps") is not None else ""
-                cells.append(f"{_ms(r['fwdbwd_ms'])}{steps}" + ("" if _ok(r) else " WRONG"))
+        name, mode = _label(lib, meta)
+        cells = [_cell(results.get((lib, n, ms))) for n in counts]
         if any(cells):
             lines.append(f"| {name} | {mode} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def targets(results, counts):
-    """Issue 10's two targets as PASS/FAIL lines, and the same ratios for plain
-    tf.function as info lines. A tfaca entry that fails the accuracy check fails."""
+def max_steps_table(results, libs, counts, axis, meta):
+    """fwd+bwd ms (accepted steps): a row per library/mode on the max_steps axis and
+    max_steps, a column per count."""
+    head = "| library | mode | max_steps | " + " | ".join(f"{n} outputs" for n in counts) + " |"
+    lines = [head, "|---|---|---|" + "---|" * len(counts)]
+    for lib in libs:
+        if not on_axis(lib):
+            continue
+        name, mode = _label(lib, meta)
+        for ms in axis:
+            cells = [_cell(results.get((lib, n, ms))) for n in counts]
+            if any(cells):
+                lines.append(f"| {name} | {mode} | {ms:,} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def targets(results, counts, ms):
+    """Issue 10's two targets (at max_steps `ms`) as PASS/FAIL lines, and the same ratios
+    for plain tf.function as info lines. A tfaca entry that fails the accuracy check
+    fails."""
     judged, info = [], []
     lo, hi = min(counts), max(counts)
     for lib in ("tfaca-xla", "tfaca"):
-        a, b = _get(results, lib, lo), _get(results, lib, hi)
+        a, b = _get(results, lib, lo, ms), _get(results, lib, hi, ms)
         what = f"tfaca {LIBS[lib][1]}, time at {hi} outputs / at {lo}"
         if a and b:
             v = b["fwdbwd_ms"] / a["fwdbwd_ms"]
@@ -755,7 +862,7 @@ def targets(results, counts):
             info.append(f"- info: {what}: {txt} (not judged)")
     per_count = []
     for n in counts:
-        a, d = _get(results, "tfaca-xla", n), _get(results, "diffrax", n)
+        a, d = _get(results, "tfaca-xla", n, ms), _get(results, "diffrax", n, ms)
         if a and d:
             v = a["fwdbwd_ms"] / d["fwdbwd_ms"]
             ok = v <= 0.7 and _ok(a)
@@ -764,13 +871,13 @@ def targets(results, counts):
         else:
             ok = False
             per_count.append(f"{n}: n/a (missing result) FAIL")
-        b = _get(results, "tfaca", n)
+        b = _get(results, "tfaca", n, ms)
         if b and d:
             info.append(f"- info: tfaca {LIBS['tfaca'][1]} / diffrax at {n} outputs: "
                         f"{_ms(b['fwdbwd_ms'])} / {_ms(d['fwdbwd_ms'])} ms = "
                         f"{b['fwdbwd_ms'] / d['fwdbwd_ms']:.2f} (not judged)")
     for lib in ("tfaca-xla", "tfaca", "diffrax"):
-        a, b = _get(results, lib, lo), _get(results, lib, hi)
+        a, b = _get(results, lib, lo, ms), _get(results, lib, hi, ms)
         if a and b:
             fwd = b["fwd_ms"] - a["fwd_ms"]
             bwd = (b["fwdbwd_ms"] - b["fwd_ms"]) - (a["fwdbwd_ms"] - a["fwd_ms"])
@@ -780,6 +887,66 @@ def targets(results, counts):
     judged.append(f"- {'PASS' if all_ok else 'FAIL'}: tfaca {LIBS['tfaca-xla'][1]} / diffrax "
                   f"at every count (target ≤ 0.7): " + "; ".join(per_count))
     return "\n".join(judged), "\n".join(info)
+
+
+def _ratio(results, num, den, bound, own):
+    """(met, text) for the fwd+bwd time ratio of entries num / den, each (lib, n, ms):
+    met when the ratio is at most `bound` and the entries of `own` (the tfaca library
+    judged) pass the accuracy check; a missing or failed entry is a miss."""
+    a, b = _get(results, *num), _get(results, *den)
+    if a is None or b is None:
+        return False, "n/a (" + "; ".join(_missing(results, *k) for k, r in ((num, a), (den, b))
+                                          if r is None) + ")"
+    v = a["fwdbwd_ms"] / b["fwdbwd_ms"]
+    wrong = [f"{k[1]} outputs at max_steps {k[2]} WRONG" for k, r in ((num, a), (den, b))
+             if k[0] == own and not _ok(r)]
+    text = f"{_ms(a['fwdbwd_ms'])} / {_ms(b['fwdbwd_ms'])} ms = {v:.2f}"
+    if wrong:
+        text += " (" + ", ".join(wrong) + ")"
+    return v <= bound and not wrong, text
+
+
+def _bound(x):
+    return f"{x:.2f}" if round(x * 10) != x * 10 else f"{x:.1f}"
+
+
+def targets_26(results, libs, counts):
+    """Issue 26's three targets for every tfaca mode in `libs` that is on the max_steps
+    axis (this checkout's and the baseline's), one 'met' / 'missed' line each:
+
+    - 20 outputs: time at max_steps 4096 within 1.25x of max_steps 128;
+    - max_steps 4096: time at 1000 outputs within 3x of 2 outputs;
+    - max_steps 4096: tfaca at most 1.0x diffrax at every count in `counts`.
+
+    A ratio counts only from entries that ran and whose tfaca side passed the accuracy
+    check; anything else is a miss, never a pass. Returns (lines, {(lib, target): met})
+    with target in ("max_steps", "outputs", "diffrax")."""
+    lines, verdicts = [], {}
+
+    def line(lib, target, met, what, text, bound):
+        verdicts[(lib, target)] = met
+        lines.append(f"- {'met' if met else 'missed'}: {_short(lib)}: {what}: {text} "
+                     f"(target ≤ {_bound(bound)})")
+
+    hi, lo = T26_HIGH, T26_LOW
+    for lib in libs:
+        if _base_lib(lib) not in ("tfaca-xla", "tfaca"):
+            continue
+        n = T26_STEPS_COUNT
+        met, text = _ratio(results, (lib, n, hi), (lib, n, lo), T26_STEPS_MAX, lib)
+        line(lib, "max_steps", met, f"{n} outputs, time at max_steps {hi} / at {lo}", text,
+             T26_STEPS_MAX)
+        met, text = _ratio(results, (lib, T26_MANY, hi), (lib, T26_FEW, hi), T26_COUNT_MAX, lib)
+        line(lib, "outputs", met, f"max_steps {hi}, time at {T26_MANY} outputs / at {T26_FEW}",
+             text, T26_COUNT_MAX)
+        parts, all_met = [], bool(counts)
+        for n in counts:
+            met, text = _ratio(results, (lib, n, hi), ("diffrax", n, hi), T26_DIFFRAX_MAX, lib)
+            all_met = all_met and met
+            parts.append(f"{n}: {text}" + ("" if met else " missed"))
+        line(lib, "diffrax", all_met, f"time / diffrax at max_steps {hi}, every count",
+             "; ".join(parts) or "no counts", T26_DIFFRAX_MAX)
+    return "\n".join(lines), verdicts
 
 
 def _replace_section(path, body, heading=None):
@@ -813,7 +980,10 @@ def _bullet(text):
 def render(results, libs, counts, meta):
     from run import _cpu
 
-    cmd = "python benchmarks/outputs.py" + (" --quick" if meta["quick"] else "")
+    axis = meta.get("max_steps", [MAX_STEPS])
+    base = min(axis)
+    cmd = meta.get("command") or ("python benchmarks/outputs.py"
+                                  + (" --quick" if meta["quick"] else ""))
     rounds = ("one round" if meta["rounds"] == 1 else
               f"{meta['rounds']} rounds (every other one in reverse order)")
     desc = (f"MLP dy/dt = W2 tanh(W1 y + b1) + b2, state {STATE}, hidden {HIDDEN}, batch "
@@ -824,65 +994,109 @@ def render(results, libs, counts, meta):
             f"b2")
     ver = ", ".join(f"{k} {v}" for k, v in meta["versions"].items() if v)
     has_interpolate = "yes" if meta["interpolate"] else "no (every output is a step)"
-    times = (f"Times: each (library, mode, output count) in a child process of its own; the "
-             f"first call (trace/compile) is excluded and shown apart as \"compile s\" (first "
-             f"call − median), and a second untimed call warms up; {rounds}, up to {meta['reps']} repetitions per round (fewer for "
-             f"slow calls), forward and forward+backward alternated; medians of all "
-             f"repetitions (\"reps\" column).")
+    axis_txt = ", ".join(f"{x:,}" for x in axis)
+    times = (f"Times: each (library, mode, output count, max_steps) in a child process of its "
+             f"own; the first call (trace/compile) is excluded and shown apart as \"compile "
+             f"s\" (first call − median), and a second untimed call warms up; {rounds}, up to "
+             f"{meta['reps']} repetitions per round (fewer for slow calls), forward and "
+             f"forward+backward alternated; medians of all repetitions (\"reps\" column). "
+             f"Within a round the entries run count by count, max_steps by max_steps, the "
+             f"libraries one after another, so that the entries a target compares across "
+             f"libraries run back to back.")
     load = (f"Other load: the share of the machine's CPU time that other processes used "
             f"while an entry was measured (/proc/stat minus this benchmark's children; the "
             f"largest over the rounds). This VM is shared: a child above "
             f"{MAX_OTHER_LOAD:.0%} is measured again once the machine is quiet (at most "
-            f"three attempts, the least loaded kept).")
+            f"{meta.get('attempts', 3)} attempts, the least loaded kept).")
+    if meta.get("attempts", 3) == 1:
+        load = (f"Other load: the share of the machine's CPU time that other processes used "
+                f"while an entry was measured (/proc/stat minus this benchmark's children; the "
+                f"largest over the rounds). This run measured every child once whatever the "
+                f"load (--attempts 1): entries with a high other load are noisy.")
     check = (f"relative 2-norm errors against float64 (SciPy DOP853 at rtol=atol=1e-12; "
              f"gradients from the adjoint equations solved backwards at 1e-10); "
              f"\"WRONG\" when one exceeds {_g(MAX_REL_ERROR)} or is not finite")
-    judged, info = targets(results, counts)
-    table = summary_table(results, libs, counts, meta["interpolate"])
+    steps_txt = (f"max_steps: {axis_txt} (the --max-steps axis) for "
+                 + ", ".join(" ".join(_label(x, meta)) for x in libs if on_axis(x))
+                 + f" (diffrax: `diffeqsolve(max_steps=...)`, tfaca: `solve(max_steps=...)`); "
+                 f"every other entry, the per-count table and issue 10's targets at {base:,}, "
+                 f"the smallest (issue 10's runs used 100: both are near the ~13 accepted "
+                 f"steps the problem takes); tfaca's interpolate=False row at count − 1 + "
+                 f"{base:,}, TFP's max_num_steps 40 × {base:,}.")
+    judged, info = targets(results, counts, base)
+    table = summary_table(results, libs, counts, base, meta)
+    ms_table = max_steps_table(results, libs, counts, axis, meta)
+    t26, _ = targets_26(results, libs, counts)
+    t26_intro = textwrap.fill(
+        f"Per tfaca mode: {T26_STEPS_COUNT} outputs at max_steps {T26_HIGH:,} within "
+        f"{_bound(T26_STEPS_MAX)}× of max_steps {T26_LOW:,}; at max_steps {T26_HIGH:,}, "
+        f"{T26_MANY:,} outputs within {_bound(T26_COUNT_MAX)}× of {T26_FEW}; at max_steps "
+        f"{T26_HIGH:,}, at most {_bound(T26_DIFFRAX_MAX)}× diffrax at every count. A ratio "
+        f"counts only from entries that ran and whose tfaca side passed the check; a missing "
+        f"or failed entry is a miss.", 90)
+    baseline = ""
+    if meta.get("baseline"):
+        baseline = (f"- Baseline (rows \"tfaca (baseline)\", `--baseline-root`): "
+                    f"{meta['baseline']}, measured in the same run, interleaved.\n")
     intro = textwrap.fill(
         f"Forward+backward time in ms (accepted steps in brackets, where the library reports "
         f"them) against the number of output times, from `{cmd}` on {meta['date']}: issue "
         f"10's MLP (state {STATE}, hidden {HIDDEN}, batch {BATCH}, float32), Dopri5 at "
         f"rtol={_g(RTOL)}, atol={_g(ATOL)} over t ∈ [0, {T1:g}] for every library, loss over all "
-        f"outputs, gradients for y0 and the weights. WRONG marks outputs or gradients off a "
-        f"float64 reference by more than {_g(MAX_REL_ERROR)}. Method, every entry and notes: "
-        f"[`benchmarks/outputs.md`](benchmarks/outputs.md).", 90)
+        f"outputs, gradients for y0 and the weights, max_steps {base:,}. WRONG marks outputs "
+        f"or gradients off a float64 reference by more than {_g(MAX_REL_ERROR)}. Method, every "
+        f"entry and notes: [`benchmarks/outputs.md`](benchmarks/outputs.md).", 90)
     section = f"{intro}\n\n{table}\n\n{judged}\n"
-    md = f"""# Output times: forward+backward time against the number of outputs
+    if len(axis) > 1:
+        section += (f"\nThe same against max_steps ({axis_txt}; issue 26):\n\n{ms_table}\n\n"
+                    f"{t26}\n")
+    md = f"""# Output times: forward+backward time against the number of outputs and max_steps
 
 Generated by `{cmd}` on {meta['date']} in {meta['total_s'] / 60:.1f} min.
 
 - Machine: {_cpu()}; CPU only, Python {platform.python_version()}.
 - Versions: {ver}.
 - tfaca: {meta['tfaca']}; `interpolate` keyword: {has_interpolate}.
-{_bullet("Problem: " + desc + ".")}
+{baseline}{_bullet("Problem: " + desc + ".")}
+{_bullet(steps_txt)}
 {_bullet(times)}
 {_bullet(load)}
 {_bullet("Check: " + check + ".")}
 
-## Forward+backward ms (accepted steps)
+## Forward+backward ms (accepted steps), max_steps {base:,}
 
 {table}
 
-## Targets (issue 10)
+## Forward+backward ms against max_steps
+
+{ms_table}
+
+## Targets (issue 10), max_steps {base:,}
 
 {judged}
 {info}
 
+## Targets (issue 26)
+
+{t26_intro}
+
+{t26}
+
 ## Every entry
 
-{full_table(results, libs, counts, meta["interpolate"])}
+{full_table(results, libs, counts, axis, meta)}
 
 Notes:
 - Steps: tfaca and diffrax report accepted/rejected steps; torchdiffeq's are counted by
   wrapping its `_adaptive_step`; TorchDiffEqPack's accepted steps are `solver.neval` and
   its rejected ones the trial steps (run without a graph) minus the accepted; TFP does not
   expose steps, so its forward function evaluations are shown.
+- tfaca's default mode is a plain `tf.function` around `tfaca.solve` with its default
+  `jit_compile="auto"`, under which tfaca compiles its own loops; "jit_compile=True"
+  rows compile the whole function with XLA.
 - tfaca with 2 output times has nothing to interpolate: `interpolate=True` and `False`
   run the same solve there, so the 2-output entries of its XLA rows are one computation
-  measured twice, and every count above 2 adds what dense output costs by itself
-  (recording each step's interpolation coefficients, reading the outputs, carrying their
-  cotangents back).
+  measured twice, and every count above 2 adds what dense output costs by itself.
 - TorchDiffEqPack's default `interpolation_method="cubic"` builds the Hermite cubic from
   the two end values of a step only, with the secant as the slope at both ends: that is
   linear interpolation. It fails the check as soon as outputs fall inside steps (even
@@ -891,45 +1105,81 @@ Notes:
 - TFP's error norm is stricter than everyone else's (see BENCHMARKS.md), so it takes
   more steps at the same tolerance; its adjoint solves backwards between every pair of
   consecutive output times.
-- max_steps: {MAX_STEPS} for diffrax and tfaca (about 7× the steps needed; XLA sizes tfaca's
-  buffers by it, diffrax's checkpoint count grows as its square root), and count − 1 +
-  {MAX_STEPS} for tfaca when it steps onto every output.
+- max_steps bounds the trial steps; the problem takes ~13 accepted steps whatever it is,
+  so any growth of a row of the max_steps table with max_steps is overhead (under XLA
+  tfaca's buffers are sized by it; diffrax's RecursiveCheckpointAdjoint sizes its
+  checkpoints from it).
 """
     return md, section
 
 
 # ----------------------------------------------------------------------------- main
 
-def main():
+def _ints(text):
+    return [int(x.replace("_", "")) for x in text.split(",") if x.strip()]
+
+
+def _load(path):
+    """Results and meta saved by --json; an issue 10 file (keys 'lib|n', measured at
+    max_steps 100) reads as a one-value max_steps axis."""
+    with open(path) as fh:
+        saved = json.load(fh)
+    meta = saved["meta"]
+    meta.setdefault("max_steps", [100])
+    results = {}
+    for k, v in saved["results"].items():
+        parts = k.split("|")
+        ms = int(parts[2]) if len(parts) > 2 else meta["max_steps"][0]
+        results[(parts[0], int(parts[1]), ms)] = v
+    return results, meta
+
+
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true",
-                    help="counts 2 and 200, one round of 3 repetitions")
-    ap.add_argument("--counts", default=None, help="default 2,20,200,1000 (--quick: 2,200)")
-    ap.add_argument("--libs", default=",".join(ORDER), help=f"from {','.join(ORDER)}")
+                    help="counts 2, 20 and 1000, max_steps 128 and 4096, one round of 3 "
+                         "repetitions")
+    ap.add_argument("--counts", default=None, help="default 2,20,200,1000 (--quick: 2,20,1000)")
+    ap.add_argument("--max-steps", default=None,
+                    help="max_steps axis for " + ", ".join(AXIS_LIBS) + "; default "
+                         + ",".join(map(str, MAX_STEPS_AXIS)) + " (--quick: 128,4096); "
+                         "every other entry at the smallest")
+    ap.add_argument("--libs", default=",".join(ORDER),
+                    help=f"from {','.join(ORDER)} ('tfaca' is the default mode; "
+                         f"'tfaca-xla' the same under tf.function(jit_compile=True))")
     ap.add_argument("--reps", type=int, default=None, help="per round (default 5; --quick 3)")
     ap.add_argument("--rounds", type=int, default=None, help="default 2 (--quick 1)")
     ap.add_argument("--budget", type=float, default=None,
                     help="seconds of timed calls per child and kind (default 30; --quick 8)")
+    ap.add_argument("--attempts", type=int, default=3,
+                    help="measure a child again, after waiting for a quiet machine, while "
+                         f"other processes used over {MAX_OTHER_LOAD:.0%} of the CPU, up to "
+                         "this many times (default 3; 1: once, whatever the load)")
     ap.add_argument("--python", default=sys.executable,
                     help="interpreter for the child processes (needs the peers)")
     ap.add_argument("--tfaca-root", default=ROOT,
                     help="directory whose tfaca/ the children import (default: this checkout)")
+    ap.add_argument("--baseline-root", default=None,
+                    help="also measure the tfaca/ of this checkout (tfaca and tfaca-xla "
+                         "rows, marked baseline), interleaved with --tfaca-root's")
     ap.add_argument("--out", default=os.path.join(HERE, "outputs.md"))
     ap.add_argument("--json", default=None, help="also write the raw results here")
     ap.add_argument("--render-only", action="store_true",
                     help="re-write the reports from the results saved in --json")
     ap.add_argument("--no-docs", action="store_true",
                     help="leave BENCHMARKS.md and README.md as they are")
-    ap.add_argument("--child", nargs=2, metavar=("LIB", "N"), help=argparse.SUPPRESS)
-    a = ap.parse_args()
+    ap.add_argument("--child", nargs=3, metavar=("LIB", "N", "MAX_STEPS"),
+                    help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
     reps = a.reps or (3 if a.quick else 5)
     budget = a.budget or (8.0 if a.quick else 30.0)
     if a.child:
-        child_main(a.child[0], int(a.child[1]), reps, budget)
+        child_main(a.child[0], int(a.child[1]), int(a.child[2]), reps, budget)
         return
-    counts = [int(x) for x in (a.counts or ("2,200" if a.quick else ",".join(map(str, COUNTS)))
-                               ).split(",")]
+    counts = _ints(a.counts or ("2,20,1000" if a.quick else ",".join(map(str, COUNTS))))
+    axis = sorted(set(_ints(a.max_steps or ("128,4096" if a.quick
+                                            else ",".join(map(str, MAX_STEPS_AXIS))))))
     libs = [x for x in a.libs.split(",") if x]
     for x in libs:
         if x not in LIBS:
@@ -937,54 +1187,65 @@ def main():
     rounds = a.rounds or (1 if a.quick else 2)
 
     if a.render_only:
-        with open(a.json) as fh:
-            saved = json.load(fh)
-        meta = saved["meta"]
-        results = {(k.split("|")[0], int(k.split("|")[1])): v for k, v in saved["results"].items()}
-        counts = meta["counts"]
-        libs = [x for x in meta["libs"] if x in LIBS]
+        results, meta = _load(a.json)
+        counts, axis = meta["counts"], meta["max_steps"]
+        libs = [x for x in meta["libs"] if _base_lib(x) in LIBS]
     else:
         start = time.perf_counter()
-        probe = _probe(a.python, a.tfaca_root)
-        if not os.path.realpath(probe["path"]).startswith(os.path.realpath(a.tfaca_root)):
-            sys.exit(f"the children import tfaca from {probe['path']}, not from "
-                     f"--tfaca-root {a.tfaca_root}")
-        print(f"tfaca from {probe['path']}; interpolate keyword: {probe['interpolate']}",
-              flush=True)
-        libs = [x for x in libs if LIBS[x][3] != "interpolate" or probe["interpolate"]]
+        roots = {"": a.tfaca_root}
+        if a.baseline_root:
+            roots[BASELINE] = a.baseline_root
+        probes = {}
+        for tag, root in roots.items():
+            probe = _probe(a.python, root)
+            if not os.path.realpath(probe["path"]).startswith(os.path.realpath(root)):
+                sys.exit(f"the children import tfaca from {probe['path']}, not from {root}")
+            print(f"tfaca{tag} from {probe['path']}; interpolate keyword: "
+                  f"{probe['interpolate']}", flush=True)
+            probes[tag] = probe
+        libs = [x for x in libs if LIBS[x][3] != "interpolate" or probes[""]["interpolate"]]
+        if a.baseline_root:
+            libs = [y for x in libs for y in ([x, x + BASELINE] if x in BASELINE_LIBS else [x])]
         for n in counts:
             t0 = time.perf_counter()
             load_reference(n)
             print(f"[ref] {n} outputs: {time.perf_counter() - t0:.1f} s", flush=True)
+        order = entries(libs, counts, axis)
+        print(f"{len(order)} entries x {rounds} round(s)", flush=True)
         per_round = []
         for k in range(rounds):
-            order = [(lib, n) for n in counts for lib in libs]
-            if k % 2:
-                order = order[::-1]
             results = {}
-            for lib, n in order:
+            for lib, n, ms in (order[::-1] if k % 2 else order):
                 t0 = time.perf_counter()
-                r = _measure(a.python, [lib, str(n), "--reps", str(reps), "--budget",
-                                        str(budget)], a.tfaca_root)
-                results[(lib, n)] = r
+                root = roots[BASELINE if lib.endswith(BASELINE) else ""]
+                r = _measure(a.python, [lib, str(n), str(ms), "--reps", str(reps), "--budget",
+                                        str(budget)], root, a.attempts)
+                results[(lib, n, ms)] = r
                 status = (r["error"][:200] if "error" in r else
                           f"fwd+bwd {_ms(_median_ms(r['fwdbwd_times']))} ms, steps "
                           f"{_steps_cell(r)}, err ys {_sci(r['err_y'])}, other load "
                           f"{r['other_load']:.0%}")
-                print(f"[{time.perf_counter() - start:6.0f}s] round {k + 1} {lib:15s} {n:5d} "
-                      f"({time.perf_counter() - t0:5.1f}s): {status}", flush=True)
+                print(f"[{time.perf_counter() - start:6.0f}s] round {k + 1} {lib:24s} {n:5d} "
+                      f"{ms:5d} ({time.perf_counter() - t0:5.1f}s): {status}", flush=True)
             per_round.append(results)
         results = _merge(per_round)
         from run import _versions
 
         meta = dict(date=datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
                     total_s=time.perf_counter() - start, quick=a.quick, reps=reps,
-                    rounds=rounds, counts=counts, libs=libs, interpolate=probe["interpolate"],
-                    tfaca=_tfaca_commit(a.tfaca_root) or probe["path"],
+                    rounds=rounds, counts=counts, max_steps=axis, libs=libs,
+                    attempts=a.attempts,
+                    interpolate=probes[""]["interpolate"],
+                    command="python benchmarks/outputs.py" + (
+                        " " + " ".join(sys.argv[1:] if argv is None else argv)).rstrip(),
+                    tfaca=_tfaca_commit(a.tfaca_root) or probes[""]["path"],
                     versions=_versions(a.python))
+        if a.baseline_root:
+            meta["baseline"] = (_tfaca_commit(a.baseline_root) or probes[BASELINE]["path"])
+            meta["baseline_interpolate"] = probes[BASELINE]["interpolate"]
         if a.json:
             with open(a.json, "w") as fh:
-                json.dump(dict(meta=meta, results={f"{k[0]}|{k[1]}": v
+                json.dump(dict(meta=meta, results={f"{k[0]}|{k[1]}|{k[2]}": v
                                                    for k, v in results.items()}), fh, indent=1)
 
     md, section = render(results, libs, counts, meta)
