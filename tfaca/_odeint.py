@@ -349,7 +349,8 @@ def solve(
             last time, and `interpolate=False` steps onto each sample's own times.
             Gradients: `"aca"` (per-sample checkpoints, replayed with the other
             samples' cotangents masked: exact for each sample's own steps; its second
-            derivatives are not available per sample and raise), `"naive"`, and
+            derivatives are not available per sample and raise), a checkpoint budget
+            and `"mali"` (the same replay, masked likewise), `"naive"`, and
             `"adjoint"` (a reverse solve per sample; the parameters' adjoint is a
             quadrature over its accepted steps, outside its error control). Cost:
             every sample is evaluated in every iteration (done samples with a step of
