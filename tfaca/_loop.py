@@ -317,12 +317,14 @@ class _Saves(NamedTuple):
 def _save_step(solver, saves, groups, outputs, lo, hi, t, dt, y, stages):
     """Writes the outputs `lo <= k < hi` of each row (`[R]`) from the step `(t, dt, y)`
     (`[G]` times) with stages `stages`: the chunk loop over the outputs it covers."""
-    num_rows = outputs.num_rows
-    t_rows = tf.broadcast_to(t, [num_rows]) if groups.shared else t
+    # Broadcast by adding zeros shaped like a loop variable: a shape the loop captured would
+    # not be a compile-time constant in XLA's gradient of the loop (the naive gradient).
+    spread = tf.zeros(tf.shape(lo), t.dtype)
+    t_rows = t + spread if groups.shared else t
     # A group that is done steps by 0 and covers nothing; its theta is never used, but
     # must not be 0/0, which backpropagation (the naive gradient) would turn into NaN.
     dt = tf.where(tf.equal(dt, 0), tf.ones_like(dt), dt)
-    dt_rows = tf.broadcast_to(dt, [num_rows]) if groups.shared else dt
+    dt_rows = dt + spread if groups.shared else dt
     size = tf.shape(saves.ts)[1]
 
     def chunk(c0, arrays):
@@ -590,7 +592,7 @@ def _body(solver, controller, func, groups, stop, next_stop, few_ulps, adaptive,
                                      tf.ones_like(index, tf.bool), values).arrays
             saved = s.saved
         else:
-            rows_t = (tf.broadcast_to(t_new, tf.shape(s.saved)) if groups.shared else t_new)
+            rows_t = t_new + tf.zeros(tf.shape(s.saved), t_new.dtype) if groups.shared else t_new
             saved = _outputs.count_through(save.keys, rows_t, save.sign)
             dense_stages = stages + [f_new] if solver.dense_needs_f1 else stages
             outputs = _save_step(solver, save, groups, buffer._replace(arrays=s.outputs), s.saved,
