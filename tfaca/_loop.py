@@ -310,8 +310,6 @@ class _Saves(NamedTuple):
     keys: Any  # sign * ts, non-decreasing per row
     sign: Any
     by_batch: bool
-    chunk: int  # outputs evaluated together (`_outputs.CHUNK` at most)
-    max_chunks: Any  # the most chunks a step can cover: ceil(n / chunk)
 
 
 def _save_step(solver, saves, groups, outputs, lo, hi, t, dt, y, stages):
@@ -325,20 +323,12 @@ def _save_step(solver, saves, groups, outputs, lo, hi, t, dt, y, stages):
     # must not be 0/0, which backpropagation (the naive gradient) would turn into NaN.
     dt = tf.where(tf.equal(dt, 0), tf.ones_like(dt), dt)
     dt_rows = dt + spread if groups.shared else dt
-    size = tf.shape(saves.ts)[1]
 
-    def chunk(c0, arrays):
-        index = lo[:, None] + c0 + tf.range(saves.chunk)[None]  # [R, C]
-        valid = index < hi[:, None]
-        tau = tf.gather(saves.ts, tf.minimum(index, size - 1), batch_dims=1)
-        theta = tf.where(valid, (tau - t_rows[:, None]) / dt_rows[:, None], tf.zeros_like(tau))
+    def chunk(index, valid, theta, arrays):
         values = _outputs.interpolate(solver, y, stages, dt_rows, theta, saves.by_batch)
-        return c0 + saves.chunk, _outputs.write(outputs._replace(arrays=arrays), index, valid,
-                                                values).arrays
+        return (_outputs.write(outputs._replace(arrays=arrays), index, valid, values).arrays,)
 
-    _, arrays = tf.while_loop(
-        lambda c0, _: tf.reduce_any(lo + c0 < hi), chunk,
-        (tf.constant(0, tf.int32), outputs.arrays), maximum_iterations=saves.max_chunks)
+    (arrays,) = _outputs.for_covered(saves.ts, lo, hi, t_rows, dt_rows, chunk, (outputs.arrays,))
     return outputs._replace(arrays=arrays)
 
 
@@ -460,10 +450,7 @@ def integrate(solver, controller, func, stops, y0, *, step_size, first_step, max
         ts_rows = saves if saves.shape.rank == 2 else saves[None]
         if per_sample:
             ts_rows = tf.broadcast_to(ts_rows, tf.stack([tf.shape(y0[0])[0], tf.shape(ts_rows)[1]]))
-        size = ts_rows.shape[1]
-        chunk = _outputs.CHUNK if size is None else max(1, min(size - 1, _outputs.CHUNK))
-        save = _Saves(ts=ts_rows, keys=sign * ts_rows, sign=sign, by_batch=by_batch, chunk=chunk,
-                      max_chunks=None if size is None else -(-size // chunk))
+        save = _Saves(ts=ts_rows, keys=sign * ts_rows, sign=sign, by_batch=by_batch)
         buffer = _outputs.new_buffer(y0, tf.shape(ts_rows)[1], tf.shape(ts_rows)[0], by_batch)
         t0_rows = tf.broadcast_to(t0, tf.shape(ts_rows)[:1]) if groups.shared else t0
         saved = _outputs.count_through(save.keys, t0_rows, sign)

@@ -266,6 +266,30 @@ def cotangent_rows(g_ys, by_batch):
     return [tf.transpose(g, [1, 0] + list(range(2, g.shape.rank))) for g in g_ys]
 
 
+def for_covered(ts_rows, lo, hi, t_rows, dt_rows, body, init):
+    """The chunk loop over the outputs `lo <= k < hi` of each row (`[R]`) that a step
+    `(t_rows, dt_rows)` covers: `body(index, valid, theta, *carry) -> carry` for `CHUNK`
+    outputs at a time (`index`, `[R, C]`, clipped to the outputs; `valid` marks the
+    covered ones; `theta` is 0 elsewhere). It runs no iteration for a step that covers
+    none; its bound is static (`ceil(n / C)`), as XLA's gradient of a loop needs."""
+    n = ts_rows.shape[1]
+    chunk = CHUNK if n is None else max(1, min(n - 1, CHUNK))
+    size = tf.shape(ts_rows)[1]
+
+    def step(c0, *carry):
+        index = tf.minimum(lo[:, None] + c0 + tf.range(chunk)[None], size - 1)
+        valid = lo[:, None] + c0 + tf.range(chunk)[None] < hi[:, None]
+        theta = (tf.gather(ts_rows, index, batch_dims=1) - t_rows[:, None]) / dt_rows[:, None]
+        theta = tf.where(valid, theta, tf.zeros_like(theta))
+        return (c0 + chunk, *body(index, valid, theta, *carry))
+
+    loop_vars = (tf.constant(0, tf.int32), *init)
+    out = tf.while_loop(lambda c0, *_: tf.reduce_any(lo + c0 < hi),
+                        keeping_shapes(step, loop_vars), loop_vars,
+                        maximum_iterations=None if n is None else -(-n // chunk))
+    return out[1:]
+
+
 class StepPullback(NamedTuple):
     """The cotangents that a step's outputs send back onto the step (`pullback_step`)."""
 
@@ -286,27 +310,19 @@ def pullback_step(solver, ts_rows, lo, hi, t_rows, dt_rows, stages, g_rows, g_ts
     `D = sum_s b_s'(theta) k_s` (its derivative in time) and `V = sum_s b_s(theta) k_s`, its
     cotangent `g` gives `g` on `y`, `dt b_s(theta) g` on `k_s`, `<g, D>` on `tau`,
     `-<g, D>` on `t` and `<g, V> - theta <g, D>` on `dt`."""
-    size = tf.shape(ts_rows)[1]
     num_rows = tf.shape(ts_rows)[0]
-    chunk = CHUNK if ts_rows.shape[1] is None else max(1, min(ts_rows.shape[1] - 1, CHUNK))
     flats = [[_flat_rows(k[n], by_batch) for k in stages] for n in range(len(stages[0]))]
     k_stacked = [tf.stack([f for f, _ in flat], axis=1) for flat in flats]  # [R, S, D]
     shapes = [flat[0][1] for flat in flats]
-    dtype = ts_rows.dtype
 
-    def body(c0, g_y, g_st, g_t, g_dt, g_ts):
-        index = lo[:, None] + c0 + tf.range(chunk)[None]
-        valid = index < hi[:, None]
-        safe = tf.minimum(index, size - 1)
-        theta = (tf.gather(ts_rows, safe, batch_dims=1) - t_rows[:, None]) / dt_rows[:, None]
-        theta = tf.where(valid, theta, tf.zeros_like(theta))
+    def body(index, valid, theta, g_y, g_st, g_t, g_dt, g_ts):
         b = stage_weights(solver, theta)
         b_prime = stage_weights(solver, theta, derivative=True)
         u, w = 0.0, 0.0
         g_y, g_st = list(g_y), list(g_st)
         for n, (k, g_full) in enumerate(zip(k_stacked, g_rows)):
-            g = tf.gather(g_full, safe, batch_dims=1)  # [R, C, ...]
-            g = tf.reshape(g, tf.stack([num_rows, chunk, -1]))
+            g = tf.gather(g_full, index, batch_dims=1)  # [R, C, ...]
+            g = tf.reshape(g, tf.stack([num_rows, tf.shape(index)[1], -1]))
             g = tf.where(valid[:, :, None], g, tf.zeros_like(g))
             g_y[n] += tf.reduce_sum(g, axis=1)
             g_st[n] += dt_rows[:, None, None] * tf.matmul(b, g, transpose_a=True)  # [R, S, D]
@@ -314,18 +330,15 @@ def pullback_step(solver, ts_rows, lo, hi, t_rows, dt_rows, stages, g_rows, g_ts
             w += tf.reduce_sum(g * tf.matmul(b, k), axis=2)
         u = tf.where(valid, u, tf.zeros_like(u))
         w = tf.where(valid, w, tf.zeros_like(w))
-        where = tf.stack([tf.broadcast_to(tf.range(num_rows)[:, None], tf.shape(index)), safe], -1)
+        where = tf.stack([tf.broadcast_to(tf.range(num_rows)[:, None], tf.shape(index)), index], -1)
         g_ts = tf.tensor_scatter_nd_add(g_ts, tf.reshape(where, [-1, 2]), tf.reshape(u, [-1]))
-        return (c0 + chunk, g_y, g_st, g_t - tf.reduce_sum(u, 1),
-                g_dt + tf.reduce_sum(w - theta * u, 1), g_ts)
+        return (g_y, g_st, g_t - tf.reduce_sum(u, 1), g_dt + tf.reduce_sum(w - theta * u, 1), g_ts)
 
-    zeros_rows = tf.zeros([num_rows], dtype)
-    init = (tf.constant(0, tf.int32), [tf.zeros_like(k[:, 0]) for k in k_stacked],
-            [tf.zeros_like(k) for k in k_stacked], zeros_rows, zeros_rows, g_ts)
-    max_chunks = None if ts_rows.shape[1] is None else -(-ts_rows.shape[1] // chunk)
-    _, g_y, g_st, g_t, g_dt, g_ts = tf.while_loop(
-        lambda c0, *_: tf.reduce_any(lo + c0 < hi), keeping_shapes(body, init), init,
-        maximum_iterations=max_chunks)
+    zeros_rows = tf.zeros([num_rows], ts_rows.dtype)
+    g_y, g_st, g_t, g_dt, g_ts = for_covered(
+        ts_rows, lo, hi, t_rows, dt_rows, body,
+        ([tf.zeros_like(k[:, 0]) for k in k_stacked], [tf.zeros_like(k) for k in k_stacked],
+         zeros_rows, zeros_rows, g_ts))
     unflat = lambda x, shape: unrows(tf.reshape(x, tf.concat([[num_rows], shape], 0)), by_batch)  # noqa: E731
     g_y = [unflat(g, shape) for g, shape in zip(g_y, shapes)]
     g_stages = [[unflat(g_st[n][:, s], shapes[n]) for n in range(len(shapes))]
@@ -336,22 +349,13 @@ def pullback_step(solver, ts_rows, lo, hi, t_rows, dt_rows, stages, g_rows, g_ts
 def dot_covered(solver, ts_rows, lo, hi, t_rows, dt_rows, y, stages, g_rows, by_batch):
     """`sum <g_k, y(tau_k)>` over the outputs `lo <= k < hi` of each row inside a step, as a
     differentiable function of the step (ACA's second-order path)."""
-    size = tf.shape(ts_rows)[1]
-    chunk = CHUNK if ts_rows.shape[1] is None else max(1, min(ts_rows.shape[1] - 1, CHUNK))
-
-    def body(c0, total):
-        index = lo[:, None] + c0 + tf.range(chunk)[None]
-        valid = index < hi[:, None]
-        safe = tf.minimum(index, size - 1)
-        theta = (tf.gather(ts_rows, safe, batch_dims=1) - t_rows[:, None]) / dt_rows[:, None]
+    def body(index, valid, theta, total):
         values = interpolate(solver, y, stages, dt_rows, theta, by_batch)
         for v, g_full in zip(values, g_rows):
-            g = tf.gather(g_full, safe, batch_dims=1)
+            g = tf.gather(g_full, index, batch_dims=1)
             total += tf.reduce_sum(tf.where(expand(valid, v), g * v, tf.zeros_like(v)))
-        return c0 + chunk, total
+        return (total,)
 
-    max_chunks = None if ts_rows.shape[1] is None else -(-ts_rows.shape[1] // chunk)
-    init = (tf.constant(0, tf.int32), tf.zeros([], ts_rows.dtype))
-    _, total = tf.while_loop(lambda c0, _: tf.reduce_any(lo + c0 < hi),
-                             keeping_shapes(body, init), init, maximum_iterations=max_chunks)
+    (total,) = for_covered(ts_rows, lo, hi, t_rows, dt_rows, body,
+                           (tf.zeros([], ts_rows.dtype),))
     return total
