@@ -1009,10 +1009,10 @@ def render(results, libs, counts, meta):
             f"{MAX_OTHER_LOAD:.0%} is measured again once the machine is quiet (at most "
             f"{meta.get('attempts', 3)} attempts, the least loaded kept).")
     if meta.get("attempts", 3) == 1:
-        load = (f"Other load: the share of the machine's CPU time that other processes used "
-                f"while an entry was measured (/proc/stat minus this benchmark's children; the "
-                f"largest over the rounds). This run measured every child once whatever the "
-                f"load (--attempts 1): entries with a high other load are noisy.")
+        load = ("Other load: the share of the machine's CPU time that other processes used "
+                "while an entry was measured (/proc/stat minus this benchmark's children; the "
+                "largest over the rounds). This run measured every child once whatever the "
+                "load (--attempts 1): entries with a high other load are noisy.")
     check = (f"relative 2-norm errors against float64 (SciPy DOP853 at rtol=atol=1e-12; "
              f"gradients from the adjoint equations solved backwards at 1e-10); "
              f"\"WRONG\" when one exceeds {_g(MAX_REL_ERROR)} or is not finite")
@@ -1154,7 +1154,7 @@ def main(argv=None):
                     help="seconds of timed calls per child and kind (default 30; --quick 8)")
     ap.add_argument("--attempts", type=int, default=3,
                     help="measure a child again, after waiting for a quiet machine, while "
-                         f"other processes used over {MAX_OTHER_LOAD:.0%} of the CPU, up to "
+                         f"other processes used over {MAX_OTHER_LOAD * 100:.0f}%% of the CPU, up to "
                          "this many times (default 3; 1: once, whatever the load)")
     ap.add_argument("--python", default=sys.executable,
                     help="interpreter for the child processes (needs the peers)")

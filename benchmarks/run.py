@@ -79,11 +79,15 @@ def _ref_path(problem):
     return os.path.join(d, f"ref_{problem}_{h.hexdigest()[:12]}.npz")
 
 
+# The checkout whose tfaca/ the children import (`--tfaca-root`).
+TFACA_ROOT = ROOT
+
+
 def _run_child(python, args, env_extra, timeout):
     env = dict(os.environ)
     env.update(BASE_ENV)
     env.update(env_extra)
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = TFACA_ROOT + os.pathsep + env.get("PYTHONPATH", "")
     t0 = time.perf_counter()
     try:
         proc = subprocess.run([python, os.path.join(HERE, "child.py")] + args, env=env,
@@ -377,10 +381,15 @@ def main():
     ap.add_argument("--python", default=sys.executable,
                     help="interpreter for the child processes (needs the peers)")
     ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument("--tfaca-root", default=ROOT,
+                    help="directory whose tfaca/ the children import (default: this "
+                         "checkout), to measure another commit with the same harness")
     ap.add_argument("--json", default=os.path.join(HERE, ".cache", "last_results.json"))
     ap.add_argument("--render-only", action="store_true",
                     help="re-write --out from the results saved in --json, measuring nothing")
     a = ap.parse_args()
+    global TFACA_ROOT
+    TFACA_ROOT = os.path.abspath(a.tfaca_root)
     problems = [p for p in a.problems.split(",") if p]
     libs = [x for x in (a.libs or ",".join(QUICK_LIBS if a.quick else ORDER)).split(",") if x]
     for p in problems:

@@ -7,7 +7,7 @@ import pytest
 import tensorflow as tf
 
 import tfaca
-from tfaca import _loop
+from tfaca import _loop, _record
 from tfaca._control import StepSizeController
 
 
@@ -315,7 +315,7 @@ def _van_der_pol(t, y):
 @pytest.mark.parametrize("per_sample", [False, True])
 @pytest.mark.slow_variants
 def test_step_log_of_many_blocks_agrees_under_xla_and_in_a_function(per_sample, monkeypatch):
-    """Outside XLA a step's scalars are logged in blocks of 64 steps (`_loop._BLOCK`),
+    """Outside XLA a step's scalars are logged in blocks of 64 steps (`_record._BLOCK`),
     the block being filled carried through the loop; under XLA in one static buffer.
     A stiff Van der Pol solve of several hundred steps, with rejected trials and several
     outputs, records the same steps with blocks of 64 as with blocks of 1 (bit for bit)
@@ -342,7 +342,7 @@ def test_step_log_of_many_blocks_agrees_under_xla_and_in_a_function(per_sample, 
 
     graph = tf.function(run)(y0)
     xla = tf.function(run, jit_compile=True)(y0)
-    monkeypatch.setattr(_loop, "_BLOCK", 1)
+    monkeypatch.setattr(_record, "_BLOCK", 1)
     unblocked = tf.function(run)(y0)
     n = int(graph[1])
     assert int(xla[1]) == int(unblocked[1]) == n > 4 * 64

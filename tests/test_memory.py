@@ -295,6 +295,76 @@ def test_budget_in_graphs_equals_full_aca(full_aca, mode):
         _assert_close(got, expected, 1e-12)
 
 
+def _counted_backward(field, y0, gradient, interpolate, **kwargs):
+    """`(stats, calls, grads)`: a solve's statistics, how often the backward pass called the
+    field (eagerly, loops not compiled, so that every call runs Python) and the gradients."""
+    calls = [0]
+
+    def func(t, y):
+        calls[0] += 1
+        return field(t, y)
+
+    ys_ts = np.linspace(0.0, 2.0, 9) if interpolate else TS
+    y0_vars = [tf.Variable(y) for y in y0]
+    with tf.GradientTape() as tape:
+        sol = tfaca.solve(func, tuple(y0_vars), ys_ts, gradient=gradient,
+                          interpolate=interpolate, **kwargs)
+        loss = _loss(sol.ys)
+    calls[0] = 0
+    grads = tape.gradient(loss, [*y0_vars, field.W, field.b])
+    return sol.stats, calls[0], [g.numpy() for g in grads]
+
+
+@pytest.mark.parametrize("interpolate", [False, True], ids=["land", "dense"])
+def test_budget_counts_its_evaluations(interpolate):
+    """With a budget, `num_fevals_backward` is what the replay calls: the entries' stages
+    and the forward steps it rebuilds, one fewer per segment than the segment's entries
+    (a stride of 1 rebuilds nothing)."""
+    field, y0 = Field(), nested_y0()
+    kwargs = dict(rtol=1e-7, atol=1e-7, jit_compile=False)
+    full, full_calls, _ = _counted_backward(field, y0, "aca", interpolate, **kwargs)
+    n = int(full.num_steps)
+    assert full_calls == int(full.num_fevals_backward)
+    stages = tfaca.Dopri5.tableau.solution_stages
+    for budget in (1, 3, n // 2, n):
+        stats, calls, _ = _counted_backward(
+            field, y0, tfaca.ACAGradient(checkpoints=budget), interpolate, **kwargs)
+        assert calls == int(stats.num_fevals_backward), budget
+        rebuilt = calls - full_calls
+        if budget >= n:
+            assert rebuilt == 0
+        else:
+            assert 0 < rebuilt < n * stages, budget
+
+
+def test_compiled_aca_keeps_at_most_xla_states(monkeypatch):
+    """Where XLA compiles the loop and `max_steps` exceeds `_record.XLA_STATES`, ACA keeps
+    at most that many states, as `ACAGradient(checkpoints=XLA_STATES)`: the same gradient
+    as every state kept (to rounding), and the rebuilt steps counted. Below, nothing
+    changes."""
+    from tfaca import _record
+
+    monkeypatch.setattr(_record, "XLA_STATES", 4)
+    field, y0 = Field(), nested_y0()
+    kwargs = dict(rtol=1e-7, atol=1e-7)
+    full, _, expected = _counted_backward(field, y0, "aca", False, jit_compile=False,
+                                          max_steps=500, **kwargs)
+    n = int(full.num_steps)
+    assert n > 4 * 2
+    budget, _, _ = _counted_backward(field, y0, tfaca.ACAGradient(checkpoints=4), False,
+                                     jit_compile=False, **kwargs)
+    capped, _, got = _counted_backward(field, y0, "aca", False, jit_compile=True, max_steps=500,
+                                       **kwargs)
+    _assert_close(got, expected, 1e-12)
+    assert int(capped.num_fevals_backward) == int(budget.num_fevals_backward)
+    assert int(capped.num_fevals_backward) > int(full.num_fevals_backward)
+    monkeypatch.setattr(_record, "XLA_STATES", 500)
+    every, _, got = _counted_backward(field, y0, "aca", False, jit_compile=True, max_steps=500,
+                                      **kwargs)
+    _assert_close(got, expected, 1e-12)
+    assert int(every.num_fevals_backward) == int(full.num_fevals_backward)
+
+
 def test_budget_reports_a_func_that_does_not_reproduce():
     """A random func rebuilds other states in the backward pass: raised, as full ACA."""
     y0 = tf.Variable([1.0, 0.5])

@@ -110,7 +110,18 @@ def test_matches_reference(key):
             # Changed by design (issue 26): ACA's replay evaluates the interpolant's last
             # stage f(t1, y1) once per step with outputs inside, no longer once at the end.
             continue
-        np.testing.assert_array_equal(actual[name], expected[name], err_msg=f"{key} {name}")
+        if name.endswith("num_fevals_backward") and "-aca_k2-" in key:
+            # Changed by design (issue 26): the budgeted replay no longer rebuilds a
+            # segment's last step, whose end is kept; `test_memory.py`'s
+            # `test_budget_counts_its_evaluations` checks the count against the calls.
+            continue
+        want = expected[name]
+        if name == "backward_stats/num_fevals" and "-ps-adjoint" in key:
+            # Changed by design (issue 26): the one reverse solve no longer evaluates the
+            # derivative again where it lands on its last stop, the start (nothing steps
+            # from there): one evaluation fewer.
+            want = want - 1
+        np.testing.assert_array_equal(actual[name], want, err_msg=f"{key} {name}")
     for name in sorted(set(expected) - set(counts)):
         _close(key, name, actual[name], expected[name])
 

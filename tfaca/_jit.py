@@ -215,6 +215,11 @@ class _Key(tuple):
         return key
 
 
+def compiles(jit):
+    """Whether `compiled(fn, jit)` compiles `fn` with XLA."""
+    return bool(jit) and not in_cond_gradient()
+
+
 def compiled(fn, jit, role=None):
     """`fn` as a function compiled with XLA when `jit`, else `fn` itself.
 
@@ -230,7 +235,7 @@ def compiled(fn, jit, role=None):
     call whose data inputs are all constants (a solve of constant data) ahead of time,
     uncompiled, in an executor that recurses per loop iteration, and thousands of steps
     overflow the stack (a segmentation fault, seen with 1,756 Heun-Euler steps)."""
-    if not jit or in_cond_gradient():
+    if not compiles(jit):
         return fn
     if isinstance(jit, _Key):
         key = (*jit, role)

@@ -34,10 +34,11 @@ retry, so only accepted steps survive.
 
 What `max_steps` costs. Outside XLA (eagerly, in a plain `tf.function`) nothing is
 sized by it: the checkpoint buffers grow with the steps taken. Under XLA every buffer
-needs a static shape: a call that keeps checkpoints for a gradient allocates and
-zero-fills `max_steps x (state + 20 bytes)` however few steps it takes. With fewer
-states kept (`states`: ACA's checkpoint budget `K`, MALI's none) the state buffer has
-`K + 1` entries, or none, and only the scalars are sized by `max_steps`. The outputs
+needs a static shape: a call that kept every state would allocate and zero-fill
+`max_steps x state` however few steps it takes. So `states` bounds them: ACA's
+checkpoint budget `K` (by default `_record.XLA_STATES` under XLA), MALI's none; the
+state buffer has `K + 1` entries, or none, and only the steps' scalars (20 bytes each)
+are sized by `max_steps`. The outputs
 never are: their buffer is `len(ts)` states, written as the steps cover them.
 (`benchmarks/max_steps_xla.py`, `benchmarks/outputs.py` measure both.)
 """
@@ -46,47 +47,12 @@ from typing import Any, NamedTuple
 
 import tensorflow as tf
 
-from tfaca import _outputs
+from tfaca import _outputs, _record
 from tfaca._internals import in_xla_context
 from tfaca._solution import SolveError, Stats, Status
 from tfaca._solvers import per_row
 
 _RUNNING = -1
-
-
-class Checkpoints(NamedTuple):
-    """Accepted steps of a forward solve, as tensors. Entry `i < num_steps` is one
-    iteration of the loop in which some group accepted its trial; entry `num_steps` is
-    where the solve ended (`t_final`, its state, `dt` 1), so that every accepted state,
-    the last included, has an entry.
-
-    Attributes:
-        t: `[num_steps + 1, G]` each group's start time (`[max_steps + 1, G]` under XLA,
-            every field). A group that did not step keeps its time, so `t[i + 1]` is
-            where step `i` ended.
-        dt: `[num_steps + 1, G]` step sizes (1 for a group that is done).
-        interval: `[num_steps + 1, G]` int32 index `j` of the interval
-            `[stops[j - 1], stops[j]]` the step lies in.
-        hit: `[num_steps + 1, G]` bool, whether the step ends exactly on `stops[j]`.
-        accepted: `[num_steps + 1, G]` bool, which groups the entry's step moved.
-        y: flat list of `[num_steps + 1, ...]` start states.
-        num_steps: int32 scalar.
-        stride: with a checkpoint budget (`integrate(states=K)`), an int32 scalar: `y[m]`
-            is entry `m * stride`'s start, `ceil(num_steps / stride) <= K` entries.
-        y_end, f_end: with `states` given, the state and the carried derivative where
-            the solve ended (`states=0`, MALI's, keeps no other state).
-    """
-
-    t: Any
-    dt: Any
-    interval: Any
-    hit: Any
-    accepted: Any
-    y: Any
-    num_steps: Any
-    stride: Any = ()
-    y_end: Any = ()
-    f_end: Any = ()
 
 
 class Trajectory(NamedTuple):
@@ -190,114 +156,13 @@ def raise_on_failure(status, t_final, outputs, context):
         return [tf.identity(x) for x in outputs]
 
 
-def _keep_thinned(slots, stride, n, y, budget):
-    """ACA's checkpoint budget: keeps the start `y` of step `n` in `slots` when `n` is a
-    multiple of `stride`, at slot `n // stride`; when that is past the `budget` slots,
-    first drops every other slot (slot `j` takes slot `2 j`) and doubles the stride.
-
-    Runs on every trial, like every write of the loop; a rejected trial's write is
-    redone by the retry, and a trial that keeps nothing writes to the last slot, which
-    is never read. Returns `(slots, stride)`."""
-
-    def thin():
-        def move(j, tas):
-            return j + 1, [ta.write(j, ta.read(2 * j)) for ta in tas]
-
-        _, moved = tf.while_loop(lambda j, _: j < (budget + 1) // 2, move,
-                                 (tf.constant(1, tf.int32), list(slots)))
-        return moved, 2 * stride
-
-    full = (n % stride == 0) & (n // stride >= budget)
-    slots, stride = tf.cond(full, thin, lambda: (list(slots), stride))
-    slot = tf.where(n % stride == 0, n // stride, budget)
-    return [ta.write(slot, y_n) for ta, y_n in zip(slots, y)], stride
-
-
-def _dense(ta, size, like, static_size=None):
-    """The first `size` entries of a TensorArray as one tensor.
-
-    Checkpoints leave the loop as plain tensors, not TensorArrays: a SavedModel can
-    serialize a custom gradient that captures tensors but not TensorArray handles
-    (variants). Outside XLA the buffer holds the trials' entries (one more than the
-    accepted steps after a failed solve): gather the accepted ones. XLA needs static
-    shapes and returns the whole `max_steps` buffer (without a copy). `like` is a
-    tensor shaped as one entry.
-    """
-    if in_xla_context():
-        return ta.stack() if static_size is None else ta.gather(tf.range(static_size - 1))
-    # Gathering no entry needs a fully known element shape, which a Keras batch lacks.
-    empty = tf.zeros(tf.concat([[0], tf.shape(like)], 0), ta.dtype)
-    return tf.cond(size > 0, lambda: ta.gather(tf.range(size)), lambda: empty)
-
-
-# Outside XLA a TensorArray holds each entry as a tensor of its own, and TensorFlow's
-# allocator gives every tensor at least 256 bytes: a step's few scalars would cost 256
-# bytes, not 16 (2.5 MB over 10,000 steps, which is what grew MALI's memory). They are
-# logged in blocks of this many steps instead.
-_BLOCK = 64
-
-
-def _scalar_log(dtype, max_steps, num_scalars, like):
-    """A log of a `[num_scalars, *like.shape]` entry per step (`_log_write`,
-    `_log_read`): under XLA a static buffer of `max_steps + 1` entries; elsewhere a
-    growing list of `_BLOCK`-entry blocks, the one being filled carried as a tensor."""
-    shape = [num_scalars] + like.shape.as_list()
-    if in_xla_context():
-        return {"entries": _step_array(dtype, max_steps, shape)}
-    return {
-        "entries": _step_array(dtype, max_steps, [_BLOCK] + shape),
-        "block": tf.zeros(tf.concat([[_BLOCK, num_scalars], tf.shape(like)], 0), dtype),
-    }
-
-
-def _log_write(log, at, value, once=False):
-    """Writes entry `at`; as every buffer of the loop, on each trial (a rejected trial's
-    entry is overwritten by the retry). `once`: the write after the loop, by selection
-    over the block rather than a scatter, which fails on an empty batch."""
-    if "block" not in log:
-        return {"entries": log["entries"].write(at, value)}
-    if once:
-        rows = tf.reshape(tf.equal(tf.range(_BLOCK), at % _BLOCK),
-                          [_BLOCK] + [1] * value.shape.rank)
-        block = tf.where(rows, value[None], log["block"])
-    else:
-        block = tf.tensor_scatter_nd_update(log["block"], [[at % _BLOCK]], value[None])
-    return {"entries": log["entries"].write(at // _BLOCK, block), "block": block}
-
-
-def _log_read(log, size):
-    """The first `size` (>= 1) entries as one tensor (all of them under XLA)."""
-    if "block" not in log:
-        return log["entries"].stack()
-    blocks = log["entries"].gather(tf.range((size + _BLOCK - 1) // _BLOCK))
-    return tf.reshape(blocks, tf.concat([[-1], tf.shape(log["block"])[1:]], 0))[:size]
-
-
-def _tensor_array(dtype, size, element_shape):
-    return tf.TensorArray(dtype, size=size, element_shape=element_shape, clear_after_read=False)
-
-
-def _step_array(dtype, max_steps, element_shape):
-    """A buffer with an entry per step and one for the end of the solve: `max_steps + 1`
-    entries under XLA, which needs static shapes; elsewhere it grows with the steps taken. A TensorArray of `max_steps`
-    entries costs O(max_steps) outside XLA too, even empty: its list of entries is
-    built and freed on every call (~0.7 ms per buffer at 100,000 entries; a
-    forward+backward of 3 steps took 8.4 ms at max_steps=100,000 against 2.4 ms at
-    1,000, and held 15 MB of empty entries)."""
-    if in_xla_context():
-        return _tensor_array(dtype, max_steps + 1, element_shape)
-    return tf.TensorArray(
-        dtype, size=0, dynamic_size=True, element_shape=element_shape, clear_after_read=False
-    )
-
-
 def _runs(stops):
     """Runs of equal consecutive times in each row of `stops` (`[G, S]`): `(first, after)`,
     int32 `[G, S]`: the index of the first time of each entry's run, and the index just
     past its run. Repeated stops are one stop (padding of times per sample; all of a
     solve's stops when it has nothing to step)."""
     moves = tf.cast(tf.not_equal(stops[:, 1:], stops[:, :-1]), tf.int32)
-    run = tf.cumsum(tf.concat([tf.zeros_like(moves[:, :1]), moves], axis=1), axis=1)
+    run = tf.cumsum(tf.concat([tf.zeros_like(stops[:, :1], tf.int32), moves], axis=1), axis=1)
     first = tf.searchsorted(run, run, side="left", out_type=tf.int32)
     after = tf.searchsorted(run, run, side="right", out_type=tf.int32)
     return first, after
@@ -372,7 +237,8 @@ def _aim(s, stop, adaptive, few_ulps, dtype):
 
 
 def integrate(solver, controller, func, stops, y0, *, step_size, first_step, max_steps, record,
-              per_sample=False, saves=None, on_land=None, states=None):
+              per_sample=False, saves=None, on_land=None, restart=False, save_outputs=True,
+              states=None):
     """Integrates `func` from the first stop through every stop, stepping onto each.
 
     Args:
@@ -390,16 +256,20 @@ def integrate(solver, controller, func, stops, y0, *, step_size, first_step, max
         per_sample: Python bool: one group per sample (the leading axis of every state
             component), see the module docstring. Times, statistics and status are
             then `[batch]`, and the outputs `[n, batch, ...]`.
-        saves: None: the outputs are the states at the stops. Else the output times,
-            `[n]` or `[batch, n]` (per sample), the first being the start: each is read
-            from the accepted step that covers it. They must lie between the first and
-            the last stop (of its sample).
-        on_land: with `per_sample`, `on_land(i, landed, y) -> y`: called after each
-            trial with `i` (`[batch]`, the index of each sample's next stop), `landed`
-            (`[batch]` bool, the samples whose accepted step ended on it) and the
-            accepted states; returns the states to go on from (the adjoint's reverse
+        saves: None: the outputs are the states at the stops. Else the output times by
+            rows, the first being the start (`_outputs.Rows`, one row per sample with
+            `per_sample`): each is read from the accepted step that covers it. They
+            must lie between the first and the last stop (of its sample).
+        on_land: `on_land(i, landed, y) -> y`, called after each trial with `i` (`[G]`,
+            the index of each group's next stop), `landed` (`[G]` bool, the groups whose
+            accepted step ended on it and go on past it: never at their last stop) and
+            the accepted states; returns the states to go on from (the adjoint's reverse
             solve resets the state and adds an output's cotangent there). The landed
-            samples' derivative is evaluated again at the new state.
+            groups' derivative is evaluated again at the new state.
+        restart: with `on_land`, a landed group also starts afresh: its next step is
+            chosen as the first one was, and `max_steps` bounds each interval between
+            stops rather than the whole solve (not with `record`).
+        save_outputs: False: keep no outputs (`ys` is empty), only where the solve ended.
         states: with `record`, which accepted states to keep: `None`, every one; `0`,
             none (the step's scalars only); a Python int `K >= 1`, at most `K`, evenly
             spread by thinning: the start of every `stride`-th entry is kept, and when
@@ -428,49 +298,44 @@ def integrate(solver, controller, func, stops, y0, *, step_size, first_step, max
         """The first stop after the run of equal stops that `i` starts."""
         return tf.gather(after, tf.minimum(i, num_stops - 1), batch_dims=1)
 
-    f0 = func(groups.lane(t0), y0)
-    num_fevals = tf.ones_like(t0, tf.int32)
     adaptive = step_size is None
-    if not adaptive:
-        dt0 = sign * step_size * tf.ones_like(t0)
-    elif first_step is not None:
-        dt0 = controller.clip(sign * first_step * tf.ones_like(t0))
-    else:
-        dt0 = groups.grouped(controller.first_step(
-            func, groups.lane(t0), y0, f0, solver.error_order, sign))
-        num_fevals += 1
+    # Whether choosing a first step evaluates `func` (once).
+    selects = adaptive and first_step is None
 
-    if saves is None:
+    def initial_step(t, y, f):
+        """The first trial step (`[G]`) of a solve from `(t, y)`, `f` its derivative."""
+        if not adaptive:
+            return sign * step_size * tf.ones_like(t)
+        if first_step is not None:
+            return controller.clip(sign * first_step * tf.ones_like(t))
+        return groups.grouped(controller.first_step(
+            func, groups.lane(t), y, f, solver.error_order, sign))
+
+    if restart and record:
+        raise ValueError("integrate: `restart` keeps no checkpoints (`record` must be False)")
+    f0 = func(groups.lane(t0), y0)
+    num_fevals = tf.ones_like(t0, tf.int32) + int(selects)
+    dt0 = initial_step(t0, y0, f0)
+
+    if not save_outputs:
+        buffer, save, saved = None, None, tf.zeros([0], tf.int32)
+    elif saves is None:
         # The outputs are the stops: rows are the groups.
         buffer = _outputs.new_buffer(y0, num_stops, tf.shape(t0)[0], per_sample)
         save = None
         saved = tf.zeros([0], tf.int32)
     else:
-        by_batch = saves.shape.rank == 2 or per_sample
-        ts_rows = saves if saves.shape.rank == 2 else saves[None]
-        if per_sample:
-            ts_rows = tf.broadcast_to(ts_rows, tf.stack([tf.shape(y0[0])[0], tf.shape(ts_rows)[1]]))
+        ts_rows, by_batch = saves
         save = _Saves(ts=ts_rows, keys=sign * ts_rows, sign=sign, by_batch=by_batch)
         buffer = _outputs.new_buffer(y0, tf.shape(ts_rows)[1], tf.shape(ts_rows)[0], by_batch)
         t0_rows = tf.broadcast_to(t0, tf.shape(ts_rows)[:1]) if groups.shared else t0
         saved = _outputs.count_through(save.keys, t0_rows, sign)
 
-    recorded = {}
-    if record:
-        # A step's scalars, (t, dt, stop, hit, accepted), are packed into one entry of the
-        # time's dtype: one write per trial instead of five. The stop index is exact in
-        # it (float32 holds integers to 2**24; the loop takes at most `max_steps` trials).
-        recorded["scalars"] = _scalar_log(dtype, max_steps, 5, t0)
-        if states is None:
-            recorded["y"] = [_step_array(y.dtype, max_steps, y.shape) for y in y0]
-        elif states > 0:
-            # K slots and a last one that takes the trials' writes that keep nothing.
-            recorded["y"] = [_tensor_array(y.dtype, states + 1, y.shape) for y in y0]
-            recorded["stride"] = tf.constant(1, tf.int32)
-
+    recorded = _record.new(dtype, max_steps, t0, y0, states) if record else {}
     few_ulps = _few_ulps(dtype)
+    restarts = (initial_step, selects) if restart else None
     body = _body(solver, controller, func, groups, stop, next_stop, few_ulps, adaptive, save,
-                 buffer, on_land, states, max_steps, num_stops, dtype)
+                 buffer, on_land, restarts, states, max_steps, num_stops, dtype)
     zero = tf.zeros_like(t0, tf.int32)
     # Non-finite times (XLA's report of times that are not monotone, see `_odeint`) fail
     # at once too, rather than after `max_steps` trials that cannot advance.
@@ -482,13 +347,15 @@ def integrate(solver, controller, func, stops, y0, *, step_size, first_step, max
         num_steps=zero, num_rejected=zero, num_fevals=num_fevals,
         status=tf.where(i_out >= num_stops, int(Status.SUCCESS),
                         tf.where(f0_finite, _RUNNING, int(Status.NONFINITE))),
-        outputs=buffer.arrays, saved=saved, record=recorded, entries=tf.constant(0, tf.int32),
+        outputs=buffer.arrays if buffer else (), saved=saved, record=recorded, entries=tf.constant(0, tf.int32),
         covering=zero,
     )
+    # With restarts, `max_steps` trials per interval (the status stops each one).
+    bound = max_steps * tf.maximum(num_stops - 1, 1) if restart else max_steps
     (state,) = tf.while_loop(lambda s: tf.reduce_any(s.status == _RUNNING), body, (state,),
-                             maximum_iterations=max_steps)
-    ys = _read_outputs(state, buffer._replace(arrays=state.outputs), save, first, y0)
-    checkpoints = _checkpoints(state, y0, states, dtype) if record else None
+                             maximum_iterations=bound)
+    ys = _read_outputs(state, buffer._replace(arrays=state.outputs), save, first, y0) if buffer else []
+    checkpoints = _record.checkpoints(state, y0, states, dtype) if record else None
     lane = groups.lane
     status = tf.where(state.status == _RUNNING, int(Status.MAX_STEPS_REACHED), state.status)
     return Trajectory(
@@ -525,8 +392,9 @@ def _read_outputs(state, buffer, save, first, y0):
 
 
 def _body(solver, controller, func, groups, stop, next_stop, few_ulps, adaptive, save, buffer,
-          on_land, states, max_steps, num_stops, dtype):
-    """The loop's body: one trial for every group that is still running."""
+          on_land, restarts, states, max_steps, num_stops, dtype):
+    """The loop's body: one trial for every group that is still running. `restarts`:
+    `(initial_step, selects)` with `integrate(restart=True)`, else None."""
     lane, fsal = groups.lane, solver.fsal
 
     def body(s):
@@ -563,14 +431,25 @@ def _body(solver, controller, func, groups, stop, next_stop, few_ulps, adaptive,
                             lambda: list(s.f))
             fevals = solver.trial_fevals + tf.cast(accept, tf.int32)
         t_new = tf.where(accept, t1, s.t)
+        num_trials = s.num_trials + tf.cast(active, tf.int32)
         if on_land is not None:
-            landed = accept & hit
+            landed = accept & hit & (next_stop(s.i_out) < num_stops)
             y_new = on_land(s.i_out, landed, y_new)
             f_new = tf.cond(tf.reduce_any(landed),
                             lambda: groups.select(landed, func(lane(t_new), y_new), f_new),
                             lambda: list(f_new))
             fevals += tf.cast(landed, tf.int32)
-        if save is None:
+            if restarts is not None:
+                initial_step, selects = restarts
+                dt_next = tf.cond(
+                    tf.reduce_any(landed),
+                    lambda: tf.where(landed, initial_step(t_new, y_new, f_new), dt_next),
+                    lambda: dt_next)
+                fevals += tf.cast(landed, tf.int32) * int(selects)
+                num_trials = tf.where(landed, 0, num_trials)
+        if buffer is None:
+            outputs, saved = s.outputs, s.saved
+        elif save is None:
             # Written on every trial at the next stop; kept once it is hit. A group that is
             # done writes its final state onto its last stop again.
             index = tf.minimum(s.i_out, num_stops - 1)[:, None]
@@ -589,8 +468,7 @@ def _body(solver, controller, func, groups, stop, next_stop, few_ulps, adaptive,
                    else saved > s.saved) if save is not None else tf.zeros_like(accept)
         i_out = tf.where(accept & hit, next_stop(s.i_out), s.i_out)
         k = tf.where(accept & hit, 0, s.k + tf.cast(accept, tf.int32))
-        record = _record(s, dt, hit, accept, active, states, dtype)
-        num_trials = s.num_trials + tf.cast(active, tf.int32)
+        record = _record.write(s, dt, hit, accept, active, states, dtype)
         fevals *= tf.cast(active, tf.int32)
         if adaptive:
             # Underflow: the proposed step no longer changes t in this precision. Only |t|
@@ -619,44 +497,3 @@ def _body(solver, controller, func, groups, stop, next_stop, few_ulps, adaptive,
         ),)
 
     return body
-
-
-def _record(s, dt, hit, accept, active, states, dtype):
-    """The checkpoint buffers after this trial, written at the index of the next accepted
-    step (a rejected trial's entry is overwritten by the retry)."""
-    if not s.record:
-        return s.record
-    new = dict(s.record)
-    # A step of size 0 (a group that is done) is recorded as 1: the replay divides by it.
-    scalars = [s.t, tf.where(active, dt, tf.ones_like(dt)), tf.cast(s.i_out, dtype),
-               tf.cast(hit, dtype), tf.cast(accept, dtype)]
-    new["scalars"] = _log_write(s.record["scalars"], s.entries, tf.stack(scalars))
-    if states is None:
-        new["y"] = [ta.write(s.entries, y) for ta, y in zip(s.record["y"], s.y)]
-    elif states > 0:
-        new["y"], new["stride"] = _keep_thinned(s.record["y"], s.record["stride"], s.entries,
-                                                s.y, states)
-    return new
-
-
-def _checkpoints(state, y0, states, dtype):
-    """The recorded steps as `Checkpoints`, with the end of the solve as entry `num_steps`."""
-    rec, n = state.record, state.entries
-    ones = tf.ones_like(state.t)
-    last = [state.t, ones, tf.cast(state.i_out, dtype), 0 * ones, 0 * ones]
-    scalars = _log_read(_log_write(rec["scalars"], n, tf.stack(last), once=True), n + 1)
-    if states is None:
-        y = [_dense(ta.write(n, y_n), n + 1, like) for ta, y_n, like in zip(rec["y"], state.y, y0)]
-    elif states > 0:
-        y = [_dense(ta, (n + rec["stride"] - 1) // rec["stride"], like, states + 1)
-             for ta, like in zip(rec["y"], y0)]
-    else:
-        y = ()
-    # Each column a copy of its own: the log is freed once they are taken.
-    return Checkpoints(
-        t=scalars[:, 0], dt=scalars[:, 1], interval=tf.cast(scalars[:, 2], tf.int32),
-        hit=scalars[:, 3] > 0, accepted=scalars[:, 4] > 0, y=y, num_steps=n,
-        stride=rec["stride"] if states else (),
-        y_end=list(state.y) if states is not None else (),
-        f_end=list(state.f) if states is not None else (),
-    )

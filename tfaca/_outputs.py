@@ -86,6 +86,25 @@ def plan(ts, interpolate, per_sample=False):
     return Plan(stops=tf.stack([ts[0], ts[-1]]), ts=ts[1:])
 
 
+class Rows(NamedTuple):
+    """Output times laid out by rows, as the loop saves them and the replays read them."""
+
+    ts: Any  # [R, n]: each row's output times, the start first
+    by_batch: bool  # R is the batch (times or steps per sample), else R = 1
+
+
+def output_rows(plan, per_sample, batch):
+    """The plan's interpolated output times with the start, by rows (`Rows`): one row when
+    steps and times are shared, else one per sample (`batch`, a scalar tensor)."""
+    by_batch = per_sample or plan.ts.shape.rank == 2
+    stops = plan.stops[None] if plan.stops.shape.rank == 1 else plan.stops
+    ts = plan.ts[None] if plan.ts.shape.rank == 1 else plan.ts
+    num_rows = batch if by_batch else 1
+    start = tf.broadcast_to(stops[:, :1], tf.stack([num_rows, 1]))
+    ts = tf.broadcast_to(ts, tf.stack([num_rows, tf.shape(ts)[1]]))
+    return Rows(tf.concat([start, ts], axis=1), by_batch)
+
+
 def common_start(ts):
     """`ts[0, 0]` of 2-D times (every row starts there), and 0 for an empty batch."""
     return tf.reduce_sum(ts[:1, 0])

@@ -89,10 +89,11 @@ class Stats(NamedTuple):
         num_fevals: evaluations of `func` in the forward solve, including the first-step
             selection.
         num_fevals_backward: evaluations of `func` the gradient will make: with ACA,
-            the stages `y1` uses (`tableau.solution_stages`) per accepted step, plus one
-            at the end of the solve when outputs are interpolated (the interpolants'
-            last stage, `f(t1, y1)`, is the next step's first), known when the forward
-            ends; with the naive
+            the stages `y1` uses (`tableau.solution_stages`) per accepted step (with
+            interpolated outputs, the stages the interpolant uses), plus the
+            interpolant's last stage, `f(t1, y1)`, for each step with outputs inside,
+            plus, with a checkpoint budget, the solution's stages of each forward step
+            the replay rebuilds; known when the forward ends; with the naive
             method 0 (it differentiates the recorded evaluations); with the adjoint -1,
             as its reverse solve is adaptive: `AdjointGradient.backward_stats` holds it
             once the gradient has been computed.

@@ -24,7 +24,8 @@ loop: every group's trial from its own `(t_i, dt_i, y_i)`, of which those in
 mode, and the checkpoint budget (`ACAGradient(checkpoints=K)`: at most `K` states kept,
 each segment between two of them rebuilt forward before it is replayed).
 
-Costs: memory O(N * state) for the checkpoints (O(K * state) with a budget) plus one
+Costs: memory O(N * state) for the checkpoints (O(K * state) with a budget, and at most
+`_record.XLA_STATES` states by default where XLA compiles the loop) plus one
 step's graph; time one replay of each accepted step (the stages `y_{i+1}` needs and
 their vector-Jacobian products; one more stage for a step with outputs inside), never
 the rejected trials. The replay also checks that each rebuilt `y_{i+1}` is the one the
@@ -42,7 +43,7 @@ import math
 import numbers
 import tensorflow as tf
 
-from tfaca import _outputs
+from tfaca import _outputs, _record
 from tfaca._gradients._base import (
     SECOND_ORDER, AbstractGradient, check_replay, compiled, differs, dot, forward_solve,
     loop_options, solve_with_custom_gradient, sources_with, times_of,
@@ -51,6 +52,7 @@ from tfaca._gradients._replay import (
     add_landed, onto_stops, setting_of, to_groups, to_rows,
 )
 from tfaca._internals import could_possibly_record, in_xla_context, stop_recording
+from tfaca._jit import compiles
 
 
 class ACAGradient(AbstractGradient):
@@ -60,7 +62,17 @@ class ACAGradient(AbstractGradient):
     (Keras weights included) and tensors it closes over. The backward pass evaluates
     `func` once per stage that the solution uses (6 for Dopri5 and Tsit5, whose seventh,
     FSAL, stage only serves the next step) per accepted step, and with interpolated
-    outputs one more at the end of the solve (`Stats.num_fevals_backward`).
+    outputs one more for each step with outputs inside (`Stats.num_fevals_backward`).
+
+    Args:
+        checkpoints: None (default): keep every accepted step's state; where XLA
+            compiles the loop (the default in a graph) and `max_steps` exceeds 256,
+            at most 256 of them, as `checkpoints=256` (XLA sizes buffers statically:
+            every state would be a buffer of `max_steps` states allocated on each
+            call). A positive int `K`: keep at most `K` states, evenly spread; the
+            replay rebuilds each segment between two kept states with one forward
+            step per entry it does not keep, counted in `num_fevals_backward`. The
+            gradient is the same to rounding whatever the budget.
 
     Checkpoints are kept only when a gradient may be asked for: a solve traced or run
     with no `tf.GradientTape` active (Keras' `predict` and `evaluate`, a served
@@ -102,6 +114,9 @@ class ACAGradient(AbstractGradient):
                 'gradient="mali" (exact for the ALF steps, no states kept), "naive" or '
                 '"adjoint". Received: gradient="aca"')
         budget = self.checkpoints
+        if (budget is None and loop_kwargs["max_steps"] > _record.XLA_STATES
+                and (in_xla_context() or compiles(jit))):
+            budget = _record.XLA_STATES
         options = loop_options(controller, dict(loop_kwargs, per_sample=per_sample))
 
         def forward_with(record):
@@ -142,7 +157,10 @@ class ACAGradient(AbstractGradient):
         # with a budget), and the interpolant's last stage when outputs lie inside it.
         stages = (len(solver.dense_weights) - 1 if plan.dense
                   else solver.tableau.solution_stages)
-        replay_fevals = stats.num_steps * stages * (1 if budget is None else 2)
+        replay_fevals = stats.num_steps * stages
+        if budget is not None:
+            replay_fevals += (_record.rebuilt_steps(stats.num_steps, budget)
+                              * solver.tableau.solution_stages)
         if plan.dense:
             replay_fevals += trajectory.covering
         return trajectory._replace(stats=stats._replace(num_fevals_backward=replay_fevals))
@@ -280,10 +298,16 @@ def _replay_segments(solver, f, cp, groups, entries, carry):
             y1, _, _ = solver.step(f, t, y, f(t, y), dt, solution_only=True)
             return i + 1, groups.select(groups.grouped(accepted), y1, y), tas
 
+        # Rebuilt up to the start of the segment's last entry (a segment of one entry,
+        # stride 1, rebuilds nothing); where that entry ends is known.
+        # The arrays enter the loop written (XLA cannot use an unwritten one of unknown
+        # static shape there).
         start = [tf.gather(y_n, m) for y_n in cp.y]
-        _, _, tas = tf.while_loop(
-            lambda i, *_: i < last, rebuild, (first, start, [segment_array(y) for y in start]),
+        _, y, tas = tf.while_loop(
+            lambda i, *_: i < last - 1, rebuild,
+            (first, start, [segment_array(y).write(0, y) for y in start]),
             parallel_iterations=1)
+        tas = [ta.write(last - 1 - first, y_n) for ta, y_n in zip(tas, y)]
         # The state the forward accepted after the segment: the next checkpoint, or the end.
         after = [tf.where(m + 1 < num_segments, tf.gather(y_n, tf.minimum(m + 1, num_slots - 1)), e)
                  for y_n, e in zip(cp.y, cp.y_end)]

@@ -58,11 +58,8 @@ def run_forward(solver, controller, f, plan, y0, *, record, loop_kwargs):
     outputs it interpolates (the start included) as its steps cover them."""
     saves = None
     if plan.dense:
-        ts = plan.ts
-        start = plan.stops[..., :1]
-        if ts.shape.rank == 2:
-            start = tf.broadcast_to(start, tf.stack([tf.shape(ts)[0], 1]))
-        saves = tf.concat([start, ts], axis=-1)
+        saves = _outputs.output_rows(plan, loop_kwargs.get("per_sample", False),
+                                     tf.shape(y0[0])[0])
     return integrate(solver, controller, f, plan.stops, y0, record=record, saves=saves,
                      **loop_kwargs)
 

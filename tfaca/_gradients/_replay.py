@@ -32,15 +32,8 @@ def setting_of(cp, times, g_ys, per_sample, y0):
     sign = tf.sign(tf.reduce_sum(stops[:, -1] - stops[:, 0]))
     if len(times) == 1:
         return Setting(groups, stops, False, None, None, sign, per_sample, g_ys)
-    ts = times[1]
-    by_batch = per_sample or ts.shape.rank == 2
-    ts_rows = ts[None] if ts.shape.rank == 1 else ts
-    start = stops[:, :1]
-    if per_sample and ts.shape.rank == 1:
-        ts_rows = tf.broadcast_to(ts_rows, tf.stack([tf.shape(stops)[0], tf.shape(ts)[0]]))
-    elif ts.shape.rank == 2 and not per_sample:
-        start = tf.broadcast_to(start, tf.stack([tf.shape(ts)[0], 1]))
-    ts_rows = tf.concat([start, ts_rows], axis=1)
+    ts_rows, by_batch = _outputs.output_rows(_outputs.Plan(stops, times[1]), per_sample,
+                                             tf.shape(y0[0])[0])
     return Setting(groups, stops, True, ts_rows, sign * ts_rows, sign, by_batch,
                     _outputs.cotangent_rows(g_ys, by_batch))
 
