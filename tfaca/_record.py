@@ -52,16 +52,16 @@ def _keep_thinned(slots, stride, n, y, budget):
     redone by the retry, and a trial that keeps nothing writes to the last slot, which
     is never read. Returns `(slots, stride)`."""
 
-    def thin():
-        def move(j, tas):
-            return j + 1, [ta.write(j, ta.read(2 * j)) for ta in tas]
+    def move(j, tas):
+        return j + 1, [ta.write(j, ta.read(2 * j)) for ta in tas]
 
-        _, moved = tf.while_loop(lambda j, _: j < (budget + 1) // 2, move,
-                                 (tf.constant(1, tf.int32), list(slots)))
-        return moved, 2 * stride
-
+    # A loop of no iteration unless the slots are full, not a `tf.cond`: XLA copies the
+    # buffers a conditional takes and returns, on every trial (K = 256 slots doubled a
+    # 12-step solve's time), where a loop updates them in place.
     full = (n % stride == 0) & (n // stride >= budget)
-    slots, stride = tf.cond(full, thin, lambda: (list(slots), stride))
+    _, slots = tf.while_loop(lambda j, _: full & (j < (budget + 1) // 2), move,
+                             (tf.constant(1, tf.int32), list(slots)))
+    stride = tf.where(full, 2 * stride, stride)
     slot = tf.where(n % stride == 0, n // stride, budget)
     return [ta.write(slot, y_n) for ta, y_n in zip(slots, y)], stride
 
