@@ -33,7 +33,7 @@ _TIMES = {
 
 
 def _gradients(gradient, ts, *, method="dopri5", per_sample=False, step_size=None,
-               interpolate=True, rtol=1e-6):
+               interpolate=True, rtol=1e-6, jit_compile="auto"):
     """Outputs and dL/d(y0, ts, W, b) of a float64 solve of a time-dependent MLP field."""
     w, b = tf.Variable(_W), tf.Variable(_B)
 
@@ -50,7 +50,7 @@ def _gradients(gradient, ts, *, method="dopri5", per_sample=False, step_size=Non
         tape.watch([y0, ts])
         sol = tfaca.solve(func, y0, ts, method=method, gradient=gradient, rtol=rtol, atol=1e-8,
                           step_size=step_size, per_sample=per_sample, interpolate=interpolate,
-                          max_steps=5000)
+                          max_steps=5000, jit_compile=jit_compile)
         loss = tf.reduce_sum(c * sol.ys)
     grads = tape.gradient(loss, [y0, ts, w, b])
     return [sol.ys.numpy()] + [g.numpy() for g in grads]
@@ -97,9 +97,10 @@ def test_aca_per_sample_with_interpolated_outputs_equals_backprop(times, method,
 
 def test_mali_adaptive_with_interpolated_outputs_is_close_to_aca_on_the_same_problem():
     # Adaptive ALF takes other steps than Dopri5: the two gradients agree to the
-    # solvers' accuracy, and MALI's to its own forward solve's.
-    mali = _gradients("mali", _TIMES["shared"], method="alf", rtol=1e-7)
-    aca = _gradients("aca", _TIMES["shared"], rtol=1e-9)
+    # solvers' accuracy, and MALI's to its own forward solve's. Compiled loops: eagerly,
+    # ALF's thousands of steps at rtol 1e-7 ran op by op for two minutes.
+    mali = _gradients("mali", _TIMES["shared"], method="alf", rtol=1e-7, jit_compile=True)
+    aca = _gradients("aca", _TIMES["shared"], rtol=1e-9, jit_compile=True)
     _assert_close(mali, aca, 1e-3)
 
 
