@@ -288,7 +288,7 @@ def _replay_segments(solver, f, cp, groups, entries, carry):
         segment_array = lambda y: tf.TensorArray(  # noqa: E731
             y.dtype, size=0, dynamic_size=True, element_shape=y.shape, clear_after_read=False)
 
-    def segment(m, *carry):
+    def segment(m, tas, *carry):
         first = m * stride
         last = tf.minimum(first + stride, n)
 
@@ -300,24 +300,25 @@ def _replay_segments(solver, f, cp, groups, entries, carry):
 
         # Rebuilt up to the start of the segment's last entry (a segment of one entry,
         # stride 1, rebuilds nothing); where that entry ends is known.
-        # The arrays enter the loop written (XLA cannot use an unwritten one of unknown
-        # static shape there).
         start = [tf.gather(y_n, m) for y_n in cp.y]
-        _, y, tas = tf.while_loop(
-            lambda i, *_: i < last - 1, rebuild,
-            (first, start, [segment_array(y).write(0, y) for y in start]),
-            parallel_iterations=1)
+        _, y, tas = tf.while_loop(lambda i, *_: i < last - 1, rebuild, (first, start, tas),
+                                  parallel_iterations=1)
         tas = [ta.write(last - 1 - first, y_n) for ta, y_n in zip(tas, y)]
         # The state the forward accepted after the segment: the next checkpoint, or the end.
         after = [tf.where(m + 1 < num_segments, tf.gather(y_n, tf.minimum(m + 1, num_slots - 1)), e)
                  for y_n, e in zip(cp.y, cp.y_end)]
         tas = [ta.write(last - first, y_n) for ta, y_n in zip(tas, after)]
         carry = entries(first, last, lambda i: [ta.read(i - first) for ta in tas], carry)
-        return (m - 1, *carry)
+        return (m - 1, tas, *carry)
 
-    out = tf.while_loop(lambda m, *_: m >= 0, segment, (num_segments - 1, *carry),
+    # One array per state component for every segment, each overwriting the last's
+    # entries: allocated (under XLA, zero-filled) once per replay, not once per segment.
+    # Written before the loop: XLA cannot use an unwritten array of unknown static shape
+    # (a batch of unknown size) there.
+    arrays = [segment_array(e).write(0, e) for e in cp.y_end]
+    out = tf.while_loop(lambda m, *_: m >= 0, segment, (num_segments - 1, arrays, *carry),
                         parallel_iterations=1)
-    return out[1:]
+    return out[2:]
 
 
 def _unrolled_vjp(solver, f, trajectory, times, y0, sources, g_ys, variables):
