@@ -347,14 +347,15 @@ def integrate(solver, controller, func, stops, y0, *, step_size, first_step, max
         num_steps=zero, num_rejected=zero, num_fevals=num_fevals,
         status=tf.where(i_out >= num_stops, int(Status.SUCCESS),
                         tf.where(f0_finite, _RUNNING, int(Status.NONFINITE))),
-        outputs=buffer.arrays if buffer else (), saved=saved, record=recorded, entries=tf.constant(0, tf.int32),
-        covering=zero,
+        outputs=() if buffer is None else buffer.arrays, saved=saved, record=recorded,
+        entries=tf.constant(0, tf.int32), covering=zero,
     )
     # With restarts, `max_steps` trials per interval (the status stops each one).
     bound = max_steps * tf.maximum(num_stops - 1, 1) if restart else max_steps
     (state,) = tf.while_loop(lambda s: tf.reduce_any(s.status == _RUNNING), body, (state,),
                              maximum_iterations=bound)
-    ys = _read_outputs(state, buffer._replace(arrays=state.outputs), save, first, y0) if buffer else []
+    ys = ([] if buffer is None
+          else _read_outputs(state, buffer._replace(arrays=state.outputs), save, first, y0))
     checkpoints = _record.checkpoints(state, y0, states, dtype) if record else None
     lane = groups.lane
     status = tf.where(state.status == _RUNNING, int(Status.MAX_STEPS_REACHED), state.status)

@@ -232,7 +232,7 @@ def _replay(solver, f, checkpoints, times, y0, sources, g_ys, variables, per_sam
     of the times, `y0`, the sources and the variables, as one flat list.
     """
     cp = checkpoints
-    setting = setting_of(cp, times, g_ys, per_sample, y0)
+    setting = setting_of(times, g_ys, per_sample, y0)
     groups = setting.groups
     n = cp.num_steps
     eps = float(tf.experimental.numpy.finfo(times[0].dtype.as_numpy_dtype).eps)
@@ -333,7 +333,7 @@ def _unrolled_vjp(solver, f, trajectory, times, y0, sources, g_ys, variables):
     cp = trajectory.checkpoints
     with tf.GradientTape() as tape:
         tape.watch([*times, *y0, *sources])
-        setting = setting_of(cp, times, g_ys, False, y0)
+        setting = setting_of(times, g_ys, False, y0)
         stops = setting.stops[0]
 
         def step(i, y, total):

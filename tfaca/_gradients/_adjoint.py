@@ -137,7 +137,7 @@ def _reverse_solve(strategy, solver, controller, func, trajectory, times, y0, ar
     solve's accepted steps afterwards (`_parameter_quadrature`): excluded from the error
     control, which the shared solve applies to it.
     """
-    setting = setting_of(None, times, g_ys, per_sample, y0)
+    setting = setting_of(times, g_ys, per_sample, y0)
     groups = setting.groups
     params = list(sources) + [tf.convert_to_tensor(v) for v in variables]
     carried = [] if per_sample else params

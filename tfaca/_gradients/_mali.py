@@ -136,7 +136,7 @@ def _mali_replay(solver, f, checkpoints, times, y0, sources, g_ys, variables, pe
     -1 (`check_replay` reports it), and the gradients of the times, `y0`, the sources and
     the variables, as one flat list."""
     cp = checkpoints
-    setting = setting_of(cp, times, g_ys, per_sample, y0)
+    setting = setting_of(times, g_ys, per_sample, y0)
     groups = setting.groups
 
     def body(i, *carry):

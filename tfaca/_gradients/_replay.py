@@ -23,7 +23,7 @@ class Setting(NamedTuple):
     g_rows: Any  # output cotangents laid out [R, n, ...] (dense), else the g_ys
 
 
-def setting_of(cp, times, g_ys, per_sample, y0):
+def setting_of(times, g_ys, per_sample, y0):
     groups = Groups(shared=not per_sample)
     stops = times[0]
     stops = stops[None] if stops.shape.rank == 1 else stops
