@@ -105,9 +105,12 @@ class AdjointGradient(AbstractGradient):
             reverse = compiled(reverse_solve, jit, ("reverse",))
             grads, status, t_final = reverse(trajectory, times, y0, g_ys, args, options,
                                              self.backward_stats)
+            # NaN where the reverse solve failed, also with `throw` under XLA, which has no
+            # run-time assertion: it stops where it failed, at a finite state.
+            grads = nan_where(tf.reduce_any(status != 0), grads)
             if throw:
                 return raise_on_failure(status, t_final, grads, "in the adjoint's reverse solve")
-            return nan_where(tf.reduce_any(status != 0), grads)
+            return grads
 
         refusal = SECOND_ORDER.format(
             what="the adjoint cannot give: its reverse solve takes the forward outputs "
