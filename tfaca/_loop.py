@@ -189,9 +189,12 @@ def _save_step(solver, saves, groups, outputs, lo, hi, t, dt, y, stages):
     dt = tf.where(tf.equal(dt, 0), tf.ones_like(dt), dt)
     dt_rows = dt + spread if groups.shared else dt
 
-    def chunk(index, valid, theta, arrays):
-        values = _outputs.interpolate(solver, y, stages, dt_rows, theta, saves.by_batch)
-        return (_outputs.write(outputs._replace(arrays=arrays), index, valid, values).arrays,)
+    coeffs = _outputs.coefficients(solver, stages, saves.by_batch)
+
+    def chunk(covered, arrays):
+        values = _outputs.interpolate(y, coeffs, dt_rows, covered.theta, saves.by_batch)
+        return (_outputs.write(outputs._replace(arrays=arrays), covered.index, covered.valid,
+                               values).arrays,)
 
     (arrays,) = _outputs.for_covered(saves.ts, lo, hi, t_rows, dt_rows, chunk, (outputs.arrays,))
     return outputs._replace(arrays=arrays)
@@ -321,15 +324,17 @@ def integrate(solver, controller, func, stops, y0, *, step_size, first_step, max
         buffer, save, saved = None, None, tf.zeros([0], tf.int32)
     elif saves is None:
         # The outputs are the stops: rows are the groups.
-        buffer = _outputs.new_buffer(y0, num_stops, tf.shape(t0)[0], per_sample)
+        buffer = _outputs.new_buffer(y0, num_stops, tf.shape(t0)[0], per_sample,
+                                     start=tf.ones_like(t0, tf.int32))
         save = None
         saved = tf.zeros([0], tf.int32)
     else:
         ts_rows, by_batch = saves
         save = _Saves(ts=ts_rows, keys=sign * ts_rows, sign=sign, by_batch=by_batch)
-        buffer = _outputs.new_buffer(y0, tf.shape(ts_rows)[1], tf.shape(ts_rows)[0], by_batch)
         t0_rows = tf.broadcast_to(t0, tf.shape(ts_rows)[:1]) if groups.shared else t0
         saved = _outputs.count_through(save.keys, t0_rows, sign)
+        buffer = _outputs.new_buffer(y0, tf.shape(ts_rows)[1], tf.shape(ts_rows)[0], by_batch,
+                                     start=saved)
 
     recorded = _record.new(dtype, max_steps, t0, y0, states) if record else {}
     few_ulps = _few_ulps(dtype)
@@ -373,22 +378,21 @@ def _read_outputs(state, buffer, save, first, y0):
     solve), never a stale state. A stop that repeats the one before it is the same output:
     the state written at the first of its run."""
     ys = _outputs.read(buffer, y0)
-    if save is None:
-        # Output k of row r is the state written at first[r, k], the first of its run.
-        reached = tf.transpose(first) < state.i_out[None, :]  # [S, R]
-        perm = lambda y: [1, 0] + list(range(2, y.shape.rank))  # noqa: E731
-        by_rows = [y if buffer.by_batch else y[:, None] for y in ys]
-        ys = [tf.transpose(tf.gather(tf.transpose(y, perm(y)), first, batch_dims=1), perm(y))
-              for y in by_rows]
-        ys = [y if buffer.by_batch else y[:, 0] for y in ys]
-    else:
-        reached = tf.range(buffer.size)[:, None] < state.saved[None, :]  # [n, R]
+    if save is not None:
+        return ys  # an output no step covered is still the buffer's NaN
+    # Output k of row r is the state written at first[r, k], the first of its run; the
+    # loop writes every trial onto the next stop, kept only once a step lands there.
+    reached = tf.transpose(first) < state.i_out[None, :]  # [S, R]
+    perm = lambda y: [1, 0] + list(range(2, y.shape.rank))  # noqa: E731
+    by_rows = [y if buffer.by_batch else y[:, None] for y in ys]
+    ys = [tf.transpose(tf.gather(tf.transpose(y, perm(y)), first, batch_dims=1), perm(y))
+          for y in by_rows]
     out = []
     for y in ys:
-        mask = reached if buffer.by_batch else reached[:, 0]
-        mask = tf.reshape(mask, tf.concat([tf.shape(mask), tf.ones([y.shape.rank - mask.shape.rank],
-                                                                    tf.int32)], 0))
-        out.append(tf.where(mask, y, tf.constant(float("nan"), y.dtype)))
+        mask = tf.reshape(reached, tf.concat([tf.shape(reached),
+                                              tf.ones([y.shape.rank - 2], tf.int32)], 0))
+        y = tf.where(mask, y, tf.constant(float("nan"), y.dtype))
+        out.append(y if buffer.by_batch else y[:, 0])
     return out
 
 

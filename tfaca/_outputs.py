@@ -23,7 +23,9 @@ before it, and the caller (`_odeint`) cuts it from every gradient.
 
 An output at `tau` inside step `(t_i, dt_i, y_i)` with stages `k_s` is
 `y_i + dt_i sum_s b_s(theta) k_s`, `theta = (tau - t_i) / dt_i` in `(0, 1]`,
-`b_s(theta) = sum_p w[s][p] theta^(p + 1)`. The outputs a step covers are those with
+`b_s(theta) = sum_p w[s][p] theta^(p + 1)`; it is evaluated as the polynomial
+`y_i + dt_i sum_p theta^(p + 1) c_p` whose coefficients `c_p = sum_s w[s][p] k_s` the step
+computes once (`coefficients`). The outputs a step covers are those with
 `t_i < tau <= t_i + dt_i` (in the direction of time): counted by a binary search of the
 step's two ends among the row's times, the same way forward and backward.
 """
@@ -151,21 +153,14 @@ def keeping_shapes(body, init):
     return wrapped
 
 
-def stage_weights(solver, theta, derivative=False):
-    """`b_s(theta)` (`[..., S]`), or its derivative `b_s'(theta)`, from the solver's
-    continuous extension (`dense_weights`, `[S][degree]`)."""
-    w = np.asarray(solver.dense_weights, dtype=np.float64)  # [S, degree]
-    degree = w.shape[1]
-    if derivative:
-        w = w * np.arange(1, degree + 1)[None, :]
-        powers, power = [tf.ones_like(theta)], tf.ones_like(theta)
-    else:
-        powers, power = [theta], theta
-    for _ in range(degree - 1):
+def powers(theta, degree, derivative=False):
+    """`theta^(p + 1)` for `p < degree` (`[..., degree]`), or their derivatives
+    `(p + 1) theta^p`."""
+    out, power = [], tf.ones_like(theta)
+    for p in range(degree):
+        out.append(power * (p + 1) if derivative else power * theta)
         power = power * theta
-        powers.append(power)
-    stacked = tf.stack(powers, axis=-1)  # [..., degree]
-    return tf.tensordot(stacked, tf.constant(w.T, theta.dtype), 1)
+    return tf.stack(out, axis=-1)
 
 
 def _flat_rows(x, by_batch):
@@ -174,15 +169,20 @@ def _flat_rows(x, by_batch):
     return tf.reshape(r, tf.stack([shape[0], tf.reduce_prod(shape[1:])])), shape[1:]
 
 
-def combine(weights, stages, by_batch):
-    """`sum_s weights[r, c, s] k_s[r]` for each state component: `[R, C, ...]` per
-    component. `weights`: `[R, C, S]`; `stages`: `S` flat lists of state components."""
+def _weights(solver, dtype):
+    """The solver's continuous extension, `w[s][p]` (`[S, degree]`, `dense_weights`)."""
+    return tf.constant(np.asarray(solver.dense_weights, dtype=np.float64), dtype)
+
+
+def coefficients(solver, stages, by_batch):
+    """A step's interpolant as a polynomial in `theta`: per state component `[R, degree, E]`
+    (flat rows), `c_p = sum_s w[s][p] k_s`, so that an output is
+    `y + dt sum_p theta^(p + 1) c_p`. Once per step; an output then costs `degree`
+    multiply-adds per element, not one per stage."""
     out = []
     for n in range(len(stages[0])):
-        flat = [_flat_rows(k[n], by_batch) for k in stages]
-        k = tf.stack([f for f, _ in flat], axis=1)  # [R, S, D]
-        v = tf.matmul(weights, k)  # [R, C, D]
-        out.append(tf.reshape(v, tf.concat([tf.shape(weights)[:2], flat[0][1]], 0)))
+        k = tf.stack([_flat_rows(stage[n], by_batch)[0] for stage in stages], axis=1)  # [R, S, E]
+        out.append(tf.matmul(tf.transpose(_weights(solver, k.dtype))[None], k))
     return out
 
 
@@ -191,20 +191,29 @@ def expand(v, like):
     return tf.reshape(v, tf.concat([tf.shape(v), tf.ones([like.shape.rank - 2], tf.int32)], 0))
 
 
-def interpolate(solver, y, stages, dt_rows, theta, by_batch):
-    """The step's continuous extension at `theta` (`[R, C]`): `[R, C, ...]` per component."""
-    scale = dt_rows[:, None, None] * stage_weights(solver, theta)
-    increments = combine(scale, stages, by_batch)
-    return [rows(y_n, by_batch)[:, None] + inc for y_n, inc in zip(y, increments)]
+def interpolate(y, coeffs, dt_rows, theta, by_batch):
+    """The step's continuous extension (`coefficients`) at `theta` (`[R, C]`): `[R, C, ...]`
+    per component."""
+    out = []
+    for y_n, c in zip(y, coeffs):
+        r = rows(y_n, by_batch)
+        scale = dt_rows[:, None, None] * powers(theta, c.shape[1])  # [R, C, degree]
+        increment = tf.matmul(scale, c)  # [R, C, E]
+        out.append(r[:, None] + tf.reshape(increment, tf.concat([tf.shape(theta), tf.shape(r)[1:]], 0)))
+    return out
 
 
 class Buffer(NamedTuple):
-    """The outputs of a solve as the loop writes them: per state component, `n * R + 1`
-    entries, entry `k * R + r` being output `k` of row `r` (the last entry takes writes
-    that keep nothing). Under XLA one tensor, written in place by scatters; outside XLA a
-    TensorArray, each entry a tensor of its own, so that a write costs what it writes,
-    never a copy of the whole buffer (TensorFlow's executor copies a scattered tensor;
-    XLA has no scatter into a TensorArray)."""
+    """The outputs of a solve as the loop writes them, per state component. Entry `k * R + r`
+    is output `k` of row `r`; it starts as NaN (or `y0`, for the outputs at the start), so
+    that an output that no step reached (a failed solve) reads NaN, never a stale state.
+
+    Under XLA one tensor `[n * R, E]` (`E` elements per entry), written in place by
+    scatters; a write that keeps nothing goes past the end, which XLA drops; read back as a
+    reshape, no copy. Outside XLA a TensorArray, each entry a tensor of its own, so that a
+    write costs what it writes, never a copy of the whole buffer (TensorFlow's executor
+    copies a scattered tensor; XLA has no scatter into a TensorArray); it has one more
+    entry, which takes the writes that keep nothing."""
 
     arrays: Any
     size: Any  # n, the number of outputs per row
@@ -212,46 +221,42 @@ class Buffer(NamedTuple):
     by_batch: bool
 
 
-def new_buffer(y0, size, num_rows, by_batch):
-    """A `Buffer` with every output set to `y0` (outputs at the start are `y0`)."""
+def new_buffer(y0, size, num_rows, by_batch, start):
+    """A `Buffer` of `size` outputs per row: output `k` of row `r` is `y0`'s row `r` where
+    `k < start[r]` (`[R]`), NaN elsewhere."""
     arrays = []
+    at_start = tf.range(size)[:, None] < start[None, :]  # [n, R]
     for y in y0:
         r = rows(y, by_batch)
         element = tf.shape(r)[1:]
-        tiled = tf.broadcast_to(r[None], tf.concat([[size], tf.shape(r)], 0))
-        # Outputs, then the entry that takes the writes that keep nothing (concatenated:
-        # an empty batch has no row to copy it from).
-        flat = tf.concat([tf.reshape(tiled, tf.concat([[size * num_rows], element], 0)),
-                          tf.zeros(tf.concat([[1], element], 0), y.dtype)], 0)
+        entries = tf.where(expand(at_start, r[None]), r[None], tf.constant(np.nan, y.dtype))
+        flat = tf.reshape(entries, tf.concat([[size * num_rows], element], 0))
         if in_xla_context():
-            arrays.append(_padded(flat))
+            arrays.append(tf.reshape(flat, tf.stack([size * num_rows, tf.reduce_prod(element)])))
             continue
         ta = tf.TensorArray(y.dtype, size=size * num_rows + 1, element_shape=r.shape[1:],
                             clear_after_read=False)
+        flat = tf.concat([flat, tf.zeros(tf.concat([[1], element], 0), y.dtype)], 0)
         arrays.append(ta.scatter(tf.range(size * num_rows + 1), flat))
     return Buffer(arrays, size, num_rows, by_batch)
-
-
-def _padded(entries):
-    """`[m, ...]` entries as `[m, size + 1]`: flat, and one element longer, so that an entry is
-    never empty (XLA refuses a scatter into an empty tensor, a replica's empty batch)."""
-    flat = tf.reshape(entries, tf.stack([tf.shape(entries)[0], -1]))
-    return tf.concat([flat, tf.zeros(tf.stack([tf.shape(flat)[0], 1]), flat.dtype)], axis=1)
 
 
 def write(buffer, index, valid, values):
     """Writes `values` (per component `[R, C, ...]`) at outputs `index` (`[R, C]`) where
     `valid`."""
     r = tf.range(buffer.num_rows)[:, None]
-    flat = tf.reshape(tf.where(valid, index * buffer.num_rows + r,
-                               buffer.size * buffer.num_rows), [-1])
+    past_end = buffer.size * buffer.num_rows
+    flat = tf.reshape(tf.where(valid, index * buffer.num_rows + r, past_end), [-1])
     arrays = []
     for array, v in zip(buffer.arrays, values):
         v = tf.reshape(v, tf.concat([[-1], tf.shape(v)[2:]], 0))
         if isinstance(array, tf.TensorArray):
             arrays.append(array.scatter(flat, v))
-        else:
-            arrays.append(tf.tensor_scatter_nd_update(array, flat[:, None], _padded(v)))
+            continue
+        # No update at all into an empty buffer (a replica's empty batch): XLA refuses any.
+        count = tf.minimum(tf.size(array), 1) * tf.shape(flat)[0]
+        v = tf.reshape(v, tf.stack([tf.shape(v)[0], tf.reduce_prod(tf.shape(v)[1:])]))
+        arrays.append(tf.tensor_scatter_nd_update(array, flat[:count, None], v[:count]))
     return buffer._replace(arrays=arrays)
 
 
@@ -269,7 +274,7 @@ def read(buffer, like):
         elif isinstance(array, tf.TensorArray):
             stacked = array.gather(used)
         else:
-            stacked = tf.reshape(tf.gather(array, used)[:, :-1], tf.concat([[-1], element], 0))
+            stacked = array
         # The element shape from the state: an empty batch's gather has lost it.
         shaped = tf.reshape(stacked, tf.concat([[buffer.size, buffer.num_rows], element], 0))
         shaped = shaped if buffer.by_batch else shaped[:, 0]
@@ -285,22 +290,46 @@ def cotangent_rows(g_ys, by_batch):
     return [tf.transpose(g, [1, 0] + list(range(2, g.shape.rank))) for g in g_ys]
 
 
+class Chunk(NamedTuple):
+    """`C` consecutive outputs of each row inside a step (`for_covered`)."""
+
+    index: Any  # [R, C] int32, in range, consecutive in each row
+    valid: Any  # [R, C] bool: the outputs the step covers and no earlier chunk took
+    theta: Any  # [R, C]: where they lie in the step, 0 where not valid
+    one_row: bool  # whether there is statically one row: `take` is a slice
+
+    def take(self, x):
+        """`x[r, index[r]]` (`[R, C, ...]`) of `x` (`[R, n, ...]`)."""
+        if not self.one_row:
+            return tf.gather(x, self.index, batch_dims=1)
+        begin = tf.concat([[0], self.index[0, :1], tf.zeros([x.shape.rank - 2], tf.int32)], 0)
+        # Sizes spelled out, never -1: XLA pads `x` for a slice whose size depends on
+        # where it starts.
+        size = tf.concat([[1], tf.shape(self.index)[1:], tf.shape(x)[2:]], 0)
+        return tf.slice(x, begin, size)
+
+
 def for_covered(ts_rows, lo, hi, t_rows, dt_rows, body, init):
     """The chunk loop over the outputs `lo <= k < hi` of each row (`[R]`) that a step
-    `(t_rows, dt_rows)` covers: `body(index, valid, theta, *carry) -> carry` for `CHUNK`
-    outputs at a time (`index`, `[R, C]`, clipped to the outputs; `valid` marks the
-    covered ones; `theta` is 0 elsewhere). It runs no iteration for a step that covers
-    none; its bound is static (`ceil(n / C)`), as XLA's gradient of a loop needs."""
+    `(t_rows, dt_rows)` covers: `body(chunk, *carry) -> carry` for `CHUNK` outputs at a
+    time (a `Chunk`). It runs no iteration for a step that covers none; its bound is
+    static (`ceil(n / C)`), as XLA's gradient of a loop needs."""
     n = ts_rows.shape[1]
     chunk = CHUNK if n is None else max(1, min(n - 1, CHUNK))
     size = tf.shape(ts_rows)[1]
+    # One row and a static number of outputs (never fewer than a chunk): chunks are
+    # slices, the last one moved back to end at the last output.
+    one_row = ts_rows.shape[0] == 1 and n is not None
 
     def step(c0, *carry):
-        index = tf.minimum(lo[:, None] + c0 + tf.range(chunk)[None], size - 1)
-        valid = lo[:, None] + c0 + tf.range(chunk)[None] < hi[:, None]
+        start = lo[:, None] + c0
+        first = tf.minimum(start, size - chunk) if one_row else start
+        position = first + tf.range(chunk)[None]
+        valid = (position >= start) & (position < hi[:, None])
+        index = tf.minimum(position, size - 1)
         theta = (tf.gather(ts_rows, index, batch_dims=1) - t_rows[:, None]) / dt_rows[:, None]
         theta = tf.where(valid, theta, tf.zeros_like(theta))
-        return (c0 + chunk, *body(index, valid, theta, *carry))
+        return (c0 + chunk, *body(Chunk(index, valid, theta, one_row), *carry))
 
     loop_vars = (tf.constant(0, tf.int32), *init)
     out = tf.while_loop(lambda c0, *_: tf.reduce_any(lo + c0 < hi),
@@ -325,39 +354,46 @@ def pullback_step(solver, ts_rows, lo, hi, t_rows, dt_rows, stages, g_rows, g_ts
     cotangents `g_rows` (`cotangent_rows`), the cotangents on the step's start, stages, time
     and size, and (added to `g_ts`, `[R, n]`) on the output times.
 
-    An output is `y + dt sum_s b_s(theta) k_s` with `theta = (tau - t) / dt`; with
-    `D = sum_s b_s'(theta) k_s` (its derivative in time) and `V = sum_s b_s(theta) k_s`, its
-    cotangent `g` gives `g` on `y`, `dt b_s(theta) g` on `k_s`, `<g, D>` on `tau`,
-    `-<g, D>` on `t` and `<g, V> - theta <g, D>` on `dt`."""
+    An output is `y + dt sum_p theta^(p + 1) c_p` (`coefficients`: `c_p = sum_s w[s][p] k_s`)
+    with `theta = (tau - t) / dt`. With `D = sum_p (p + 1) theta^p c_p` (its derivative in
+    time) and `V = sum_p theta^(p + 1) c_p`, its cotangent `g` gives `g` on `y`,
+    `dt theta^(p + 1) g` on `c_p` (so `sum_p w[s][p] dt theta^(p + 1) g` on `k_s`), `<g, D>`
+    on `tau`, `-<g, D>` on `t` and `<g, V> - theta <g, D>` on `dt`. Both inner products come
+    from `<g, c_p>`, one small matmul per chunk of outputs."""
     num_rows = tf.shape(ts_rows)[0]
-    flats = [[_flat_rows(k[n], by_batch) for k in stages] for n in range(len(stages[0]))]
-    k_stacked = [tf.stack([f for f, _ in flat], axis=1) for flat in flats]  # [R, S, D]
-    shapes = [flat[0][1] for flat in flats]
+    coeffs = coefficients(solver, stages, by_batch)
+    degree = coeffs[0].shape[1]
+    shapes = [_flat_rows(x, by_batch)[1] for x in stages[0]]
 
-    def body(index, valid, theta, g_y, g_st, g_t, g_dt, g_ts):
-        b = stage_weights(solver, theta)
-        b_prime = stage_weights(solver, theta, derivative=True)
-        u, w = 0.0, 0.0
-        g_y, g_st = list(g_y), list(g_st)
-        for n, (k, g_full) in enumerate(zip(k_stacked, g_rows)):
-            g = tf.gather(g_full, index, batch_dims=1)  # [R, C, ...]
-            g = tf.reshape(g, tf.stack([num_rows, tf.shape(index)[1], -1]))
-            g = tf.where(valid[:, :, None], g, tf.zeros_like(g))
-            g_y[n] += tf.reduce_sum(g, axis=1)
-            g_st[n] += dt_rows[:, None, None] * tf.matmul(b, g, transpose_a=True)  # [R, S, D]
-            u += tf.reduce_sum(g * tf.matmul(b_prime, k), axis=2)
-            w += tf.reduce_sum(g * tf.matmul(b, k), axis=2)
-        u = tf.where(valid, u, tf.zeros_like(u))
-        w = tf.where(valid, w, tf.zeros_like(w))
-        where = tf.stack([tf.broadcast_to(tf.range(num_rows)[:, None], tf.shape(index)), index], -1)
+    def body(chunk, g_yc, g_t, g_dt, g_ts):
+        # Zero weights for the outputs that are not valid, rather than zeroed cotangents.
+        valid = tf.cast(chunk.valid, ts_rows.dtype)
+        weights = powers(chunk.theta, degree) * valid[:, :, None]  # [R, C, degree]
+        both = tf.concat([valid[:, :, None], weights], axis=2)  # [R, C, 1 + degree]
+        inner = 0.0  # [R, C, degree]: <g, c_p>
+        g_yc = list(g_yc)
+        for n, (c, g_full) in enumerate(zip(coeffs, g_rows)):
+            g = chunk.take(g_full)  # [R, C, ...]
+            g = tf.reshape(g, tf.stack([num_rows, tf.shape(chunk.index)[1], -1]))
+            # Row 0: the sum of the cotangents (onto y); then onto each c_p.
+            g_yc[n] += tf.matmul(both, g, transpose_a=True)  # [R, 1 + degree, E]
+            inner += tf.matmul(g, c, transpose_b=True)
+        u = tf.reduce_sum(powers(chunk.theta, degree, derivative=True) * valid[:, :, None] * inner,
+                          axis=2)
+        w = tf.reduce_sum(weights * inner, axis=2)
+        where = tf.stack([tf.broadcast_to(tf.range(num_rows)[:, None], tf.shape(chunk.index)),
+                          chunk.index], -1)
         g_ts = tf.tensor_scatter_nd_add(g_ts, tf.reshape(where, [-1, 2]), tf.reshape(u, [-1]))
-        return (g_y, g_st, g_t - tf.reduce_sum(u, 1), g_dt + tf.reduce_sum(w - theta * u, 1), g_ts)
+        return (g_yc, g_t - tf.reduce_sum(u, 1), g_dt + tf.reduce_sum(w - chunk.theta * u, 1), g_ts)
 
     zeros_rows = tf.zeros([num_rows], ts_rows.dtype)
-    g_y, g_st, g_t, g_dt, g_ts = for_covered(
+    g_yc, g_t, g_dt, g_ts = for_covered(
         ts_rows, lo, hi, t_rows, dt_rows, body,
-        ([tf.zeros_like(k[:, 0]) for k in k_stacked], [tf.zeros_like(k) for k in k_stacked],
-         zeros_rows, zeros_rows, g_ts))
+        ([tf.zeros_like(tf.concat([c[:, :1], c], 1)) for c in coeffs], zeros_rows, zeros_rows,
+         g_ts))
+    g_y = [g[:, 0] for g in g_yc]
+    weights = _weights(solver, ts_rows.dtype)[None]  # [1, S, degree]
+    g_st = [dt_rows[:, None, None] * tf.matmul(weights, g[:, 1:]) for g in g_yc]  # [R, S, E]
     unflat = lambda x, shape: unrows(tf.reshape(x, tf.concat([[num_rows], shape], 0)), by_batch)  # noqa: E731
     g_y = [unflat(g, shape) for g, shape in zip(g_y, shapes)]
     g_stages = [[unflat(g_st[n][:, s], shapes[n]) for n in range(len(shapes))]
@@ -368,11 +404,13 @@ def pullback_step(solver, ts_rows, lo, hi, t_rows, dt_rows, stages, g_rows, g_ts
 def dot_covered(solver, ts_rows, lo, hi, t_rows, dt_rows, y, stages, g_rows, by_batch):
     """`sum <g_k, y(tau_k)>` over the outputs `lo <= k < hi` of each row inside a step, as a
     differentiable function of the step (ACA's second-order path)."""
-    def body(index, valid, theta, total):
-        values = interpolate(solver, y, stages, dt_rows, theta, by_batch)
+    coeffs = coefficients(solver, stages, by_batch)
+
+    def body(chunk, total):
+        values = interpolate(y, coeffs, dt_rows, chunk.theta, by_batch)
         for v, g_full in zip(values, g_rows):
-            g = tf.gather(g_full, index, batch_dims=1)
-            total += tf.reduce_sum(tf.where(expand(valid, v), g * v, tf.zeros_like(v)))
+            g = chunk.take(g_full)
+            total += tf.reduce_sum(tf.where(expand(chunk.valid, v), g * v, tf.zeros_like(v)))
         return (total,)
 
     (total,) = for_covered(ts_rows, lo, hi, t_rows, dt_rows, body,
