@@ -610,6 +610,29 @@ def test_empty_batch_returns_empty_outputs_and_gradients(per_sample, mode, inter
         np.testing.assert_array_equal(g_w.numpy(), 0.0)
 
 
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_empty_batch_with_shared_times(per_sample, mode):
+    """Times the batch shares, interpolated, for a batch of 0 samples: the compiled loop's
+    output buffer then has entries of 0 elements, which XLA refuses to scatter into."""
+    W = tf.Variable(A_NP * 0.3)
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 3], F64)])
+    def run(y0):
+        with tf.GradientTape() as tape:
+            tape.watch(y0)
+            ys = tfaca.odeint(lambda t, y: tf.tanh(tf.linalg.matvec(W, y)), y0,
+                              c64([0.0, 0.25, 0.5, 1.0]), per_sample=per_sample,
+                              gradient=strategy(mode), jit_compile=True)
+            loss = tf.reduce_sum(ys)
+        g_y0, g_w = tape.gradient(loss, [y0, W])
+        return ys, g_y0, tf.zeros_like(W) if g_w is None else g_w
+
+    ys, g_y0, g_w = run(tf.zeros([0, 3], F64))
+    assert ys.shape == (4, 0, 3) and g_y0.shape == (0, 3)
+    np.testing.assert_array_equal(g_w.numpy(), 0.0)
+
+
 def test_empty_batch_with_compiled_adjoint():
     """The adjoint's reverse solve compiled with XLA (the default in a graph) for an
     empty batch of times per sample: it failed to compile (slices of an empty batch)."""

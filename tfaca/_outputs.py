@@ -199,7 +199,8 @@ def interpolate(y, coeffs, dt_rows, theta, by_batch):
         r = rows(y_n, by_batch)
         scale = dt_rows[:, None, None] * powers(theta, c.shape[1])  # [R, C, degree]
         increment = tf.matmul(scale, c)  # [R, C, E]
-        out.append(r[:, None] + tf.reshape(increment, tf.concat([tf.shape(theta), tf.shape(r)[1:]], 0)))
+        shape = tf.concat([tf.shape(theta), tf.shape(r)[1:]], 0)
+        out.append(r[:, None] + tf.reshape(increment, shape))
     return out
 
 
