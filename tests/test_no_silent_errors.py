@@ -617,13 +617,13 @@ def test_empty_batch_with_shared_times(per_sample, mode):
     output buffer then has entries of 0 elements, which XLA refuses to scatter into."""
     W = tf.Variable(A_NP * 0.3)
 
-    @tf.function(input_signature=[tf.TensorSpec([None, 3], F64)])
+    @tf.function(input_signature=[tf.TensorSpec([None, 3], F64)], jit_compile=True)
     def run(y0):
         with tf.GradientTape() as tape:
             tape.watch(y0)
             ys = tfaca.odeint(lambda t, y: tf.tanh(tf.linalg.matvec(W, y)), y0,
                               c64([0.0, 0.25, 0.5, 1.0]), per_sample=per_sample,
-                              gradient=strategy(mode), jit_compile=True)
+                              gradient=strategy(mode))
             loss = tf.reduce_sum(ys)
         g_y0, g_w = tape.gradient(loss, [y0, W])
         return ys, g_y0, tf.zeros_like(W) if g_w is None else g_w
