@@ -294,20 +294,15 @@ def cotangent_rows(g_ys, by_batch):
 class Chunk(NamedTuple):
     """`C` consecutive outputs of each row inside a step (`for_covered`)."""
 
-    index: Any  # [R, C] int32, in range, consecutive in each row
-    valid: Any  # [R, C] bool: the outputs the step covers and no earlier chunk took
+    index: Any  # [R, C] int32, clipped to the outputs
+    valid: Any  # [R, C] bool: the outputs the step covers
     theta: Any  # [R, C]: where they lie in the step, 0 where not valid
-    one_row: bool  # whether there is statically one row: `take` is a slice
 
     def take(self, x):
-        """`x[r, index[r]]` (`[R, C, ...]`) of `x` (`[R, n, ...]`)."""
-        if not self.one_row:
-            return tf.gather(x, self.index, batch_dims=1)
-        begin = tf.concat([[0], self.index[0, :1], tf.zeros([x.shape.rank - 2], tf.int32)], 0)
-        # Sizes spelled out, never -1: XLA pads `x` for a slice whose size depends on
-        # where it starts.
-        size = tf.concat([[1], tf.shape(self.index)[1:], tf.shape(x)[2:]], 0)
-        return tf.slice(x, begin, size)
+        """`x[r, index[r]]` (`[R, C, ...]`) of `x` (`[R, n, ...]`). A gather, never a
+        slice: XLA takes a slice's start as a constant, which made the compiled replay's
+        checkpoint times constants too, and the replay compiled again at every call."""
+        return tf.gather(x, self.index, batch_dims=1)
 
 
 def for_covered(ts_rows, lo, hi, t_rows, dt_rows, body, init):
@@ -318,19 +313,14 @@ def for_covered(ts_rows, lo, hi, t_rows, dt_rows, body, init):
     n = ts_rows.shape[1]
     chunk = CHUNK if n is None else max(1, min(n - 1, CHUNK))
     size = tf.shape(ts_rows)[1]
-    # One row and a static number of outputs (never fewer than a chunk): chunks are
-    # slices, the last one moved back to end at the last output.
-    one_row = ts_rows.shape[0] == 1 and n is not None
 
     def step(c0, *carry):
-        start = lo[:, None] + c0
-        first = tf.minimum(start, size - chunk) if one_row else start
-        position = first + tf.range(chunk)[None]
-        valid = (position >= start) & (position < hi[:, None])
+        position = lo[:, None] + c0 + tf.range(chunk)[None]
+        valid = position < hi[:, None]
         index = tf.minimum(position, size - 1)
         theta = (tf.gather(ts_rows, index, batch_dims=1) - t_rows[:, None]) / dt_rows[:, None]
         theta = tf.where(valid, theta, tf.zeros_like(theta))
-        return (c0 + chunk, *body(Chunk(index, valid, theta, one_row), *carry))
+        return (c0 + chunk, *body(Chunk(index, valid, theta), *carry))
 
     loop_vars = (tf.constant(0, tf.int32), *init)
     out = tf.while_loop(lambda c0, *_: tf.reduce_any(lo + c0 < hi),
