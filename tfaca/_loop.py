@@ -389,9 +389,7 @@ def _read_outputs(state, buffer, save, first, y0):
           for y in by_rows]
     out = []
     for y in ys:
-        mask = tf.reshape(reached, tf.concat([tf.shape(reached),
-                                              tf.ones([y.shape.rank - 2], tf.int32)], 0))
-        y = tf.where(mask, y, tf.constant(float("nan"), y.dtype))
+        y = tf.where(_outputs.expand(reached, y), y, tf.constant(float("nan"), y.dtype))
         out.append(y if buffer.by_batch else y[:, 0])
     return out
 
