@@ -352,3 +352,29 @@ def test_layer_fits_and_serves_predictions_independent_of_the_batch(tmp_path):
     batch_out = shared(x).numpy()
     gaps = [relative(shared(x[b:b + 1]).numpy()[0], batch_out[b]) for b in (0, 31, 63)]
     assert max(gaps) > 1e-8
+
+
+@pytest.mark.parametrize("interpolate", [True, False], ids=["dense", "land"])
+def test_a_neighbours_overflowing_trial_leaves_the_gradients_finite(interpolate):
+    """A sample whose first trials overflow (y' = -w y^3 from y = 10 with a first step of
+    100) is rejected while its neighbour steps on: the replay of such an entry rebuilds the
+    rejected sample's step with size 0, so that its zero cotangents meet no infinity
+    (0 * inf made the gradient of `w` NaN). The batch's gradients are each sample's alone."""
+    w = tf.Variable(1.0, dtype=tf.float64)
+    ts = tf.constant([0.0, 0.5, 1.0, 2.0], tf.float64)
+
+    def run(y0):
+        with tf.GradientTape() as tape:
+            tape.watch(y0)
+            sol = tfaca.solve(lambda t, y: -w * y**3, y0, ts, per_sample=True,
+                              interpolate=interpolate, first_step=100.0, rtol=1e-8, atol=1e-8)
+            loss = tf.reduce_sum(sol.ys**2)
+        return sol, tape.gradient(loss, [y0, w])
+
+    y0 = tf.constant([[10.0], [0.1]], tf.float64)
+    sol, (g_y0, g_w) = run(y0)
+    assert int(sol.stats.num_rejected[0]) > 0 and int(sol.stats.num_rejected[1]) == 0
+    alone = [run(y0[b:b + 1])[1] for b in range(2)]
+    np.testing.assert_allclose(g_y0.numpy(), np.concatenate([g[0].numpy() for g in alone]),
+                               rtol=1e-12)
+    np.testing.assert_allclose(float(g_w), sum(float(g[1]) for g in alone), rtol=1e-12)

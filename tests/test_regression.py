@@ -106,10 +106,6 @@ def test_matches_reference(key):
     assert not missing, f"{key}: not computed: {sorted(missing)}"
     counts = [name for name in expected if "stats/" in name or name == "status"]
     for name in counts:
-        if name.endswith("num_fevals_backward") and "-dense-" in key and "-aca" in key:
-            # Changed by design (issue 26): ACA's replay evaluates the interpolant's last
-            # stage f(t1, y1) once per step with outputs inside, no longer once at the end.
-            continue
         if name.endswith("num_fevals_backward") and "-aca_k2-" in key:
             # Changed by design (issue 26): the budgeted replay no longer rebuilds a
             # segment's last step, whose end is kept; `test_memory.py`'s

@@ -62,7 +62,6 @@ class Trajectory(NamedTuple):
     t_final: Any
     checkpoints: Any  # Checkpoints or None
     y_final: Any = ()  # flat list: the state at t_final
-    covering: Any = 0  # steps in which interpolated outputs were saved (per sample)
 
 
 class Groups(NamedTuple):
@@ -113,7 +112,6 @@ class _State(NamedTuple):
     saved: Any  # [R]: outputs saved so far per row (interpolated outputs)
     record: Any  # dict of the checkpoint buffers, or {}
     entries: Any  # scalar: checkpoint entries written (iterations that accepted)
-    covering: Any  # [G]: steps in which the group saved interpolated outputs
 
 
 def graph_assert(condition, data, summarize=3):
@@ -353,7 +351,7 @@ def integrate(solver, controller, func, stops, y0, *, step_size, first_step, max
         status=tf.where(i_out >= num_stops, int(Status.SUCCESS),
                         tf.where(f0_finite, _RUNNING, int(Status.NONFINITE))),
         outputs=() if buffer is None else buffer.arrays, saved=saved, record=recorded,
-        entries=tf.constant(0, tf.int32), covering=zero,
+        entries=tf.constant(0, tf.int32),
     )
     # With restarts, `max_steps` trials per interval (the status stops each one).
     bound = max_steps * tf.maximum(num_stops - 1, 1) if restart else max_steps
@@ -369,7 +367,7 @@ def integrate(solver, controller, func, stops, y0, *, step_size, first_step, max
         stats=Stats(num_steps=lane(state.num_steps), num_rejected=lane(state.num_rejected),
                     num_fevals=lane(state.num_fevals)),
         status=lane(status), t_final=lane(state.t), checkpoints=checkpoints,
-        y_final=list(state.y), covering=lane(state.covering),
+        y_final=list(state.y),
     )
 
 
@@ -466,9 +464,6 @@ def _body(solver, controller, func, groups, stop, next_stop, few_ulps, adaptive,
             dense_stages = stages + [f_new] if solver.dense_needs_f1 else stages
             outputs = _save_step(solver, save, groups, buffer._replace(arrays=s.outputs), s.saved,
                                  saved, s.t, dt, s.y, dense_stages).arrays
-        # Per group, whether this step saved outputs (its replay evaluates one more stage).
-        covered = (tf.reduce_any(saved > s.saved, keepdims=True) if groups.shared
-                   else saved > s.saved) if save is not None else tf.zeros_like(accept)
         i_out = tf.where(accept & hit, next_stop(s.i_out), s.i_out)
         k = tf.where(accept & hit, 0, s.k + tf.cast(accept, tf.int32))
         record = _record.write(s, dt, hit, accept, active, states, dtype)
@@ -496,7 +491,6 @@ def _body(solver, controller, func, groups, stop, next_stop, few_ulps, adaptive,
             num_fevals=s.num_fevals + fevals, status=tf.where(active, status, s.status),
             outputs=outputs, saved=saved, record=record,
             entries=s.entries + tf.cast(tf.reduce_any(accept), tf.int32),
-            covering=s.covering + tf.cast(covered, tf.int32),
         ),)
 
     return body

@@ -257,6 +257,10 @@ def write(buffer, index, valid, values):
         # No update at all into an empty buffer (a replica's empty batch): XLA refuses any.
         count = tf.minimum(tf.size(array), 1) * tf.shape(flat)[0]
         v = tf.reshape(v, tf.stack([tf.shape(v)[0], tf.reduce_prod(tf.shape(v)[1:])]))
+        # A write past the end is dropped, but the scatter's gradient reads its cotangent
+        # with a gather, which XLA clamps into the buffer: it would take the last
+        # output's. Such a write takes no gradient (the naive gradient backpropagates it).
+        v = tf.where(tf.reshape(valid, [-1, 1]), v, tf.stop_gradient(v))
         arrays.append(tf.tensor_scatter_nd_update(array, flat[:count, None], v[:count]))
     return buffer._replace(arrays=arrays)
 
@@ -339,11 +343,60 @@ class StepPullback(NamedTuple):
     g_ts: Any  # [R, n]: on the output times, accumulated
 
 
-def pullback_step(solver, ts_rows, lo, hi, t_rows, dt_rows, stages, g_rows, g_ts, by_batch):
+def _taken(chunk, g_rows, num_rows):
+    """The chunk's output cotangents, per component `[R, C, E]`."""
+    return [tf.reshape(chunk.take(g), tf.stack([num_rows, tf.shape(chunk.index)[1], -1]))
+            for g in g_rows]
+
+
+def _sums(chunk, gs, degree):
+    """The chunk's part of `coefficient_cotangents`, from its cotangents `gs` (`_taken`)."""
+    valid = tf.cast(chunk.valid, chunk.theta.dtype)
+    # Zero weights for the outputs that are not valid, rather than zeroed cotangents.
+    weights = powers(chunk.theta, degree) * valid[:, :, None]  # [R, C, degree]
+    both = tf.concat([valid[:, :, None], weights], axis=2)  # [R, C, 1 + degree]
+    return [tf.matmul(both, g, transpose_a=True) for g in gs]
+
+
+def coefficient_cotangents(ts_rows, lo, hi, t_rows, dt_rows, g_rows, degree):
+    """What the outputs `lo <= k < hi` inside a step (`[R]` each) send onto its interpolant,
+    from their cotangents `g_rows` alone: per state component `[R, 1 + degree, E]`, row 0
+    `sum_k g_k` (onto the step's start) and row `1 + p` `sum_k theta_k^(p + 1) g_k`
+    (onto `c_p`, before the factor `dt`). No stage value is needed: ACA computes them for
+    a step before it replays the step (`stage_cotangents`)."""
+    num_rows = tf.shape(ts_rows)[0]
+
+    def body(chunk, sums):
+        more = _sums(chunk, _taken(chunk, g_rows, num_rows), degree)
+        return ([s + d for s, d in zip(sums, more)],)
+
+    init = [tf.zeros(tf.stack([num_rows, 1 + degree, tf.reduce_prod(tf.shape(g)[2:])]), g.dtype)
+            for g in g_rows]
+    (sums,) = for_covered(ts_rows, lo, hi, t_rows, dt_rows, body, (init,))
+    return sums
+
+
+def stage_cotangents(solver, sums, dt_rows, like, by_batch, stages=None):
+    """The cotangents on the stages `stages` (indices; default all) from the step's
+    `coefficient_cotangents`: `dt sum_p w[s][p] sums[1 + p]`, per stage, per component
+    shaped as `like`'s components."""
+    weights = _weights(solver, dt_rows.dtype)
+    if stages is not None:
+        weights = tf.gather(weights, stages)
+    num_rows = tf.shape(dt_rows)[0]
+    out = [dt_rows[:, None, None] * tf.matmul(weights[None], g[:, 1:]) for g in sums]  # [R, S, E]
+    shapes = [_flat_rows(x, by_batch)[1] for x in like]
+    return [[unrows(tf.reshape(g[:, s], tf.concat([[num_rows], shape], 0)), by_batch)
+             for g, shape in zip(out, shapes)] for s in range(weights.shape[0])]
+
+
+def pullback_step(solver, ts_rows, lo, hi, t_rows, dt_rows, stages, g_rows, g_ts, by_batch,
+                  sums=None):
     """The transpose of the outputs a step writes: for the outputs `lo <= k < hi` of each row
     inside the step `(t_rows, dt_rows)` (`[R]`) with stage values `stages`, and their
     cotangents `g_rows` (`cotangent_rows`), the cotangents on the step's start, stages, time
-    and size, and (added to `g_ts`, `[R, n]`) on the output times.
+    and size, and (added to `g_ts`, `[R, n]`) on the output times. `sums`: the step's
+    `coefficient_cotangents` if computed already, else computed here in the same loop.
 
     An output is `y + dt sum_p theta^(p + 1) c_p` (`coefficients`: `c_p = sum_s w[s][p] k_s`)
     with `theta = (tau - t) / dt`. With `D = sum_p (p + 1) theta^p c_p` (its derivative in
@@ -354,41 +407,31 @@ def pullback_step(solver, ts_rows, lo, hi, t_rows, dt_rows, stages, g_rows, g_ts
     num_rows = tf.shape(ts_rows)[0]
     coeffs = coefficients(solver, stages, by_batch)
     degree = coeffs[0].shape[1]
-    shapes = [_flat_rows(x, by_batch)[1] for x in stages[0]]
+    given = sums is not None
 
-    def body(chunk, g_yc, g_t, g_dt, g_ts):
-        # Zero weights for the outputs that are not valid, rather than zeroed cotangents.
+    def body(chunk, sums, g_t, g_dt, g_ts):
         valid = tf.cast(chunk.valid, ts_rows.dtype)
-        weights = powers(chunk.theta, degree) * valid[:, :, None]  # [R, C, degree]
-        both = tf.concat([valid[:, :, None], weights], axis=2)  # [R, C, 1 + degree]
-        inner = 0.0  # [R, C, degree]: <g, c_p>
-        g_yc = list(g_yc)
-        for n, (c, g_full) in enumerate(zip(coeffs, g_rows)):
-            g = chunk.take(g_full)  # [R, C, ...]
-            g = tf.reshape(g, tf.stack([num_rows, tf.shape(chunk.index)[1], -1]))
-            # Row 0: the sum of the cotangents (onto y); then onto each c_p.
-            g_yc[n] += tf.matmul(both, g, transpose_a=True)  # [R, 1 + degree, E]
-            inner += tf.matmul(g, c, transpose_b=True)
+        gs = _taken(chunk, g_rows, num_rows)
+        if not given:
+            sums = [s + d for s, d in zip(sums, _sums(chunk, gs, degree))]
+        inner = tf.add_n([tf.matmul(g, c, transpose_b=True) for g, c in zip(gs, coeffs)])
         u = tf.reduce_sum(powers(chunk.theta, degree, derivative=True) * valid[:, :, None] * inner,
                           axis=2)
-        w = tf.reduce_sum(weights * inner, axis=2)
+        w = tf.reduce_sum(powers(chunk.theta, degree) * valid[:, :, None] * inner, axis=2)
         where = tf.stack([tf.broadcast_to(tf.range(num_rows)[:, None], tf.shape(chunk.index)),
                           chunk.index], -1)
         g_ts = tf.tensor_scatter_nd_add(g_ts, tf.reshape(where, [-1, 2]), tf.reshape(u, [-1]))
-        return (g_yc, g_t - tf.reduce_sum(u, 1), g_dt + tf.reduce_sum(w - chunk.theta * u, 1), g_ts)
+        return (sums, g_t - tf.reduce_sum(u, 1), g_dt + tf.reduce_sum(w - chunk.theta * u, 1), g_ts)
 
     zeros_rows = tf.zeros([num_rows], ts_rows.dtype)
-    g_yc, g_t, g_dt, g_ts = for_covered(
-        ts_rows, lo, hi, t_rows, dt_rows, body,
-        ([tf.zeros_like(tf.concat([c[:, :1], c], 1)) for c in coeffs], zeros_rows, zeros_rows,
-         g_ts))
-    g_y = [g[:, 0] for g in g_yc]
-    weights = _weights(solver, ts_rows.dtype)[None]  # [1, S, degree]
-    g_st = [dt_rows[:, None, None] * tf.matmul(weights, g[:, 1:]) for g in g_yc]  # [R, S, E]
-    unflat = lambda x, shape: unrows(tf.reshape(x, tf.concat([[num_rows], shape], 0)), by_batch)  # noqa: E731
-    g_y = [unflat(g, shape) for g, shape in zip(g_y, shapes)]
-    g_stages = [[unflat(g_st[n][:, s], shapes[n]) for n in range(len(shapes))]
-                for s in range(len(stages))]
+    init = [] if given else [tf.zeros_like(tf.concat([c[:, :1], c], 1)) for c in coeffs]
+    sums_out, g_t, g_dt, g_ts = for_covered(ts_rows, lo, hi, t_rows, dt_rows, body,
+                                            (init, zeros_rows, zeros_rows, g_ts))
+    sums = sums if given else sums_out
+    shapes = [_flat_rows(x, by_batch)[1] for x in stages[0]]
+    g_y = [unrows(tf.reshape(g[:, 0], tf.concat([[num_rows], shape], 0)), by_batch)
+           for g, shape in zip(sums, shapes)]
+    g_stages = stage_cotangents(solver, sums, dt_rows, stages[0], by_batch)
     return StepPullback(g_y=g_y, g_stages=g_stages, g_t=g_t, g_dt=g_dt, g_ts=g_ts)
 
 

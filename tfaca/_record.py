@@ -26,7 +26,8 @@ class Checkpoints(NamedTuple):
         y: flat list of `[num_steps + 1, ...]` start states.
         num_steps: int32 scalar.
         stride: with a checkpoint budget (`integrate(states=K)`), an int32 scalar: `y[m]`
-            is entry `m * stride`'s start, `ceil(num_steps / stride) <= K` entries.
+            is entry `m * stride`'s start, `ceil(num_steps / stride) <= K` entries (under
+            XLA all `K + 1` slots, the last unused).
         y_end, f_end: with `states` given, the state and the carried derivative where
             the solve ended (`states=0`, MALI's, keeps no other state).
     """
@@ -66,18 +67,20 @@ def _keep_thinned(slots, stride, n, y, budget):
     return [ta.write(slot, y_n) for ta, y_n in zip(slots, y)], stride
 
 
-def _dense(ta, size, like, static_size=None):
+def _dense(ta, size, like):
     """The first `size` entries of a TensorArray as one tensor.
 
     Checkpoints leave the loop as plain tensors, not TensorArrays: a SavedModel can
     serialize a custom gradient that captures tensors but not TensorArray handles
     (variants). Outside XLA the buffer holds the trials' entries (one more than the
     accepted steps after a failed solve): gather the accepted ones. XLA needs static
-    shapes and returns the whole `max_steps` buffer (without a copy). `like` is a
-    tensor shaped as one entry.
+    shapes and returns the whole buffer, without a copy: `max_steps + 1` entries, or
+    the budget's `K + 1` slots, the last of which took the writes that kept nothing
+    (gathering the first `K` copied them all, 2 MB for 256 states of 64 x 32, on
+    every call). `like` is a tensor shaped as one entry.
     """
     if in_xla_context():
-        return ta.stack() if static_size is None else ta.gather(tf.range(static_size - 1))
+        return ta.stack()
     # Gathering no entry needs a fully known element shape, which a Keras batch lacks.
     empty = tf.zeros(tf.concat([[0], tf.shape(like)], 0), ta.dtype)
     return tf.cond(size > 0, lambda: ta.gather(tf.range(size)), lambda: empty)
@@ -211,7 +214,7 @@ def checkpoints(state, y0, states, dtype):
     if states is None:
         y = [_dense(ta.write(n, y_n), n + 1, like) for ta, y_n, like in zip(rec["y"], state.y, y0)]
     elif states > 0:
-        y = [_dense(ta, (n + rec["stride"] - 1) // rec["stride"], like, states + 1)
+        y = [_dense(ta, (n + rec["stride"] - 1) // rec["stride"], like)
              for ta, like in zip(rec["y"], y0)]
     else:
         y = ()

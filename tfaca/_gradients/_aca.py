@@ -15,8 +15,12 @@ steps, with their sizes held fixed ("discretise-then-optimise"). Within an inter
 the step that lands on `s_j` has size `s_j - t_i`; that is how the gradient reaches the
 start and the end. An output at `tau` inside step `i` is read from the step's
 interpolant (`_outputs`); the replay of step `i` pulls its cotangent back through the
-same interpolant onto `y_i`, the step's stages, `t_i`, `dt_i` and `tau`, evaluating the
-interpolant's last stage `f(t_{i+1}, y_{i+1})` only for a step with outputs inside.
+same interpolant onto `y_i`, the step's stages, `t_i`, `dt_i` and `tau`. The
+interpolant's last stage, `f(t_{i+1}, y_{i+1})`, is the next step's first, which the replay
+rebuilt just before (last first): its value comes from there, and the cotangent that step
+`i`'s outputs send it is handed to that step's replay, computed beforehand from the outputs'
+cotangents alone (`_outputs.coefficient_cotangents`). Only the last step's last stage is
+evaluated on its own (`_end_stage`).
 
 One replay serves shared and per-sample steps (an entry is then one iteration of the
 loop: every group's trial from its own `(t_i, dt_i, y_i)`, of which those in
@@ -27,8 +31,8 @@ each segment between two of them rebuilt forward before it is replayed).
 Costs: memory O(N * state) for the checkpoints (O(K * state) with a budget, and at most
 `_record.XLA_STATES` states by default where XLA compiles the loop) plus one
 step's graph; time one replay of each accepted step (the stages `y_{i+1}` needs and
-their vector-Jacobian products; one more stage for a step with outputs inside), never
-the rejected trials. The replay also checks that each rebuilt `y_{i+1}` is the one the
+their vector-Jacobian products; with interpolated outputs, one more stage in all),
+never the rejected trials. The replay also checks that each rebuilt `y_{i+1}` is the one the
 forward pass accepted: a `func` that is not a function of `(t, y)` alone (it draws
 random numbers, or reads state that changed) would otherwise give the gradient of
 another computation than the one whose loss was taken.
@@ -41,6 +45,8 @@ grows with every accepted step's graph, as backprop through the accepted steps w
 
 import math
 import numbers
+from typing import Any, NamedTuple
+
 import tensorflow as tf
 
 from tfaca import _outputs, _record
@@ -62,7 +68,7 @@ class ACAGradient(AbstractGradient):
     (Keras weights included) and tensors it closes over. The backward pass evaluates
     `func` once per stage that the solution uses (6 for Dopri5 and Tsit5, whose seventh,
     FSAL, stage only serves the next step) per accepted step, and with interpolated
-    outputs one more for each step with outputs inside (`Stats.num_fevals_backward`).
+    outputs one more in all, at the end (`Stats.num_fevals_backward`).
 
     Args:
         checkpoints: None (default): keep every accepted step's state; where XLA
@@ -154,7 +160,8 @@ class ACAGradient(AbstractGradient):
         )
         stats = trajectory.stats
         # Each entry replays the stages its end needs (rebuilt forward once more before,
-        # with a budget), and the interpolant's last stage when outputs lie inside it.
+        # with a budget), and the interpolant's last stages but the end's are the next
+        # entries' first.
         stages = (len(solver.dense_weights) - 1 if plan.dense
                   else solver.tableau.solution_stages)
         replay_fevals = stats.num_steps * stages
@@ -162,8 +169,47 @@ class ACAGradient(AbstractGradient):
             replay_fevals += (_record.rebuilt_steps(stats.num_steps, budget)
                               * solver.tableau.solution_stages)
         if plan.dense:
-            replay_fevals += trajectory.covering
+            replay_fevals += 1  # the last step's last stage (`_end_stage`)
         return trajectory._replace(stats=stats._replace(num_fevals_backward=replay_fevals))
+
+
+class _Carry(NamedTuple):
+    """The replay's loop state, entry `i` about to be replayed."""
+
+    a: Any  # per component: the cotangent of entry i's end state
+    g_stops: Any
+    g_sources: Any
+    g_vars: Any
+    g_ts: Any  # [R, n] with dense outputs, else a scalar
+    mismatch: Any  # the first entry whose replay differs from the forward, or -1
+    sums: Any  # dense: entry i's `_outputs.coefficient_cotangents`, else ()
+    f_end: Any  # dense: f(t_{i+1}, y_{i+1}), the interpolant's last stage, else ()
+
+
+def _covered(setting, cp, i):
+    """`(lo, hi, t_rows, dt_rows)`: the outputs `lo <= k < hi` inside entry `i` (`[R]`)."""
+    t, dt = (to_rows(setting, tf.gather(x, i)) for x in (cp.t, cp.dt))
+    lo = _outputs.count_through(setting.keys, t, setting.sign)
+    hi = _outputs.count_through(setting.keys, to_rows(setting, tf.gather(cp.t, i + 1)),
+                                setting.sign)
+    return lo, hi, t, dt
+
+
+def _sums_of(solver, setting, cp, i):
+    """Entry `i`'s `coefficient_cotangents` (none for `i < 0`)."""
+    lo, hi, t_rows, dt_rows = _covered(setting, cp, tf.maximum(i, 0))
+    hi = tf.where(i >= 0, hi, lo)
+    return _outputs.coefficient_cotangents(setting.ts_rows, lo, hi, t_rows, dt_rows,
+                                           setting.g_rows, len(solver.dense_weights[0]))
+
+
+def _last_stage_cotangent(solver, setting, cp, i, sums, like):
+    """The cotangent that entry `i`'s outputs send onto its interpolant's last stage,
+    `f(t_{i+1}, y_{i+1})`: the next entry's first stage, which takes it (zero for `i < 0`)."""
+    dt_rows = to_rows(setting, tf.gather(cp.dt, tf.maximum(i, 0)))
+    last = len(solver.dense_weights) - 1
+    (g,) = _outputs.stage_cotangents(solver, sums, dt_rows, like, setting.by_batch, [last])
+    return g
 
 
 def _replay_entry(solver, f, setting, cp, i, y, y_next, carry, sources, variables, same_state):
@@ -171,52 +217,95 @@ def _replay_entry(solver, f, setting, cp, i, y, y_next, carry, sources, variable
     its end state back through it, together with the cotangents of the outputs it
     covers: a stop it landed on, or the outputs inside it, through the step's own
     interpolant (`_outputs.pullback_step`). Its end is checked against `y_next`, the
-    state the forward pass accepted there."""
-    a, g_stops, g_sources, g_vars, g_ts, mismatch = carry
+    state the forward pass accepted there.
+
+    With dense outputs, the interpolant's last stage `f(t_{i+1}, y_{i+1})` is the next
+    entry's first stage, replayed before this one: its value comes in the carry
+    (`f_end`), and its cotangent was taken by that entry, which computed this entry's
+    `coefficient_cotangents` for it (`sums`). This entry does the same for entry
+    `i - 1`: its first stage takes the cotangent of entry `i - 1`'s last, in every group,
+    whether or not the group moved in entry `i` (a group that did not keeps its state:
+    the cotangent goes on to the entry that moved it)."""
+    c = carry
     groups = setting.groups
     t, dt, accepted = (tf.gather(x, i) for x in (cp.t, cp.dt, cp.accepted))
     hit, j = tf.gather(cp.hit, i) & accepted, tf.gather(cp.interval, i)
-    if not setting.dense:
-        a = add_landed(setting, a, j, hit)
+    a = c.a if setting.dense else add_landed(setting, c.a, j, hit)
+    # A group that did not move replays a step of size 0: its stages stay finite (a
+    # rejected trial may have overflowed), so that their zero cotangents give zeros.
+    dt_replay = tf.where(accepted, dt, tf.zeros_like(dt))
+    if setting.dense:
+        sums_before = _sums_of(solver, setting, cp, i - 1)
+        handed = _last_stage_cotangent(solver, setting, cp, i - 1, sums_before, y)
     with tf.GradientTape() as tape:
-        tape.watch([t, dt] + list(y) + list(sources))
+        tape.watch([t, dt_replay] + list(y) + list(sources))
         f0 = f(groups.lane(t), y)
         if not setting.dense:
-            y1, _, _ = solver.step(f, groups.lane(t), y, f0, groups.lane(dt), solution_only=True)
+            y1, _, _ = solver.step(f, groups.lane(t), y, f0, groups.lane(dt_replay),
+                                   solution_only=True)
         else:
-            y1, k = solver.replay_stages(f, groups.lane(t), y, f0, groups.lane(dt))
-            t_rows = to_rows(setting, t)
-            lo = _outputs.count_through(setting.keys, t_rows, setting.sign)
-            hi = _outputs.count_through(
-                setting.keys, to_rows(setting, tf.gather(cp.t, i + 1)), setting.sign)
-            # The interpolant's last stage, f(t1, y1), only for a step with outputs inside.
-            last = tf.cond(tf.reduce_any(hi > lo), lambda: f(groups.lane(t + dt), y1),
-                           lambda: [tf.zeros_like(x) for x in y1])
-            stages = k + [last]
+            y1, k = solver.replay_stages(f, groups.lane(t), y, f0, groups.lane(dt_replay))
     a_in = [tf.where(groups.spread(accepted, a_n), a_n, tf.zeros_like(a_n)) for a_n in a]
     targets, cotangents = list(y1), a_in
+    g_ts = c.g_ts
     if setting.dense:
-        pulled = _outputs.pullback_step(solver, setting.ts_rows, lo, hi, t_rows,
-                                        to_rows(setting, dt), stages, setting.g_rows, g_ts,
-                                        setting.by_batch)
-        targets += [x for stage in stages for x in stage]
-        cotangents += [x for stage in pulled.g_stages for x in stage]
+        lo, hi, t_rows, dt_rows = _covered(setting, cp, i)
+        pulled = _outputs.pullback_step(solver, setting.ts_rows, lo, hi, t_rows, dt_rows,
+                                        k + [list(c.f_end)], setting.g_rows, g_ts,
+                                        setting.by_batch, sums=c.sums)
+        g_stages = pulled.g_stages[:-1]  # the last stage's went to entry i + 1
+        g_stages[0] = [g + h for g, h in zip(g_stages[0], handed)]
+        targets += [x for stage in k for x in stage]
+        cotangents += [x for stage in g_stages for x in stage]
         g_ts = pulled.g_ts
     g_t, g_dt, g_y, g_s, g_v = tape.gradient(
-        targets, [t, dt, list(y), list(sources), list(variables)], output_gradients=cotangents,
-        unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        targets, [t, dt_replay, list(y), list(sources), list(variables)],
+        output_gradients=cotangents, unconnected_gradients=tf.UnconnectedGradients.ZERO)
     g_y = [tf.convert_to_tensor(x) for x in g_y]
     if setting.dense:
         g_y = [x + p for x, p in zip(g_y, pulled.g_y)]
         g_t += to_groups(setting, pulled.g_t)
         g_dt += to_groups(setting, pulled.g_dt)
-    a = groups.select(accepted, g_y, a)
-    g_stops = onto_stops(setting, g_stops, j, hit, accepted, g_t, g_dt)
-    g_sources = [x + tf.convert_to_tensor(g) for x, g in zip(g_sources, g_s)]
-    g_vars = [x + tf.convert_to_tensor(g) for x, g in zip(g_vars, g_v)]
+        # A group that did not move in this entry got only the handed cotangent, on
+        # this entry's start, which is where it stays: added to its `a`.
+        a = [tf.where(groups.spread(accepted, g), g, a_n + g) for g, a_n in zip(g_y, a)]
+        g_t_stops = g_t
+    else:
+        a = groups.select(accepted, g_y, a)
+        g_t_stops = tf.where(accepted, g_t, tf.zeros_like(g_t))
+    g_stops = onto_stops(setting, c.g_stops, j, hit, g_t_stops, g_dt)
     rebuilt = groups.select(accepted, y1, y_next)
-    mismatch = tf.where(differs(rebuilt, y_next, same_state) & (mismatch < 0), i, mismatch)
-    return a, g_stops, g_sources, g_vars, g_ts, mismatch
+    mismatch = tf.where(differs(rebuilt, y_next, same_state) & (c.mismatch < 0), i, c.mismatch)
+    return _Carry(
+        a=a, g_stops=g_stops,
+        g_sources=[x + tf.convert_to_tensor(g) for x, g in zip(c.g_sources, g_s)],
+        g_vars=[x + tf.convert_to_tensor(g) for x, g in zip(c.g_vars, g_v)],
+        g_ts=g_ts, mismatch=mismatch,
+        sums=sums_before if setting.dense else (), f_end=f0 if setting.dense else ())
+
+
+def _end_stage(solver, f, setting, cp, y_end, carry, sources, variables):
+    """With dense outputs, before the replay: the last entry's last stage, `f(t_n, y_n)`
+    at the end of the solve, which no entry replays; evaluated under a tape with the
+    cotangent its outputs send it (every other entry's comes with the next entry's first
+    stage). Its time is `t_final`, the start of the record's last entry `n`."""
+    n, groups = cp.num_steps, setting.groups
+    sums = _sums_of(solver, setting, cp, n - 1)
+    g_last = _last_stage_cotangent(solver, setting, cp, n - 1, sums, y_end)
+    t_end = tf.gather(cp.t, n)
+    with tf.GradientTape() as tape:
+        tape.watch([t_end] + list(y_end) + list(sources))
+        f_end = f(groups.lane(t_end), y_end)
+    g_t, g_y, g_s, g_v = tape.gradient(
+        f_end, [t_end, list(y_end), list(sources), list(variables)], output_gradients=g_last,
+        unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    g_stops = onto_stops(setting, carry.g_stops, tf.gather(cp.interval, n),
+                         tf.zeros_like(g_t, tf.bool), g_t, tf.zeros_like(g_t))
+    return carry._replace(
+        a=[a + tf.convert_to_tensor(g) for a, g in zip(carry.a, g_y)], g_stops=g_stops,
+        g_sources=[x + tf.convert_to_tensor(g) for x, g in zip(carry.g_sources, g_s)],
+        g_vars=[x + tf.convert_to_tensor(g) for x, g in zip(carry.g_vars, g_v)],
+        sums=sums, f_end=[tf.convert_to_tensor(x) for x in f_end])
 
 
 def _replay(solver, f, checkpoints, times, y0, sources, g_ys, variables, per_sample):
@@ -233,42 +322,44 @@ def _replay(solver, f, checkpoints, times, y0, sources, g_ys, variables, per_sam
     """
     cp = checkpoints
     setting = setting_of(times, g_ys, per_sample, y0)
-    groups = setting.groups
     n = cp.num_steps
     eps = float(tf.experimental.numpy.finfo(times[0].dtype.as_numpy_dtype).eps)
     same_state = math.sqrt(eps)
-    g_ts = tf.zeros_like(setting.ts_rows) if setting.dense else tf.zeros([])
-    carry = ([tf.zeros_like(y) for y in y0], tf.zeros_like(setting.stops),
-             [tf.zeros_like(x) for x in sources], [tf.zeros_like(v) for v in variables],
-             g_ts, tf.constant(-1, tf.int32))
+    budgeted = not isinstance(cp.stride, tuple)
+    carry = _Carry(
+        a=[tf.zeros_like(y) for y in y0], g_stops=tf.zeros_like(setting.stops),
+        g_sources=[tf.zeros_like(x) for x in sources], g_vars=[tf.zeros_like(v) for v in variables],
+        g_ts=tf.zeros_like(setting.ts_rows) if setting.dense else tf.zeros([]),
+        mismatch=tf.constant(-1, tf.int32), sums=(), f_end=())
+    if setting.dense:
+        y_end = list(cp.y_end) if budgeted else [tf.gather(y, n) for y in cp.y]
+        carry = _end_stage(solver, f, setting, cp, y_end, carry, sources, variables)
 
     def entries(first, last, state_of, carry):
         """Replays entries `last - 1` down to `first`; `state_of(i)` is entry i's start."""
-        def body(i, *carry):
-            carry = _replay_entry(solver, f, setting, cp, i, state_of(i), state_of(i + 1),
-                                  carry, sources, variables, same_state)
-            return (i - 1, *carry)
+        def body(i, carry):
+            return (i - 1, _replay_entry(solver, f, setting, cp, i, state_of(i),
+                                         state_of(i + 1), carry, sources, variables,
+                                         same_state))
 
         # parallel_iterations=1: each entry's replay does not depend on the cotangent, so
         # TensorFlow would otherwise run up to 10 replays ahead and hold their graphs at
         # once; one at a time keeps ACA's memory at one step's graph (XLA ignores it).
-        out = tf.while_loop(lambda i, *_: i >= first, body, (last - 1, *carry),
-                            parallel_iterations=1)
-        return out[1:]
+        return tf.while_loop(lambda i, _: i >= first, body, (last - 1, carry),
+                             parallel_iterations=1)[1]
 
-    if isinstance(cp.stride, tuple):
+    if not budgeted:
         carry = entries(0, n, lambda i: [tf.gather(y, i) for y in cp.y], carry)
     else:
-        carry = _replay_segments(solver, f, cp, groups, entries, carry)
-    a, g_stops, g_sources, g_vars, g_ts, mismatch = carry
+        carry = _replay_segments(solver, f, cp, setting.groups, entries, carry)
     stops = times[0]
-    g_stops = tf.reduce_sum(g_stops, axis=0) if stops.shape.rank == 1 else g_stops
+    g_stops = tf.reduce_sum(carry.g_stops, axis=0) if stops.shape.rank == 1 else carry.g_stops
     g_times = [g_stops]
     if setting.dense:
-        g_later = g_ts[:, 1:]
+        g_later = carry.g_ts[:, 1:]
         g_times.append(tf.reduce_sum(g_later, axis=0) if times[1].shape.rank == 1 else g_later)
-    g_y0 = [a_n + g[0] for a_n, g in zip(a, g_ys)]
-    return mismatch, [*g_times, *g_y0, *g_sources, *g_vars]
+    g_y0 = [a_n + g[0] for a_n, g in zip(carry.a, g_ys)]
+    return carry.mismatch, [*g_times, *g_y0, *carry.g_sources, *carry.g_vars]
 
 
 def _replay_segments(solver, f, cp, groups, entries, carry):
@@ -279,16 +370,17 @@ def _replay_segments(solver, f, cp, groups, entries, carry):
     num_slots = tf.shape(cp.y[0])[0]
     if in_xla_context():
         # Static buffers: a segment is at most `stride < 2 max_steps / K` entries, and
-        # never more than `max_steps`.
-        max_steps = cp.t.shape[0] - 1
-        longest = min(max_steps, -(-2 * max_steps // cp.y[0].shape[0])) + 1
+        # never more than `max_steps` (under XLA the `K` slots come with the one that
+        # took the writes that kept nothing).
+        max_steps, budget = cp.t.shape[0] - 1, cp.y[0].shape[0] - 1
+        longest = min(max_steps, -(-2 * max_steps // budget)) + 1
         segment_array = lambda y: tf.TensorArray(  # noqa: E731
             y.dtype, size=longest, element_shape=y.shape, clear_after_read=False)
     else:
         segment_array = lambda y: tf.TensorArray(  # noqa: E731
             y.dtype, size=0, dynamic_size=True, element_shape=y.shape, clear_after_read=False)
 
-    def segment(m, tas, *carry):
+    def segment(m, tas, carry):
         first = m * stride
         last = tf.minimum(first + stride, n)
 
@@ -309,16 +401,16 @@ def _replay_segments(solver, f, cp, groups, entries, carry):
                  for y_n, e in zip(cp.y, cp.y_end)]
         tas = [ta.write(last - first, y_n) for ta, y_n in zip(tas, after)]
         carry = entries(first, last, lambda i: [ta.read(i - first) for ta in tas], carry)
-        return (m - 1, tas, *carry)
+        return (m - 1, tas, carry)
 
     # One array per state component for every segment, each overwriting the last's
     # entries: allocated (under XLA, zero-filled) once per replay, not once per segment.
     # Written before the loop: XLA cannot use an unwritten array of unknown static shape
     # (a batch of unknown size) there.
     arrays = [segment_array(e).write(0, e) for e in cp.y_end]
-    out = tf.while_loop(lambda m, *_: m >= 0, segment, (num_segments - 1, arrays, *carry),
+    out = tf.while_loop(lambda m, *_: m >= 0, segment, (num_segments - 1, arrays, carry),
                         parallel_iterations=1)
-    return out[2:]
+    return out[2]
 
 
 def _unrolled_vjp(solver, f, trajectory, times, y0, sources, g_ys, variables):

@@ -122,7 +122,8 @@ def _mali_entry(solver, f, setting, cp, i, y1, v1, a_y, a_v, g_stops, g_sources,
     if setting.dense:
         bar_k = [b + g for b, g in zip(bar_k, pulled.g_y)]
         new_a_v = [b + g for b, g in zip(new_a_v, g_v0_out)]
-    g_stops = onto_stops(setting, g_stops, j, hit, accepted, g_t + g_t_out, g_dt + g_dt_out)
+    g_t = tf.where(accepted, g_t + g_t_out, tf.zeros_like(g_t))
+    g_stops = onto_stops(setting, g_stops, j, hit, g_t, g_dt + g_dt_out)
     g_sources = [x + tf.convert_to_tensor(g) for x, g in zip(g_sources, g_s)]
     g_vars = [x + tf.convert_to_tensor(g) for x, g in zip(g_vars, g_v)]
     select = groups.select

@@ -38,15 +38,17 @@ def setting_of(times, g_ys, per_sample, y0):
                     _outputs.cotangent_rows(g_ys, by_batch))
 
 
-def onto_stops(setting, g_stops, j, hit, accepted, g_t, g_dt):
+def onto_stops(setting, g_stops, j, hit, g_t, g_dt):
     """Adds a replayed entry's time gradients onto the stops: a step starts at
-    `t_i = stops[j - 1] + offset`, and the one that lands has `dt = stops[j] - t_i`."""
+    `t_i = stops[j - 1] + offset`, and the one that lands (`hit`) has
+    `dt = stops[j] - t_i`. A group that is done has passed its last stop (`j` is the
+    number of stops): its time is that stop."""
     num_stops = tf.shape(setting.stops)[1]
-    j = tf.clip_by_value(j, 1, num_stops - 1)
-    g_t = tf.where(accepted, g_t, tf.zeros_like(g_t))
     g_dt = tf.where(hit, g_dt, tf.zeros_like(g_dt))
     rows = tf.range(tf.shape(j)[0])
-    where = tf.concat([tf.stack([rows, j - 1], 1), tf.stack([rows, j], 1)], 0)
+    before = tf.clip_by_value(j, 1, num_stops) - 1
+    after = tf.clip_by_value(j, 1, num_stops - 1)
+    where = tf.concat([tf.stack([rows, before], 1), tf.stack([rows, after], 1)], 0)
     return tf.tensor_scatter_nd_add(g_stops, where, tf.concat([g_t - g_dt, g_dt], 0))
 
 
