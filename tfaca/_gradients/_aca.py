@@ -189,9 +189,10 @@ class _Carry(NamedTuple):
 def _covered(setting, cp, i):
     """`(lo, hi, t_rows, dt_rows)`: the outputs `lo <= k < hi` inside entry `i` (`[R]`)."""
     t, dt = (to_rows(setting, tf.gather(x, i)) for x in (cp.t, cp.dt))
+    # Entry `i + 1` exists but for `i = 0` in a solve of no step (`_sums_of(-1)`).
+    end = tf.gather(cp.t, tf.minimum(i + 1, tf.shape(cp.t)[0] - 1))
     lo = _outputs.count_through(setting.keys, t, setting.sign)
-    hi = _outputs.count_through(setting.keys, to_rows(setting, tf.gather(cp.t, i + 1)),
-                                setting.sign)
+    hi = _outputs.count_through(setting.keys, to_rows(setting, end), setting.sign)
     return lo, hi, t, dt
 
 
