@@ -318,6 +318,7 @@ def test_other_modes_agree_with_aca(gradient):
     assert_grads_close(out[gradient], out["aca"], rtol=1e-6, name=gradient)
 
 
+@pytest.mark.slow_variants
 @pytest.mark.parametrize("times", ["shared", "per_sample"])
 def test_naive_under_xla_equals_naive_eagerly(times):
     """Under XLA an output write that keeps nothing goes past the end of the buffer and is

@@ -354,6 +354,7 @@ def test_layer_fits_and_serves_predictions_independent_of_the_batch(tmp_path):
     assert max(gaps) > 1e-8
 
 
+@pytest.mark.slow_variants
 @pytest.mark.parametrize("interpolate", [True, False], ids=["dense", "land"])
 def test_a_neighbours_overflowing_trial_leaves_the_gradients_finite(interpolate):
     """A sample whose first trials overflow (y' = -w y^3 from y = 10 with a first step of
