@@ -55,7 +55,7 @@ from tfaca._gradients._base import (
     loop_options, solve_with_custom_gradient, sources_with, times_of,
 )
 from tfaca._gradients._replay import (
-    add_landed, onto_stops, setting_of, to_groups, to_rows,
+    add_landed, covered, onto_stops, setting_of, to_groups, to_rows,
 )
 from tfaca._internals import could_possibly_record, in_xla_context, stop_recording
 from tfaca._jit import compiles
@@ -186,19 +186,9 @@ class _Carry(NamedTuple):
     f_end: Any  # dense: f(t_{i+1}, y_{i+1}), the interpolant's last stage, else ()
 
 
-def _covered(setting, cp, i):
-    """`(lo, hi, t_rows, dt_rows)`: the outputs `lo <= k < hi` inside entry `i` (`[R]`)."""
-    t, dt = (to_rows(setting, tf.gather(x, i)) for x in (cp.t, cp.dt))
-    # Entry `i + 1` exists but for `i = 0` in a solve of no step (`_sums_of(-1)`).
-    end = tf.gather(cp.t, tf.minimum(i + 1, tf.shape(cp.t)[0] - 1))
-    lo = _outputs.count_through(setting.keys, t, setting.sign)
-    hi = _outputs.count_through(setting.keys, to_rows(setting, end), setting.sign)
-    return lo, hi, t, dt
-
-
 def _sums_of(solver, setting, cp, i):
     """Entry `i`'s `coefficient_cotangents` (none for `i < 0`)."""
-    lo, hi, t_rows, dt_rows = _covered(setting, cp, tf.maximum(i, 0))
+    lo, hi, t_rows, dt_rows = covered(setting, cp, tf.maximum(i, 0))
     hi = tf.where(i >= 0, hi, lo)
     return _outputs.coefficient_cotangents(setting.ts_rows, lo, hi, t_rows, dt_rows,
                                            setting.g_rows, len(solver.dense_weights[0]))
@@ -250,7 +240,7 @@ def _replay_entry(solver, f, setting, cp, i, y, y_next, carry, sources, variable
     targets, cotangents = list(y1), a_in
     g_ts = c.g_ts
     if setting.dense:
-        lo, hi, t_rows, dt_rows = _covered(setting, cp, i)
+        lo, hi, t_rows, dt_rows = covered(setting, cp, i)
         pulled = _outputs.pullback_step(solver, setting.ts_rows, lo, hi, t_rows, dt_rows,
                                         k + [list(c.f_end)], setting.g_rows, g_ts,
                                         setting.by_batch, sums=c.sums)
@@ -449,8 +439,7 @@ def _unrolled_vjp(solver, f, trajectory, times, y0, sources, g_ys, variables):
                 return i + 1, y1, total + tf.where(hit, landed, tf.zeros_like(landed))
             y1, k = solver.replay_stages(f, t, y, f(t, y), dt)
             stages = k + [f(t + dt, y1)]
-            lo, hi = (_outputs.count_through(setting.keys, to_rows(setting, tf.gather(cp.t, m)),
-                                             setting.sign) for m in (i, i + 1))
+            lo, hi, _, _ = covered(setting, cp, i)
             total += _outputs.dot_covered(
                 solver, setting.ts_rows, lo, hi, to_rows(setting, t[None]),
                 to_rows(setting, dt[None]), y, stages, setting.g_rows, setting.by_batch)

@@ -12,7 +12,9 @@ from tfaca._gradients._base import (
     loop_options, solve_with_custom_gradient, sources_with, times_of,
 )
 from tfaca._internals import could_possibly_record, stop_recording
-from tfaca._gradients._replay import add_landed, group_dot, onto_stops, setting_of, to_groups, to_rows
+from tfaca._gradients._replay import (
+    add_landed, covered, group_dot, onto_stops, setting_of, to_groups,
+)
 
 
 class MALIGradient(AbstractGradient):
@@ -97,13 +99,9 @@ def _mali_entry(solver, f, setting, cp, i, y1, v1, a_y, a_v, g_stops, g_sources,
     g_t_out = g_dt_out = 0.0
     if setting.dense:
         # The outputs inside: Hermite through (y_i, v_i) and (y_{i+1}, v_{i+1}).
-        t_rows = to_rows(setting, t)
-        lo = _outputs.count_through(setting.keys, t_rows, setting.sign)
-        hi = _outputs.count_through(setting.keys, to_rows(setting, tf.gather(cp.t, i + 1)),
-                                    setting.sign)
-        pulled = _outputs.pullback_step(solver, setting.ts_rows, lo, hi, t_rows,
-                                        to_rows(setting, dt), [v0, v1], setting.g_rows, g_ts,
-                                        setting.by_batch)
+        lo, hi, t_rows, dt_rows = covered(setting, cp, i)
+        pulled = _outputs.pullback_step(solver, setting.ts_rows, lo, hi, t_rows, dt_rows,
+                                        [v0, v1], setting.g_rows, g_ts, setting.by_batch)
         g_ts, (g_v0_out, g_v1_out) = pulled.g_ts, pulled.g_stages
         a_v = [a + g for a, g in zip(a_v, g_v1_out)]
         g_t_out, g_dt_out = to_groups(setting, pulled.g_t), to_groups(setting, pulled.g_dt)

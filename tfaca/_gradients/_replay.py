@@ -52,6 +52,16 @@ def onto_stops(setting, g_stops, j, hit, g_t, g_dt):
     return tf.tensor_scatter_nd_add(g_stops, where, tf.concat([g_t - g_dt, g_dt], 0))
 
 
+def covered(setting, cp, i):
+    """`(lo, hi, t_rows, dt_rows)`: the outputs `lo <= k < hi` inside entry `i` (`[R]`)."""
+    t, dt = (to_rows(setting, tf.gather(x, i)) for x in (cp.t, cp.dt))
+    # Entry `i + 1` exists but for `i = 0` in a solve of no step (ACA's `_sums_of(-1)`).
+    end = tf.gather(cp.t, tf.minimum(i + 1, tf.shape(cp.t)[0] - 1))
+    lo = _outputs.count_through(setting.keys, t, setting.sign)
+    hi = _outputs.count_through(setting.keys, to_rows(setting, end), setting.sign)
+    return lo, hi, t, dt
+
+
 def to_rows(setting, v):
     """A `[G]` tensor as `[R]` (shared steps with outputs by rows: broadcast)."""
     if setting.groups.shared:
