@@ -304,4 +304,4 @@ def test_gradient_accuracy_example_quick(tmp_path):
     assert cost["adjoint"]["backward_fevals"] > 0
     for mode in MODES:
         assert cost[mode]["forward_backward_ms"] > 0
-        assert np.isfinite(cost[mode]["peak_rss_rise_mb"])
+        assert cost[mode]["peak_rss_rise_mb"] >= 0  # measured in the process (--quick)
