@@ -34,8 +34,8 @@ gradients; cached in benchmarks/.cache/), so that a fast but wrong entry is flag
 Writes --out (default benchmarks/outputs.md), and replaces the text between
 `<!-- outputs-table:start -->` and `<!-- outputs-table:end -->` in BENCHMARKS.md (adding
 an "Output times" section at its end when the markers are missing, as they are after
-benchmarks/run.py rewrites that file) and in README.md (where the markers must exist);
---no-docs leaves those two alone.
+benchmarks/run.py rewrites that file) and in docs/speed.md (where the markers must
+exist); --no-docs leaves those two alone.
 Times on 2 cores: a child costs ~7 s (diffrax) to ~20 s (tfaca under XLA), nearly all
 of it start-up and compilation: the repetitions (~1 s even at 4,096 max_steps) are not
 where the time goes, so they stay at issue 10's 5 per round and the axis costs children.
@@ -1179,7 +1179,7 @@ def main(argv=None):
     ap.add_argument("--render-only", action="store_true",
                     help="re-write the reports from the results saved in --json")
     ap.add_argument("--no-docs", action="store_true",
-                    help="leave BENCHMARKS.md and README.md as they are")
+                    help="leave BENCHMARKS.md and docs/speed.md as they are")
     ap.add_argument("--child", nargs=3, metavar=("LIB", "N", "MAX_STEPS"),
                     help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -1268,8 +1268,8 @@ def main(argv=None):
     if not a.no_docs:
         if _replace_section(os.path.join(ROOT, "BENCHMARKS.md"), section, "## Output times"):
             print("updated BENCHMARKS.md")
-        if _replace_section(os.path.join(ROOT, "README.md"), section):
-            print("updated README.md")
+        if _replace_section(os.path.join(ROOT, "docs", "speed.md"), section):
+            print("updated docs/speed.md")
 
 
 if __name__ == "__main__":

@@ -530,7 +530,7 @@ Notes:
 
 "Default mode": a plain `tf.function`, as Keras' `fit` runs on a CPU and under every
 `tf.distribute` strategy, with the solve's default `jit_compile="auto"` (the solver's
-loops compiled with XLA unless the field has convolutions; see the README).
+loops compiled with XLA unless the field has convolutions; see docs/speed.md).
 "conv no slower than today" is judged against the same solve with
 `jit_compile=False` in this run, within 10 % (the run-to-run spread on this machine).
 

@@ -616,31 +616,6 @@ def test_odelayer_interpolate_config_and_savedmodel(tmp_path):
     np.testing.assert_allclose(served.serve([y0, ts]).numpy(), expected, rtol=1e-5, atol=1e-6)
 
 
-def test_readme_irregular_series_model_trains():
-    """The README's example: times per sample as a second input of unknown length,
-    padding masked out of the loss by sample weights."""
-    import keras
-
-    keras.utils.set_random_seed(0)
-    state, times = keras.Input((4,)), keras.Input((None,))
-    dynamics = keras.Sequential([keras.layers.Dense(32, activation="tanh"), keras.layers.Dense(4)])
-    trajectory = tfaca.ODELayer(dynamics, return_sequences=True)([state, times])
-    model = keras.Model([state, times], keras.layers.Dense(1)(trajectory))
-    rng = np.random.default_rng(0)
-    y0 = rng.standard_normal((16, 4)).astype("float32")
-    ts = np.sort(rng.uniform(0.0, 2.0, (16, 5)), axis=1).astype("float32")
-    ts[:, 0] = 0.0
-    ts[::2, 3:] = ts[::2, 2:3]  # half the samples have two observations, padded
-    mask = np.ones((16, 5), "float32")
-    mask[::2, 3:] = 0.0
-    observations = np.cos(2.0 * ts)[:, :, None]
-    model.compile("adam", "mse")
-    history = model.fit([y0, ts], observations, sample_weight=mask, epochs=4, batch_size=8,
-                        verbose=0)
-    assert history.history["loss"][-1] < history.history["loss"][0]
-    assert model.predict([y0, ts], verbose=0).shape == (16, 5, 1)
-
-
 @pytest.mark.parametrize("method", ["dopri5", pytest.param("heun_euler", marks=pytest.mark.slow)])
 def test_backward_evaluations_are_counted(method):
     """Eagerly, ACA's backward calls `func` as often as `num_fevals_backward` says: the

@@ -32,16 +32,6 @@ def test_train_digits_trains_exports_and_serves(tmp_path, capsys):
     assert served.serve(tf.constant(x)).shape == (5, 10)
 
 
-def test_readme_quickstart_runs():
-    readme = (ROOT / "README.md").read_text()
-    code = re.search(r"## Quickstart\n\n```python\n(.*?)```", readme, re.S).group(1)
-    namespace = {}
-    exec(compile(code, "README quickstart", "exec"), namespace)
-    assert namespace["dl_dy0"].shape == (2,)
-    assert namespace["dl_dts"].shape == (3,)
-    assert int(namespace["sol"].status) == 0
-
-
 def _png(path):
     return path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -200,7 +200,7 @@ class ODELayer(keras.layers.Layer):
             loop slowly on CPU); never in eager calls. True: always; False: never. Same
             results and gradients to rounding; it changes nothing under
             `model.compile(jit_compile=True)`, which compiles everything. See
-            "Which compilation to use" in the README.
+            docs/speed.md (which compilation to use).
         per_sample: if True, each sample of the batch takes its own steps (its own step
             size, error estimate, accepted and rejected trials; with times per sample,
             it stops at its own last time), as if it were solved alone: a prediction
@@ -211,7 +211,7 @@ class ODELayer(keras.layers.Layer):
             does). Every gradient mode works with it. The metrics become means over
             the samples. Cost: a batch runs as long as its slowest sample.
             Default False: one step size for the batch, as torchdiffeq and TFP; see
-            "Per-sample steps" in the README for the measurements behind the default.
+            docs/time_series.md for the measurements behind the default.
         **kwargs: base `keras.layers.Layer` arguments (`name`, `dtype`,
             `activity_regularizer`, which regularizes the output of the solve, ...).
 
