@@ -20,6 +20,17 @@ def _seed():
     yield
 
 
+@pytest.fixture
+def keras_seed():
+    """A fresh Keras session and seed (`pytestmark = pytest.mark.usefixtures("keras_seed")`
+    in the Keras test files)."""
+    import keras
+
+    keras.backend.clear_session()
+    keras.utils.set_random_seed(0)
+    yield
+
+
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects
 def pytest_collection_modifyitems(config, items):
     """`@pytest.mark.slow_variants` on a parametrized test: its first parameter set runs

@@ -13,6 +13,23 @@ ADAPTIVE = ["heun_euler", "bosh3", "dopri5", "tsit5"]
 FIXED = ["euler", "midpoint", "rk4"]
 ORDERS = {"euler": 1, "midpoint": 2, "rk4": 4, "heun_euler": 2, "bosh3": 3, "dopri5": 5, "tsit5": 5}
 
+# The gradient modes that every output and stepping mode supports.
+MODES = ["aca", "adjoint", "naive"]
+
+
+def strategy(mode):
+    """The `gradient=` argument for `mode` (the adjoint as an object, whose
+    `backward_stats` a test may read)."""
+    import tfaca
+
+    return tfaca.AdjointGradient() if mode == "adjoint" else mode
+
+
+def f64(x):
+    """`x` as a float64 constant."""
+    return tf.constant(np.asarray(x), tf.float64)
+
+
 # A damped rotation: smooth, non-stiff, with a known exponential solution.
 A_NP = np.array([[-0.1, 1.0, 0.0], [-1.0, -0.1, 0.2], [0.0, -0.3, -0.5]])
 
@@ -149,6 +166,21 @@ def unrolled_solve(func, y0, ts, steps, *, args=(), method="dopri5"):
             t = t + dt
     assert expected_interval == num_out, "the accepted steps do not reach the last output"
     return tf.nest.pack_sequence_as(y0, [tf.stack(out) for out in outputs])
+
+
+def relative_error(a, b, floor=1e-300):
+    """`max |a - b| / max |b|`, the scale at least `floor`."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.max(np.abs(a - b)) / max(float(np.max(np.abs(b))), floor))
+
+
+def assert_relative(actual, expected, rtol, names=None, floor=1e-300):
+    """Each pair of `actual` and `expected` within `rtol` in `relative_error`."""
+    names = names or [str(k) for k in range(len(expected))]
+    assert len(actual) == len(expected)
+    for name, a, e in zip(names, actual, expected):
+        err = relative_error(a, e, floor)
+        assert err <= rtol, f"{name}: relative error {err:.2e} > {rtol:.0e}"
 
 
 def assert_grads_close(actual, expected, rtol, name=""):

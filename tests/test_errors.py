@@ -8,13 +8,9 @@ import pytest
 import tensorflow as tf
 
 import tfaca
-from helpers import A_NP, linear_func
+from helpers import A_NP, f64, linear_func
 
 Y0_NP = np.array([1.0, 0.5, -0.3])
-
-
-def _f64(x):
-    return tf.constant(x, tf.float64)
 
 
 def _decay(t, y):
@@ -37,7 +33,7 @@ def _nan_after_half(t, y):
 
 def test_max_steps_reached_eager():
     with pytest.raises(tfaca.SolveError, match="max_steps") as info:
-        tfaca.solve(_decay, _f64([1.0]), _f64([0.0, 10.0]), rtol=1e-10, atol=1e-10, max_steps=5)
+        tfaca.solve(_decay, f64([1.0]), f64([0.0, 10.0]), rtol=1e-10, atol=1e-10, max_steps=5)
     assert "MAX_STEPS_REACHED" in str(info.value)
     assert isinstance(info.value, RuntimeError)
     # It says where the solve stopped: t is a number strictly inside (0, 10).
@@ -51,15 +47,15 @@ def test_max_steps_reached_in_function():
         return tfaca.odeint(_decay, y0, ts, rtol=1e-10, atol=1e-10, max_steps=5)
 
     with pytest.raises(tf.errors.InvalidArgumentError, match="max_steps"):
-        run(_f64([1.0]), _f64([0.0, 10.0]))
+        run(f64([1.0]), f64([0.0, 10.0]))
     # The same graph succeeds when the values allow it: the check is at run time.
-    ys = run(_f64([1.0]), _f64([0.0, 1e-3]))
+    ys = run(f64([1.0]), f64([0.0, 1e-3]))
     np.testing.assert_allclose(ys.numpy()[-1], np.exp(-1e-3), rtol=1e-9)
 
 
 def test_max_steps_reached_status_without_throw():
-    ts = _f64([0.0, 0.01, 5.0, 10.0])
-    sol = tfaca.solve(_decay, _f64([1.0]), ts, rtol=1e-10, atol=1e-10, max_steps=8, throw=False)
+    ts = f64([0.0, 0.01, 5.0, 10.0])
+    sol = tfaca.solve(_decay, f64([1.0]), ts, rtol=1e-10, atol=1e-10, max_steps=8, throw=False)
     assert int(sol.status) == int(tfaca.Status.MAX_STEPS_REACHED)
     assert int(sol.stats.num_steps) + int(sol.stats.num_rejected) == 8
     ys = sol.ys.numpy()[:, 0]
@@ -95,16 +91,16 @@ def test_blow_up_in_function():
         return tfaca.odeint(_square, y0, ts)
 
     with pytest.raises(tf.errors.InvalidArgumentError, match="DT_UNDERFLOW"):
-        run(_f64([1.0]), _f64([0.0, 2.0]))
+        run(f64([1.0]), f64([0.0, 2.0]))
 
 
 def test_nonfinite_derivative_adaptive():
-    ts = _f64([0.0, 0.25, 1.0])
+    ts = f64([0.0, 0.25, 1.0])
     with pytest.raises(tfaca.SolveError, match="non-finite") as info:
-        tfaca.solve(_nan_after_half, _f64([1.0]), ts)
+        tfaca.solve(_nan_after_half, f64([1.0]), ts)
     assert "NONFINITE" in str(info.value)
 
-    sol = tfaca.solve(_nan_after_half, _f64([1.0]), ts, throw=False)
+    sol = tfaca.solve(_nan_after_half, f64([1.0]), ts, throw=False)
     assert int(sol.status) == int(tfaca.Status.NONFINITE)
     assert 0.49 < float(sol.t_final) <= 0.5
     ys = sol.ys.numpy()[:, 0]
@@ -114,23 +110,23 @@ def test_nonfinite_derivative_adaptive():
 
 def test_nonfinite_at_start():
     sol = tfaca.solve(
-        lambda t, y: y * np.nan, _f64(Y0_NP), _f64([0.0, 1.0]), throw=False
+        lambda t, y: y * np.nan, f64(Y0_NP), f64([0.0, 1.0]), throw=False
     )
     assert int(sol.status) == int(tfaca.Status.NONFINITE)
     assert int(sol.stats.num_steps) == 0
     np.testing.assert_array_equal(sol.ys[0].numpy(), Y0_NP)
     assert np.all(np.isnan(sol.ys[1].numpy()))
     with pytest.raises(tfaca.SolveError, match="NONFINITE"):
-        tfaca.solve(lambda t, y: y * np.nan, _f64(Y0_NP), _f64([0.0, 1.0]))
+        tfaca.solve(lambda t, y: y * np.nan, f64(Y0_NP), f64([0.0, 1.0]))
 
 
 @pytest.mark.parametrize("method", ["rk4", "dopri5"])
 def test_nonfinite_fixed_step(method):
-    ts = _f64([0.0, 0.25, 1.0])
+    ts = f64([0.0, 0.25, 1.0])
     with pytest.raises(tfaca.SolveError, match="NONFINITE"):
-        tfaca.solve(_nan_after_half, _f64([1.0]), ts, method=method, step_size=0.125)
+        tfaca.solve(_nan_after_half, f64([1.0]), ts, method=method, step_size=0.125)
     sol = tfaca.solve(
-        _nan_after_half, _f64([1.0]), ts, method=method, step_size=0.125, throw=False
+        _nan_after_half, f64([1.0]), ts, method=method, step_size=0.125, throw=False
     )
     assert int(sol.status) == int(tfaca.Status.NONFINITE)
     # The step from 0.375 ends on 0.5 (finite: NaN only for t > 0.5); the next fails.
@@ -145,8 +141,8 @@ def test_nonfinite_in_function():
         return tfaca.odeint(_nan_after_half, y0, ts)
 
     with pytest.raises(tf.errors.InvalidArgumentError, match="NONFINITE"):
-        run(_f64([1.0]), _f64([0.0, 1.0]))
-    ys = run(_f64([1.0]), _f64([0.0, 0.4]))
+        run(f64([1.0]), f64([0.0, 1.0]))
+    ys = run(f64([1.0]), f64([0.0, 0.4]))
     np.testing.assert_allclose(ys.numpy()[-1], np.exp(-0.4), rtol=1e-4)
 
 
@@ -160,14 +156,14 @@ def test_nonfinite_in_function():
 )
 @pytest.mark.slow_variants
 def test_xla_reports_status_and_nan(func, kwargs, status):
-    ts = _f64([0.0, 0.01, 3.0, 4.0])
+    ts = f64([0.0, 0.01, 3.0, 4.0])
 
     @tf.function(jit_compile=True)
     def run(y0, ts):
         sol = tfaca.solve(func, y0, ts, **kwargs)  # throw=True: XLA cannot assert
         return sol.ys, sol.status, sol.t_final
 
-    ys, code, t_final = run(_f64([1.0]), ts)
+    ys, code, t_final = run(f64([1.0]), ts)
     assert int(code) == int(status)
     ys = ys.numpy()[:, 0]
     assert ys[0] == 1.0 and np.isfinite(ys[1])  # reached
@@ -175,7 +171,7 @@ def test_xla_reports_status_and_nan(func, kwargs, status):
     assert float(t_final) < 3.0
 
     # The same compiled function succeeds on a reachable problem.
-    ys, code, _ = run(_f64([1.0]), _f64([0.0, 1e-4, 2e-4, 3e-4]))
+    ys, code, _ = run(f64([1.0]), f64([0.0, 1e-4, 2e-4, 3e-4]))
     assert int(code) == 0 and np.all(np.isfinite(ys.numpy()))
 
 
@@ -185,7 +181,7 @@ def test_throw_false_in_function_returns_status():
         sol = tfaca.solve(_square, y0, ts, throw=False)
         return sol.ys, sol.status
 
-    ys, code = run(_f64([1.0]), _f64([0.0, 0.5, 2.0]))
+    ys, code = run(f64([1.0]), f64([0.0, 0.5, 2.0]))
     assert int(code) == int(tfaca.Status.DT_UNDERFLOW)
     assert np.isfinite(ys.numpy()[1, 0]) and np.isnan(ys.numpy()[2, 0])
 
@@ -201,7 +197,7 @@ def test_status_prints_its_name_and_names_a_status_tensor():
     status = tfaca.Status.MAX_STEPS_REACHED
     assert str(status) == f"{status}" == "MAX_STEPS_REACHED" and int(status) == 1
     assert f"{tfaca.Status.SUCCESS:>9}" == "  SUCCESS"
-    sol = tfaca.solve(lambda t, y: y * y, _f64([[1.0], [0.1]]), [0.0, 2.0], per_sample=True,
+    sol = tfaca.solve(lambda t, y: y * y, f64([[1.0], [0.1]]), [0.0, 2.0], per_sample=True,
                       throw=False)
     assert tfaca.Status.name_of(sol.status) == ["DT_UNDERFLOW", "SUCCESS"]
     assert tfaca.Status.name_of(_solve().status) == "SUCCESS"
@@ -217,7 +213,7 @@ def test_status_prints_its_name_and_names_a_status_tensor():
 
 
 def _solve(**overrides):
-    kwargs = dict(func=linear_func(A_NP), y0=_f64(Y0_NP), ts=_f64([0.0, 1.0]))
+    kwargs = dict(func=linear_func(A_NP), y0=f64(Y0_NP), ts=f64([0.0, 1.0]))
     kwargs.update(overrides)
     func, y0, ts = kwargs.pop("func"), kwargs.pop("y0"), kwargs.pop("ts")
     return tfaca.solve(func, y0, ts, **kwargs)
@@ -274,7 +270,7 @@ def test_bad_per_element_tolerances():
         _solve(atol=np.array([1e-6, 1e-6]))
     with pytest.raises(ValueError, match="`rtol` must be a scalar or have the structure of `y0`"):
         tfaca.solve(
-            lambda t, y: (-y[0], -y[1]), (_f64([1.0]), _f64([2.0])), [0.0, 1.0],
+            lambda t, y: (-y[0], -y[1]), (f64([1.0]), f64([2.0])), [0.0, 1.0],
             rtol=(1e-3, 1e-3, 1e-3),
         )
     with pytest.raises(TypeError, match="rtol"):
@@ -308,14 +304,14 @@ def test_ts_not_monotone_eager(ts):
 def test_ts_not_monotone_in_function():
     @tf.function
     def run(ts):
-        return tfaca.odeint(linear_func(A_NP), _f64(Y0_NP), ts)
+        return tfaca.odeint(linear_func(A_NP), f64(Y0_NP), ts)
 
     with pytest.raises(
         tf.errors.InvalidArgumentError, match=r"`ts` must be strictly increasing"
     ) as info:
-        run(_f64([0.0, 2.0, 1.0]))
+        run(f64([0.0, 2.0, 1.0]))
     assert "0 2 1" in str(info.value)  # the received values
-    ys = run(_f64([0.0, 1.0, 2.0]))  # the same graph, monotone values
+    ys = run(f64([0.0, 1.0, 2.0]))  # the same graph, monotone values
     assert ys.shape == (3, 3)
 
 
@@ -326,7 +322,7 @@ def test_ts_not_real():
 
 def test_integer_ts_are_accepted():
     a = _solve(ts=[0, 1]).ys.numpy()
-    b = _solve(ts=_f64([0.0, 1.0])).ys.numpy()
+    b = _solve(ts=f64([0.0, 1.0])).ys.numpy()
     np.testing.assert_array_equal(a, b)
 
 
@@ -342,7 +338,7 @@ def test_func_wrong_shape_in_function():
         return tfaca.odeint(lambda t, y: tf.expand_dims(y, 0), y0, [0.0, 1.0])
 
     with pytest.raises(ValueError, match=r"shape \(1, 3\) for a state of shape \(3,\)"):
-        run(_f64(Y0_NP))
+        run(f64(Y0_NP))
 
 
 @pytest.mark.parametrize(
@@ -356,7 +352,7 @@ def test_func_wrong_shape_in_function():
     ids=["tensor_for_tuple", "too_short", "too_long", "dict_for_tuple"],
 )
 def test_func_wrong_structure(func):
-    y0 = (_f64([1.0, 2.0]), _f64([3.0]))
+    y0 = (f64([1.0, 2.0]), f64([3.0]))
     with pytest.raises(ValueError, match="`func` must return dy/dt with the structure of `y0`"
                        ) as info:
         tfaca.solve(func, y0, [0.0, 1.0])
@@ -366,7 +362,7 @@ def test_func_wrong_structure(func):
 def test_func_wrong_dict_keys():
     """A dict with other keys than the state's is a wrong structure; accepting it pairs
     derivatives with state entries by sorted key (here x' = -x and v' = v)."""
-    y0 = {"x": _f64([1.0]), "v": _f64([0.0])}
+    y0 = {"x": f64([1.0]), "v": f64([0.0])}
     with pytest.raises(ValueError, match="structure of `y0`"):
         tfaca.solve(lambda t, y: {"x": y["v"], "y": -y["x"]}, y0, [0.0, 1.0])
 
@@ -378,7 +374,7 @@ def test_func_integer_output():
 
 def test_func_not_callable():
     with pytest.raises(TypeError, match=re.escape("`func` must be callable. Received: func=3")):
-        tfaca.solve(3, _f64(Y0_NP), [0.0, 1.0])
+        tfaca.solve(3, f64(Y0_NP), [0.0, 1.0])
 
 
 @pytest.mark.parametrize(
@@ -450,7 +446,7 @@ def test_args_not_tuple(args):
 
 
 def test_args_tuple_is_passed():
-    ys = _solve(func=lambda t, y, k: -k * y, args=(_f64(2.0),), rtol=1e-9, atol=1e-9).ys
+    ys = _solve(func=lambda t, y, k: -k * y, args=(f64(2.0),), rtol=1e-9, atol=1e-9).ys
     np.testing.assert_allclose(ys.numpy()[-1], np.exp(-2.0) * Y0_NP, rtol=1e-7)
 
 
@@ -482,7 +478,7 @@ def test_bad_solver_class_and_tableau():
 
 def test_tolerance_dict_with_other_keys():
     """Per-component tolerances are matched to the state by key, not by sorted position."""
-    y0 = {"x": _f64([1.0]), "v": _f64([0.0])}
+    y0 = {"x": f64([1.0]), "v": f64([0.0])}
     with pytest.raises(ValueError, match="`rtol` must be a scalar or have the structure of `y0`"):
         tfaca.solve(
             lambda t, y: {"x": y["v"], "v": -y["x"]}, y0, [0.0, 1.0],
@@ -493,7 +489,7 @@ def test_tolerance_dict_with_other_keys():
 @pytest.mark.parametrize("entry", [tfaca.solve, tfaca.odeint], ids=["solve", "odeint"])
 def test_torchdiffeq_options_dict_says_to_pass_keywords(entry):
     with pytest.raises(TypeError, match=r"`options`.*keyword argument") as info:
-        entry(linear_func(A_NP), _f64(Y0_NP), _f64([0.0, 1.0]), method="rk4",
+        entry(linear_func(A_NP), f64(Y0_NP), f64([0.0, 1.0]), method="rk4",
               options=dict(step_size=0.1, max_num_steps=50))
     message = str(info.value)
     assert "odeint(func, y0, ts, step_size=0.1, max_steps=50)" in message

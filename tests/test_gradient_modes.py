@@ -21,15 +21,12 @@ import scipy.linalg
 import tensorflow as tf
 
 import tfaca
-from helpers import A_NP, accepted_steps, assert_grads_close, frechet_expm, unrolled_solve
+from helpers import (
+    A_NP, MODES, accepted_steps, assert_grads_close, frechet_expm, strategy, unrolled_solve,
+)
 
 F64 = tf.float64
-MODES = ["aca", "adjoint", "naive"]
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def strategy(mode):
-    return tfaca.AdjointGradient() if mode == "adjoint" else mode
 
 
 def rel(a, b):

@@ -17,12 +17,7 @@ import tensorflow as tf
 
 import tfaca
 from helpers import (
-    ADAPTIVE,
-    A_NP,
-    accepted_steps,
-    assert_grads_close,
-    frechet_expm,
-    unrolled_solve,
+    ADAPTIVE, A_NP, accepted_steps, assert_grads_close, f64, frechet_expm, unrolled_solve,
 )
 
 F64 = tf.float64
@@ -39,10 +34,6 @@ TS_NP = np.array([0.0, 0.7, 1.5, 3.0])
 # Generic cotangents for every output (ys[0] included): a linear and a quadratic term.
 C_NP = _RNG.normal(size=(len(TS_NP), 3))
 Q_NP = _RNG.uniform(0.5, 1.5, size=(len(TS_NP),))
-
-
-def c64(x):
-    return tf.constant(np.asarray(x), F64)
 
 
 def rhs(t, y, W, b):
@@ -93,7 +84,7 @@ def aca_and_reference(func, y0, ts, sources, loss_fn, *, args=(), method, tol, *
 @pytest.mark.parametrize("method", ADAPTIVE)
 @pytest.mark.slow_variants
 def test_unrolled_y0(method):
-    y0, ts, W, b = c64(Y0_NP), c64(TS_NP), c64(W_NP), c64(B_NP)
+    y0, ts, W, b = f64(Y0_NP), f64(TS_NP), f64(W_NP), f64(B_NP)
     func = lambda t, y: rhs(t, y, W, b)  # noqa: E731
     g_aca, g_ref, steps = aca_and_reference(
         func, y0, ts, y0, loss_of, method=method, tol=LOOSE_TOL[method]
@@ -108,7 +99,7 @@ def test_unrolled_y0(method):
 @pytest.mark.slow_variants
 def test_unrolled_args(method):
     # An integer argument first, so that the float args are not at the front.
-    y0, ts, W, b = c64(Y0_NP), c64(TS_NP), c64(W_NP), c64(B_NP)
+    y0, ts, W, b = f64(Y0_NP), f64(TS_NP), f64(W_NP), f64(B_NP)
     k = tf.constant(3, tf.int32)
 
     def func(t, y, k, W, b):
@@ -137,7 +128,7 @@ def _mlp(dim):
 def test_unrolled_keras_weights(method):
     keras.utils.set_random_seed(0)
     model = _mlp(3)
-    y0, ts = c64(Y0_NP), c64(TS_NP)
+    y0, ts = f64(Y0_NP), f64(TS_NP)
 
     def func(t, y):
         return model(y[None, :])[0] + 0.1 * tf.sin(t)
@@ -154,7 +145,7 @@ def test_unrolled_keras_weights(method):
 @pytest.mark.parametrize("method", ADAPTIVE)
 @pytest.mark.slow
 def test_unrolled_variable(method):
-    y0, ts, W = c64(Y0_NP), c64(TS_NP), c64(W_NP)
+    y0, ts, W = f64(Y0_NP), f64(TS_NP), f64(W_NP)
     b = tf.Variable(B_NP, dtype=F64)
     scale = tf.Variable(1.3, dtype=F64)
 
@@ -169,7 +160,7 @@ def test_unrolled_variable(method):
 
 def test_variable_passed_as_arg():
     """A tf.Variable given in `args` (not only read by `func`) gets its gradient."""
-    y0, ts, W = c64(Y0_NP), c64(TS_NP), c64(W_NP)
+    y0, ts, W = f64(Y0_NP), f64(TS_NP), f64(W_NP)
     b = tf.Variable(B_NP, dtype=F64)
     with tf.GradientTape() as tape:
         ys = tfaca.odeint(rhs, y0, ts, args=(W, b), method="bosh3", rtol=1e-4, atol=1e-4,
@@ -185,7 +176,7 @@ def test_variable_passed_as_arg():
 @pytest.mark.parametrize("method", ADAPTIVE)
 @pytest.mark.slow_variants
 def test_unrolled_ts(method):
-    y0, ts, W, b = c64(Y0_NP), c64(TS_NP), c64(W_NP), c64(B_NP)
+    y0, ts, W, b = f64(Y0_NP), f64(TS_NP), f64(W_NP), f64(B_NP)
     g_aca, g_ref, _ = aca_and_reference(
         rhs, y0, ts, [ts, y0, W], loss_of, args=(W, b), method=method,
         tol=LOOSE_TOL[method],
@@ -199,9 +190,9 @@ def test_unrolled_ts(method):
 @pytest.mark.parametrize("method", ADAPTIVE)
 @pytest.mark.slow
 def test_unrolled_nested_state(method):
-    W, b = c64(W_NP), c64(B_NP)
-    y0 = (c64(Y0_NP[:2]), {"z": c64(Y0_NP[2:]), "w": c64([0.2, -0.1])})
-    ts = c64(TS_NP)
+    W, b = f64(W_NP), f64(B_NP)
+    y0 = (f64(Y0_NP[:2]), {"z": f64(Y0_NP[2:]), "w": f64([0.2, -0.1])})
+    ts = f64(TS_NP)
 
     def func(t, y, W, b):
         x = tf.concat([y[0], y[1]["z"]], axis=0)
@@ -221,8 +212,8 @@ def test_unrolled_nested_state(method):
 @pytest.mark.parametrize("method", ADAPTIVE)
 @pytest.mark.slow_variants
 def test_unrolled_reverse_time(method):
-    y0, W, b = c64(Y0_NP), c64(W_NP), c64(B_NP)
-    ts = c64(TS_NP[::-1])
+    y0, W, b = f64(Y0_NP), f64(W_NP), f64(B_NP)
+    ts = f64(TS_NP[::-1])
     g_aca, g_ref, steps = aca_and_reference(
         rhs, y0, ts, [y0, W, b, ts], loss_of, args=(W, b), method=method,
         tol=LOOSE_TOL[method],
@@ -253,7 +244,7 @@ def _linear_analytic(t0, T):
 
 
 def _linear_grads(method, gradient, tol, t0=0.3, T=2.3):
-    A, y0, ts = c64(A_NP), c64(Y0_NP), c64([t0, T])
+    A, y0, ts = f64(A_NP), f64(Y0_NP), f64([t0, T])
     with tf.GradientTape() as tape:
         tape.watch([A, y0, ts])
         ys = tfaca.odeint(lambda t, y, A: tf.linalg.matvec(A, y), y0, ts, args=(A,),
@@ -284,14 +275,14 @@ def test_analytic_linear_naive_tight():
 
 def test_analytic_linear_reverse_time():
     # Backwards from T to t0: y(t0) = expm(A (t0 - T)) y0, L = c . y(t0).
-    A, y0 = c64(A_NP), c64(Y0_NP)
+    A, y0 = f64(A_NP), f64(Y0_NP)
     c = np.array([0.5, -1.0, 2.0])
-    ts = c64([2.0, 0.5])
+    ts = f64([2.0, 0.5])
     with tf.GradientTape() as tape:
         tape.watch([y0, ts, A])
         ys = tfaca.odeint(lambda t, y, A: tf.linalg.matvec(A, y), y0, ts, args=(A,),
                           method="dopri5", rtol=1e-10, atol=1e-10)
-        loss = tf.reduce_sum(c64(c) * ys[-1])
+        loss = tf.reduce_sum(f64(c) * ys[-1])
     g_y0, g_ts, g_A = tape.gradient(loss, [y0, ts, A])
     tau = 0.5 - 2.0
     M = scipy.linalg.expm(A_NP * tau)
@@ -311,8 +302,8 @@ def test_analytic_linear_reverse_time():
 
 
 def test_finite_differences():
-    W0, b0, y00 = c64(W_NP * 0.7), c64(B_NP), c64(Y0_NP)
-    ts = c64([0.0, 1.0, 2.0])
+    W0, b0, y00 = f64(W_NP * 0.7), f64(B_NP), f64(Y0_NP)
+    ts = f64([0.0, 1.0, 2.0])
 
     def loss_fn(y0, W, b):
         ys = tfaca.odeint(lambda t, y, W, b: tf.tanh(tf.linalg.matvec(W, y)) + b, y0, ts,
@@ -333,7 +324,7 @@ def test_finite_differences():
         minus = [x.copy() for x in base]
         plus[which][index] += eps
         minus[which][index] -= eps
-        return (float(loss_f(*map(c64, plus))) - float(loss_f(*map(c64, minus)))) / (2 * eps)
+        return (float(loss_f(*map(f64, plus))) - float(loss_f(*map(f64, minus)))) / (2 * eps)
 
     checks = [(0, (i,), g_y0[i]) for i in range(3)]
     checks += [(1, (0, 0), g_W[0, 0]), (1, (1, 2), g_W[1, 2]), (1, (2, 1), g_W[2, 1])]
@@ -361,7 +352,7 @@ def _grads_wb(y0, ts, W, b, method="dopri5", tol=1e-6, gradient="aca"):
 @pytest.mark.slow
 def test_modes_agree(method):
     """Eager, tf.function and XLA: same steps, same gradients (args, ts, a Variable)."""
-    inputs = (c64(Y0_NP), c64(TS_NP), c64(W_NP), c64(B_NP))
+    inputs = (f64(Y0_NP), f64(TS_NP), f64(W_NP), f64(B_NP))
     scale = tf.Variable(0.8, dtype=F64)
     tol = LOOSE_TOL[method]
 
@@ -385,7 +376,7 @@ def test_modes_agree(method):
 @pytest.mark.slow
 def test_float32_close_to_float64():
     g64 = tf.function(lambda *a: _grads_wb(*a, tol=1e-6))(
-        c64(Y0_NP), c64(TS_NP), c64(W_NP), c64(B_NP)
+        f64(Y0_NP), f64(TS_NP), f64(W_NP), f64(B_NP)
     )
     c32 = lambda x: tf.constant(np.asarray(x), tf.float32)  # noqa: E731
     g32 = tf.function(lambda *a: _grads_wb(*a, tol=1e-5))(
@@ -398,7 +389,7 @@ def test_float32_close_to_float64():
 
 @pytest.mark.slow
 def test_naive_differs_from_aca_at_loose_tolerance():
-    inputs = (c64(Y0_NP), c64(TS_NP), c64(W_NP), c64(B_NP))
+    inputs = (f64(Y0_NP), f64(TS_NP), f64(W_NP), f64(B_NP))
     run = tf.function(lambda *a, gradient: _grads_wb(*a, method="heun_euler", tol=1e-3,
                                                      gradient=gradient))
     aca = run(*inputs, gradient="aca")
@@ -421,7 +412,7 @@ def test_naive_differs_from_aca_at_loose_tolerance():
 def test_forward_not_recorded_on_outer_tape(gradient):
     """ACA's forward runs with nothing recorded: a tensor computed by `func` during the
     forward is not connected to `y0` on an outer tape (it is, under naive)."""
-    y0, W, b, ts = c64(Y0_NP), c64(W_NP), c64(B_NP), c64(TS_NP)
+    y0, W, b, ts = f64(Y0_NP), f64(W_NP), f64(B_NP), f64(TS_NP)
     seen = []
 
     def func(t, y, W, b):
@@ -454,7 +445,7 @@ def test_traced_without_tape_then_differentiated(jit_compile):
     a served SavedModel); differentiated later by a tape around its call, its backward
     pass solves forward again to record them: the same gradient as a function traced
     under the tape, to rounding, and the same outputs."""
-    y0, W, b, ts = c64(Y0_NP), c64(W_NP), c64(B_NP), c64(TS_NP)
+    y0, W, b, ts = f64(Y0_NP), f64(W_NP), f64(B_NP), f64(TS_NP)
 
     def make():
         @tf.function
@@ -485,7 +476,7 @@ def test_traced_without_tape_then_differentiated(jit_compile):
 @pytest.mark.parametrize("method", ["heun_euler", "bosh3"])
 def test_backward_replays_only_accepted_steps(method):
     """Eagerly, ACA's backward calls `func` exactly `solution_stages` times per accepted step (the FSAL stage is skipped)."""
-    y0, W, b, ts = c64(Y0_NP), c64(W_NP), c64(B_NP), c64(TS_NP)
+    y0, W, b, ts = f64(Y0_NP), f64(W_NP), f64(B_NP), f64(TS_NP)
     calls = [0]
 
     def func(t, y, W, b):
@@ -513,9 +504,9 @@ def test_backward_replays_only_accepted_steps(method):
 @pytest.mark.slow
 def test_unconnected_outputs(method):
     """Losses that use only some outputs (None cotangents for the rest)."""
-    W, b = c64(W_NP), c64(B_NP)
-    y0 = {"x": c64(Y0_NP[:2]), "z": c64(Y0_NP[2:])}
-    ts = c64(TS_NP)
+    W, b = f64(W_NP), f64(B_NP)
+    y0 = {"x": f64(Y0_NP[:2]), "z": f64(Y0_NP[2:])}
+    ts = f64(TS_NP)
     tol = LOOSE_TOL[method]
 
     def func(t, y, W, b):
@@ -545,7 +536,7 @@ def test_unconnected_outputs(method):
 def test_loss_independent_of_solution():
     """A gradient taken through `sol.ys` with zero cotangent everywhere is zero, not None
     or NaN, for connected sources."""
-    y0, W, b, ts = c64(Y0_NP), c64(W_NP), c64(B_NP), c64(TS_NP)
+    y0, W, b, ts = f64(Y0_NP), f64(W_NP), f64(B_NP), f64(TS_NP)
     with tf.GradientTape() as tape:
         tape.watch([y0, W, ts])
         ys = tfaca.odeint(rhs, y0, ts, args=(W, b), method="bosh3", rtol=1e-4, atol=1e-4,
@@ -562,7 +553,7 @@ def test_loss_independent_of_solution():
 def test_keras_tf_function_no_retrace():
     keras.utils.set_random_seed(1)
     model = _mlp(3)
-    ts = c64([0.0, 0.5, 1.0])
+    ts = f64([0.0, 0.5, 1.0])
     traces = [0]
 
     @tf.function
@@ -574,14 +565,14 @@ def test_keras_tf_function_no_retrace():
             loss = tf.reduce_sum(tf.square(ys[-1]))
         return loss, tape.gradient(loss, model.trainable_variables)
 
-    out1 = train_grads(c64(Y0_NP))
-    out2 = train_grads(c64(-Y0_NP * 0.5))
+    out1 = train_grads(f64(Y0_NP))
+    out2 = train_grads(f64(-Y0_NP * 0.5))
     assert traces[0] == 1
     assert all(g is not None for g in out1[1]) and all(g is not None for g in out2[1])
     assert not np.allclose(out1[1][0].numpy(), out2[1][0].numpy())
     # And the compiled gradients are the eager ones.
     with tf.GradientTape() as tape:
-        ys = tfaca.odeint(lambda t, y: model(y[None, :])[0], c64(-Y0_NP * 0.5), ts,
+        ys = tfaca.odeint(lambda t, y: model(y[None, :])[0], f64(-Y0_NP * 0.5), ts,
                           method="dopri5", rtol=1e-5, atol=1e-5)
         loss = tf.reduce_sum(tf.square(ys[-1]))
     assert_grads_close(out2[1], tape.gradient(loss, model.trainable_variables), 1e-12,

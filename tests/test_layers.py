@@ -23,11 +23,8 @@ HIDDEN = 16
 BATCH = 16
 
 
-@pytest.fixture(autouse=True)
-def _keras_seed():
-    keras.backend.clear_session()
-    keras.utils.set_random_seed(0)
-    yield
+# Each test starts from a fresh Keras session and seed (conftest.py).
+pytestmark = pytest.mark.usefixtures("keras_seed")
 
 
 # --------------------------------------------------------------------------------------

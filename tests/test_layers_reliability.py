@@ -15,11 +15,8 @@ BATCH = 8
 RATE = 0.5  # dropout scale 1 / (1 - RATE) = 2 is exact: fixed-mask references match bit for bit
 
 
-@pytest.fixture(autouse=True)
-def _keras_seed():
-    keras.backend.clear_session()
-    keras.utils.set_random_seed(0)
-    yield
+# Each test starts from a fresh Keras session and seed (conftest.py).
+pytestmark = pytest.mark.usefixtures("keras_seed")
 
 
 def states(n=BATCH, seed=0):

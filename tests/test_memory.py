@@ -18,6 +18,7 @@ import pytest
 import tensorflow as tf
 
 import tfaca
+from helpers import assert_relative
 from tfaca import _control, _loop
 
 A = np.array([[-0.1, 1.0], [-1.0, -0.1]])
@@ -78,12 +79,6 @@ def _gradients(field, y0, ts, mode="eager", **kwargs):
         run = tf.function(run, jit_compile=mode == "xla")
     num_steps, grads = run()
     return int(num_steps), [g.numpy() for g in grads]
-
-
-def _assert_close(got, expected, rtol):
-    for g, e in zip(got, expected):
-        scale = np.max(np.abs(e))
-        assert np.max(np.abs(g - e)) <= rtol * scale, (np.max(np.abs(g - e)) / scale)
 
 
 # --------------------------------------------------------------------------------------
@@ -179,7 +174,7 @@ def test_mali_equals_backprop_through_the_same_alf_steps():
     n, got = _gradients(field, y0, TS, method=solver, gradient="mali", rtol=1e-4, atol=1e-4)
     n_ref, expected = _unrolled_alf_gradients(field, y0, TS, solver, 1e-4)
     assert n == n_ref > 50
-    _assert_close(got, expected, 1e-10)
+    assert_relative(got, expected, 1e-10)
 
 
 def test_mali_damped_few_steps_is_exact_and_many_steps_drift_is_reported():
@@ -191,7 +186,7 @@ def test_mali_damped_few_steps_is_exact_and_many_steps_drift_is_reported():
     n, got = _gradients(field, y0, TS, method=solver, gradient="mali", rtol=1e-2, atol=1e-2)
     n_ref, expected = _unrolled_alf_gradients(field, y0, TS, solver, 1e-2)
     assert n == n_ref and n < 25
-    _assert_close(got, expected, 1e-8)
+    assert_relative(got, expected, 1e-8)
     with pytest.raises(tf.errors.InvalidArgumentError, match="did not rebuild the start"):
         _gradients(field, y0, TS, method=solver, gradient="mali", step_size=0.01)
 
@@ -202,7 +197,7 @@ def test_mali_with_fixed_steps_equals_naive():
     field, y0 = Field(), nested_y0()
     _, got = _gradients(field, y0, TS, method="alf", step_size=0.05, gradient="mali")
     _, expected = _gradients(field, y0, TS, method="alf", step_size=0.05, gradient="naive")
-    _assert_close(got, expected, 1e-10)
+    assert_relative(got, expected, 1e-10)
 
 
 def test_alf_gradient_modes_agree():
@@ -213,7 +208,7 @@ def test_alf_gradient_modes_agree():
     _, mali = _gradients(field, y0, [0.0, 1.0], gradient="mali", **kwargs)
     for gradient, rtol in (("naive", 1e-10), ("adjoint", 1e-3)):
         _, other = _gradients(field, y0, [0.0, 1.0], gradient=gradient, **kwargs)
-        _assert_close(other, mali, rtol)
+        assert_relative(other, mali, rtol)
 
 
 @pytest.mark.parametrize("mode", ["graph", "xla"])
@@ -224,7 +219,7 @@ def test_mali_in_graphs_equals_eager(mode):
     n, expected = _gradients(field, y0, TS, **kwargs)
     n_graph, got = _gradients(field, y0, TS, mode=mode, **kwargs)
     assert n_graph == n
-    _assert_close(got, expected, 1e-9)
+    assert_relative(got, expected, 1e-9)
 
 
 def test_mali_float32_gradient_is_close_to_float64():
@@ -232,7 +227,7 @@ def test_mali_float32_gradient_is_close_to_float64():
     kwargs = dict(method="alf", gradient="mali", step_size=0.02)
     _, g64 = _gradients(field64, nested_y0(tf.float64), TS, **kwargs)
     _, g32 = _gradients(field32, nested_y0(tf.float32), TS, **kwargs)
-    _assert_close(g32, g64, 1e-4)
+    assert_relative(g32, g64, 1e-4)
 
 
 # --------------------------------------------------------------------------------------
@@ -282,7 +277,7 @@ def test_budget_equals_full_aca_for_every_budget(full_aca):
         steps, got = _gradients(field, y0, TS, gradient=tfaca.ACAGradient(checkpoints=budget),
                                 **kwargs)
         assert steps == n
-        _assert_close(got, expected, 1e-13)
+        assert_relative(got, expected, 1e-13)
 
 
 @pytest.mark.parametrize("mode", ["xla", "graph"])
@@ -292,7 +287,7 @@ def test_budget_in_graphs_equals_full_aca(full_aca, mode):
     for budget in (1, 4, n + 2):
         _, got = _gradients(field, y0, TS, mode=mode,
                             gradient=tfaca.ACAGradient(checkpoints=budget), **kwargs)
-        _assert_close(got, expected, 1e-12)
+        assert_relative(got, expected, 1e-12)
 
 
 def _counted_backward(field, y0, gradient, interpolate, **kwargs):
@@ -355,13 +350,13 @@ def test_compiled_aca_keeps_at_most_xla_states(monkeypatch):
                                      jit_compile=False, **kwargs)
     capped, _, got = _counted_backward(field, y0, "aca", False, jit_compile=True, max_steps=500,
                                        **kwargs)
-    _assert_close(got, expected, 1e-12)
+    assert_relative(got, expected, 1e-12)
     assert int(capped.num_fevals_backward) == int(budget.num_fevals_backward)
     assert int(capped.num_fevals_backward) > int(full.num_fevals_backward)
     monkeypatch.setattr(_record, "XLA_STATES", 500)
     every, _, got = _counted_backward(field, y0, "aca", False, jit_compile=True, max_steps=500,
                                       **kwargs)
-    _assert_close(got, expected, 1e-12)
+    assert_relative(got, expected, 1e-12)
     assert int(every.num_fevals_backward) == int(full.num_fevals_backward)
 
 

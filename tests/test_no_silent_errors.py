@@ -11,20 +11,13 @@ import scipy.linalg
 import tensorflow as tf
 
 import tfaca
-from helpers import A_NP, accepted_steps, assert_grads_close, frechet_expm, unrolled_solve
+from helpers import (
+    A_NP, MODES, accepted_steps, assert_grads_close, f64, frechet_expm, strategy, unrolled_solve,
+)
 
 F64 = tf.float64
-MODES = ["aca", "adjoint", "naive"]
 Y0_NP = np.array([1.0, 0.5, -0.3])
 TS_NP = np.array([0.0, 0.6, 1.3])
-
-
-def c64(x):
-    return tf.constant(np.asarray(x), F64)
-
-
-def strategy(mode):
-    return tfaca.AdjointGradient() if mode == "adjoint" else mode
 
 
 def tanh_field(t, y, W):
@@ -38,7 +31,7 @@ def tanh_field(t, y, W):
 def _scan_gradient(mode, compile_mode):
     """d/dW of a loss over three chained solves in `tf.scan`, W a tf.Variable."""
     W = tf.Variable(A_NP)
-    ts = c64([0.0, 0.4])
+    ts = f64([0.0, 0.4])
 
     def func(t, y):
         return tf.linalg.matvec(W, y)
@@ -54,7 +47,7 @@ def _scan_gradient(mode, compile_mode):
 
     if compile_mode != "eager":
         run = tf.function(run, jit_compile=compile_mode == "xla")
-    return run(c64(Y0_NP)).numpy()
+    return run(f64(Y0_NP)).numpy()
 
 
 def _scan_analytic():
@@ -101,13 +94,13 @@ def test_solve_in_scan_with_adjoint_counters():
     def run(y0):
         with tf.GradientTape() as tape:
             def one(y, _):
-                return tfaca.odeint(lambda t, y: tf.linalg.matvec(W, y), y, c64([0.0, 0.4]),
+                return tfaca.odeint(lambda t, y: tf.linalg.matvec(W, y), y, f64([0.0, 0.4]),
                                     rtol=1e-10, atol=1e-12, gradient=grad)[-1]
 
             loss = tf.reduce_sum(tf.scan(one, tf.zeros([3]), initializer=y0) ** 2)
         return tape.gradient(loss, W)
 
-    np.testing.assert_allclose(run(c64(Y0_NP)).numpy(), _scan_analytic(), rtol=1e-7)
+    np.testing.assert_allclose(run(f64(Y0_NP)).numpy(), _scan_analytic(), rtol=1e-7)
     assert int(grad.backward_stats.num_fevals) > 0
 
 
@@ -169,7 +162,7 @@ def _cond_gradient(mode, compile_mode, nest, pred):
     gradient = strategy(mode)  # built outside: the adjoint's counters are written too
 
     def solve(y, t1):
-        return tfaca.odeint(lambda t, y: tf.linalg.matvec(W, y), y, c64([0.0, t1]),
+        return tfaca.odeint(lambda t, y: tf.linalg.matvec(W, y), y, f64([0.0, t1]),
                             rtol=1e-10, atol=1e-12, gradient=gradient)[-1]
 
     @tf.function(jit_compile=compile_mode == "xla")
@@ -185,7 +178,7 @@ def _cond_gradient(mode, compile_mode, nest, pred):
             loss = tf.reduce_sum(ys ** 2)
         return tape.gradient(loss, W, unconnected_gradients=tf.UnconnectedGradients.ZERO)
 
-    return run(tf.constant(pred), c64(Y0_NP)).numpy()
+    return run(tf.constant(pred), f64(Y0_NP)).numpy()
 
 
 def _cond_analytic():
@@ -234,7 +227,7 @@ def _hvp(loss_fn, x, v):
 def test_aca_hessian_vector_product_is_exact(compile_mode, wrt):
     """ACA's gradient differentiated again equals the second derivative of backprop
     through the same accepted steps (to rounding)."""
-    W, y0, ts = c64(A_NP), c64(Y0_NP), c64(TS_NP)
+    W, y0, ts = f64(A_NP), f64(Y0_NP), f64(TS_NP)
     kwargs = dict(method="bosh3", rtol=1e-5, atol=1e-5)
     steps = accepted_steps(tanh_field, y0, ts, args=(W,), **kwargs)
 
@@ -243,7 +236,7 @@ def test_aca_hessian_vector_product_is_exact(compile_mode, wrt):
             inputs = {"y0": y0, "W": W, "ts": ts}
             inputs[wrt] = x
             ys = solve(inputs)
-            return tf.reduce_sum(tf.sin(ys) * c64(np.arange(1.0, 4.0)))
+            return tf.reduce_sum(tf.sin(ys) * f64(np.arange(1.0, 4.0)))
 
         return loss
 
@@ -252,7 +245,7 @@ def test_aca_hessian_vector_product_is_exact(compile_mode, wrt):
     ref = loss_with(lambda i: unrolled_solve(tanh_field, i["y0"], i["ts"], steps, args=(i["W"],),
                                              method="bosh3"))
     x = {"y0": y0, "W": W, "ts": ts}[wrt]
-    v = c64(np.random.default_rng(1).normal(size=x.shape))
+    v = f64(np.random.default_rng(1).normal(size=x.shape))
     hvp = _hvp
     if compile_mode != "eager":
         hvp = tf.function(_hvp, jit_compile=compile_mode == "xla")
@@ -264,7 +257,7 @@ def test_aca_gradient_penalty_of_keras_weights():
     keras.utils.set_random_seed(0)
     dense = keras.layers.Dense(3, activation="tanh", dtype="float64")
     dense.build((None, 3))
-    y0, ts = c64([Y0_NP, 0.5 * Y0_NP[::-1] + 0.2]), c64(TS_NP)
+    y0, ts = f64([Y0_NP, 0.5 * Y0_NP[::-1] + 0.2]), f64(TS_NP)
     func = lambda t, y: dense(y)  # noqa: E731
     kwargs = dict(method="dopri5", rtol=1e-6, atol=1e-6)
     steps = accepted_steps(func, y0, ts, **kwargs)
@@ -285,13 +278,13 @@ def test_aca_gradient_penalty_of_keras_weights():
 
 @pytest.mark.slow
 def test_naive_hessian_vector_product_matches_finite_differences():
-    y0, W, ts = c64(Y0_NP), c64(A_NP), c64(TS_NP)
+    y0, W, ts = f64(Y0_NP), f64(A_NP), f64(TS_NP)
 
     def loss(x):
         return tf.reduce_sum(tfaca.odeint(tanh_field, x, ts, args=(W,), gradient="naive",
                                           method="rk4", step_size=0.05) ** 3)
 
-    v = c64([0.3, -0.2, 0.5])
+    v = f64([0.3, -0.2, 0.5])
     got = _hvp(loss, y0, v).numpy()
 
     def grad(x):
@@ -306,7 +299,7 @@ def test_naive_hessian_vector_product_matches_finite_differences():
 
 
 def test_adjoint_second_derivative_raises():
-    y0, W, ts = c64(Y0_NP), c64(A_NP), c64(TS_NP)
+    y0, W, ts = f64(Y0_NP), f64(A_NP), f64(TS_NP)
 
     def loss(x):
         return tf.reduce_sum(tfaca.odeint(tanh_field, x, ts, args=(W,), gradient="adjoint") ** 2)
@@ -318,7 +311,7 @@ def test_adjoint_second_derivative_raises():
 def test_aca_second_derivative_by_tf_gradients_raises():
     """Without a tape active while the first gradient is built, nothing recorded it:
     `tf.gradients` of it would miss the checkpoints' dependence, so it raises."""
-    W, ts = c64(A_NP), c64(TS_NP)
+    W, ts = f64(A_NP), f64(TS_NP)
 
     @tf.function
     def run(y0):
@@ -327,7 +320,7 @@ def test_aca_second_derivative_by_tf_gradients_raises():
         return tf.gradients(tf.reduce_sum(g ** 2), y0)
 
     with pytest.raises(NotImplementedError, match="nested tf.GradientTape"):
-        run(c64(Y0_NP))
+        run(f64(Y0_NP))
 
 
 # --------------------------------------------------------------------------------------
@@ -339,7 +332,7 @@ def _noisy(t, y):
 
 
 def _noisy_gradient(compile_mode, throw=True):
-    y0, ts = c64(Y0_NP), c64([0.0, 1.0])
+    y0, ts = f64(Y0_NP), f64([0.0, 1.0])
 
     def run(y0):
         with tf.GradientTape() as tape:
@@ -368,8 +361,8 @@ def test_random_func_gives_nan_where_it_cannot_raise(compile_mode):
 
 def test_randomness_passed_in_args_is_exact():
     """The documented alternative: the noise drawn outside `func`, passed in `args`."""
-    y0, ts = c64(Y0_NP), c64([0.0, 1.0])
-    noise = c64(np.random.default_rng(0).uniform(size=3))
+    y0, ts = f64(Y0_NP), f64([0.0, 1.0])
+    noise = f64(np.random.default_rng(0).uniform(size=3))
     with tf.GradientTape() as tape:
         tape.watch(y0)
         loss = tf.reduce_sum(tfaca.odeint(lambda t, y, n: -y + n, y0, ts, args=(noise,),
@@ -387,7 +380,7 @@ def test_randomness_passed_in_args_is_exact():
 @pytest.mark.slow_variants
 def test_closed_over_tensor_gets_its_gradient(mode, compile_mode):
     """y' = -theta * y: y(T) = y0 exp(-theta T), d/dtheta sum y(T) = -T sum y(T)."""
-    y0, ts, T = c64(Y0_NP), c64([0.0, 0.8]), 0.8
+    y0, ts, T = f64(Y0_NP), f64([0.0, 0.8]), 0.8
 
     def run(theta, scale):
         with tf.GradientTape() as tape:
@@ -400,8 +393,8 @@ def test_closed_over_tensor_gets_its_gradient(mode, compile_mode):
 
     if compile_mode == "function":
         run = tf.function(run)
-    theta = c64(1.3)
-    g = run(theta, c64(1.0))
+    theta = f64(1.3)
+    g = run(theta, f64(1.0))
     assert g is not None
     np.testing.assert_allclose(float(g), -T * np.sum(Y0_NP) * np.exp(-1.3 * T), rtol=1e-8)
 
@@ -409,7 +402,7 @@ def test_closed_over_tensor_gets_its_gradient(mode, compile_mode):
 def test_closed_over_and_args_together():
     """A closed-over matrix and an `args` vector: both gradients, against the unrolled
     reference."""
-    W, b, y0, ts = c64(A_NP), c64([0.2, -0.1, 0.3]), c64(Y0_NP), c64(TS_NP)
+    W, b, y0, ts = f64(A_NP), f64([0.2, -0.1, 0.3]), f64(Y0_NP), f64(TS_NP)
     func = lambda t, y, b: tanh_field(t, y, W) + b  # noqa: E731
     steps = accepted_steps(func, y0, ts, args=(b,), method="dopri5", rtol=1e-6, atol=1e-6)
     with tf.GradientTape(persistent=True) as tape:
@@ -425,13 +418,13 @@ def test_closed_over_and_args_together():
 
 
 def test_python_float_args_follow_a_float64_state():
-    ys = tfaca.odeint(lambda t, y, k: -k * y, c64([1.0]), c64([0.0, 1.0]), args=(0.5,),
+    ys = tfaca.odeint(lambda t, y, k: -k * y, f64([1.0]), f64([0.0, 1.0]), args=(0.5,),
                       rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(ys.numpy()[-1], np.exp(-0.5), rtol=1e-9)
 
 
 def test_numpy_args_follow_a_float64_state():
-    ys = tfaca.odeint(lambda t, y, k: -k * y, c64([1.0, 2.0]), c64([0.0, 1.0]),
+    ys = tfaca.odeint(lambda t, y, k: -k * y, f64([1.0, 2.0]), f64([0.0, 1.0]),
                       args=(np.array([0.5, 1.0], np.float32),), rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(ys.numpy()[-1], np.array([1.0, 2.0]) * np.exp([-0.5, -1.0]),
                                rtol=1e-9)
@@ -465,7 +458,7 @@ def _blow_up(t, y):
 def test_adjoint_with_throw_false_never_raises():
     """y' = y^2 from 1 blows up at t = 1: the forward fails, outputs past it are NaN,
     and the gradient is NaN instead of an exception."""
-    y0, ts = c64([1.0]), c64([0.0, 0.5, 2.0])
+    y0, ts = f64([1.0]), f64([0.0, 0.5, 2.0])
     with tf.GradientTape() as tape:
         tape.watch(y0)
         sol = tfaca.solve(_blow_up, y0, ts, gradient="adjoint", throw=False)
@@ -477,7 +470,7 @@ def test_adjoint_with_throw_false_never_raises():
 
 def test_adjoint_reverse_failure_raises_with_throw():
     """The same failure in the reverse solve, with throw=True, is reported."""
-    y0, ts = c64([1.0]), c64([0.0, 0.5])
+    y0, ts = f64([1.0]), f64([0.0, 0.5])
     grad = tfaca.AdjointGradient(max_steps=2)
     with tf.GradientTape() as tape:
         tape.watch(y0)
@@ -490,13 +483,13 @@ def test_adjoint_reverse_failure_raises_with_throw():
 @pytest.mark.slow
 def test_adjoint_counters_readable_after_a_graph(jit_compile):
     grad = tfaca.AdjointGradient()
-    y0, ts = c64(Y0_NP), c64(TS_NP)
+    y0, ts = f64(Y0_NP), f64(TS_NP)
 
     @tf.function(jit_compile=jit_compile)
     def run(y0):
         with tf.GradientTape() as tape:
             tape.watch(y0)
-            loss = tf.reduce_sum(tfaca.odeint(tanh_field, y0, ts, args=(c64(A_NP),),
+            loss = tf.reduce_sum(tfaca.odeint(tanh_field, y0, ts, args=(f64(A_NP),),
                                               gradient=grad) ** 2)
         return tape.gradient(loss, y0)
 
@@ -506,7 +499,7 @@ def test_adjoint_counters_readable_after_a_graph(jit_compile):
     # Eagerly, the same solve counts the same.
     with tf.GradientTape() as tape:
         tape.watch(y0)
-        loss = tf.reduce_sum(tfaca.odeint(tanh_field, y0, ts, args=(c64(A_NP),), gradient=grad) ** 2)
+        loss = tf.reduce_sum(tfaca.odeint(tanh_field, y0, ts, args=(f64(A_NP),), gradient=grad) ** 2)
     tape.gradient(loss, y0)
     assert int(grad.backward_stats.num_fevals) == first
 
@@ -517,10 +510,10 @@ def test_adjoint_counters_readable_after_a_graph(jit_compile):
 
 def test_max_steps_below_the_number_of_outputs_says_so():
     with pytest.raises(ValueError, match=r"len\(ts\) - 1 = 9.*max_steps=5"):
-        tfaca.odeint(lambda t, y: -y, c64([1.0]), c64(np.linspace(0, 1, 10)), max_steps=5,
+        tfaca.odeint(lambda t, y: -y, f64([1.0]), f64(np.linspace(0, 1, 10)), max_steps=5,
                      interpolate=False)
     # Interpolated outputs cost no steps: the same call succeeds.
-    ys = tfaca.odeint(lambda t, y: -y, c64([1.0]), c64(np.linspace(0, 1, 10)), max_steps=5)
+    ys = tfaca.odeint(lambda t, y: -y, f64([1.0]), f64(np.linspace(0, 1, 10)), max_steps=5)
     np.testing.assert_allclose(ys.numpy()[:, 0], np.exp(-np.linspace(0, 1, 10)), rtol=1e-3)
 
 
@@ -530,13 +523,13 @@ def test_non_monotone_times_under_xla_are_reported():
 
     @tf.function(jit_compile=True)
     def run(ts):
-        sol = tfaca.solve(lambda t, y: -y, c64([1.0]), ts)
+        sol = tfaca.solve(lambda t, y: -y, f64([1.0]), ts)
         return sol.ys, sol.status
 
-    ys, status = run(c64([0.0, 1.0, 0.5]))
+    ys, status = run(f64([0.0, 1.0, 0.5]))
     assert int(status) == int(tfaca.Status.NONFINITE)
     assert np.all(np.isnan(ys.numpy()[1:]))
-    ys, status = run(c64([0.0, 0.5, 1.0]))
+    ys, status = run(f64([0.0, 0.5, 1.0]))
     assert int(status) == 0
     np.testing.assert_allclose(ys.numpy()[:, 0], np.exp([0.0, -0.5, -1.0]), rtol=2e-3)
 
@@ -549,7 +542,7 @@ WEIGHTS_NP = np.array([[1.0, 2.0], [3.0, 4.0], [-1.0, 0.5]])
 
 
 def _rotation(t, y):
-    return tf.linalg.matvec(c64(ROT_NP), y)
+    return tf.linalg.matvec(f64(ROT_NP), y)
 
 
 def _end_value(y0, t):
@@ -565,12 +558,12 @@ def test_rows_ending_together_each_get_their_end_time_gradient(mode, rows):
     get their own dL/dts (it all went to the first such row, the others 0). Against the
     analytic <dL/dy(t_b), A y(t_b)> for every entry."""
     y0 = np.array([[1.0, 0.5], [0.3, -0.2], [-0.4, 0.8]])
-    ts = c64(rows)
-    y0_t = c64(y0)
+    ts = f64(rows)
+    y0_t = f64(y0)
     with tf.GradientTape() as tape:
         tape.watch(ts)
         ys = tfaca.odeint(_rotation, y0_t, ts, rtol=1e-10, atol=1e-12, gradient=strategy(mode))
-        loss = tf.reduce_sum(ys[1:] * c64(WEIGHTS_NP))
+        loss = tf.reduce_sum(ys[1:] * f64(WEIGHTS_NP))
     g_ts = tape.gradient(loss, ts).numpy()
     rows = np.asarray(rows, float)
     for b in range(3):
@@ -594,7 +587,7 @@ def test_empty_batch_returns_empty_outputs_and_gradients(per_sample, mode, inter
         return tf.tanh(tf.linalg.matvec(W, y))
 
     def run(y0):
-        times = tf.zeros([tf.shape(y0)[0], 3], F64) + c64([0.0, 0.5, 1.0])
+        times = tf.zeros([tf.shape(y0)[0], 3], F64) + f64([0.0, 0.5, 1.0])
         with tf.GradientTape() as tape:
             tape.watch(y0)
             ys = tfaca.odeint(func, y0, times, per_sample=per_sample, interpolate=interpolate,
@@ -623,7 +616,7 @@ def test_empty_batch_with_shared_times_and_steps(mode):
         with tf.GradientTape() as tape:
             tape.watch(y0)
             ys = tfaca.odeint(lambda t, y: tf.tanh(tf.linalg.matvec(W, y)), y0,
-                              c64([0.0, 0.25, 0.5, 1.0]), gradient=strategy(mode))
+                              f64([0.0, 0.25, 0.5, 1.0]), gradient=strategy(mode))
             loss = tf.reduce_sum(ys)
         g_y0, g_w = tape.gradient(loss, [y0, W])
         return ys, g_y0, tf.zeros_like(W) if g_w is None else g_w
@@ -640,7 +633,7 @@ def test_empty_batch_with_compiled_adjoint():
 
     @tf.function(input_signature=[tf.TensorSpec([None, 3], F64)])
     def run(y0):
-        times = tf.zeros([tf.shape(y0)[0], 3], F64) + c64([0.0, 0.5, 1.0])
+        times = tf.zeros([tf.shape(y0)[0], 3], F64) + f64([0.0, 0.5, 1.0])
         with tf.GradientTape() as tape:
             tape.watch(y0)
             ys = tfaca.odeint(lambda t, y: tf.tanh(tf.linalg.matvec(W, y)), y0, times,
@@ -660,8 +653,8 @@ def test_padding_costs_no_step_and_an_all_padding_row_none(interpolate, mode):
     without the padding, a row that is all padding takes none and returns its state,
     and every time gradient is finite (an all-padding row gave NaN: 0/0 for its step of
     size 0; padding with interpolate=False took steps of size 0)."""
-    y0 = c64([[1.0, 0.5], [0.3, -0.2], [-0.4, 0.8]])
-    ts = c64([[0.0, 1.0, 2.0], [0.0, 0.0, 0.0], [0.0, 1.5, 1.5]])
+    y0 = f64([[1.0, 0.5], [0.3, -0.2], [-0.4, 0.8]])
+    ts = f64([[0.0, 1.0, 2.0], [0.0, 0.0, 0.0], [0.0, 1.5, 1.5]])
     with tf.GradientTape() as tape:
         tape.watch([ts, y0])
         sol = tfaca.solve(_rotation, y0, ts, per_sample=True, interpolate=interpolate,
@@ -670,7 +663,7 @@ def test_padding_costs_no_step_and_an_all_padding_row_none(interpolate, mode):
     g_ts, g_y0 = tape.gradient(loss, [ts, y0])
     assert np.all(np.isfinite(g_ts.numpy())) and np.all(np.isfinite(g_y0.numpy()))
     steps = sol.stats.num_steps.numpy()
-    alone = tfaca.solve(_rotation, y0[2:], c64([0.0, 1.5]), per_sample=True,
+    alone = tfaca.solve(_rotation, y0[2:], f64([0.0, 1.5]), per_sample=True,
                         interpolate=interpolate, rtol=1e-8, atol=1e-10)
     assert steps[2] == int(alone.stats.num_steps[0])
     assert int(sol.stats.num_fevals[2]) == int(alone.stats.num_fevals[0])
@@ -685,7 +678,7 @@ def test_all_padding_batch_returns_the_state(per_sample):
     """Every row of the times all padding (an RNN step in which no time passes, `[0, 0]`
     per row): the solve returns the state unchanged, with no step (it was refused), in a
     Keras RNN cell too."""
-    y0 = c64([[1.0, 0.5], [0.25, -0.5]])  # exact in float32, which the RNN's state passes
+    y0 = f64([[1.0, 0.5], [0.25, -0.5]])  # exact in float32, which the RNN's state passes
     sol = tfaca.solve(_rotation, y0, tf.zeros([2, 2], F64), per_sample=per_sample)
     np.testing.assert_array_equal(sol.ys.numpy(), np.stack([y0.numpy()] * 2))
     assert np.all(sol.stats.num_steps.numpy() == 0) and np.all(sol.status.numpy() == 0)
@@ -718,7 +711,7 @@ def test_mali_state_component_starting_at_zero():
         dh = tf.tanh(tf.linalg.matvec(W, h))
         return dh, -tf.reduce_sum(dh * h, axis=-1, keepdims=True)
 
-    y0 = (c64(np.random.RandomState(1).randn(4, 3)), tf.zeros([4, 1], F64))
+    y0 = (f64(np.random.RandomState(1).randn(4, 3)), tf.zeros([4, 1], F64))
     grads = {}
     for mode in ("mali", "naive"):
         with tf.GradientTape() as tape:
@@ -739,8 +732,8 @@ def test_times_holding_a_variable_get_its_gradient(compile_mode):
 
     def run():
         with tf.GradientTape() as tape:
-            y1 = tfaca.odeint(lambda t, y: -y, c64([1.0]), [0.0, T], rtol=1e-10, atol=1e-12)[-1]
-            y2 = tfaca.odeint(lambda t, y: -y, c64([[1.0], [1.0]]), [[0.0, T], [0.0, 1.0]],
+            y1 = tfaca.odeint(lambda t, y: -y, f64([1.0]), [0.0, T], rtol=1e-10, atol=1e-12)[-1]
+            y2 = tfaca.odeint(lambda t, y: -y, f64([[1.0], [1.0]]), [[0.0, T], [0.0, 1.0]],
                               rtol=1e-10, atol=1e-12)[-1, 0]
         return tape.gradient([y1, y2], T)
 
@@ -752,13 +745,13 @@ def test_times_holding_a_variable_get_its_gradient(compile_mode):
 def test_times_rule_error_names_the_row_and_the_fix():
     """Times per sample that break the rule: the error names the first row that breaks
     it, with its times, and says how to fix it; in a graph too."""
-    ts = c64([[0.0, 1.0, 2.0], [0.0, 0.5, 1.0], [0.1, 0.5, 1.0]])
-    y0 = c64([[1.0], [1.0], [1.0]])
+    ts = f64([[0.0, 1.0, 2.0], [0.0, 0.5, 1.0], [0.1, 0.5, 1.0]])
+    y0 = f64([[1.0], [1.0], [1.0]])
     with pytest.raises(ValueError, match=r"Row 2 breaks it: ts\[2\]=\[0\.1 0\.5 1\. *\].*"
                                          r"start every row at the same time"):
         tfaca.odeint(lambda t, y: -y, y0, ts)
     with pytest.raises(ValueError, match=r"Row 1 breaks it.*pad a shorter row"):
-        tfaca.odeint(lambda t, y: -y, y0, c64([[0.0, 1.0, 2.0], [0.0, 1.0, 0.5], [0, 1, 2]]))
+        tfaca.odeint(lambda t, y: -y, y0, f64([[0.0, 1.0, 2.0], [0.0, 1.0, 0.5], [0, 1, 2]]))
 
     @tf.function(input_signature=[tf.TensorSpec([None, 3], F64)])
     def run(ts):
@@ -778,4 +771,4 @@ def test_batch_mismatch_of_times_and_state_in_a_graph_is_named():
 
     with pytest.raises(tf.errors.InvalidArgumentError,
                        match=r"needs every component of `y0` to have the same batch.*\[8 3\]"):
-        run(tf.ones([4, 2], F64), tf.zeros([8, 3], F64) + c64([0.0, 1.0, 2.0]))
+        run(tf.ones([4, 2], F64), tf.zeros([8, 3], F64) + f64([0.0, 1.0, 2.0]))

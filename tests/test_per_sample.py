@@ -13,6 +13,7 @@ import pytest
 import tensorflow as tf
 
 import tfaca
+from helpers import relative_error
 
 W_NP = np.random.RandomState(3).randn(3, 3) * 0.8
 
@@ -44,11 +45,6 @@ def solve_with_grads(y0, rate, ts, dtype, per_sample=True, **kwargs):
     return sol, g_y0, g_w, g_ts
 
 
-def relative(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-300)
-
-
 SETTINGS = [
     ("dopri5", "aca", True),
     ("dopri5", "aca", False),
@@ -76,8 +72,8 @@ def test_sample_in_batch_equals_sample_alone_float64(method, gradient, interpola
     for b in range(7):
         one, g_y0_1, g_w_1, g_ts_1 = solve_with_grads(y0[b:b + 1], rate[b:b + 1], ts, dtype,
                                                       **kwargs)
-        assert relative(sol.ys[:, b], one.ys[:, 0]) < 1e-12, b
-        assert relative(g_y0[b], g_y0_1[0]) < 1e-12, b
+        assert relative_error(sol.ys[:, b], one.ys[:, 0]) < 1e-12, b
+        assert relative_error(g_y0[b], g_y0_1[0]) < 1e-12, b
         for field_name in ("num_steps", "num_rejected", "num_fevals", "num_fevals_backward"):
             got = getattr(sol.stats, field_name)
             want = getattr(one.stats, field_name)
@@ -90,14 +86,14 @@ def test_sample_in_batch_equals_sample_alone_float64(method, gradient, interpola
             # backprop through the accepted steps (test_gradients.py).
             shared, g_y0_s, g_w_s, g_ts_s = solve_with_grads(
                 y0[b:b + 1], rate[b:b + 1], ts, dtype, per_sample=False, **kwargs)
-            assert relative(one.ys, shared.ys) < 1e-12
+            assert relative_error(one.ys, shared.ys) < 1e-12
             for got, want in ((g_y0_1, g_y0_s), (g_w_1, g_w_s), (g_ts_1, g_ts_s)):
-                assert relative(got, want) < 1e-12, b
+                assert relative_error(got, want) < 1e-12, b
     # The parameters' and the shared times' gradients are the sums over the samples (the
     # adjoint's, from a longer chain of roundings, to a little more).
     summed = 1e-11 if gradient == "adjoint" else 1e-12
-    assert relative(g_w, g_w_alone) < summed
-    assert relative(g_ts, g_ts_alone) < summed
+    assert relative_error(g_w, g_w_alone) < summed
+    assert relative_error(g_ts, g_ts_alone) < summed
     if method != "rk4":
         # The stiff neighbour takes far more steps than the others, who do not pay for it.
         steps = sol.stats.num_steps.numpy()
@@ -111,8 +107,8 @@ def test_sample_in_batch_equals_sample_alone_float32():
     sol, g_y0, g_w, _ = solve_with_grads(y0, rate, ts, dtype)
     for b in (0, 5, 6):
         one, g_y0_1, _, _ = solve_with_grads(y0[b:b + 1], rate[b:b + 1], ts, dtype)
-        assert relative(sol.ys[:, b], one.ys[:, 0]) < 1e-5, b
-        assert relative(g_y0[b], g_y0_1[0]) < 1e-5, b
+        assert relative_error(sol.ys[:, b], one.ys[:, 0]) < 1e-5, b
+        assert relative_error(g_y0[b], g_y0_1[0]) < 1e-5, b
         assert int(sol.stats.num_steps[b]) == int(one.stats.num_steps[0])
 
 
@@ -128,7 +124,7 @@ def test_shared_stepping_couples_the_samples():
     # `field` reads per-sample times; a shared solve passes a scalar, which broadcasts.
     alone = tfaca.solve(field, y0[:1], ts, args=(w, rate[:1]), rtol=1e-6, atol=1e-8)
     assert int(shared.stats.num_steps) > 3 * int(alone.stats.num_steps)
-    assert relative(shared.ys[-1, 0], alone.ys[-1, 0]) > 1e-8
+    assert relative_error(shared.ys[-1, 0], alone.ys[-1, 0]) > 1e-8
 
 
 def per_sample_times():
@@ -185,7 +181,7 @@ def test_adjoint_agrees_with_aca_and_times_reach_the_last_real_time(per_sample, 
             loss = tf.reduce_sum(ys**2)
         grads[gradient] = tape.gradient(loss, [y0, w, ts])
     for aca, adjoint in zip(grads["aca"], grads["adjoint"]):
-        assert relative(adjoint, aca) < 1e-5
+        assert relative_error(adjoint, aca) < 1e-5
     g_ts = grads["aca"][2].numpy()
     assert abs(g_ts[0, 2]) > 1e-3 and abs(g_ts[1, 1]) > 1e-3  # last real times
     assert g_ts[0, 3] == 0.0 and np.all(g_ts[1, 2:] == 0.0)  # padding
@@ -231,7 +227,7 @@ def test_naive_gradient_error_does_not_grow_with_the_batch():
 
     alone = grad_of_first(1)
     for batch in (8, 64):
-        assert relative(grad_of_first(batch), alone) < 1e-12, batch
+        assert relative_error(grad_of_first(batch), alone) < 1e-12, batch
 
 
 @pytest.mark.slow_variants
@@ -344,13 +340,13 @@ def test_layer_fits_and_serves_predictions_independent_of_the_batch(tmp_path):
     np.testing.assert_allclose(in_batch, model(x).numpy(), rtol=1e-12)
     for b in (0, 31, 63):
         alone = serve(tf.constant(x[b:b + 1])).numpy()
-        assert relative(alone[0], in_batch[b]) < 1e-12, b
+        assert relative_error(alone[0], in_batch[b]) < 1e-12, b
 
     # The contrast: the same weights with one step size for the batch.
     shared = _model(per_sample=False)
     shared.set_weights(model.get_weights())
     batch_out = shared(x).numpy()
-    gaps = [relative(shared(x[b:b + 1]).numpy()[0], batch_out[b]) for b in (0, 31, 63)]
+    gaps = [relative_error(shared(x[b:b + 1]).numpy()[0], batch_out[b]) for b in (0, 31, 63)]
     assert max(gaps) > 1e-8
 
 

@@ -10,7 +10,7 @@ import scipy.linalg
 import tensorflow as tf
 
 import tfaca
-from helpers import A_NP, ADAPTIVE, FIXED, ORDERS, expm_solution, linear_func
+from helpers import ADAPTIVE, A_NP, FIXED, ORDERS, expm_solution, f64, linear_func
 
 Y0_NP = np.array([1.0, 0.5, -0.3])
 ALL_METHODS = FIXED + ADAPTIVE
@@ -28,10 +28,6 @@ SOLVER_CLASSES = {
 def _slope(hs, errors):
     """Least-squares slope of log(error) against log(h)."""
     return np.polyfit(np.log(hs), np.log(errors), 1)[0]
-
-
-def _f64(x):
-    return tf.constant(x, tf.float64)
 
 
 def _van_der_pol(t, y, mu=1.0):
@@ -117,7 +113,7 @@ def test_fsal_last_stage_is_derivative_at_end(method):
     """The `f1` a FSAL step returns is func(t0 + dt, y1)."""
     solver = tfaca.get_solver(method)
     func = lambda t, y: [_van_der_pol(t, y[0])]  # noqa: E731
-    t0, y0, dt = _f64(0.3), _f64([1.5, -0.7]), _f64(0.05)
+    t0, y0, dt = f64(0.3), f64([1.5, -0.7]), f64(0.05)
     y1, f1, _ = solver.step(func, t0, [y0], func(t0, [y0]), dt)
     np.testing.assert_allclose(f1[0].numpy(), func(t0 + dt, y1)[0].numpy(), rtol=1e-14, atol=1e-14)
 
@@ -141,11 +137,11 @@ def test_convergence_order(method):
     @tf.function
     def run(h):
         return tfaca.odeint(
-            func, _f64(Y0_NP), _f64([0.0, T]), method=method, step_size=h, max_steps=2000
+            func, f64(Y0_NP), f64([0.0, T]), method=method, step_size=h, max_steps=2000
         )[-1]
 
     hs = [2.0**-k for k in _STEP_EXPONENTS[order]]
-    errors = [np.linalg.norm(run(_f64(h)).numpy() - exact) for h in hs]
+    errors = [np.linalg.norm(run(f64(h)).numpy() - exact) for h in hs]
     assert min(errors) > 1e-12, errors
     slope = _slope(hs, errors)
     assert abs(slope - order) < 0.3, (slope, errors)
@@ -155,12 +151,12 @@ def test_convergence_order(method):
 def test_embedded_error_estimate_order(method):
     solver = tfaca.get_solver(method)
     func = lambda t, y: [_van_der_pol(t, y[0])]  # noqa: E731
-    t0, y0 = _f64(0.3), _f64([1.5, -0.7])
+    t0, y0 = f64(0.3), f64([1.5, -0.7])
     f0 = func(t0, [y0])
     hs = [0.1 * 2.0**-k for k in range(4)]
     errors = []
     for h in hs:
-        y1, _, y_error = solver.step(func, t0, [y0], f0, _f64(h))
+        y1, _, y_error = solver.step(func, t0, [y0], f0, f64(h))
         assert y_error is not None and len(y_error) == 1
         assert y_error[0].shape == y0.shape
         errors.append(np.linalg.norm(y_error[0].numpy()))
@@ -180,12 +176,12 @@ def test_single_step_local_error_order(method):
     so a wrong coefficient cannot hide behind the linear stability polynomial)."""
     solver = tfaca.get_solver(method)
     func = lambda t, y: [_van_der_pol(t, y[0])]  # noqa: E731
-    t0, y0 = _f64(0.3), np.array([1.5, -0.7])
-    f0 = func(t0, [_f64(y0)])
+    t0, y0 = f64(0.3), np.array([1.5, -0.7])
+    f0 = func(t0, [f64(y0)])
     hs = [0.8 * 2.0**-k for k in _LOCAL_STEP_EXPONENTS[solver.order]]
     errors = []
     for h in hs:
-        y1, _, _ = solver.step(func, t0, [_f64(y0)], f0, _f64(h))
+        y1, _, _ = solver.step(func, t0, [f64(y0)], f0, f64(h))
         ref = scipy.integrate.solve_ivp(
             _van_der_pol_np, (0.3, 0.3 + h), y0, method="DOP853", rtol=2.3e-14, atol=1e-15
         ).y[:, -1]
@@ -224,8 +220,8 @@ def test_adaptive_matches_scipy_dop853(method, tol, vdp_reference):
     def run():
         return tfaca.solve(
             _van_der_pol,
-            _f64([2.0, 0.0]),
-            _f64(_VDP_TS),
+            f64([2.0, 0.0]),
+            f64(_VDP_TS),
             method=method,
             rtol=tol,
             atol=tol,
@@ -249,12 +245,12 @@ def test_tighter_tolerance_is_more_accurate(vdp_reference):
     @tf.function
     def run(tol):
         return tfaca.solve(
-            _van_der_pol, _f64([2.0, 0.0]), _f64(_VDP_TS), rtol=tol, atol=tol, max_steps=5000
+            _van_der_pol, f64([2.0, 0.0]), f64(_VDP_TS), rtol=tol, atol=tol, max_steps=5000
         )
 
     errors, steps = [], []
     for tol in [1e-4, 1e-6, 1e-8, 1e-10]:
-        sol = run(_f64(tol))
+        sol = run(f64(tol))
         errors.append(np.abs(sol.ys.numpy() - vdp_reference).max())
         steps.append(int(sol.stats.num_steps))
     assert all(a > b for a, b in zip(errors, errors[1:])), errors
@@ -291,7 +287,7 @@ def test_fixed_step_count_and_landing(method, ts, h):
 
     @tf.function
     def run():
-        return tfaca.solve(func, _f64(Y0_NP), _f64(ts), method=method, step_size=_f64(h),
+        return tfaca.solve(func, f64(Y0_NP), f64(ts), method=method, step_size=f64(h),
                            interpolate=False)
 
     sol = run()
@@ -314,7 +310,7 @@ def test_fixed_step_fevals(method):
     """Without error control nothing is rejected; evaluations follow the tableau."""
     solver = tfaca.get_solver(method)
     sol = tfaca.solve(
-        linear_func(A_NP), _f64(Y0_NP), _f64([0.0, 1.0]), method=method, step_size=0.125
+        linear_func(A_NP), f64(Y0_NP), f64([0.0, 1.0]), method=method, step_size=0.125
     )
     n = int(sol.stats.num_steps)
     assert n == 8 and int(sol.stats.num_rejected) == 0
@@ -328,7 +324,7 @@ def test_fixed_step_fevals(method):
 
 def test_python_float_ts_keep_float64_precision():
     ts = [0.0, 0.1, 0.7]
-    sol = tfaca.solve(linear_func(A_NP), _f64(Y0_NP), ts, rtol=1e-10, atol=1e-10)
+    sol = tfaca.solve(linear_func(A_NP), f64(Y0_NP), ts, rtol=1e-10, atol=1e-10)
     np.testing.assert_array_equal(sol.ts.numpy(), np.array(ts))
     np.testing.assert_allclose(
         sol.ys[1].numpy(), expm_solution(A_NP, Y0_NP, 0.1), rtol=0, atol=1e-10
@@ -337,9 +333,9 @@ def test_python_float_ts_keep_float64_precision():
 
 def test_python_float_step_size_keeps_float64_precision():
     func = linear_func(A_NP)
-    ts = _f64([0.0, 1.0])
-    a = tfaca.odeint(func, _f64(Y0_NP), ts, method="rk4", step_size=0.3)
-    b = tfaca.odeint(func, _f64(Y0_NP), ts, method="rk4", step_size=_f64(0.3))
+    ts = f64([0.0, 1.0])
+    a = tfaca.odeint(func, f64(Y0_NP), ts, method="rk4", step_size=0.3)
+    b = tfaca.odeint(func, f64(Y0_NP), ts, method="rk4", step_size=f64(0.3))
     np.testing.assert_array_equal(a.numpy(), b.numpy())
 
 
@@ -352,8 +348,8 @@ def test_python_float_first_and_max_step_keep_float64_precision(arg):
         return tf.linalg.matvec(tf.constant(A_NP), y)
 
     # Either the first step is 0.1, or a larger first step is capped to 0.1.
-    kwargs = {"first_step": 0.1} if arg == "first_step" else {"first_step": _f64(1.0), "max_step": 0.1}
-    tfaca.solve(func, _f64(Y0_NP), _f64([0.0, 1.0]), **kwargs)
+    kwargs = {"first_step": 0.1} if arg == "first_step" else {"first_step": f64(1.0), "max_step": 0.1}
+    tfaca.solve(func, f64(Y0_NP), f64([0.0, 1.0]), **kwargs)
     # The first stage of the first trial is at t0 + c[1] * 0.1.
     assert times[1] == 0.2 * 0.1
 
@@ -361,10 +357,10 @@ def test_python_float_first_and_max_step_keep_float64_precision(arg):
 def _capped_solve(factor_max):
     """Steps capped at 0.1 (float64) reach 0.9999999999999999, 1 ulp short of the output
     1.0, and land on it with a remainder step of ~1e-16."""
-    h = _f64(0.1)
-    ts = _f64([0.0, 1.0, 2.0])
+    h = f64(0.1)
+    ts = f64([0.0, 1.0, 2.0])
     sol = tfaca.solve(
-        lambda t, y: -y, _f64([1.0]), ts, max_step=h, first_step=h, factor_max=factor_max,
+        lambda t, y: -y, f64([1.0]), ts, max_step=h, first_step=h, factor_max=factor_max,
         throw=False,
     )
     return sol, ts.numpy()
@@ -411,8 +407,8 @@ def test_nested_tuple_state():
         assert isinstance(y, tuple)
         return tf.linalg.matvec(A, p), -0.5 * q
 
-    y0 = (_f64(Y0_NP), _f64(_Q0))
-    ys = tfaca.odeint(func, y0, _f64(_TS), rtol=1e-10, atol=1e-10)
+    y0 = (f64(Y0_NP), f64(_Q0))
+    ys = tfaca.odeint(func, y0, f64(_TS), rtol=1e-10, atol=1e-10)
     assert isinstance(ys, tuple) and len(ys) == 2
     assert ys[0].shape == (len(_TS), 3) and ys[1].shape == (len(_TS), 2, 2)
     assert ys[0].dtype == tf.float64
@@ -428,8 +424,8 @@ def test_nested_dict_state():
         assert set(y) == {"p", "q"}
         return {"q": -0.5 * y["q"], "p": tf.linalg.matvec(A, y["p"])}
 
-    y0 = {"p": _f64(Y0_NP), "q": _f64(_Q0)}
-    ys = tfaca.odeint(func, y0, _f64(_TS), rtol=1e-10, atol=1e-10)
+    y0 = {"p": f64(Y0_NP), "q": f64(_Q0)}
+    ys = tfaca.odeint(func, y0, f64(_TS), rtol=1e-10, atol=1e-10)
     assert isinstance(ys, dict) and set(ys) == {"p", "q"}
     assert ys["p"].shape == (len(_TS), 3) and ys["q"].shape == (len(_TS), 2, 2)
     np.testing.assert_array_equal(ys["p"][0].numpy(), Y0_NP)
@@ -444,8 +440,8 @@ def test_nested_list_state_with_nesting():
         p, (q,) = y
         return [tf.linalg.matvec(A, p), (-0.5 * q,)]
 
-    y0 = [_f64(Y0_NP), (_f64(_Q0),)]
-    ys = tfaca.odeint(func, y0, _f64(_TS), rtol=1e-10, atol=1e-10)
+    y0 = [f64(Y0_NP), (f64(_Q0),)]
+    ys = tfaca.odeint(func, y0, f64(_TS), rtol=1e-10, atol=1e-10)
     assert isinstance(ys, list) and isinstance(ys[1], tuple)
     assert ys[0].shape == (len(_TS), 3) and ys[1][0].shape == (len(_TS), 2, 2)
     np.testing.assert_array_equal(ys[0][0].numpy(), Y0_NP)
@@ -459,8 +455,8 @@ def test_reverse_time(method, step_size):
     ts = np.array([2.0, 1.5, 0.2, -0.5])
     sol = tfaca.solve(
         linear_func(A_NP),
-        _f64(Y0_NP),
-        _f64(ts),
+        f64(Y0_NP),
+        f64(ts),
         method=method,
         step_size=step_size,
         rtol=1e-10,
@@ -480,7 +476,7 @@ def test_many_output_times_match_expm():
 
     @tf.function
     def run():
-        return tfaca.solve(linear_func(A_NP), _f64(Y0_NP), _f64(ts), rtol=1e-9, atol=1e-9)
+        return tfaca.solve(linear_func(A_NP), f64(Y0_NP), f64(ts), rtol=1e-9, atol=1e-9)
 
     sol = run()
     ys = sol.ys.numpy()
@@ -539,8 +535,8 @@ def test_low_precision_state_is_solved_in_float32(low):
 
 def test_eager_function_and_xla_agree():
     func = linear_func(A_NP)
-    ts = _f64([0.0, 0.5, 1.7, 3.0])
-    y0 = _f64(Y0_NP)
+    ts = f64([0.0, 0.5, 1.7, 3.0])
+    y0 = f64(Y0_NP)
 
     def run(y0, ts):
         sol = tfaca.solve(func, y0, ts, rtol=1e-7, atol=1e-9)
@@ -572,7 +568,7 @@ def test_traces_once_for_new_values():
     for k in range(3):
         y0 = rng.normal(size=3)
         ts = np.array([0.0, 0.5 + k, 1.0 + 2 * k])
-        ys = run(_f64(y0), _f64(ts)).numpy()
+        ys = run(f64(y0), f64(ts)).numpy()
         for i, t in enumerate(ts):
             np.testing.assert_allclose(ys[i], expm_solution(A_NP, y0, t), rtol=0, atol=1e-6)
     assert len(traces) == 1
@@ -605,15 +601,15 @@ def _decoupled_reference(ts):
 def test_per_element_tolerances():
     ts = np.array([0.0, 2.0, 5.0])
     ref = _decoupled_reference(ts)
-    y0 = _f64([1.0, 0.0, 1.0, 0.0])
+    y0 = f64([1.0, 0.0, 1.0, 0.0])
 
     @tf.function
     def run(rtol, atol):
-        return tfaca.solve(_decoupled, y0, _f64(ts), rtol=rtol, atol=atol)
+        return tfaca.solve(_decoupled, y0, f64(ts), rtol=rtol, atol=atol)
 
-    loose = run(_f64(1e-3), _f64(1e-3))
-    tight = run(_f64(1e-10), _f64(1e-10))
-    mixed = run(_f64([1e-3, 1e-3, 1e-10, 1e-10]), _f64([1e-3, 1e-3, 1e-10, 1e-10]))
+    loose = run(f64(1e-3), f64(1e-3))
+    tight = run(f64(1e-10), f64(1e-10))
+    mixed = run(f64([1e-3, 1e-3, 1e-10, 1e-10]), f64([1e-3, 1e-3, 1e-10, 1e-10]))
     err = lambda s: np.abs(s.ys.numpy() - ref)  # noqa: E731
     # The tight elements are solved as accurately as with a tight scalar tolerance...
     assert err(mixed)[:, 2:].max() < 1e-7
@@ -627,7 +623,7 @@ def test_per_element_tolerances():
 
 @pytest.mark.slow
 def test_nested_tolerances_match_flat_per_element_tolerances():
-    ts = _f64([0.0, 2.0, 5.0])
+    ts = f64([0.0, 2.0, 5.0])
 
     def nested_func(t, y):
         return {"a": _decoupled(t, tf.concat([y["a"], y["b"]], 0))[:2],
@@ -635,17 +631,17 @@ def test_nested_tolerances_match_flat_per_element_tolerances():
 
     nested = tfaca.solve(
         nested_func,
-        {"a": _f64([1.0, 0.0]), "b": _f64([1.0, 0.0])},
+        {"a": f64([1.0, 0.0]), "b": f64([1.0, 0.0])},
         ts,
         rtol={"a": 1e-3, "b": 1e-9},
-        atol={"a": _f64([1e-3, 1e-3]), "b": 1e-9},
+        atol={"a": f64([1e-3, 1e-3]), "b": 1e-9},
     )
     flat = tfaca.solve(
         _decoupled,
-        _f64([1.0, 0.0, 1.0, 0.0]),
+        f64([1.0, 0.0, 1.0, 0.0]),
         ts,
-        rtol=_f64([1e-3, 1e-3, 1e-9, 1e-9]),
-        atol=_f64([1e-3, 1e-3, 1e-9, 1e-9]),
+        rtol=f64([1e-3, 1e-3, 1e-9, 1e-9]),
+        atol=f64([1e-3, 1e-3, 1e-9, 1e-9]),
     )
     assert int(nested.stats.num_steps) == int(flat.stats.num_steps)
     assert int(nested.stats.num_rejected) == int(flat.stats.num_rejected)
@@ -668,8 +664,8 @@ def test_num_fevals_formula(method, per_trial, per_accept):
     def run(first_step):
         return tfaca.solve(
             lambda t, y: _van_der_pol(t, y, 5.0),
-            _f64([2.0, 0.0]),
-            _f64([0.0, 3.0, 6.0]),
+            f64([2.0, 0.0]),
+            f64([0.0, 3.0, 6.0]),
             method=method,
             rtol=1e-5,
             atol=1e-5,
@@ -684,7 +680,7 @@ def test_num_fevals_formula(method, per_trial, per_accept):
         assert rejected > 0  # the formula is checked with rejections present
     assert int(sol.stats.num_fevals) == 2 + per_trial * (steps + rejected) + per_accept * steps
 
-    sol = run(_f64(1e-3))
+    sol = run(f64(1e-3))
     steps, rejected = int(sol.stats.num_steps), int(sol.stats.num_rejected)
     assert int(sol.stats.num_fevals) == 1 + per_trial * (steps + rejected) + per_accept * steps
 
@@ -697,7 +693,7 @@ def test_first_step_is_used_and_skips_selection():
         return tf.linalg.matvec(tf.constant(A_NP), y)
 
     h = 2.0**-6
-    sol = tfaca.solve(func, _f64(Y0_NP), _f64([0.0, 1.0]), first_step=h)
+    sol = tfaca.solve(func, f64(Y0_NP), f64([0.0, 1.0]), first_step=h)
     # f0 at t0, then the first trial's stages at c[i] * h: no selection evaluation.
     assert times[:7] == [0.0] + [c * h for c in tfaca.Dopri5.tableau.c[1:]]
     assert int(sol.stats.num_fevals) == 1 + 6 * (
@@ -705,7 +701,7 @@ def test_first_step_is_used_and_skips_selection():
     )
 
     times.clear()
-    sol = tfaca.solve(func, _f64(Y0_NP), _f64([0.0, 1.0]))
+    sol = tfaca.solve(func, f64(Y0_NP), f64([0.0, 1.0]))
     assert times[0] == 0.0 and times[1] > 0.0  # selection probe at t0 + h0
     assert int(sol.stats.num_fevals) == 2 + 6 * (
         int(sol.stats.num_steps) + int(sol.stats.num_rejected)
@@ -716,8 +712,8 @@ def test_first_step_is_used_and_skips_selection():
 def test_max_step_bounds_the_step(max_step):
     func = linear_func(A_NP)
     T = 4.0
-    free = tfaca.solve(func, _f64(Y0_NP), _f64([0.0, T]))
-    bounded = tfaca.solve(func, _f64(Y0_NP), _f64([0.0, T]), max_step=_f64(max_step))
+    free = tfaca.solve(func, f64(Y0_NP), f64([0.0, T]))
+    bounded = tfaca.solve(func, f64(Y0_NP), f64([0.0, T]), max_step=f64(max_step))
     assert int(free.stats.num_steps) < T / max_step
     assert int(bounded.stats.num_steps) >= math.ceil(T / max_step - 1e-9)
     np.testing.assert_allclose(
@@ -726,13 +722,13 @@ def test_max_step_bounds_the_step(max_step):
 
 
 def test_solution_fields():
-    sol = tfaca.solve(linear_func(A_NP), _f64(Y0_NP), [0.0, 1.0])
+    sol = tfaca.solve(linear_func(A_NP), f64(Y0_NP), [0.0, 1.0])
     assert isinstance(sol, tfaca.Solution) and isinstance(sol.stats, tfaca.Stats)
     assert int(sol.status) == int(tfaca.Status.SUCCESS) == 0
     assert sol.status.dtype == tf.int32
     assert float(sol.t_final) == 1.0
     assert sol.ts.dtype == tf.float64
-    ys = tfaca.odeint(linear_func(A_NP), _f64(Y0_NP), [0.0, 1.0])
+    ys = tfaca.odeint(linear_func(A_NP), f64(Y0_NP), [0.0, 1.0])
     np.testing.assert_array_equal(ys.numpy(), sol.ys.numpy())
 
 
@@ -778,11 +774,11 @@ def test_user_defined_solver_order(solver):
     @tf.function
     def run(h):
         return tfaca.odeint(
-            linear_func(A_NP), _f64(Y0_NP), _f64([0.0, T]), method=solver, step_size=h
+            linear_func(A_NP), f64(Y0_NP), f64([0.0, T]), method=solver, step_size=h
         )[-1]
 
     hs = [2.0**-k for k in _STEP_EXPONENTS[order]]
-    errors = [np.linalg.norm(run(_f64(h)).numpy() - exact) for h in hs]
+    errors = [np.linalg.norm(run(f64(h)).numpy() - exact) for h in hs]
     slope = _slope(hs, errors)
     assert abs(slope - order) < 0.3, (slope, errors)
 
@@ -795,13 +791,13 @@ def test_user_defined_adaptive_pair():
     @tf.function
     def run(tol):
         return tfaca.solve(
-            linear_func(A_NP), _f64(Y0_NP), _f64(ts), method=solver, rtol=tol, atol=tol,
+            linear_func(A_NP), f64(Y0_NP), f64(ts), method=solver, rtol=tol, atol=tol,
             max_steps=5000,
         )
 
     errors = []
     for tol in [1e-4, 1e-6]:
-        sol = run(_f64(tol))
+        sol = run(f64(tol))
         assert int(sol.status) == 0
         steps, rejected = int(sol.stats.num_steps), int(sol.stats.num_rejected)
         assert int(sol.stats.num_fevals) == 2 + (steps + rejected) + steps
@@ -814,10 +810,10 @@ def test_user_defined_adaptive_pair():
 
     # Its error estimate is O(dt^2).
     func = lambda t, y: [_van_der_pol(t, y[0])]  # noqa: E731
-    t0, y0 = _f64(0.3), _f64([1.5, -0.7])
+    t0, y0 = f64(0.3), f64([1.5, -0.7])
     f0 = func(t0, [y0])
     hs = [0.1 * 2.0**-k for k in range(5)]
-    errs = [np.linalg.norm(solver.step(func, t0, [y0], f0, _f64(h))[2][0].numpy()) for h in hs]
+    errs = [np.linalg.norm(solver.step(func, t0, [y0], f0, f64(h))[2][0].numpy()) for h in hs]
     assert abs(_slope(hs, errs) - 2) < 0.3
 
 
