@@ -6,10 +6,11 @@ import pytest
 import scipy.integrate
 import scipy.linalg
 import tensorflow as tf
-from helpers import A_NP, assert_grads_close, expm_solution, flat_func, linear_func
+from helpers import (
+    A_NP, accepted_steps, assert_grads_close, expm_solution, flat_func, linear_func,
+)
 
 import tfaca
-from tfaca import _loop
 
 F64 = tf.float64
 
@@ -45,20 +46,11 @@ def _exact(y0, ts):
 
 
 def _accepted_dense_steps(func, y0, t0, t1, method, rtol, atol, args=()):
-    """The accepted steps of a solve from t0 to t1 (what interpolation steps onto)."""
-    y0_flat = [tf.convert_to_tensor(y) for y in tf.nest.flatten(y0)]
-    dtype = y0_flat[0].dtype
-    solver = tfaca.get_solver(method)
-    controller = tfaca.StepSizeController(
-        rtol=[tf.constant(rtol, dtype)] * len(y0_flat), atol=[tf.constant(atol, dtype)] * len(y0_flat)
-    )
-    traj = _loop.integrate(
-        solver, controller, flat_func(func, y0, args), tf.constant([t0, t1], dtype), y0_flat,
-        step_size=None, first_step=None, max_steps=10000, record=True,
-    )
-    assert int(traj.status) == 0
-    n = int(traj.checkpoints.num_steps)
-    return traj.checkpoints.t.numpy()[:n, 0], traj.checkpoints.dt.numpy()[:n, 0]
+    """The starts and sizes of the accepted steps from t0 to t1 (what interpolation steps
+    onto)."""
+    steps = accepted_steps(func, y0, [t0, t1], args=args, method=method, rtol=rtol,
+                           atol=atol, max_steps=10000)
+    return steps.t, steps.dt
 
 
 def _unrolled_dense(func, y0, ts, starts, sizes, method, args=()):
