@@ -546,12 +546,11 @@ def experiment_cost(memory, repeats, out_dir):
     print(f"\n== 3. Cost: dy/dt = MLP(y) ({c['state']} -> {c['hidden']} tanh -> {c['state']}), "
           f"float32, batch {c['batch']}, t in [0, {c['t1']:g}], dopri5, rtol = atol = {c['tol']:g}")
     net, y0 = _cost_problem()
-    in_process = memory is None
+    in_process = memory is None  # --quick: each strategy's memory is measured here
     cost = {}
     for mode in MODES:
         forward, forward_backward = _cost_functions(net, mode)
-        if memory is None or mode not in memory:  # --quick: measured here
-            memory = dict(memory or {}, **{mode: _first_call_memory(forward_backward, y0)})
+        measured = _first_call_memory(forward_backward, y0) if in_process else memory[mode]
         forward(y0)
         _, stats, bwd = forward_backward(y0)  # warm-up (traces)
         cost[mode] = dict(
@@ -561,7 +560,7 @@ def experiment_cost(memory, repeats, out_dir):
             backward_fevals=int(bwd),
             forward_ms=1e3 * _median_seconds(forward, y0, repeats),
             forward_backward_ms=1e3 * _median_seconds(forward_backward, y0, repeats),
-            peak_rss_rise_mb=memory[mode]["peak_rss_rise_mb"],
+            peak_rss_rise_mb=measured["peak_rss_rise_mb"],
         )
     header = ["strategy", "accepted / rejected steps", "forward fevals", "backward fevals",
               "forward ms", "forward+backward ms", "memory of forward+backward (MB)"]
