@@ -5,6 +5,7 @@ import os
 import pathlib
 import subprocess
 
+import keras
 import numpy as np
 import scipy.linalg
 import tensorflow as tf
@@ -46,6 +47,200 @@ def expm_solution(A, y0, t):
 def frechet_expm(A, E):
     """Fréchet derivative of expm at A in direction E."""
     return scipy.linalg.expm_frechet(A, E, compute_expm=False)
+
+
+F64 = tf.float64
+Y0_NP = np.array([1.0, 0.5, -0.3])
+
+
+def random_y0(batch=None, dtype=F64):
+    """A seeded random state of 3 components (one per sample with `batch`)."""
+    rng = np.random.default_rng(1)
+    shape = (3,) if batch is None else (batch, 3)
+    return tf.constant(rng.standard_normal(shape), dtype)
+
+
+def random_per_sample_ts(batch=4, n=6, t1=3.0, seed=0, pad_row=2):
+    """Increasing output times per sample from 0, row `pad_row` padded after 4 times (a
+    sample with fewer observations)."""
+    rng = np.random.default_rng(seed)
+    ts = np.sort(rng.uniform(0.0, t1, (batch, n)), axis=1)
+    ts[:, 0] = 0.0
+    if pad_row is not None:
+        ts[pad_row, 4:] = ts[pad_row, 3]
+    return ts
+
+
+def linear_exact(y0, ts):
+    """expm solution of y' = A_NP y at each time: `[n, ...]`, per sample when ts is 2-D."""
+    y0 = np.asarray(y0)
+    ts = np.asarray(ts)
+    if ts.ndim == 1:
+        return np.stack([expm_solution(A_NP, y0.T, t - ts[0]).T for t in ts])
+    return np.stack(
+        [[expm_solution(A_NP, y0[b], t - ts[b, 0]) for b, t in enumerate(col)] for col in ts.T]
+    )
+
+
+def variable_linear_problem():
+    """`(A, func)`: y' = A y * scale + c sin(t) with A a variable and `scale` an arg."""
+    A = tf.Variable(A_NP, name="A")
+    c = tf.constant([0.3, -0.2, 0.1], F64)
+
+    def func(t, y, scale):
+        return tf.linalg.matvec(A, y) * scale + c * tf.sin(t)
+
+    return A, func
+
+
+def projection_loss(ys, seed=3):
+    """A fixed random projection of the squares of every output (each output matters)."""
+    flat = tf.nest.flatten(ys)
+    rng = np.random.default_rng(seed)
+    return tf.add_n([tf.reduce_sum(tf.constant(rng.standard_normal(y.shape), y.dtype) * y ** 2)
+                     for y in flat])
+
+
+def van_der_pol(t, y, mu=1.0):
+    """Van der Pol's oscillator, the state's last axis `(x, v)`."""
+    x, v = y[..., 0], y[..., 1]
+    return tf.stack([v, mu * (1.0 - x ** 2) * v - x], axis=-1)
+
+
+def tanh_field(t, y, W):
+    """y' = tanh(W y) - 0.1 y."""
+    return tf.tanh(tf.linalg.matvec(W, y)) - 0.1 * y
+
+
+SHORT_TS = np.array([0.0, 0.6, 1.3])
+
+
+def hvp(loss_fn, x, v):
+    """The Hessian of `loss_fn` at `x` times `v`, by two nested tapes."""
+    with tf.GradientTape() as outer:
+        outer.watch(x)
+        with tf.GradientTape() as inner:
+            inner.watch(x)
+            loss = loss_fn(x)
+        g = inner.gradient(loss, x)
+    return outer.gradient(g, x, output_gradients=v)
+
+
+# A non-autonomous nonlinear problem with weights and a loss that weighs every output.
+# Loose tolerances per method: every method takes a handful of steps on it and rejects at
+# least one trial (asserted in `test_aca.test_unrolled_y0`).
+LOOSE_TOL = {"heun_euler": 1e-3, "bosh3": 1e-4, "dopri5": 1e-6, "tsit5": 1e-6}
+TANH_W = np.random.default_rng(0).normal(size=(3, 3)) * 2.0
+TANH_B = np.array([0.3, -0.2, 0.1])
+TANH_TS = np.array([0.0, 0.7, 1.5, 3.0])
+_TANH_RNG = np.random.default_rng(1234)
+# Generic cotangents for every output (ys[0] included): a linear and a quadratic term.
+TANH_C = _TANH_RNG.normal(size=(len(TANH_TS), 3))
+TANH_Q = _TANH_RNG.uniform(0.5, 1.5, size=(len(TANH_TS),))
+
+
+def tanh_rhs(t, y, W, b):
+    """tanh(W y) + b cos(3 t)."""
+    return tf.tanh(tf.linalg.matvec(W, y)) + b * tf.cos(3.0 * t)
+
+
+def quadratic_loss(ys):
+    """Weighted sum of squares plus a linear term, over all outputs."""
+    ys = tf.convert_to_tensor(ys)
+    n = ys.shape[0]
+    c = tf.constant(TANH_C[:n, : ys.shape[1]], ys.dtype)
+    q = tf.constant(TANH_Q[:n], ys.dtype)
+    return tf.reduce_sum(c * ys) + 0.5 * tf.reduce_sum(q[:, None] * tf.square(ys))
+
+
+# A time-dependent MLP field on a batch of 3, solved with every option a test varies:
+# `mlp_gradients` returns its outputs and the gradients of every input (GRADIENT_NAMES).
+_MLP_RNG = np.random.default_rng(26)
+MLP_W = _MLP_RNG.normal(size=(4, 4)) * 0.5
+MLP_B = _MLP_RNG.normal(size=(4,))
+MLP_Y0 = _MLP_RNG.normal(size=(3, 4))
+MLP_TIMES = {
+    "shared": [0.0, 0.1, 0.35, 0.7, 1.0, 1.3],
+    "decreasing": [1.3, 1.0, 0.7, 0.35, 0.1, 0.0],
+    "rows": [[0.0, 0.4, 0.9, 1.3], [0.0, 0.2, 1.1, 1.1], [0.0, 0.5, 0.7, 1.0]],
+}
+GRADIENT_NAMES = ["ys", "y0", "ts", "W", "b"]
+
+
+def mlp_gradients(gradient, ts, *, method="dopri5", per_sample=False, step_size=None,
+                  interpolate=True, rtol=1e-6, jit_compile="auto"):
+    """Outputs and dL/d(y0, ts, W, b) of a float64 solve of the MLP field."""
+    w, b = tf.Variable(MLP_W), tf.Variable(MLP_B)
+
+    def func(t, y):
+        t = tf.convert_to_tensor(t)
+        scale = 1.0 + 0.1 * (t if t.shape.rank == 0 else t[:, None])
+        return tf.tanh(y @ w + b) * scale - 0.1 * y
+
+    import tfaca
+
+    y0 = tf.constant(MLP_Y0)
+    ts = tf.constant(ts, tf.float64)
+    n = ts.shape[-1]
+    c = tf.constant(np.sin(np.arange(n * 12) * 1.7).reshape(n, 3, 4))
+    with tf.GradientTape() as tape:
+        tape.watch([y0, ts])
+        sol = tfaca.solve(func, y0, ts, method=method, gradient=gradient, rtol=rtol, atol=1e-8,
+                          step_size=step_size, per_sample=per_sample, interpolate=interpolate,
+                          max_steps=5000, jit_compile=jit_compile)
+        loss = tf.reduce_sum(c * sol.ys)
+    grads = tape.gradient(loss, [y0, ts, w, b])
+    return [sol.ys.numpy()] + [g.numpy() for g in grads]
+
+
+class NestedField:
+    """A small nonlinear field with weights and a nested state `(p, q)` of a batch."""
+
+    def __init__(self, dtype=tf.float64, seed=0):
+        rng = np.random.default_rng(seed)
+        self.W = tf.Variable(rng.normal(size=(5, 5)) * 0.5, dtype=dtype)
+        self.b = tf.Variable(rng.normal(size=(5,)) * 0.1, dtype=dtype)
+
+    def __call__(self, t, y):
+        p, q = y
+        x = tf.concat([p, q], axis=-1)
+        out = tf.tanh(tf.linalg.matvec(self.W, x) + self.b) * (1.0 + 0.1 * tf.sin(t))
+        return out[:, :2], out[:, 2:]
+
+
+def nested_y0(dtype=tf.float64, seed=1):
+    rng = np.random.default_rng(seed)
+    return (tf.constant(rng.normal(size=(3, 2)), dtype), tf.constant(rng.normal(size=(3, 3)), dtype))
+
+
+NESTED_TS = [0.0, 0.6, 1.3, 2.0]
+
+
+def weighted_loss(ys):
+    """A loss that weighs every output time differently."""
+    weights = tf.range(1, ys[0].shape[0] + 1, dtype=ys[0].dtype)
+    return sum(tf.reduce_sum(tf.reshape(weights, [-1, 1, 1]) * tf.square(y)) for y in ys)
+
+
+def field_gradients(field, y0, ts, mode="eager", **kwargs):
+    """The number of steps and the gradients of `weighted_loss` with respect to y0, ts and
+    the field's weights, eagerly, in a `tf.function` ("function") or under XLA ("xla")."""
+    import tfaca
+
+    y0_vars = [tf.Variable(y) for y in y0]
+    ts_var = tf.Variable(tf.constant(ts, y0[0].dtype))
+
+    def run():
+        with tf.GradientTape() as tape:
+            sol = tfaca.solve(field, tuple(y0_vars), ts_var, interpolate=False, **kwargs)
+            loss = weighted_loss(sol.ys)
+        grads = tape.gradient(loss, [*y0_vars, ts_var, field.W, field.b])
+        return sol.stats.num_steps, grads
+
+    if mode != "eager":
+        run = tf.function(run, jit_compile=mode == "xla")
+    num_steps, grads = run()
+    return int(num_steps), [g.numpy() for g in grads]
 
 
 # ---------------------------------------------------------------------------------------
@@ -126,6 +321,21 @@ def accepted_steps(func, y0, ts, *, args=(), method="dopri5", rtol=1e-3, atol=1e
     )
 
 
+def recorded_trajectory(solver, func, ts, y0, tol, *, states=0, max_steps=5000):
+    """tfaca's loop run with `record=True` on `func(t, y_list)` from the flat state `y0`
+    (rtol = atol = `tol`): the trajectory, its `checkpoints` those ACA replays. `states`
+    as the loop's: 0 keeps no start state, None every one, K a budget of K."""
+    import tfaca
+    from tfaca import _loop
+
+    y0 = list(y0)
+    tol = [tf.constant(tol, y0[0].dtype)] * len(y0)
+    controller = tfaca.StepSizeController(rtol=tol, atol=tol)
+    return _loop.integrate(
+        solver, controller, func, tf.constant(ts, y0[0].dtype), y0, step_size=None,
+        first_step=None, max_steps=max_steps, record=True, states=states)
+
+
 def unrolled_solve(func, y0, ts, steps, *, args=(), method="dopri5"):
     """Rebuilds `y(ts)` from the accepted steps as a plain differentiable computation.
 
@@ -165,6 +375,60 @@ def unrolled_solve(func, y0, ts, steps, *, args=(), method="dopri5"):
         else:
             t = t + dt
     assert expected_interval == num_out, "the accepted steps do not reach the last output"
+    return tf.nest.pack_sequence_as(y0, [tf.stack(out) for out in outputs])
+
+
+def accepted_dense_steps(func, y0, t0, t1, method, rtol, atol, args=()):
+    """The starts and sizes of the accepted steps from t0 to t1 (what interpolation steps
+    onto)."""
+    steps = accepted_steps(func, y0, [t0, t1], args=args, method=method, rtol=rtol,
+                           atol=atol, max_steps=10000)
+    return steps.t, steps.dt
+
+
+def unrolled_dense(func, y0, ts, starts, sizes, method, args=()):
+    """`y(ts)` rebuilt from the accepted steps as a plain taped computation, written
+    independently of tfaca's loop and of `_outputs`: each output time is found among the
+    steps with NumPy, and its value is `y_i + dt_i sum_s b_s(theta) k_s` with the
+    solver's weights evaluated per stage in Python.
+
+    Step starts are `ts[0] + fixed offset`; the last step ends on `ts[-1]`."""
+    import tfaca
+
+    solver = tfaca.get_solver(method)
+    f = flat_func(func, y0, args)
+    weights = np.array(solver.dense_weights)  # [stages, degree]
+    y = [tf.convert_to_tensor(v) for v in tf.nest.flatten(y0)]
+    n_steps = len(starts)
+    t_start, t_end = ts[0], ts[-1]
+    states, stage_lists, step_t, step_dt = [], [], [], []
+    for i in range(n_steps):
+        t = t_start + (starts[i] - float(starts[0])) if i else t_start
+        dt = t_end - t if i == n_steps - 1 else tf.constant(sizes[i], ts.dtype)
+        y1, _, _, k = solver.step(f, t, y, f(t, y), dt, return_stages=True)
+        if solver.dense_needs_f1:
+            k = k + [f(t + dt, y1)]
+        states.append(y)
+        stage_lists.append(k)
+        step_t.append(t)
+        step_dt.append(dt)
+        y = list(y1)
+    outputs = [[v] for v in tf.nest.flatten(y0)]
+    for m in range(1, int(ts.shape[0])):
+        tm = float(ts[m])
+        sign = 1.0 if float(ts[-1]) > float(ts[0]) else -1.0
+        i = int(np.searchsorted(sign * np.asarray(starts), sign * tm, side="right")) - 1
+        if m == int(ts.shape[0]) - 1:
+            value = y  # the end of the solve
+        else:
+            theta = (ts[m] - step_t[i]) / step_dt[i]
+            b = [sum(w * theta ** (p + 1) for p, w in enumerate(row)) for row in weights]
+            value = [
+                y_n + step_dt[i] * tf.add_n([b_s * k_s[c] for b_s, k_s in zip(b, stage_lists[i])])
+                for c, y_n in enumerate(states[i])
+            ]
+        for out, v in zip(outputs, value):
+            out.append(v)
     return tf.nest.pack_sequence_as(y0, [tf.stack(out) for out in outputs])
 
 
@@ -263,3 +527,81 @@ def resident_bytes():
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
     raise AssertionError("no VmRSS in /proc/self/status")
+
+
+# ---------------------------------------------------------------------------------------
+# Keras building blocks.
+
+STATE = 4
+HIDDEN = 16
+BATCH = 16
+SMALL_BATCH = 8
+IRREGULAR = np.array([0.0, 0.13, 0.5, 0.52, 1.7], "float32")  # irregular output times
+
+
+def mlp_dynamics(state=STATE, hidden=HIDDEN, name=None, **dense_kwargs):
+    """Dense(hidden, tanh) -> Dense(state), `dense_kwargs` for the first Dense."""
+    return keras.Sequential(
+        [keras.layers.Dense(hidden, activation="tanh", **dense_kwargs), keras.layers.Dense(state)],
+        name=name,
+    )
+
+
+def float64_mlp(dim):
+    """A float64 Keras MLP `dim -> 16 -> dim`, built."""
+    return keras.Sequential(
+        [
+            keras.Input((dim,), dtype="float64"),
+            keras.layers.Dense(16, activation="tanh", dtype="float64"),
+            keras.layers.Dense(dim, dtype="float64"),
+        ]
+    )
+
+
+def states(n=SMALL_BATCH, seed=0):
+    """A seeded float32 batch of `n` states."""
+    return tf.constant(np.random.default_rng(seed).normal(size=(n, STATE)).astype("float32"))
+
+
+def regression_data(n=64, state=STATE, seed=0):
+    """Inputs `(n, state)` and a smooth target `(n, 1)`, float32."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, state)).astype("float32")
+    y = np.sin(x).sum(axis=1, keepdims=True).astype("float32")
+    return x, y
+
+
+def odeint_dynamics(dynamics, y0, ts, **kwargs):
+    """The reference: `tfaca.odeint` on `dy/dt = dynamics(y)` (inference mode)."""
+    import tfaca
+
+    return tfaca.odeint(lambda t, y: dynamics(y), y0, ts, **kwargs)
+
+
+def traced_under_xla():
+    """Whether ops built now will be compiled by XLA (TensorFlow's own test, from its
+    control-flow utilities: there is no public one)."""
+    from tensorflow.python.ops import control_flow_util
+
+    return control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
+
+
+class TrainingRecorder(keras.layers.Layer):
+    """A Dense layer that records the `training` flag and the dtype of `y` it receives,
+    and whether it was traced under XLA (`.flags`, `.dtypes`, `.xla`)."""
+
+    def __init__(self, units, **kwargs):
+        super().__init__(**kwargs)
+        self.dense = keras.layers.Dense(units, activation="tanh")
+        self.flags = []
+        self.dtypes = []
+        self.xla = []
+
+    def build(self, input_shape):
+        self.dense.build(input_shape)
+
+    def call(self, y, training=None):
+        self.flags.append(training)
+        self.dtypes.append(tf.as_dtype(y.dtype))
+        self.xla.append(traced_under_xla())
+        return self.dense(y)

@@ -1,4 +1,4 @@
-"""Quick versions of the examples, run as a user would run them."""
+"""Quick versions of the examples (`examples/`), run as a user would run them."""
 
 import importlib.util
 import pathlib
@@ -7,6 +7,10 @@ import re
 import numpy as np
 import pytest
 import tensorflow as tf
+
+import tfaca
+from helpers import MODES
+
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -153,8 +157,6 @@ def test_image_classification_quick_beats_chance(tmp_path, capsys, models):
 
 
 def test_image_classification_defaults_are_the_papers():
-    import tfaca
-
     example = _load("image_classification")
     _, config, models = example.parse_args([])
     assert config == dict(dataset="auto", width=64, epochs=90, batch=128, lr=0.1, momentum=0.9,
@@ -192,3 +194,30 @@ def test_quick_runs_never_write_over_the_committed_results(name):
     assert out_dir("--quick", "--out-dir", "elsewhere") == "elsewhere"
     ignored = (ROOT / ".gitignore").read_text().splitlines()
     assert "/results/quick/" in ignored
+
+
+def test_gradient_accuracy_example_quick(tmp_path):
+    example = _load("gradient_accuracy")
+    out_dir = tmp_path / "out"  # does not exist yet: the example creates it
+    result = example.main(["--quick", "--out-dir", str(out_dir)])
+
+    for name in ("reverse_trajectory.png", "gradient_error.png"):
+        assert (out_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    csv_lines = (out_dir / "gradient_error.csv").read_text().strip().splitlines()
+    assert len(csv_lines) == 1 + 3 * 3  # header + 3 T values x 3 strategies
+    assert "| adjoint |" in (out_dir / "gradient_error.md").read_text()
+    cost_md = (out_dir / "cost.md").read_text()
+    assert all(f"| {mode} |" in cost_md for mode in MODES)
+
+    assert result["reverse_error_t0"] > 1e-3
+    assert result["aca_vs_unrolled"] < 1e-12
+    for t, err in result["errors"]["aca"].items():
+        assert err["rel_err_y0"] < 1e-3 and err["rel_err_A"] < 1e-3, (t, err)
+    cost = result["cost"]
+    assert cost["aca"]["num_steps"] >= 50
+    assert cost["aca"]["backward_fevals"] == 6 * cost["aca"]["num_steps"]  # dopri5 replays 6 stages
+    assert cost["naive"]["backward_fevals"] == 0
+    assert cost["adjoint"]["backward_fevals"] > 0
+    for mode in MODES:
+        assert cost[mode]["forward_backward_ms"] > 0
+        assert cost[mode]["peak_rss_rise_mb"] >= 0  # measured in the process (--quick)

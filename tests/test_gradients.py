@@ -1,13 +1,9 @@
-"""Gradient tests for tfaca.
-
-ACA's gradient is, by definition, the exact derivative of the discrete map made of the
-accepted steps with their sizes held fixed (the step that lands on an output time has
-`dt = ts[j] - t_i`). The main reference (`helpers.unrolled_solve`) rebuilds that map from
-the forward solve's recorded step sequence as a plain taped TensorFlow computation, so
-ACA must agree with it to rounding error. These tests step onto every output
-(`interpolate=False`); `test_dense_output.py` has the same check for interpolated outputs. Analytic solutions and finite differences
-check that the discrete gradient is also the gradient of the ODE solution.
-"""
+"""Every gradient strategy (`gradient=`): ACA, naive backprop, the continuous adjoint,
+MALI and ACA with a checkpoint budget, side by side: each converges to the analytic
+gradient and agrees with finite differences, each gives the same gradient eagerly, in
+`tf.function` and under XLA, each sees what `func` reads (closed-over tensors,
+variables, times), a solve inside a `tf.while_loop` or `tf.cond` is differentiated
+right, and each counts its evaluations."""
 
 import keras
 import numpy as np
@@ -17,213 +13,60 @@ import tensorflow as tf
 
 import tfaca
 from helpers import (
-    ADAPTIVE, A_NP, accepted_steps, assert_grads_close, f64, frechet_expm, unrolled_solve,
+    MLP_W, MLP_Y0, A_NP, F64, LOOSE_TOL, MLP_TIMES, MODES, SHORT_TS, TANH_B, TANH_TS, TANH_W,
+    Y0_NP, accepted_steps, assert_grads_close, f64, float64_mlp, frechet_expm, projection_loss,
+    quadratic_loss, random_y0, strategy, tanh_field, tanh_rhs, unrolled_solve, van_der_pol,
+    variable_linear_problem,
 )
 
-F64 = tf.float64
 
-# Loose tolerances per method: every method takes a handful of steps on the test
-# problem and rejects at least one trial (asserted in `test_unrolled_y0`).
-LOOSE_TOL = {"heun_euler": 1e-3, "bosh3": 1e-4, "dopri5": 1e-6, "tsit5": 1e-6}
-
-_RNG = np.random.default_rng(1234)
-W_NP = np.random.default_rng(0).normal(size=(3, 3)) * 2.0
-B_NP = np.array([0.3, -0.2, 0.1])
-Y0_NP = np.array([1.0, 0.5, -0.3])
-TS_NP = np.array([0.0, 0.7, 1.5, 3.0])
-# Generic cotangents for every output (ys[0] included): a linear and a quadratic term.
-C_NP = _RNG.normal(size=(len(TS_NP), 3))
-Q_NP = _RNG.uniform(0.5, 1.5, size=(len(TS_NP),))
+# --------------------------------------------------------------------------------------
+# The analytic gradient
+# --------------------------------------------------------------------------------------
 
 
-def rhs(t, y, W, b):
-    """A non-autonomous nonlinear field: tanh(W y) + b cos(3 t)."""
-    return tf.tanh(tf.linalg.matvec(W, y)) + b * tf.cos(3.0 * t)
+LIN_Y0 = np.array([1.0, 0.5, -0.3])
+LIN_TS = np.array([0.0, 0.7, 1.5, 3.0])
+LIN_C = np.random.default_rng(7).normal(size=(len(LIN_TS), 3))
 
 
-def loss_of(ys):
-    """Weighted sum of squares plus a linear term, over all outputs."""
-    ys = tf.convert_to_tensor(ys)
-    n = ys.shape[0]
-    c = tf.constant(C_NP[:n, : ys.shape[1]], ys.dtype)
-    q = tf.constant(Q_NP[:n], ys.dtype)
-    return tf.reduce_sum(c * ys) + 0.5 * tf.reduce_sum(q[:, None] * tf.square(ys))
+def linear_analytic():
+    """L = sum_j c_j . y(t_j) + ||y(t_last)||^2 / 2 for y' = A y: dL/dy0, dL/dA, dL/dts."""
+    taus = LIN_TS - LIN_TS[0]
+    ys = [scipy.linalg.expm(A_NP * tau) @ LIN_Y0 for tau in taus]
+    cot = [LIN_C[j].copy() for j in range(len(taus))]
+    cot[-1] += ys[-1]
+    g_y0 = cot[0].copy()
+    g_a = np.zeros((3, 3))
+    g_ts = np.zeros(len(taus))
+    for j in range(1, len(taus)):
+        g_y0 += scipy.linalg.expm(A_NP * taus[j]).T @ cot[j]
+        g_ts[j] = cot[j] @ (A_NP @ ys[j])
+        for i in range(3):
+            for k in range(3):
+                direction = np.zeros((3, 3))
+                direction[i, k] = taus[j]
+                g_a[i, k] += cot[j] @ frechet_expm(A_NP * taus[j], direction) @ LIN_Y0
+    g_ts[0] = -(g_y0 - cot[0]) @ (A_NP @ LIN_Y0)
+    return g_y0, g_a, g_ts
 
 
-def aca_and_reference(func, y0, ts, sources, loss_fn, *, args=(), method, tol, **kwargs):
-    """ACA gradients of `loss_fn(ys)` wrt `sources`, and the unrolled reference's.
+def linear_loss(ys):
+    return tf.reduce_sum(tf.constant(LIN_C) * ys) + 0.5 * tf.reduce_sum(tf.square(ys[-1]))
 
-    Also checks that the recording solve, the ACA solve and the reference produce the
-    same outputs (they are the same arithmetic), and returns the step sequence.
-    """
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.slow_variants
+def test_tight_tolerance_matches_analytic(mode):
+    y0, a, ts = tf.constant(LIN_Y0), tf.constant(A_NP), tf.constant(LIN_TS)
     with tf.GradientTape() as tape:
-        tape.watch([s for s in tf.nest.flatten(sources) if isinstance(s, tf.Tensor)])
-        sol = tfaca.solve(func, y0, ts, args=args, method=method, rtol=tol, atol=tol,
-                          gradient="aca", interpolate=False, **kwargs)
-        loss = loss_fn(sol.ys)
-    g_aca = tape.gradient(loss, sources)
-
-    steps = accepted_steps(func, y0, ts, args=args, method=method, rtol=tol, atol=tol)
-    assert steps.num_steps == int(sol.stats.num_steps)
-    assert steps.num_rejected == int(sol.stats.num_rejected)
-    with tf.GradientTape() as tape:
-        tape.watch([s for s in tf.nest.flatten(sources) if isinstance(s, tf.Tensor)])
-        ys_ref = unrolled_solve(func, y0, ts, steps, args=args, method=method)
-        loss_ref = loss_fn(ys_ref)
-    g_ref = tape.gradient(loss_ref, sources)
-
-    for a, r in zip(tf.nest.flatten(sol.ys), tf.nest.flatten(ys_ref)):
-        np.testing.assert_allclose(a.numpy(), r.numpy(), rtol=1e-12, atol=1e-12)
-    return g_aca, g_ref, steps
-
-
-# ---------------------------------------------------------------------------------------
-# 1. ACA == exact derivative of the unrolled accepted-step map.
-
-
-@pytest.mark.parametrize("method", ADAPTIVE)
-@pytest.mark.slow_variants
-def test_unrolled_y0(method):
-    y0, ts, W, b = f64(Y0_NP), f64(TS_NP), f64(W_NP), f64(B_NP)
-    func = lambda t, y: rhs(t, y, W, b)  # noqa: E731
-    g_aca, g_ref, steps = aca_and_reference(
-        func, y0, ts, y0, loss_of, method=method, tol=LOOSE_TOL[method]
-    )
-    # The step sequence must have rejected trials, so that skipping them is exercised.
-    assert steps.num_rejected > 0
-    assert steps.num_steps >= 6
-    assert_grads_close(g_aca, g_ref, 1e-10, "dL/dy0")
-
-
-@pytest.mark.parametrize("method", ADAPTIVE)
-@pytest.mark.slow_variants
-def test_unrolled_args(method):
-    # An integer argument first, so that the float args are not at the front.
-    y0, ts, W, b = f64(Y0_NP), f64(TS_NP), f64(W_NP), f64(B_NP)
-    k = tf.constant(3, tf.int32)
-
-    def func(t, y, k, W, b):
-        return tf.tanh(tf.linalg.matvec(W, y)) + b * tf.cos(tf.cast(k, F64) * t)
-
-    g_aca, g_ref, _ = aca_and_reference(
-        func, y0, ts, [y0, W, b], loss_of, args=(k, W, b), method=method,
-        tol=LOOSE_TOL[method],
-    )
-    assert_grads_close(g_aca, g_ref, 1e-10, "dL/d(y0, W, b)")
-
-
-def _mlp(dim):
-    model = keras.Sequential(
-        [
-            keras.Input((dim,), dtype="float64"),
-            keras.layers.Dense(16, activation="tanh", dtype="float64"),
-            keras.layers.Dense(dim, dtype="float64"),
-        ]
-    )
-    return model
-
-
-@pytest.mark.parametrize("method", ADAPTIVE)
-@pytest.mark.slow
-def test_unrolled_keras_weights(method):
-    keras.utils.set_random_seed(0)
-    model = _mlp(3)
-    y0, ts = f64(Y0_NP), f64(TS_NP)
-
-    def func(t, y):
-        return model(y[None, :])[0] + 0.1 * tf.sin(t)
-
-    weights = list(model.trainable_variables)
-    g_aca, g_ref, _ = aca_and_reference(
-        func, y0, ts, weights, loss_of, method=method, tol=LOOSE_TOL[method]
-    )
-    assert len(g_aca) == 4
-    assert all(np.any(np.asarray(g) != 0) for g in g_aca)
-    assert_grads_close(g_aca, g_ref, 1e-10, "dL/d(keras weights)")
-
-
-@pytest.mark.parametrize("method", ADAPTIVE)
-@pytest.mark.slow
-def test_unrolled_variable(method):
-    y0, ts, W = f64(Y0_NP), f64(TS_NP), f64(W_NP)
-    b = tf.Variable(B_NP, dtype=F64)
-    scale = tf.Variable(1.3, dtype=F64)
-
-    def func(t, y):
-        return scale * tf.tanh(tf.linalg.matvec(W, y)) + b * tf.cos(3.0 * t)
-
-    g_aca, g_ref, _ = aca_and_reference(
-        func, y0, ts, [y0, b, scale], loss_of, method=method, tol=LOOSE_TOL[method]
-    )
-    assert_grads_close(g_aca, g_ref, 1e-10, "dL/d(y0, b, scale)")
-
-
-def test_variable_passed_as_arg():
-    """A tf.Variable given in `args` (not only read by `func`) gets its gradient."""
-    y0, ts, W = f64(Y0_NP), f64(TS_NP), f64(W_NP)
-    b = tf.Variable(B_NP, dtype=F64)
-    with tf.GradientTape() as tape:
-        ys = tfaca.odeint(rhs, y0, ts, args=(W, b), method="bosh3", rtol=1e-4, atol=1e-4,
-                          interpolate=False)
-        loss = loss_of(ys)
-    g_var = tape.gradient(loss, b)
-    b_t = tf.convert_to_tensor(b)
-    _, g_ref, _ = aca_and_reference(rhs, y0, ts, b_t, loss_of, args=(W, b_t), method="bosh3",
-                                    tol=1e-4)
-    assert_grads_close(g_var, g_ref, 1e-10, "dL/db (Variable in args)")
-
-
-@pytest.mark.parametrize("method", ADAPTIVE)
-@pytest.mark.slow_variants
-def test_unrolled_ts(method):
-    y0, ts, W, b = f64(Y0_NP), f64(TS_NP), f64(W_NP), f64(B_NP)
-    g_aca, g_ref, _ = aca_and_reference(
-        rhs, y0, ts, [ts, y0, W], loss_of, args=(W, b), method=method,
-        tol=LOOSE_TOL[method],
-    )
-    # Every output time gets a gradient (interior ones from two intervals).
-    assert np.all(np.asarray(g_aca[0]) != 0)
-    assert_grads_close(g_aca[0], g_ref[0], 1e-10, "dL/dts")
-    assert_grads_close(g_aca[1:], g_ref[1:], 1e-10, "dL/d(y0, W)")
-
-
-@pytest.mark.parametrize("method", ADAPTIVE)
-@pytest.mark.slow
-def test_unrolled_nested_state(method):
-    W, b = f64(W_NP), f64(B_NP)
-    y0 = (f64(Y0_NP[:2]), {"z": f64(Y0_NP[2:]), "w": f64([0.2, -0.1])})
-    ts = f64(TS_NP)
-
-    def func(t, y, W, b):
-        x = tf.concat([y[0], y[1]["z"]], axis=0)
-        dx = rhs(t, x, W, b)
-        return (dx[:2], {"z": dx[2:], "w": -0.5 * y[1]["w"] + tf.reduce_sum(y[0]) * 0.3})
-
-    def loss_fn(ys):
-        return loss_of(ys[0]) + loss_of(ys[1]["z"]) + 2.0 * loss_of(ys[1]["w"])
-
-    g_aca, g_ref, _ = aca_and_reference(
-        func, y0, ts, [y0, W, ts], loss_fn, args=(W, b), method=method,
-        tol=LOOSE_TOL[method],
-    )
-    assert_grads_close(g_aca, g_ref, 1e-10, "dL/d(nested y0, W, ts)")
-
-
-@pytest.mark.parametrize("method", ADAPTIVE)
-@pytest.mark.slow_variants
-def test_unrolled_reverse_time(method):
-    y0, W, b = f64(Y0_NP), f64(W_NP), f64(B_NP)
-    ts = f64(TS_NP[::-1])
-    g_aca, g_ref, steps = aca_and_reference(
-        rhs, y0, ts, [y0, W, b, ts], loss_of, args=(W, b), method=method,
-        tol=LOOSE_TOL[method],
-    )
-    assert np.all(steps.dt < 0)
-    assert_grads_close(g_aca, g_ref, 1e-10, "dL/d(y0, W, b, ts) backward in time")
-
-
-# ---------------------------------------------------------------------------------------
-# 2. Analytic gradients of a linear ODE.
+        tape.watch([y0, a, ts])
+        sol = tfaca.solve(lambda t, y, a: tf.linalg.matvec(a, y), y0, ts, args=(a,),
+                          rtol=1e-10, atol=1e-10, gradient=strategy(mode))
+        loss = linear_loss(sol.ys)
+    grads = tape.gradient(loss, [y0, a, ts])
+    assert int(sol.stats.num_steps) > 50  # a real adaptive solve, not a handful of steps
+    assert_grads_close(grads, linear_analytic(), 1e-6, f"{mode}: dL/d(y0, A, ts)")
 
 
 def _linear_analytic(t0, T):
@@ -297,18 +140,19 @@ def test_analytic_linear_reverse_time():
     assert_grads_close(g_A, gA, 1e-7, "dL/dA")
 
 
-# ---------------------------------------------------------------------------------------
-# 3. Finite differences on a nonlinear problem.
+# --------------------------------------------------------------------------------------
+# Finite differences
+# --------------------------------------------------------------------------------------
 
 
 def test_finite_differences():
-    W0, b0, y00 = f64(W_NP * 0.7), f64(B_NP), f64(Y0_NP)
+    W0, b0, y00 = f64(TANH_W * 0.7), f64(TANH_B), f64(Y0_NP)
     ts = f64([0.0, 1.0, 2.0])
 
     def loss_fn(y0, W, b):
         ys = tfaca.odeint(lambda t, y, W, b: tf.tanh(tf.linalg.matvec(W, y)) + b, y0, ts,
                           args=(W, b), method="dopri5", rtol=1e-11, atol=1e-11)
-        return loss_of(ys)
+        return quadratic_loss(ys)
 
     loss_f = tf.function(loss_fn)
     with tf.GradientTape() as tape:
@@ -335,33 +179,74 @@ def test_finite_differences():
         assert abs(approx - g) <= 1e-6 * max(abs(g), 0.1 * scale), (which, index, approx, g)
 
 
-# ---------------------------------------------------------------------------------------
-# 4. Execution modes and precisions.
+# --------------------------------------------------------------------------------------
+# The same gradient eagerly, in tf.function and under XLA, and across strategies
+# --------------------------------------------------------------------------------------
 
 
-def _grads_wb(y0, ts, W, b, method="dopri5", tol=1e-6, gradient="aca"):
+NEST_TS = np.array([0.0, 0.4, 1.1, 2.0])
+
+
+def nested_gradients(mode, dense, y0, k, ts):
+    """A dict-of-tuple state driven by a Keras Dense layer; gradients of a loss on every
+    output with respect to y0 (all leaves), an arg, ts and the layer's weights."""
+
+    def func(t, y, k):
+        q, (p, _) = y["q"], y["ps"]
+        push = dense(tf.concat([q, p], -1)[None])[0]
+        dp = -q - 0.1 * p + 2.0 * push * tf.cos(5.0 * t)
+        return {"q": p, "ps": (dp, k * tf.reduce_sum(q * q))}
+
+    sources = [y0, k, ts, dense.trainable_variables]
     with tf.GradientTape() as tape:
-        tape.watch([y0, ts, W, b])
-        sol = tfaca.solve(rhs, y0, ts, args=(W, b), method=method, rtol=tol, atol=tol,
-                          gradient=gradient, max_steps=200)
-        loss = loss_of(sol.ys)
-    return [loss] + tape.gradient(loss, [y0, ts, W, b]) + [sol.stats.num_rejected]
+        tape.watch([y0, k, ts])
+        sol = tfaca.solve(func, y0, ts, args=(k,), rtol=1e-6, atol=1e-6,
+                          gradient=strategy(mode), max_steps=200)
+        q, (p, s) = sol.ys["q"], sol.ys["ps"]
+        weights = tf.constant([0.0, 0.5, 1.0, 2.0], F64)
+        loss = tf.reduce_sum(weights[:, None] * (q + 0.5 * p * p)) + tf.reduce_sum(weights * s)
+    return tape.gradient(loss, sources), sol.stats.num_steps, sol.stats.num_rejected
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.slow
+def test_execution_modes_agree(mode):
+    keras.utils.set_random_seed(0)
+    dense = keras.layers.Dense(2, activation="tanh", dtype="float64")
+    dense.build((None, 4))
+    y0 = {"q": tf.constant([1.0, -0.5], F64),
+          "ps": (tf.constant([0.2, 0.7], F64), tf.constant(0.0, F64))}
+    k, ts = tf.constant(0.3, F64), tf.constant(NEST_TS)
+
+    def run():
+        return nested_gradients(mode, dense, y0, k, ts)
+
+    eager, steps, rejected = run()
+    assert int(steps) >= 10 and int(rejected) >= 1  # rejected trials are part of the test
+    for name, fn in (("tf.function", tf.function(run)),
+                     ("jit_compile", tf.function(run, jit_compile=True))):
+        grads, steps_fn, _ = fn()
+        assert int(steps_fn) == int(steps), name
+        flat_eager, flat = tf.nest.flatten(eager), tf.nest.flatten(grads)
+        assert len(flat) == len(flat_eager) == 7  # q, p, s, k, ts, kernel, bias
+        assert all(np.any(np.asarray(g) != 0) for g in flat_eager)
+        assert_grads_close(flat, flat_eager, 1e-10, f"{mode} {name} vs eager")
 
 
 @pytest.mark.parametrize("method", ["bosh3", "dopri5"])
 @pytest.mark.slow
 def test_modes_agree(method):
     """Eager, tf.function and XLA: same steps, same gradients (args, ts, a Variable)."""
-    inputs = (f64(Y0_NP), f64(TS_NP), f64(W_NP), f64(B_NP))
+    inputs = (f64(Y0_NP), f64(TANH_TS), f64(TANH_W), f64(TANH_B))
     scale = tf.Variable(0.8, dtype=F64)
     tol = LOOSE_TOL[method]
 
     def run(y0, ts, W, b):
         with tf.GradientTape() as tape:
             tape.watch([y0, ts, W, b])
-            sol = tfaca.solve(lambda t, y, W, b: scale * rhs(t, y, W, b), y0, ts, args=(W, b),
+            sol = tfaca.solve(lambda t, y, W, b: scale * tanh_rhs(t, y, W, b), y0, ts, args=(W, b),
                               method=method, rtol=tol, atol=tol, max_steps=200)
-            loss = loss_of(sol.ys)
+            loss = quadratic_loss(sol.ys)
         return [loss] + tape.gradient(loss, [y0, ts, W, b, scale]) + [sol.stats.num_rejected]
 
     eager = run(*inputs)
@@ -373,14 +258,23 @@ def test_modes_agree(method):
     assert_grads_close(xla[:-1], eager[:-1], 1e-12, "XLA vs eager")
 
 
+def _grads_wb(y0, ts, W, b, method="dopri5", tol=1e-6, gradient="aca"):
+    with tf.GradientTape() as tape:
+        tape.watch([y0, ts, W, b])
+        sol = tfaca.solve(tanh_rhs, y0, ts, args=(W, b), method=method, rtol=tol, atol=tol,
+                          gradient=gradient, max_steps=200)
+        loss = quadratic_loss(sol.ys)
+    return [loss] + tape.gradient(loss, [y0, ts, W, b]) + [sol.stats.num_rejected]
+
+
 @pytest.mark.slow
 def test_float32_close_to_float64():
     g64 = tf.function(lambda *a: _grads_wb(*a, tol=1e-6))(
-        f64(Y0_NP), f64(TS_NP), f64(W_NP), f64(B_NP)
+        f64(Y0_NP), f64(TANH_TS), f64(TANH_W), f64(TANH_B)
     )
     c32 = lambda x: tf.constant(np.asarray(x), tf.float32)  # noqa: E731
     g32 = tf.function(lambda *a: _grads_wb(*a, tol=1e-5))(
-        c32(Y0_NP), c32(TS_NP), c32(W_NP), c32(B_NP)
+        c32(Y0_NP), c32(TANH_TS), c32(TANH_W), c32(TANH_B)
     )
     for a, e in zip(g32[1:5], g64[1:5]):
         assert a.dtype == tf.float32
@@ -389,7 +283,7 @@ def test_float32_close_to_float64():
 
 @pytest.mark.slow
 def test_naive_differs_from_aca_at_loose_tolerance():
-    inputs = (f64(Y0_NP), f64(TS_NP), f64(W_NP), f64(B_NP))
+    inputs = (f64(Y0_NP), f64(TANH_TS), f64(TANH_W), f64(TANH_B))
     run = tf.function(lambda *a, gradient: _grads_wb(*a, method="heun_euler", tol=1e-3,
                                                      gradient=gradient))
     aca = run(*inputs, gradient="aca")
@@ -404,155 +298,368 @@ def test_naive_differs_from_aca_at_loose_tolerance():
         assert 1e-6 < rel < 0.2, rel
 
 
-# ---------------------------------------------------------------------------------------
-# 5. What ACA's forward and backward do (and do not) record.
-
-
-@pytest.mark.parametrize("gradient", ["aca", "naive"])
-def test_forward_not_recorded_on_outer_tape(gradient):
-    """ACA's forward runs with nothing recorded: a tensor computed by `func` during the
-    forward is not connected to `y0` on an outer tape (it is, under naive)."""
-    y0, W, b, ts = f64(Y0_NP), f64(W_NP), f64(B_NP), f64(TS_NP)
-    seen = []
-
-    def func(t, y, W, b):
-        out = rhs(t, y, W, b)
-        seen.append(out)
-        return out
-
-    with tf.GradientTape(persistent=True) as tape:
-        tape.watch([y0, W])
-        ys = tfaca.odeint(func, y0, ts, args=(W, b), method="bosh3", rtol=1e-4, atol=1e-4,
-                          gradient=gradient)
-        loss = loss_of(ys)
-        # The forward's first evaluation (ACA then traces `func` once into a scratch
-        # graph, to find what it closes over: that call comes after the forward).
-        inner = tf.reduce_sum(seen[0])
-    connected = tape.gradient(inner, y0) is not None
-    g = tape.gradient(loss, [y0, W])
-    del tape
-    assert all(np.all(np.isfinite(x.numpy())) for x in g)
-    if gradient == "aca":
-        assert not connected, "the ACA forward solve was recorded on the outer tape"
-    else:
-        assert connected
-
-
-@pytest.mark.parametrize("jit_compile", [False, True])
-@pytest.mark.slow_variants
-def test_traced_without_tape_then_differentiated(jit_compile):
-    """A function traced with no tape active keeps no checkpoints (inference: `predict`,
-    a served SavedModel); differentiated later by a tape around its call, its backward
-    pass solves forward again to record them: the same gradient as a function traced
-    under the tape, to rounding, and the same outputs."""
-    y0, W, b, ts = f64(Y0_NP), f64(W_NP), f64(B_NP), f64(TS_NP)
-
-    def make():
+@pytest.mark.parametrize("gradient", ["naive", "adjoint"])
+@pytest.mark.slow
+def test_other_modes_agree_with_aca(gradient):
+    A, func = variable_linear_problem()
+    y0 = random_y0()
+    ts = tf.constant(np.linspace(0.0, 3.0, 25), F64)
+    out = {}
+    for g in ("aca", gradient):
         @tf.function
-        def run(y0, W):
-            return tfaca.odeint(rhs, y0, ts, args=(W, b), method="dopri5", rtol=1e-6,
-                                atol=1e-6, interpolate=False, jit_compile=jit_compile)
-        return run
+        def grads(y0, ts):
+            with tf.GradientTape() as tape:
+                tape.watch([y0, ts])
+                loss = projection_loss(tfaca.odeint(func, y0, ts, args=(1.0,), rtol=1e-10, atol=1e-12,
+                                          gradient=g, max_steps=5000))
+            return tape.gradient(loss, [y0, A, ts])
 
-    first = make()
-    ys_plain = first(y0, W)  # traced here, with no tape
-    with tf.GradientTape() as tape:
-        tape.watch([y0, W])
-        ys = first(y0, W)  # the same trace
-        loss = loss_of(ys)
-    g_later = tape.gradient(loss, [y0, W])
-
-    second = make()
-    with tf.GradientTape() as tape:
-        tape.watch([y0, W])
-        ys_taped = second(y0, W)  # traced under the tape
-        loss = loss_of(ys_taped)
-    g_taped = tape.gradient(loss, [y0, W])
-    np.testing.assert_allclose(ys_plain.numpy(), ys_taped.numpy(), rtol=1e-13, atol=1e-14)
-    assert_grads_close(g_later, g_taped, 1e-12, "dL/d(y0, W)")
-    assert float(tf.reduce_max(tf.abs(g_taped[1]))) > 0
+        out[g] = grads(y0, ts)
+    assert_grads_close(out[gradient], out["aca"], rtol=1e-6, name=gradient)
 
 
-@pytest.mark.parametrize("method", ["heun_euler", "bosh3"])
-def test_backward_replays_only_accepted_steps(method):
-    """Eagerly, ACA's backward calls `func` exactly `solution_stages` times per accepted step (the FSAL stage is skipped)."""
-    y0, W, b, ts = f64(Y0_NP), f64(W_NP), f64(B_NP), f64(TS_NP)
+@pytest.mark.parametrize("gradient", ["mali", "budget"])
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_memory_knobs_accept_the_default_outputs(gradient, per_sample):
+    """`odeint(f, y0, ts, method="alf", gradient="mali")` and a checkpoint budget take
+    the default `interpolate=True` with more than two times, in a `tf.function` too."""
+    method = "alf" if gradient == "mali" else "dopri5"
+    strategy = "mali" if gradient == "mali" else tfaca.ACAGradient(checkpoints=3)
+    y0 = tf.constant(MLP_Y0)
+    ts = tf.constant(MLP_TIMES["shared"], tf.float64)
+    w = tf.Variable(MLP_W)
+
+    @tf.function
+    def run():
+        with tf.GradientTape() as tape:
+            ys = tfaca.odeint(lambda t, y: tf.tanh(y @ w), y0, ts, method=method,
+                              gradient=strategy, per_sample=per_sample, rtol=1e-4)
+            loss = tf.reduce_sum(ys ** 2)
+        return ys, tape.gradient(loss, w)
+
+    ys, g = run()
+    assert ys.shape == (6, 3, 4)
+    assert np.all(np.isfinite(ys.numpy())) and np.all(np.isfinite(g.numpy()))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(method="dopri5", gradient="mali"), 'invertible method, method="alf"'),
+        (dict(method="alf", gradient="aca"), 'gradient="mali"'),
+    ],
+    ids=["mali_dopri5", "aca_alf"],
+)
+def test_unsupported_combinations_are_refused(kwargs, match):
+    kwargs = dict(kwargs)
+    ts = kwargs.pop("ts", [0.0, 1.0])
+    y0 = tf.Variable(tf.ones([2, 2]))
+    with pytest.raises(ValueError, match=match):
+        with tf.GradientTape():
+            tfaca.solve(lambda t, y: -y, y0, ts, **kwargs)
+
+
+# --------------------------------------------------------------------------------------
+# What func reads: closed-over tensors, variables in the times
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("compile_mode", ["eager", "function"])
+@pytest.mark.slow_variants
+def test_closed_over_tensor_gets_its_gradient(mode, compile_mode):
+    """y' = -theta * y: y(T) = y0 exp(-theta T), d/dtheta sum y(T) = -T sum y(T)."""
+    y0, ts, T = f64(Y0_NP), f64([0.0, 0.8]), 0.8
+
+    def run(theta, scale):
+        with tf.GradientTape() as tape:
+            tape.watch(theta)
+            # `scale` is closed over too but not watched: no gradient is asked of it.
+            ys = tfaca.odeint(lambda t, y: -theta * scale * y, y0, ts, rtol=1e-10, atol=1e-12,
+                              gradient=strategy(mode))
+            loss = tf.reduce_sum(ys[-1])
+        return tape.gradient(loss, theta)
+
+    if compile_mode == "function":
+        run = tf.function(run)
+    theta = f64(1.3)
+    g = run(theta, f64(1.0))
+    assert g is not None
+    np.testing.assert_allclose(float(g), -T * np.sum(Y0_NP) * np.exp(-1.3 * T), rtol=1e-8)
+
+
+def test_closed_over_and_args_together():
+    """A closed-over matrix and an `args` vector: both gradients, against the unrolled
+    reference."""
+    W, b, y0, ts = f64(A_NP), f64([0.2, -0.1, 0.3]), f64(Y0_NP), f64(SHORT_TS)
+    func = lambda t, y, b: tanh_field(t, y, W) + b  # noqa: E731
+    steps = accepted_steps(func, y0, ts, args=(b,), method="dopri5", rtol=1e-6, atol=1e-6)
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch([W, b])
+        got = tf.reduce_sum(tfaca.odeint(func, y0, ts, args=(b,), rtol=1e-6, atol=1e-6,
+                                         interpolate=False) ** 2)
+        want = tf.reduce_sum(unrolled_solve(func, y0, ts, steps, args=(b,)) ** 2)
+    assert_grads_close(tape.gradient(got, [W, b]), tape.gradient(want, [W, b]), rtol=1e-10)
+
+
+@pytest.mark.parametrize("compile_mode", ["eager", "function"])
+def test_times_holding_a_variable_get_its_gradient(compile_mode):
+    """`odeint(f, y0, [0.0, T])` with `T` a variable: dy(T)/dT = f(T, y(T)) (it was None
+    eagerly, an error in a tf.function); also inside 2-D times."""
+    T = tf.Variable(2.0, dtype=F64)
+
+    def run():
+        with tf.GradientTape() as tape:
+            y1 = tfaca.odeint(lambda t, y: -y, f64([1.0]), [0.0, T], rtol=1e-10, atol=1e-12)[-1]
+            y2 = tfaca.odeint(lambda t, y: -y, f64([[1.0], [1.0]]), [[0.0, T], [0.0, 1.0]],
+                              rtol=1e-10, atol=1e-12)[-1, 0]
+        return tape.gradient([y1, y2], T)
+
+    if compile_mode == "function":
+        run = tf.function(run)
+    np.testing.assert_allclose(float(run()), -2 * np.exp(-2.0), rtol=1e-8)
+
+
+# --------------------------------------------------------------------------------------
+# A solve inside a tf.while_loop (tf.scan, a Keras RNN) or a tf.cond branch
+# --------------------------------------------------------------------------------------
+
+
+def _scan_gradient(mode, compile_mode):
+    """d/dW of a loss over three chained solves in `tf.scan`, W a tf.Variable."""
+    W = tf.Variable(A_NP)
+    ts = f64([0.0, 0.4])
+
+    def func(t, y):
+        return tf.linalg.matvec(W, y)
+
+    def run(y0):
+        with tf.GradientTape() as tape:
+            def one(y, _):
+                return tfaca.odeint(func, y, ts, rtol=1e-10, atol=1e-12, gradient=strategy(mode))[-1]
+
+            ys = tf.scan(one, tf.zeros([3]), initializer=y0)
+            loss = tf.reduce_sum(ys ** 2)
+        return tape.gradient(loss, W)
+
+    if compile_mode != "eager":
+        run = tf.function(run, jit_compile=compile_mode == "xla")
+    return run(f64(Y0_NP)).numpy()
+
+
+def _scan_analytic():
+    """The same loss by expm: y_k = expm(0.4 A)^k y0, and its gradient in A."""
+    E = scipy.linalg.expm(0.4 * A_NP)
+    ys, y = [], Y0_NP
+    for _ in range(3):
+        y = E @ y
+        ys.append(y)
+    # dL/dE = sum_k sum_{m<=k} (E^T)^(k-m) 2 y_k y_{m-1}^T, then through expm's Fréchet derivative.
+    prev = [Y0_NP] + ys[:-1]
+    dE = np.zeros((3, 3))
+    for k in range(3):
+        a = 2 * ys[k]
+        for m in range(k, -1, -1):
+            dE += np.outer(a, prev[m])
+            a = E.T @ a
+    # <dE, dexpm(0.4 A)[H]>: the adjoint of the Fréchet derivative is the Fréchet
+    # derivative at A^T.
+    return 0.4 * frechet_expm(0.4 * A_NP.T, dE)
+
+
+@pytest.mark.parametrize(
+    "mode, compile_mode",
+    [("aca", "function"), ("adjoint", "function"), ("naive", "function"), ("aca", "xla"),
+     pytest.param("adjoint", "xla", marks=pytest.mark.slow), pytest.param("naive", "xla", marks=pytest.mark.slow)],
+)
+@pytest.mark.slow_variants
+def test_solve_in_scan_reads_a_variable(mode, compile_mode):
+    got = _scan_gradient(mode, compile_mode)
+    np.testing.assert_allclose(got, _scan_analytic(), rtol=1e-7)
+
+
+@pytest.mark.slow
+def test_solve_in_scan_with_adjoint_counters():
+    """An AdjointGradient built outside (it holds counter variables) works in a loop too."""
+    grad = tfaca.AdjointGradient()
+    W = tf.Variable(A_NP)
+
+    @tf.function
+    def run(y0):
+        with tf.GradientTape() as tape:
+            def one(y, _):
+                return tfaca.odeint(lambda t, y: tf.linalg.matvec(W, y), y, f64([0.0, 0.4]),
+                                    rtol=1e-10, atol=1e-12, gradient=grad)[-1]
+
+            loss = tf.reduce_sum(tf.scan(one, tf.zeros([3]), initializer=y0) ** 2)
+        return tape.gradient(loss, W)
+
+    np.testing.assert_allclose(run(f64(Y0_NP)).numpy(), _scan_analytic(), rtol=1e-7)
+    assert int(grad.backward_stats.num_fevals) > 0
+
+
+class _ODECell(keras.layers.Layer):
+    """An ODE-RNN cell: between observations the hidden state follows a learned ODE."""
+
+    def __init__(self, units, gradient, use_layer, **kwargs):
+        super().__init__(**kwargs)
+        self.units = units
+        self.state_size = units
+        self.dynamics = keras.layers.Dense(units, activation="tanh")
+        self.update = keras.layers.Dense(units)
+        if use_layer:
+            self.ode = tfaca.ODELayer(self.dynamics, t=(0.0, 0.5), gradient=gradient)
+        else:
+            self.ode = lambda h: tfaca.odeint(lambda t, y: self.dynamics(y), h, [0.0, 0.5],
+                                              gradient=gradient)[-1]
+
+    def build(self, input_shape):
+        self.dynamics.build((None, self.units))
+        self.update.build((None, input_shape[-1] + self.units))
+
+    def call(self, x, states):
+        h = tf.tanh(self.update(tf.concat([x, self.ode(states[0])], -1)))
+        return h, [h]
+
+
+@pytest.mark.parametrize(
+    "mode, use_layer",
+    [("aca", True), ("adjoint", False), pytest.param("aca", False, marks=pytest.mark.slow),
+     pytest.param("adjoint", True, marks=pytest.mark.slow)],
+)
+@pytest.mark.slow
+@pytest.mark.slow_variants
+def test_keras_rnn_with_an_ode_cell_trains(mode, use_layer):
+    keras.utils.set_random_seed(0)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(32, 5, 3)).astype("float32")
+    y = x.sum(axis=(1, 2))[:, None].astype("float32")
+    cell = _ODECell(8, mode, use_layer)
+    model = keras.Sequential([keras.Input((5, 3)), keras.layers.RNN(cell), keras.layers.Dense(1)])
+    model.compile(keras.optimizers.Adam(1e-2), "mse")
+    kernel = cell.dynamics.kernel.numpy().copy()
+    history = model.fit(x, y, batch_size=16, epochs=3, verbose=0)
+    losses = history.history["loss"]
+    assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]
+    # The ODE's own weights were trained, not only the update's.
+    assert not np.allclose(cell.dynamics.kernel.numpy(), kernel)
+
+
+def _cond_gradient(mode, compile_mode, nest, pred):
+    W = tf.Variable(A_NP)
+    gradient = strategy(mode)  # built outside: the adjoint's counters are written too
+
+    def solve(y, t1):
+        return tfaca.odeint(lambda t, y: tf.linalg.matvec(W, y), y, f64([0.0, t1]),
+                            rtol=1e-10, atol=1e-12, gradient=gradient)[-1]
+
+    @tf.function(jit_compile=compile_mode == "xla")
+    def run(pred, y0):
+        with tf.GradientTape() as tape:
+            if nest == "cond":
+                ys = tf.cond(pred, lambda: solve(y0, 0.6), lambda: y0)
+            elif nest == "where":  # both solved outside any cond, one selected
+                ys = tf.where(pred, solve(y0, 0.6), y0)
+            else:  # a cond in a loop body, as in an RNN cell that skips some steps
+                ys = tf.scan(lambda y, _: tf.cond(pred, lambda: solve(y, 0.4), lambda: y),
+                             tf.zeros([3]), initializer=y0)
+            loss = tf.reduce_sum(ys ** 2)
+        return tape.gradient(loss, W, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+
+    return run(tf.constant(pred), f64(Y0_NP)).numpy()
+
+
+def _cond_analytic():
+    """d/dA of |expm(0.6 A) y0|^2."""
+    y1 = scipy.linalg.expm(0.6 * A_NP) @ Y0_NP
+    return 0.6 * frechet_expm(0.6 * A_NP.T, 2 * np.outer(y1, Y0_NP))
+
+
+@pytest.mark.parametrize(
+    "mode, compile_mode, nest",
+    [("aca", "function", "cond"), ("adjoint", "function", "cond"),
+     ("naive", "function", "cond"), ("aca", "xla", "cond"), ("adjoint", "xla", "cond"),
+     ("aca", "function", "cond_in_scan"), ("adjoint", "function", "cond_in_scan"),
+     # The workaround that `solve` documents for the naive gradient under XLA.
+     ("naive", "xla", "where")],
+)
+@pytest.mark.slow_variants
+def test_solve_in_a_cond_branch_reads_a_variable(mode, compile_mode, nest):
+    expected = _scan_analytic() if nest == "cond_in_scan" else _cond_analytic()
+    np.testing.assert_allclose(_cond_gradient(mode, compile_mode, nest, True), expected,
+                               rtol=1e-7)
+    np.testing.assert_array_equal(_cond_gradient(mode, compile_mode, nest, False), 0.0)
+
+
+# --------------------------------------------------------------------------------------
+# Counters
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_backward_fevals_counters():
+    y0, ts = tf.constant([2.0, 0.0], F64), tf.constant([0.0, 2.0, 4.0], F64)
+    stats = {}
+    for mode in MODES:
+        grad = strategy(mode)
+        with tf.GradientTape() as tape:
+            tape.watch(y0)
+            sol = tfaca.solve(van_der_pol, y0, ts, rtol=1e-6, atol=1e-6, gradient=grad,
+                              interpolate=False)
+            loss = tf.reduce_sum(sol.ys)
+        if mode == "adjoint":  # counters exist from the start, at 0
+            assert int(grad.backward_stats.num_fevals) == 0
+        tape.gradient(loss, y0)
+        stats[mode] = sol.stats
+        if mode == "adjoint":
+            assert int(grad.backward_stats.num_fevals) > 0
+            assert int(grad.backward_stats.num_steps) > 0
+    n = int(stats["aca"].num_steps)
+    assert n > 10
+    assert int(stats["aca"].num_fevals_backward) == tfaca.Dopri5.tableau.solution_stages * n
+    assert int(stats["naive"].num_fevals_backward) == 0
+    assert int(stats["adjoint"].num_fevals_backward) == -1
+    # The forward solve is the same whatever the gradient.
+    for mode in ("adjoint", "naive"):
+        assert int(stats[mode].num_steps) == n
+        assert int(stats[mode].num_fevals) == int(stats["aca"].num_fevals)
+
+
+@pytest.mark.parametrize("method", ["dopri5", pytest.param("heun_euler", marks=pytest.mark.slow)])
+def test_backward_evaluations_are_counted(method):
+    """Eagerly, ACA's backward calls `func` as often as `num_fevals_backward` says: the
+    stages of each step's interpolant but the last, f(t1, y1), which is the next step's
+    first; the last step's is evaluated once, at the end (here only the first steps
+    have outputs inside, the last none but its end)."""
     calls = [0]
 
-    def func(t, y, W, b):
+    def func(t, y):
         calls[0] += 1
-        return rhs(t, y, W, b)
+        return tf.linalg.matvec(tf.constant(A_NP), y)
 
-    tol = LOOSE_TOL[method]
+    y0 = random_y0()
+    ts = np.r_[np.linspace(0.0, 1.0, 40), 8.0]  # outputs in the first steps only
     with tf.GradientTape() as tape:
-        tape.watch([y0, W])
-        sol = tfaca.solve(func, y0, ts, args=(W, b), method=method, rtol=tol, atol=tol,
-                          interpolate=False)
-        loss = loss_of(sol.ys)
-    assert int(sol.stats.num_rejected) > 0
-    # One more call than evaluations: under a tape, ACA traces `func` once into a
-    # scratch graph (running nothing) to find the tensors it closes over.
-    assert calls[0] == int(sol.stats.num_fevals) + 1
+        tape.watch(y0)
+        sol = tfaca.solve(func, y0, ts, method=method, rtol=1e-4, atol=1e-6)
+        loss = projection_loss(sol.ys)
     calls[0] = 0
-    g = tape.gradient(loss, [y0, W])
-    stages = tfaca.get_solver(method).tableau.solution_stages
-    assert calls[0] == int(sol.stats.num_steps) * stages
-    assert all(np.all(np.isfinite(x.numpy())) for x in g)
+    tape.gradient(loss, y0)
+    solver = tfaca.get_solver(method)
+    steps = int(sol.stats.num_steps)
+    expected = int(sol.stats.num_fevals_backward)
+    assert expected == steps * (len(solver.dense_weights) - 1) + 1
+    assert calls[0] == expected
 
 
-@pytest.mark.parametrize("method", ["heun_euler", "dopri5"])
-@pytest.mark.slow
-def test_unconnected_outputs(method):
-    """Losses that use only some outputs (None cotangents for the rest)."""
-    W, b = f64(W_NP), f64(B_NP)
-    y0 = {"x": f64(Y0_NP[:2]), "z": f64(Y0_NP[2:])}
-    ts = f64(TS_NP)
-    tol = LOOSE_TOL[method]
-
-    def func(t, y, W, b):
-        d = rhs(t, tf.concat([y["x"], y["z"]], 0), W, b)
-        return {"x": d[:2], "z": d[2:]}
-
-    def last_x(ys):
-        return tf.reduce_sum(tf.square(ys["x"][-1]))
-
-    def first_z(ys):  # ys[0] is y0 itself: its gradient is the identity
-        return 3.0 * tf.reduce_sum(ys["z"][0])
-
-    for loss_fn in (last_x, first_z):
-        g_aca, g_ref, _ = aca_and_reference(
-            func, y0, ts, [y0, W, ts], loss_fn, args=(W, b), method=method, tol=tol
-        )
-        assert_grads_close(g_aca, g_ref, 1e-10, f"{loss_fn.__name__}")
-
-    # Only ys[0] used: dL/dz0 = 3, every other gradient zero.
-    g = g_aca
-    np.testing.assert_array_equal(g[0]["z"].numpy(), [3.0])
-    np.testing.assert_array_equal(g[0]["x"].numpy(), [0.0, 0.0])
-    np.testing.assert_array_equal(g[1].numpy(), np.zeros((3, 3)))
-    np.testing.assert_array_equal(g[2].numpy(), np.zeros(4))
-
-
-def test_loss_independent_of_solution():
-    """A gradient taken through `sol.ys` with zero cotangent everywhere is zero, not None
-    or NaN, for connected sources."""
-    y0, W, b, ts = f64(Y0_NP), f64(W_NP), f64(B_NP), f64(TS_NP)
-    with tf.GradientTape() as tape:
-        tape.watch([y0, W, ts])
-        ys = tfaca.odeint(rhs, y0, ts, args=(W, b), method="bosh3", rtol=1e-4, atol=1e-4,
-                          interpolate=False)
-        loss = 0.0 * tf.reduce_sum(ys)
-    for g in tape.gradient(loss, [y0, W, ts]):
-        np.testing.assert_array_equal(g.numpy(), np.zeros_like(g.numpy()))
-
-
-# ---------------------------------------------------------------------------------------
-# 6. Keras in tf.function: no retracing.
+# --------------------------------------------------------------------------------------
+# Keras in tf.function: no retracing
+# --------------------------------------------------------------------------------------
 
 
 def test_keras_tf_function_no_retrace():
     keras.utils.set_random_seed(1)
-    model = _mlp(3)
+    model = float64_mlp(3)
     ts = f64([0.0, 0.5, 1.0])
     traces = [0]
 

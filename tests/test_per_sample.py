@@ -1,8 +1,10 @@
-"""Per-sample step control (`per_sample=True`): each sample of a batch solved as if alone.
+"""Per sample: step control (`per_sample=True`), each sample of a batch solved as if
+alone, and output times per sample (`ts` of shape `[batch, n]`, padded rows), in `solve`
+and in `ODELayer`.
 
 The reference for a sample is the same sample solved in a batch of one, whose steps are
 those of a shared-step solve of that sample alone (tested against backprop through the
-same accepted steps in test_gradients.py). In a batch with per-sample steps, a sample's
+same accepted steps in test_aca.py). In a batch with per-sample steps, a sample's
 outputs, ACA and naive gradients and statistics must equal those, to rounding (the
 batched matmuls round differently from a batch of one), whatever its neighbours are.
 """
@@ -10,18 +12,14 @@ batched matmuls round differently from a batch of one), whatever its neighbours 
 import keras
 import numpy as np
 import pytest
+import scipy.linalg
 import tensorflow as tf
 
 import tfaca
-from helpers import relative_error
-
-W_NP = np.random.RandomState(3).randn(3, 3) * 0.8
-
-
-def field(t, y, w, rate):
-    """A nonlinear rotation at a rate per sample (`rate` `[batch]`), with explicit time
-    dependence: `t` is the sample's own time, `[batch]`."""
-    return rate[:, None] * tf.tanh(tf.matmul(y, w)) * (1.0 + 0.3 * tf.reshape(tf.sin(t), [-1, 1]))
+from helpers import (
+    A_NP, F64, MODES, f64, linear_exact, linear_func, random_per_sample_ts, random_y0,
+    relative_error, strategy,
+)
 
 
 def batch_of(dtype):
@@ -31,6 +29,15 @@ def batch_of(dtype):
     rate = np.ones(7)
     rate[5] = 60.0
     return tf.constant(y0, dtype), tf.constant(rate, dtype)
+
+
+W_NP = np.random.RandomState(3).randn(3, 3) * 0.8
+
+
+def field(t, y, w, rate):
+    """A nonlinear rotation at a rate per sample (`rate` `[batch]`), with explicit time
+    dependence: `t` is the sample's own time, `[batch]`."""
+    return rate[:, None] * tf.tanh(tf.matmul(y, w)) * (1.0 + 0.3 * tf.reshape(tf.sin(t), [-1, 1]))
 
 
 def solve_with_grads(y0, rate, ts, dtype, per_sample=True, **kwargs):
@@ -287,8 +294,265 @@ def test_second_derivative_is_refused_not_wrong():
         outer.gradient(g, y0)
 
 
-# ---------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
+# Times per sample
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("gradient", ["aca", "naive", "adjoint"])
+@pytest.mark.slow_variants
+def test_per_sample_times_match_solving_each_sample_alone(gradient):
+    func = linear_func(A_NP)
+    ts = random_per_sample_ts()
+    y0 = random_y0(batch=4)
+    sol = tfaca.solve(func, y0, ts, rtol=1e-10, atol=1e-12, gradient=gradient, max_steps=5000)
+    assert sol.ys.shape == (6, 4, 3)
+    np.testing.assert_allclose(sol.ys.numpy(), linear_exact(y0, ts), atol=1e-8)
+    for b in range(4):
+        row = ts[b][:4] if b == 2 else ts[b]
+        alone = tfaca.odeint(func, y0[b], row, rtol=1e-10, atol=1e-12, max_steps=5000)
+        np.testing.assert_allclose(sol.ys.numpy()[: len(row), b], alone.numpy(), atol=1e-9)
+    # Padding returns the last real state.
+    np.testing.assert_array_equal(sol.ys.numpy()[4:, 2], sol.ys.numpy()[[3, 3], 2])
+
+
+@pytest.mark.parametrize("gradient", ["aca", "naive", "adjoint"])
+@pytest.mark.slow
+def test_per_sample_gradients_and_padding(gradient):
+    """Per-sample gradients equal those of each sample solved alone (to the tolerance);
+    padded entries receive no gradient and pass none on."""
+    func = linear_func(A_NP)
+    ts = random_per_sample_ts()
+    y0 = random_y0(batch=4)
+    @tf.function
+    def grads(y0, ts):
+        with tf.GradientTape() as tape:
+            tape.watch([y0, ts])
+            ys = tfaca.odeint(func, y0, ts, rtol=1e-10, atol=1e-12, gradient=gradient,
+                              max_steps=5000)
+            loss = tf.reduce_sum(ys ** 3)
+        return tape.gradient(loss, [y0, ts])
+
+    g_y0, g_ts = grads(y0, tf.constant(ts))
+    assert np.all(g_ts.numpy()[2, 4:] == 0.0)
+    total_t0 = 0.0
+    for b in range(4):
+        n = 4 if b == 2 else 6
+        gb_y0, gb_ts = grads(y0[b], tf.constant(ts[b][:n]))
+        np.testing.assert_allclose(g_y0.numpy()[b], gb_y0.numpy(), rtol=1e-7, atol=1e-9)
+        np.testing.assert_allclose(g_ts.numpy()[b, 1:n], gb_ts.numpy()[1:], rtol=1e-7, atol=1e-9)
+        total_t0 += gb_ts.numpy()[0]
+    # The common start's gradient goes to ts[0, 0].
+    np.testing.assert_allclose(g_ts.numpy()[0, 0], total_t0, rtol=1e-7)
+    assert np.all(g_ts.numpy()[1:, 0] == 0.0)
+
+
+@pytest.mark.slow
+def test_adjoint_per_sample_times_in_fit_with_a_batch_of_known_size():
+    """`fit` on one batch of known size traces a static batch with times of unknown
+    count: the adjoint's event loop keeps its loop shapes (it used to fail: "enters the
+    loop with shape (1, 3), but has shape (None, 3) after one iteration")."""
+    import keras
+
+    keras.utils.set_random_seed(0)
+    state, times = keras.Input((3,), dtype="float64"), keras.Input((None,), dtype="float64")
+    dynamics = keras.Sequential([keras.layers.Dense(3, dtype="float64")])
+    ode = tfaca.ODELayer(dynamics, gradient="adjoint", return_sequences=True, dtype="float64")
+    model = keras.Model([state, times], ode([state, times]))
+    model.compile(keras.optimizers.SGD(1e-3), "mse")
+    ts = np.linspace(0.0, 1.0, 6)[None]
+    history = model.fit([np.ones((1, 3)), ts], np.zeros((1, 6, 3)), epochs=2, batch_size=1,
+                        verbose=0)
+    assert np.isfinite(history.history["loss"]).all()
+
+
+def test_padded_entries_pass_no_gradient_to_the_state():
+    func = linear_func(A_NP)
+    ts = random_per_sample_ts()
+    y0 = random_y0(batch=4)
+    with tf.GradientTape() as tape:
+        tape.watch(y0)
+        ys = tfaca.odeint(func, y0, ts)
+        only_padding = tf.reduce_sum(ys[4:, 2])
+    assert np.all(tape.gradient(only_padding, y0, unconnected_gradients="zero").numpy() == 0.0)
+
+
+@pytest.mark.parametrize("mode", ["function", "xla"])
+@pytest.mark.slow_variants
+def test_per_sample_in_graphs_without_retracing(mode):
+    func = linear_func(A_NP)
+    traces = []
+
+    @tf.function(jit_compile=mode == "xla")
+    def run(y0, ts):
+        traces.append(1)
+        with tf.GradientTape() as tape:
+            tape.watch(y0)
+            ys = tfaca.odeint(func, y0, ts, rtol=1e-8, atol=1e-10, max_steps=500)
+        return ys, tape.gradient(tf.reduce_sum(ys ** 2), y0)
+
+    y0 = random_y0(batch=4)
+    for seed in (0, 1, 2):
+        ts = random_per_sample_ts(seed=seed)
+        ys, g = run(y0, tf.constant(ts))
+        np.testing.assert_allclose(ys.numpy(), linear_exact(y0, ts), atol=1e-6)
+        eager = tfaca.odeint(func, tf.Variable(y0), ts, rtol=1e-8, atol=1e-10)
+        np.testing.assert_allclose(ys.numpy(), eager.numpy(), rtol=1e-12, atol=1e-12)
+    assert len(traces) == 1
+
+
+def test_per_sample_float32_and_nested():
+    func = lambda t, y: (tf.linalg.matvec(tf.constant(A_NP, tf.float32), y[0]), -y[1])  # noqa: E731
+    y0 = (random_y0(batch=4, dtype=tf.float32), tf.ones([4, 2], tf.float32))
+    ts = random_per_sample_ts().astype(np.float32)
+    ys = tfaca.odeint(func, y0, ts, rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(ys[0].numpy(), linear_exact(y0[0].numpy().astype(np.float64), ts),
+                               atol=2e-5)
+    np.testing.assert_allclose(ys[1].numpy(), np.exp(-ts.T)[:, :, None] * np.ones(2), rtol=2e-5)
+
+
+def test_per_sample_reverse_time():
+    ts = -random_per_sample_ts()
+    y0 = random_y0(batch=4)
+    ys = tfaca.odeint(linear_func(A_NP), y0, ts, rtol=1e-10, atol=1e-12, max_steps=5000)
+    np.testing.assert_allclose(ys.numpy(), linear_exact(y0, ts), atol=1e-8)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "unequal starts",
+        "not monotone",
+        "padding in the middle",
+        "mixed directions",
+    ],
+)
+@pytest.mark.slow_variants
+def test_bad_per_sample_times_are_refused(bad):
+    ts = random_per_sample_ts(pad_row=None)
+    if bad == "unequal starts":
+        ts[1, 0] = 0.1
+    elif bad == "not monotone":
+        ts[1, [2, 3]] = ts[1, [3, 2]]
+    elif bad == "padding in the middle":
+        ts[1, 2] = ts[1, 1]
+    else:
+        ts[1, 1:] = -ts[1, 1:]
+    func = linear_func(A_NP)
+    y0 = random_y0(batch=4)
+    with pytest.raises(ValueError, match=r"`ts` of shape \(batch, n\)"):
+        tfaca.odeint(func, y0, ts)
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"`ts` of shape \(batch, n\)"):
+        tf.function(lambda ts: tfaca.odeint(func, y0, ts))(tf.constant(ts))
+    sol = tf.function(lambda ts: tfaca.solve(func, y0, ts, throw=False), jit_compile=True)(
+        tf.constant(ts))
+    assert int(sol.status) == int(tfaca.Status.NONFINITE)
+    assert np.all(np.isnan(sol.ys.numpy()[1:]))
+
+
+def test_per_sample_argument_errors():
+    func = linear_func(A_NP)
+    with pytest.raises(ValueError, match="interpolate=False"):
+        tfaca.odeint(func, random_y0(batch=4), random_per_sample_ts(), interpolate=False)
+    with pytest.raises(ValueError, match="leading axis"):
+        tfaca.odeint(func, random_y0(batch=3), random_per_sample_ts())
+    with pytest.raises(TypeError, match="interpolate"):
+        tfaca.odeint(func, random_y0(), [0.0, 1.0], interpolate="yes")
+
+
+ROT_NP = np.array([[-0.1, 1.0], [-1.0, -0.1]])
+WEIGHTS_NP = np.array([[1.0, 2.0], [3.0, 4.0], [-1.0, 0.5]])
+
+
+def _rotation(t, y):
+    return tf.linalg.matvec(f64(ROT_NP), y)
+
+
+def _end_value(y0, t):
+    return scipy.linalg.expm(ROT_NP * t) @ y0
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("rows", [[[0, 1, 2], [0, 1.5, 2], [0, 0.5, 1]],
+                                  [[0, 1, 2], [0, 1, 2], [0, 1, 2]]],
+                         ids=["two rows end together", "identical rows"])
+def test_rows_ending_together_each_get_their_end_time_gradient(mode, rows):
+    """Times per sample, shared steps: rows whose last time is the end of the solve each
+    get their own dL/dts (it all went to the first such row, the others 0). Against the
+    analytic <dL/dy(t_b), A y(t_b)> for every entry."""
+    y0 = np.array([[1.0, 0.5], [0.3, -0.2], [-0.4, 0.8]])
+    ts = f64(rows)
+    y0_t = f64(y0)
+    with tf.GradientTape() as tape:
+        tape.watch(ts)
+        ys = tfaca.odeint(_rotation, y0_t, ts, rtol=1e-10, atol=1e-12, gradient=strategy(mode))
+        loss = tf.reduce_sum(ys[1:] * f64(WEIGHTS_NP))
+    g_ts = tape.gradient(loss, ts).numpy()
+    rows = np.asarray(rows, float)
+    for b in range(3):
+        for k in (1, 2):
+            y = _end_value(y0[b], rows[b, k])
+            expected = WEIGHTS_NP[b] @ (ROT_NP @ y)
+            np.testing.assert_allclose(g_ts[b, k], expected, rtol=1e-6, atol=1e-9,
+                                       err_msg=f"row {b}, time {k}")
+
+
+@pytest.mark.parametrize("interpolate", [True, False])
+@pytest.mark.parametrize("mode", MODES)
+def test_padding_costs_no_step_and_an_all_padding_row_none(interpolate, mode):
+    """Per-sample steps: a row that ends in padding takes exactly the steps it takes
+    without the padding, a row that is all padding takes none and returns its state,
+    and every time gradient is finite (an all-padding row gave NaN: 0/0 for its step of
+    size 0; padding with interpolate=False took steps of size 0)."""
+    y0 = f64([[1.0, 0.5], [0.3, -0.2], [-0.4, 0.8]])
+    ts = f64([[0.0, 1.0, 2.0], [0.0, 0.0, 0.0], [0.0, 1.5, 1.5]])
+    with tf.GradientTape() as tape:
+        tape.watch([ts, y0])
+        sol = tfaca.solve(_rotation, y0, ts, per_sample=True, interpolate=interpolate,
+                          gradient=strategy(mode), rtol=1e-8, atol=1e-10)
+        loss = tf.reduce_sum(sol.ys ** 2)
+    g_ts, g_y0 = tape.gradient(loss, [ts, y0])
+    assert np.all(np.isfinite(g_ts.numpy())) and np.all(np.isfinite(g_y0.numpy()))
+    steps = sol.stats.num_steps.numpy()
+    alone = tfaca.solve(_rotation, y0[2:], f64([0.0, 1.5]), per_sample=True,
+                        interpolate=interpolate, rtol=1e-8, atol=1e-10)
+    assert steps[2] == int(alone.stats.num_steps[0])
+    assert int(sol.stats.num_fevals[2]) == int(alone.stats.num_fevals[0])
+    assert steps[1] == 0
+    np.testing.assert_array_equal(sol.ys.numpy()[:, 1], np.tile(y0.numpy()[1], (3, 1)))
+    np.testing.assert_array_equal(g_ts.numpy()[1], 0.0)
+    np.testing.assert_allclose(sol.ys.numpy()[2, 2], _end_value(y0.numpy()[2], 1.5), rtol=1e-7)
+
+
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_all_padding_batch_returns_the_state(per_sample):
+    """Every row of the times all padding (an RNN step in which no time passes, `[0, 0]`
+    per row): the solve returns the state unchanged, with no step (it was refused), in a
+    Keras RNN cell too."""
+    y0 = f64([[1.0, 0.5], [0.25, -0.5]])  # exact in float32, which the RNN's state passes
+    sol = tfaca.solve(_rotation, y0, tf.zeros([2, 2], F64), per_sample=per_sample)
+    np.testing.assert_array_equal(sol.ys.numpy(), np.stack([y0.numpy()] * 2))
+    assert np.all(sol.stats.num_steps.numpy() == 0) and np.all(sol.status.numpy() == 0)
+
+    class Cell(keras.layers.Layer):
+        state_size = 2
+
+        def call(self, inputs, states):
+            dt = inputs[:, :1]
+            times = tf.concat([tf.zeros_like(dt), dt], axis=1)
+            y = tfaca.odeint(_rotation, tf.cast(states[0], F64), tf.cast(times, F64),
+                             per_sample=per_sample)[-1]
+            return y, [y]
+
+    rnn = keras.layers.RNN(Cell(), dtype="float64")
+    gaps = np.zeros((2, 3, 1))  # no time passes in any step of any sequence
+    out = rnn(gaps, initial_state=[y0])
+    np.testing.assert_array_equal(out.numpy(), y0.numpy())
+
+
+# --------------------------------------------------------------------------------------
 # ODELayer
+# --------------------------------------------------------------------------------------
 
 
 class RateTimesTime(keras.layers.Layer):
@@ -375,3 +639,62 @@ def test_a_neighbours_overflowing_trial_leaves_the_gradients_finite(interpolate)
     np.testing.assert_allclose(g_y0.numpy(), np.concatenate([g[0].numpy() for g in alone]),
                                rtol=1e-12)
     np.testing.assert_allclose(float(g_w), sum(float(g[1]) for g in alone), rtol=1e-12)
+
+
+def _series_model(gradient="aca", return_sequences=True):
+    import keras
+
+    state = keras.Input((3,))
+    times = keras.Input((6,))
+    dynamics = keras.Sequential([keras.layers.Dense(16, activation="tanh"), keras.layers.Dense(3)])
+    layer = tfaca.ODELayer(dynamics, gradient=gradient, return_sequences=return_sequences,
+                           rtol=1e-6, atol=1e-8)
+    return keras.Model([state, times], layer([state, times])), layer
+
+
+@pytest.mark.parametrize("gradient", ["aca", "adjoint"])
+@pytest.mark.slow
+def test_odelayer_per_sample_times_fit_and_match_single_samples(gradient):
+    import keras
+
+    keras.utils.set_random_seed(0)
+    model, layer = _series_model(gradient)
+    rng = np.random.default_rng(0)
+    y0 = rng.standard_normal((32, 3)).astype("float32")
+    ts = np.concatenate([random_per_sample_ts(batch=4, seed=s) for s in range(8)]).astype("float32")
+    out = model.predict([y0, ts], verbose=0)
+    assert out.shape == (32, 6, 3)
+    for b in (0, 2, 5):
+        n = 4 if b % 4 == 2 else 6
+        alone = model.predict([y0[b:b + 1], ts[b:b + 1]], verbose=0)
+        np.testing.assert_allclose(out[b, :n], alone[0, :n], rtol=2e-3, atol=2e-4)
+        row = tfaca.odeint(lambda t, y: layer.dynamics(y), y0[b:b + 1], ts[b, :n], rtol=1e-6,
+                           atol=1e-8)
+        np.testing.assert_allclose(out[b, :n], row.numpy()[:, 0], rtol=2e-3, atol=2e-4)
+    target = np.sin(ts)[:, :, None] * np.ones(3, "float32")
+    model.compile("adam", "mse")
+    history = model.fit([y0, ts], target, epochs=3, batch_size=8, verbose=0)
+    assert history.history["loss"][-1] < history.history["loss"][0]
+
+
+@pytest.mark.slow
+def test_odelayer_interpolate_config_and_savedmodel(tmp_path):
+    import keras
+
+    model, layer = _series_model()
+    config = layer.get_config()
+    assert config["interpolate"] is True
+    clone = tfaca.ODELayer.from_config({**config, "interpolate": False})
+    assert clone.interpolate is False
+    rng = np.random.default_rng(1)
+    y0 = rng.standard_normal((4, 3)).astype("float32")
+    ts = random_per_sample_ts().astype("float32")
+    expected = model.predict([y0, ts], verbose=0)
+    path = str(tmp_path / "m.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    np.testing.assert_allclose(loaded.predict([y0, ts], verbose=0), expected, rtol=1e-6)
+    export = str(tmp_path / "served")
+    model.export(export, verbose=False)
+    served = tf.saved_model.load(export)
+    np.testing.assert_allclose(served.serve([y0, ts]).numpy(), expected, rtol=1e-5, atol=1e-6)

@@ -108,7 +108,7 @@ def test_matches_reference(key):
     for name in counts:
         if name.endswith("num_fevals_backward") and "-aca_k2-" in key:
             # Changed by design (issue 26): the budgeted replay no longer rebuilds a
-            # segment's last step, whose end is kept; `test_memory.py`'s
+            # segment's last step, whose end is kept; `test_budget.py`'s
             # `test_budget_counts_its_evaluations` checks the count against the calls.
             continue
         want = expected[name]

@@ -1,18 +1,26 @@
-"""Forward-solve correctness: tableaus, orders of convergence, accuracy against
-references, structures, dtypes, compilation modes, tolerances and statistics."""
+"""The solvers (`tfaca._solvers`, `_tableau`): tableaus, orders of convergence, accuracy
+against references, structures, dtypes, compilation modes, tolerances and statistics,
+user-defined solvers, and ALF (its order, and its inverse, which MALI relies on)."""
 
 import math
 
 import numpy as np
 import pytest
-import scipy.integrate
 import scipy.linalg
 import tensorflow as tf
 
 import tfaca
-from helpers import ADAPTIVE, A_NP, FIXED, ORDERS, expm_solution, f64, linear_func
+from helpers import (
+    A_NP, ADAPTIVE, FIXED, ORDERS, Y0_NP, expm_solution, f64, linear_func, nested_y0,
+    NestedField, recorded_trajectory, van_der_pol,
+)
 
-Y0_NP = np.array([1.0, 0.5, -0.3])
+
+# --------------------------------------------------------------------------------------
+# Butcher tableaus
+# --------------------------------------------------------------------------------------
+
+
 ALL_METHODS = FIXED + ADAPTIVE
 SOLVER_CLASSES = {
     "euler": tfaca.Euler,
@@ -23,24 +31,6 @@ SOLVER_CLASSES = {
     "dopri5": tfaca.Dopri5,
     "tsit5": tfaca.Tsit5,
 }
-
-
-def _slope(hs, errors):
-    """Least-squares slope of log(error) against log(h)."""
-    return np.polyfit(np.log(hs), np.log(errors), 1)[0]
-
-
-def _van_der_pol(t, y, mu=1.0):
-    return tf.stack([y[1], mu * (1.0 - y[0] ** 2) * y[1] - y[0]])
-
-
-def _van_der_pol_np(t, y, mu=1.0):
-    return [y[1], mu * (1.0 - y[0] ** 2) * y[1] - y[0]]
-
-
-# --------------------------------------------------------------------------------------
-# Butcher tableaus
-# --------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("method", ALL_METHODS)
@@ -112,7 +102,7 @@ def test_fsal_property(method):
 def test_fsal_last_stage_is_derivative_at_end(method):
     """The `f1` a FSAL step returns is func(t0 + dt, y1)."""
     solver = tfaca.get_solver(method)
-    func = lambda t, y: [_van_der_pol(t, y[0])]  # noqa: E731
+    func = lambda t, y: [van_der_pol(t, y[0])]  # noqa: E731
     t0, y0, dt = f64(0.3), f64([1.5, -0.7]), f64(0.05)
     y1, f1, _ = solver.step(func, t0, [y0], func(t0, [y0]), dt)
     np.testing.assert_allclose(f1[0].numpy(), func(t0 + dt, y1)[0].numpy(), rtol=1e-14, atol=1e-14)
@@ -121,6 +111,12 @@ def test_fsal_last_stage_is_derivative_at_end(method):
 # --------------------------------------------------------------------------------------
 # Orders of convergence
 # --------------------------------------------------------------------------------------
+
+
+def _slope(hs, errors):
+    """Least-squares slope of log(error) against log(h)."""
+    return np.polyfit(np.log(hs), np.log(errors), 1)[0]
+
 
 # Powers of two (steps land exactly on T = 2) in each order's asymptotic regime, with
 # the error well above float64 round-off (>= 1e-12).
@@ -150,7 +146,7 @@ def test_convergence_order(method):
 @pytest.mark.parametrize("method", ADAPTIVE)
 def test_embedded_error_estimate_order(method):
     solver = tfaca.get_solver(method)
-    func = lambda t, y: [_van_der_pol(t, y[0])]  # noqa: E731
+    func = lambda t, y: [van_der_pol(t, y[0])]  # noqa: E731
     t0, y0 = f64(0.3), f64([1.5, -0.7])
     f0 = func(t0, [y0])
     hs = [0.1 * 2.0**-k for k in range(4)]
@@ -165,6 +161,10 @@ def test_embedded_error_estimate_order(method):
     assert abs(slope - (solver.error_order + 1)) < 0.3, (slope, errors)
 
 
+def _van_der_pol_np(t, y, mu=1.0):
+    return [y[1], mu * (1.0 - y[0] ** 2) * y[1] - y[0]]
+
+
 # Asymptotic regime of one step of each order on the problem below (the 5th-order
 # pairs reach it late: Tsit5's ratio settles to 2^6 only below dt ~ 0.1).
 _LOCAL_STEP_EXPONENTS = {1: range(3, 7), 2: range(3, 7), 3: range(3, 7), 4: range(3, 7), 5: range(3, 6)}
@@ -175,7 +175,7 @@ def test_single_step_local_error_order(method):
     """One step's error against a reference is O(dt^(order+1)) (a nonlinear problem,
     so a wrong coefficient cannot hide behind the linear stability polynomial)."""
     solver = tfaca.get_solver(method)
-    func = lambda t, y: [_van_der_pol(t, y[0])]  # noqa: E731
+    func = lambda t, y: [van_der_pol(t, y[0])]  # noqa: E731
     t0, y0 = f64(0.3), np.array([1.5, -0.7])
     f0 = func(t0, [f64(y0)])
     hs = [0.8 * 2.0**-k for k in _LOCAL_STEP_EXPONENTS[solver.order]]
@@ -194,6 +194,7 @@ def test_single_step_local_error_order(method):
 # --------------------------------------------------------------------------------------
 # Accuracy of adaptive solves
 # --------------------------------------------------------------------------------------
+
 
 _VDP_TS = np.array([0.0, 0.5, 1.5, 3.0, 5.0])
 
@@ -219,7 +220,7 @@ def test_adaptive_matches_scipy_dop853(method, tol, vdp_reference):
     @tf.function
     def run():
         return tfaca.solve(
-            _van_der_pol,
+            van_der_pol,
             f64([2.0, 0.0]),
             f64(_VDP_TS),
             method=method,
@@ -245,7 +246,7 @@ def test_tighter_tolerance_is_more_accurate(vdp_reference):
     @tf.function
     def run(tol):
         return tfaca.solve(
-            _van_der_pol, f64([2.0, 0.0]), f64(_VDP_TS), rtol=tol, atol=tol, max_steps=5000
+            van_der_pol, f64([2.0, 0.0]), f64(_VDP_TS), rtol=tol, atol=tol, max_steps=5000
         )
 
     errors, steps = [], []
@@ -318,10 +319,6 @@ def test_fixed_step_fevals(method):
     assert int(sol.stats.num_fevals) == 1 + per_step * n
 
 
-# Python floats for ts, step_size, first_step and max_step mean float64 values in a
-# float64 solve, not float32 roundings of them.
-
-
 def test_python_float_ts_keep_float64_precision():
     ts = [0.0, 0.1, 0.7]
     sol = tfaca.solve(linear_func(A_NP), f64(Y0_NP), ts, rtol=1e-10, atol=1e-10)
@@ -386,6 +383,7 @@ def test_adaptive_landing_one_ulp_short_does_not_waste_steps():
 # --------------------------------------------------------------------------------------
 # Structures, time direction, output times, dtypes
 # --------------------------------------------------------------------------------------
+
 
 _TS = np.array([0.0, 0.3, 1.0, 2.5])
 _Q0 = np.array([[1.0, -2.0], [0.5, 3.0]])
@@ -663,7 +661,7 @@ def test_num_fevals_formula(method, per_trial, per_accept):
     @tf.function
     def run(first_step):
         return tfaca.solve(
-            lambda t, y: _van_der_pol(t, y, 5.0),
+            lambda t, y: van_der_pol(t, y, 5.0),
             f64([2.0, 0.0]),
             f64([0.0, 3.0, 6.0]),
             method=method,
@@ -809,7 +807,7 @@ def test_user_defined_adaptive_pair():
     assert errors[1] < errors[0] / 10
 
     # Its error estimate is O(dt^2).
-    func = lambda t, y: [_van_der_pol(t, y[0])]  # noqa: E731
+    func = lambda t, y: [van_der_pol(t, y[0])]  # noqa: E731
     t0, y0 = f64(0.3), f64([1.5, -0.7])
     f0 = func(t0, [y0])
     hs = [0.1 * 2.0**-k for k in range(5)]
@@ -860,3 +858,66 @@ def test_solution_only_step_skips_the_stages_y1_does_not_use(method, expected):
     assert len(calls) == expected  # f0 plus the stages y1 needs
     assert f1 is None and y_error is None
     np.testing.assert_array_equal(short[0].numpy(), full[0].numpy())
+
+
+# --------------------------------------------------------------------------------------
+# ALF: the reversible leapfrog solver
+# --------------------------------------------------------------------------------------
+
+
+A = np.array([[-0.1, 1.0], [-1.0, -0.1]])
+
+
+def linear(t, y):
+    return tf.linalg.matvec(tf.constant(A, y.dtype), y)
+
+
+def exact_linear(t, y0):
+    """exp(t A) y0 for the damped rotation A."""
+    c, s = np.cos(t), np.sin(t)
+    return np.exp(-0.1 * t) * np.array([[c, s], [-s, c]]) @ y0
+
+
+@pytest.mark.parametrize("damping, order", [(1.0, 2), (0.8, 1)])
+def test_alf_converges_at_its_order(damping, order):
+    """Fixed steps halved four times: the error falls by 2**order each time."""
+    y0 = np.array([1.0, 0.0])
+    errors = []
+    for h in (0.1, 0.05, 0.025, 0.0125):
+        ys = tfaca.odeint(linear, tf.constant(y0), [0.0, 2.0], method=tfaca.ALF(damping=damping),
+                          step_size=h, gradient="naive")
+        errors.append(np.max(np.abs(ys[-1].numpy() - exact_linear(2.0, y0))))
+    rates = np.log2(np.array(errors[:-1]) / np.array(errors[1:]))
+    np.testing.assert_allclose(rates, order, atol=0.1)
+
+
+def test_alf_adaptive_error_follows_the_tolerance():
+    y0 = np.array([1.0, 0.0])
+    errors, steps = [], []
+    for rtol in (1e-3, 1e-5):
+        sol = tfaca.solve(linear, tf.constant(y0), [0.0, 2.0], method="alf", rtol=rtol,
+                          atol=rtol * 1e-2, gradient="naive", max_steps=5000)
+        errors.append(np.max(np.abs(sol.ys[-1].numpy() - exact_linear(2.0, y0))))
+        steps.append(int(sol.stats.num_steps))
+    assert errors[1] < errors[0] / 10 and errors[0] < 1e-2
+    assert steps[1] > steps[0]
+
+
+@pytest.mark.parametrize("dtype, bound", [(tf.float64, 1e-12), (tf.float32, 1e-4)])
+def test_alf_inverse_rebuilds_the_start_from_the_end(dtype, bound):
+    """The accepted steps inverted from the end give back y0 (and v0 = f(t0, y0)) to
+    rounding: the drift MALI's gradient lives with (benchmarks/mali_memory.md)."""
+    field = NestedField(dtype)
+    y0 = nested_y0(dtype)
+    solver = tfaca.ALF()
+    trajectory = recorded_trajectory(solver, field, [0.0, 5.0], y0, 1e-4)
+    cp = trajectory.checkpoints
+    assert cp.y == () and int(cp.num_steps) > 100
+    y, v = cp.y_end, cp.f_end
+    for i in reversed(range(int(cp.num_steps))):
+        y, v = solver.inverse(field, cp.t[i, 0], y, v, cp.dt[i, 0])
+    for rebuilt, start in zip(y, y0):
+        drift = np.max(np.abs(rebuilt.numpy() - start.numpy())) / np.max(np.abs(start.numpy()))
+        assert drift < bound
+    for rebuilt, start in zip(v, field(tf.constant(0.0, dtype), y0)):
+        assert np.max(np.abs(rebuilt.numpy() - start.numpy())) < 100 * bound

@@ -5,9 +5,9 @@ Written for TensorFlow 2.21 and Keras 3.15. Every private import of the package
 layers) and every workaround of how TensorFlow or Keras behave inside is here, one
 section each, saying what it works around and how to check it on an upgrade. On an
 upgrade this is the file to audit: read each section's "On upgrade", then run
-`tests/test_gradients.py`, `tests/test_jit.py`, `tests/test_layers.py`,
-`tests/test_layers_reliability.py` and `tests/test_no_silent_errors.py` (the control-flow
-cases: a solve in `tf.scan`, a Keras RNN cell, a `tf.cond` branch).
+`tests/test_gradients.py` (with the control-flow cases: a solve in `tf.scan`, a Keras RNN
+cell, a `tf.cond` branch), `tests/test_aca.py`, `tests/test_jit.py`, `tests/test_layers.py`
+and `tests/test_layers_training.py`.
 """
 
 import tensorflow as tf
@@ -27,7 +27,7 @@ from tensorflow.python.ops import while_v2 as _while_v2
 # `Solution.status` and NaN, never by an `Assert` that XLA would reject) and a loop
 # inside a compiled graph must not be compiled again.
 # On upgrade: `control_flow_util.GraphOrParentsInXlaContext` still exists and is True
-# inside `tf.function(jit_compile=True)` (tests/test_jit.py, tests/test_no_silent_errors.py).
+# inside `tf.function(jit_compile=True)` (tests/test_jit.py, tests/test_gradients.py).
 # --------------------------------------------------------------------------------------
 
 
@@ -131,7 +131,7 @@ def function_graph():
 # On upgrade: `while_v2._WhileBodyGradFuncGraph`, `cond_v2._CondGradFuncGraph`, their
 # `_forward_graph` and `_function_captures` (`by_val_internal`, `pop`,
 # `add_or_replace`) still exist; then drop these and see whether the scan, RNN and
-# cond tests of tests/test_no_silent_errors.py pass without them (#50170 may be fixed).
+# cond tests of tests/test_gradients.py pass without them (#50170 may be fixed).
 # --------------------------------------------------------------------------------------
 
 
@@ -248,7 +248,7 @@ def cast_input(layer, x, autocast):
 # removes) losses added inside the solver's loop.
 # On upgrade: `Layer._flatten_layers(include_self=True)`, `Layer._seed_generators` and
 # `Layer._losses` (a list that `add_loss` extends) still exist (keras/src/layers/layer.py);
-# the dropout and added-loss tests of tests/test_layers_reliability.py.
+# the dropout and added-loss tests of tests/test_layers_training.py.
 # --------------------------------------------------------------------------------------
 
 

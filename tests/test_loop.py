@@ -1,6 +1,10 @@
-"""The loop at the limits of its arithmetic and its buffers: what "the same time" means
-on short time scales, far from t = 0 and in reverse (landing on outputs, the first step,
-step-size underflow), and results that do not depend on `max_steps` or on XLA."""
+"""The loop (`tfaca._loop`, `_control`, `Solution`): numerical failures reported with
+their status (max steps, step-size underflow, non-finite values), and the loop at the
+limits of its arithmetic and its buffers: what "the same time" means on short time
+scales, far from t = 0 and in reverse, and results that do not depend on `max_steps` or
+on XLA."""
+
+import re
 
 import numpy as np
 import pytest
@@ -8,7 +12,252 @@ import tensorflow as tf
 
 import tfaca
 from tfaca import _loop, _record
-from tfaca._control import StepSizeController
+from helpers import A_NP, F64, Y0_NP, f64, linear_func, random_y0, van_der_pol
+
+
+# --------------------------------------------------------------------------------------
+# Failed solves: each reports its status, raises or returns NaN as asked
+# --------------------------------------------------------------------------------------
+
+
+def _unit_decay(t, y):
+    return -y
+
+
+def test_max_steps_reached_eager():
+    with pytest.raises(tfaca.SolveError, match="max_steps") as info:
+        tfaca.solve(_unit_decay, f64([1.0]), f64([0.0, 10.0]), rtol=1e-10, atol=1e-10, max_steps=5)
+    assert "MAX_STEPS_REACHED" in str(info.value)
+    assert isinstance(info.value, RuntimeError)
+    # It says where the solve stopped: t is a number strictly inside (0, 10).
+    t = float(re.search(r"t=([-0-9.e+]+)", str(info.value)).group(1))
+    assert 0.0 < t < 10.0
+
+
+def test_max_steps_reached_in_function():
+    @tf.function
+    def run(y0, ts):
+        return tfaca.odeint(_unit_decay, y0, ts, rtol=1e-10, atol=1e-10, max_steps=5)
+
+    with pytest.raises(tf.errors.InvalidArgumentError, match="max_steps"):
+        run(f64([1.0]), f64([0.0, 10.0]))
+    # The same graph succeeds when the values allow it: the check is at run time.
+    ys = run(f64([1.0]), f64([0.0, 1e-3]))
+    np.testing.assert_allclose(ys.numpy()[-1], np.exp(-1e-3), rtol=1e-9)
+
+
+def test_max_steps_reached_status_without_throw():
+    ts = f64([0.0, 0.01, 5.0, 10.0])
+    sol = tfaca.solve(_unit_decay, f64([1.0]), ts, rtol=1e-10, atol=1e-10, max_steps=8, throw=False)
+    assert int(sol.status) == int(tfaca.Status.MAX_STEPS_REACHED)
+    assert int(sol.stats.num_steps) + int(sol.stats.num_rejected) == 8
+    ys = sol.ys.numpy()[:, 0]
+    np.testing.assert_allclose(ys[:2], np.exp(-ts.numpy()[:2]), rtol=1e-8)
+    assert np.all(np.isnan(ys[2:]))
+    assert 0.01 <= float(sol.t_final) < 5.0
+
+
+def _square(t, y):
+    """y' = y^2, y(0) = 1: y = 1 / (1 - t) blows up at t = 1."""
+    return y * y
+
+
+@pytest.mark.parametrize("dtype", [tf.float64, tf.float32])
+@pytest.mark.slow_variants
+def test_blow_up_underflows_the_step(dtype):
+    """Approaching the singularity the error control shrinks the step until it no longer
+    advances time: DT_UNDERFLOW (the state stays finite up to there)."""
+    y0, ts = tf.constant([1.0], dtype), tf.constant([0.0, 0.5, 2.0], dtype)
+    with pytest.raises(tfaca.SolveError, match="underflow") as info:
+        tfaca.solve(_square, y0, ts)
+    assert "DT_UNDERFLOW" in str(info.value)
+    assert "singularity" in str(info.value)
+
+    sol = tfaca.solve(_square, y0, ts, throw=False)
+    assert int(sol.status) == int(tfaca.Status.DT_UNDERFLOW)
+    assert 0.99 < float(sol.t_final) <= 1.0
+    ys = sol.ys.numpy()[:, 0]
+    np.testing.assert_allclose(ys[1], 2.0, rtol=1e-2)  # y(0.5) = 2, reached
+    assert np.isnan(ys[2])
+    t = float(re.search(r"t=([-0-9.e+]+)", str(info.value)).group(1))
+    assert t == pytest.approx(float(sol.t_final), rel=1e-6)
+
+
+def test_blow_up_in_function():
+    @tf.function
+    def run(y0, ts):
+        return tfaca.odeint(_square, y0, ts)
+
+    with pytest.raises(tf.errors.InvalidArgumentError, match="DT_UNDERFLOW"):
+        run(f64([1.0]), f64([0.0, 2.0]))
+
+
+def _nan_after_half(t, y):
+    return tf.where(t > 0.5, tf.constant(np.nan, y.dtype) * y, -y)
+
+
+def test_nonfinite_derivative_adaptive():
+    ts = f64([0.0, 0.25, 1.0])
+    with pytest.raises(tfaca.SolveError, match="non-finite") as info:
+        tfaca.solve(_nan_after_half, f64([1.0]), ts)
+    assert "NONFINITE" in str(info.value)
+
+    sol = tfaca.solve(_nan_after_half, f64([1.0]), ts, throw=False)
+    assert int(sol.status) == int(tfaca.Status.NONFINITE)
+    assert 0.49 < float(sol.t_final) <= 0.5
+    ys = sol.ys.numpy()[:, 0]
+    np.testing.assert_allclose(ys[1], np.exp(-0.25), rtol=1e-5)
+    assert np.isnan(ys[2])
+
+
+def test_nonfinite_at_start():
+    sol = tfaca.solve(
+        lambda t, y: y * np.nan, f64(Y0_NP), f64([0.0, 1.0]), throw=False
+    )
+    assert int(sol.status) == int(tfaca.Status.NONFINITE)
+    assert int(sol.stats.num_steps) == 0
+    np.testing.assert_array_equal(sol.ys[0].numpy(), Y0_NP)
+    assert np.all(np.isnan(sol.ys[1].numpy()))
+    with pytest.raises(tfaca.SolveError, match="NONFINITE"):
+        tfaca.solve(lambda t, y: y * np.nan, f64(Y0_NP), f64([0.0, 1.0]))
+
+
+@pytest.mark.parametrize("method", ["rk4", "dopri5"])
+def test_nonfinite_fixed_step(method):
+    ts = f64([0.0, 0.25, 1.0])
+    with pytest.raises(tfaca.SolveError, match="NONFINITE"):
+        tfaca.solve(_nan_after_half, f64([1.0]), ts, method=method, step_size=0.125)
+    sol = tfaca.solve(
+        _nan_after_half, f64([1.0]), ts, method=method, step_size=0.125, throw=False
+    )
+    assert int(sol.status) == int(tfaca.Status.NONFINITE)
+    # The step from 0.375 ends on 0.5 (finite: NaN only for t > 0.5); the next fails.
+    assert float(sol.t_final) == 0.5
+    np.testing.assert_allclose(sol.ys.numpy()[1, 0], np.exp(-0.25), rtol=1e-3)
+    assert np.isnan(sol.ys.numpy()[2, 0])
+
+
+def test_nonfinite_in_function():
+    @tf.function
+    def run(y0, ts):
+        return tfaca.odeint(_nan_after_half, y0, ts)
+
+    with pytest.raises(tf.errors.InvalidArgumentError, match="NONFINITE"):
+        run(f64([1.0]), f64([0.0, 1.0]))
+    ys = run(f64([1.0]), f64([0.0, 0.4]))
+    np.testing.assert_allclose(ys.numpy()[-1], np.exp(-0.4), rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "func, kwargs, status",
+    [
+        (_unit_decay, dict(rtol=1e-10, atol=1e-10, max_steps=6), tfaca.Status.MAX_STEPS_REACHED),
+        (_square, dict(), tfaca.Status.DT_UNDERFLOW),
+        (_nan_after_half, dict(), tfaca.Status.NONFINITE),
+    ],
+)
+@pytest.mark.slow_variants
+def test_xla_reports_status_and_nan(func, kwargs, status):
+    ts = f64([0.0, 0.01, 3.0, 4.0])
+
+    @tf.function(jit_compile=True)
+    def run(y0, ts):
+        sol = tfaca.solve(func, y0, ts, **kwargs)  # throw=True: XLA cannot assert
+        return sol.ys, sol.status, sol.t_final
+
+    ys, code, t_final = run(f64([1.0]), ts)
+    assert int(code) == int(status)
+    ys = ys.numpy()[:, 0]
+    assert ys[0] == 1.0 and np.isfinite(ys[1])  # reached
+    assert np.all(np.isnan(ys[2:]))  # unreached: NaN, not a stale state
+    assert float(t_final) < 3.0
+
+    # The same compiled function succeeds on a reachable problem.
+    ys, code, _ = run(f64([1.0]), f64([0.0, 1e-4, 2e-4, 3e-4]))
+    assert int(code) == 0 and np.all(np.isfinite(ys.numpy()))
+
+
+def test_throw_false_in_function_returns_status():
+    @tf.function
+    def run(y0, ts):
+        sol = tfaca.solve(_square, y0, ts, throw=False)
+        return sol.ys, sol.status
+
+    ys, code = run(f64([1.0]), f64([0.0, 0.5, 2.0]))
+    assert int(code) == int(tfaca.Status.DT_UNDERFLOW)
+    assert np.isfinite(ys.numpy()[1, 0]) and np.isnan(ys.numpy()[2, 0])
+
+
+def test_status_messages():
+    assert tfaca.Status.SUCCESS == 0
+    for status in tfaca.Status:
+        assert isinstance(status.message, str) and status.message
+    assert "max_steps" in tfaca.Status.MAX_STEPS_REACHED.message
+
+
+def test_status_prints_its_name_and_names_a_status_tensor():
+    status = tfaca.Status.MAX_STEPS_REACHED
+    assert str(status) == f"{status}" == "MAX_STEPS_REACHED" and int(status) == 1
+    assert f"{tfaca.Status.SUCCESS:>9}" == "  SUCCESS"
+    sol = tfaca.solve(lambda t, y: y * y, f64([[1.0], [0.1]]), [0.0, 2.0], per_sample=True,
+                      throw=False)
+    assert tfaca.Status.name_of(sol.status) == ["DT_UNDERFLOW", "SUCCESS"]
+    sol = tfaca.solve(linear_func(A_NP), f64(Y0_NP), f64([0.0, 1.0]))
+    assert tfaca.Status.name_of(sol.status) == "SUCCESS"
+    assert tfaca.Status.name_of(np.array([[3], [1]])) == [["NONFINITE"], ["MAX_STEPS_REACHED"]]
+    assert tfaca.Status.name_of(2) == "DT_UNDERFLOW"
+    with pytest.raises(TypeError, match="`status` must be a value"):
+        tf.function(tfaca.Status.name_of)(tf.constant(0))
+
+
+def test_max_steps_below_the_number_of_outputs_says_so():
+    with pytest.raises(ValueError, match=r"len\(ts\) - 1 = 9.*max_steps=5"):
+        tfaca.odeint(lambda t, y: -y, f64([1.0]), f64(np.linspace(0, 1, 10)), max_steps=5,
+                     interpolate=False)
+    # Interpolated outputs cost no steps: the same call succeeds.
+    ys = tfaca.odeint(lambda t, y: -y, f64([1.0]), f64(np.linspace(0, 1, 10)), max_steps=5)
+    np.testing.assert_allclose(ys.numpy()[:, 0], np.exp(-np.linspace(0, 1, 10)), rtol=1e-3)
+
+
+def test_non_monotone_times_under_xla_are_reported():
+    """XLA cannot assert: times that are not monotone give status NONFINITE and NaN
+    outputs instead of a solve to the wrong times."""
+
+    @tf.function(jit_compile=True)
+    def run(ts):
+        sol = tfaca.solve(lambda t, y: -y, f64([1.0]), ts)
+        return sol.ys, sol.status
+
+    ys, status = run(f64([0.0, 1.0, 0.5]))
+    assert int(status) == int(tfaca.Status.NONFINITE)
+    assert np.all(np.isnan(ys.numpy()[1:]))
+    ys, status = run(f64([0.0, 0.5, 1.0]))
+    assert int(status) == 0
+    np.testing.assert_allclose(ys.numpy()[:, 0], np.exp([0.0, -0.5, -1.0]), rtol=2e-3)
+
+
+@pytest.mark.parametrize("mode", ["eager", "xla"])
+def test_failure_before_the_first_step_gives_nan_outputs(mode):
+    """A solve that fails before accepting any step reports it, and every interpolated
+    output after the start is NaN, never y0 repeated."""
+
+    def func(t, y):
+        return y * tf.constant(float("nan"), F64)
+
+    ts = np.linspace(0.0, 1.0, 7)
+    run = lambda: tfaca.solve(func, random_y0(), ts, throw=False)  # noqa: E731
+    if mode == "xla":
+        run = tf.function(run, jit_compile=True)
+    sol = run()
+    assert int(sol.status) == int(tfaca.Status.NONFINITE)
+    assert int(sol.stats.num_steps) == 0
+    np.testing.assert_array_equal(sol.ys.numpy()[0], random_y0().numpy())
+    assert np.all(np.isnan(sol.ys.numpy()[1:]))
+
+
+# --------------------------------------------------------------------------------------
+# Short time scales in float32: "the same time" is relative to the times involved
+# --------------------------------------------------------------------------------------
 
 
 def _decay(rate):
@@ -24,10 +273,6 @@ def _solve(func, y0, ts, dtype, **kwargs):
 def _ok(sol):
     assert int(sol.status) == int(tfaca.Status.SUCCESS), tfaca.Status(int(sol.status)).name
 
-
-# --------------------------------------------------------------------------------------
-# Short time scales in float32: "the same time" is relative to the times involved
-# --------------------------------------------------------------------------------------
 
 _SHORT_TS = np.linspace(0.0, 3e-7, 7)
 
@@ -60,7 +305,7 @@ def test_first_step_is_respected_on_a_short_time_scale():
         return [-1e7 * y[0]]
 
     ts = tf.constant([0.0, 3e-7], dtype)
-    controller = StepSizeController(
+    controller = tfaca.StepSizeController(
         rtol=[tf.constant(1e-3, dtype)], atol=[tf.constant(1e-6, dtype)]
     )
     traj = _loop.integrate(
@@ -209,9 +454,10 @@ def test_steps_of_a_few_ulps_far_from_zero_float32():
 # max_steps sizes buffers under XLA only: results do not depend on it, nor on XLA
 # --------------------------------------------------------------------------------------
 
-_W = np.random.default_rng(1).standard_normal((8, 8)) / 3
+
 _Y0 = np.random.default_rng(2).standard_normal((4, 8))
 _TS = np.array([0.0, 0.5, 2.0])
+_W = np.random.default_rng(1).standard_normal((8, 8)) / 3
 
 
 def _field(t, y):
@@ -234,22 +480,6 @@ def _solve_and_gradient(max_steps):
             loss = tf.reduce_sum(sol.ys[-1] ** 2)
         stats = (sol.stats.num_steps, sol.stats.num_rejected, sol.stats.num_fevals)
         return sol.ys, sol.status, sol.t_final, stats, tape.gradient(loss, y0)
-
-    return run
-
-
-def _checkpoints(max_steps):
-    def run(y0):
-        dtype = tf.float64
-        controller = StepSizeController(
-            rtol=[tf.constant(1e-6, dtype)], atol=[tf.constant(1e-8, dtype)]
-        )
-        traj = _loop.integrate(
-            tfaca.Dopri5(), controller, lambda t, y: [_field(t, y[0])], tf.constant(_TS),
-            [y0], step_size=None, first_step=None, max_steps=max_steps, record=True,
-        )
-        cp = traj.checkpoints
-        return cp.t, cp.dt, cp.interval, cp.hit, cp.y[0], cp.num_steps
 
     return run
 
@@ -290,6 +520,22 @@ def test_xla_and_function_agree_when_max_steps_is_reached():
         assert np.all(np.isnan(ys.numpy()[-1])) and np.all(np.isfinite(ys.numpy()[:2]))
 
 
+def _checkpoints(max_steps):
+    def run(y0):
+        dtype = tf.float64
+        controller = tfaca.StepSizeController(
+            rtol=[tf.constant(1e-6, dtype)], atol=[tf.constant(1e-8, dtype)]
+        )
+        traj = _loop.integrate(
+            tfaca.Dopri5(), controller, lambda t, y: [_field(t, y[0])], tf.constant(_TS),
+            [y0], step_size=None, first_step=None, max_steps=max_steps, record=True,
+        )
+        cp = traj.checkpoints
+        return cp.t, cp.dt, cp.interval, cp.hit, cp.y[0], cp.num_steps
+
+    return run
+
+
 @pytest.mark.parametrize("size", ["exact", "large"])
 @pytest.mark.slow_variants
 def test_checkpoints_agree_under_xla_and_in_a_function(size):
@@ -305,11 +551,6 @@ def test_checkpoints_agree_under_xla_and_in_a_function(size):
     for g, x in zip(graph[:-1], xla[:-1]):
         assert g.shape[0] == n + 1 and x.shape[0] == max_steps + 1
         np.testing.assert_allclose(x.numpy()[:n + 1], g.numpy(), rtol=1e-12, atol=1e-12)
-
-
-def _van_der_pol(t, y):
-    x, v = y[..., 0], y[..., 1]
-    return tf.stack([v, 5.0 * (1.0 - x**2) * v - x], axis=-1)
 
 
 @pytest.mark.parametrize("per_sample", [False, True])
@@ -328,10 +569,10 @@ def test_step_log_of_many_blocks_agrees_under_xla_and_in_a_function(per_sample, 
     max_steps = 3000
 
     def run(y0):
-        controller = StepSizeController(rtol=[tf.constant(1e-7, dtype)],
+        controller = tfaca.StepSizeController(rtol=[tf.constant(1e-7, dtype)],
                                         atol=[tf.constant(1e-9, dtype)], per_sample=per_sample)
         traj = _loop.integrate(
-            tfaca.Dopri5(), controller, lambda t, y: [_van_der_pol(t, y[0])], ts, [y0],
+            tfaca.Dopri5(), controller, lambda t, y: [van_der_pol(t, y[0], mu=5.0)], ts, [y0],
             step_size=None, first_step=None, max_steps=max_steps, record=True,
             per_sample=per_sample)
         cp = traj.checkpoints

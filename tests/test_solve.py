@@ -1,5 +1,6 @@
-"""Failures of a solve and bad arguments: each gives its error, and the message names
-the argument (or the cause) and the value received."""
+"""`tfaca.solve` and `odeint`, the functional API: bad arguments are refused with a
+message that names the argument and the value received, arguments are converted as
+documented, and batches that are empty are solved."""
 
 import re
 
@@ -8,203 +9,7 @@ import pytest
 import tensorflow as tf
 
 import tfaca
-from helpers import A_NP, f64, linear_func
-
-Y0_NP = np.array([1.0, 0.5, -0.3])
-
-
-def _decay(t, y):
-    return -y
-
-
-def _square(t, y):
-    """y' = y^2, y(0) = 1: y = 1 / (1 - t) blows up at t = 1."""
-    return y * y
-
-
-def _nan_after_half(t, y):
-    return tf.where(t > 0.5, tf.constant(np.nan, y.dtype) * y, -y)
-
-
-# --------------------------------------------------------------------------------------
-# Failed solves
-# --------------------------------------------------------------------------------------
-
-
-def test_max_steps_reached_eager():
-    with pytest.raises(tfaca.SolveError, match="max_steps") as info:
-        tfaca.solve(_decay, f64([1.0]), f64([0.0, 10.0]), rtol=1e-10, atol=1e-10, max_steps=5)
-    assert "MAX_STEPS_REACHED" in str(info.value)
-    assert isinstance(info.value, RuntimeError)
-    # It says where the solve stopped: t is a number strictly inside (0, 10).
-    t = float(re.search(r"t=([-0-9.e+]+)", str(info.value)).group(1))
-    assert 0.0 < t < 10.0
-
-
-def test_max_steps_reached_in_function():
-    @tf.function
-    def run(y0, ts):
-        return tfaca.odeint(_decay, y0, ts, rtol=1e-10, atol=1e-10, max_steps=5)
-
-    with pytest.raises(tf.errors.InvalidArgumentError, match="max_steps"):
-        run(f64([1.0]), f64([0.0, 10.0]))
-    # The same graph succeeds when the values allow it: the check is at run time.
-    ys = run(f64([1.0]), f64([0.0, 1e-3]))
-    np.testing.assert_allclose(ys.numpy()[-1], np.exp(-1e-3), rtol=1e-9)
-
-
-def test_max_steps_reached_status_without_throw():
-    ts = f64([0.0, 0.01, 5.0, 10.0])
-    sol = tfaca.solve(_decay, f64([1.0]), ts, rtol=1e-10, atol=1e-10, max_steps=8, throw=False)
-    assert int(sol.status) == int(tfaca.Status.MAX_STEPS_REACHED)
-    assert int(sol.stats.num_steps) + int(sol.stats.num_rejected) == 8
-    ys = sol.ys.numpy()[:, 0]
-    np.testing.assert_allclose(ys[:2], np.exp(-ts.numpy()[:2]), rtol=1e-8)
-    assert np.all(np.isnan(ys[2:]))
-    assert 0.01 <= float(sol.t_final) < 5.0
-
-
-@pytest.mark.parametrize("dtype", [tf.float64, tf.float32])
-@pytest.mark.slow_variants
-def test_blow_up_underflows_the_step(dtype):
-    """Approaching the singularity the error control shrinks the step until it no longer
-    advances time: DT_UNDERFLOW (the state stays finite up to there)."""
-    y0, ts = tf.constant([1.0], dtype), tf.constant([0.0, 0.5, 2.0], dtype)
-    with pytest.raises(tfaca.SolveError, match="underflow") as info:
-        tfaca.solve(_square, y0, ts)
-    assert "DT_UNDERFLOW" in str(info.value)
-    assert "singularity" in str(info.value)
-
-    sol = tfaca.solve(_square, y0, ts, throw=False)
-    assert int(sol.status) == int(tfaca.Status.DT_UNDERFLOW)
-    assert 0.99 < float(sol.t_final) <= 1.0
-    ys = sol.ys.numpy()[:, 0]
-    np.testing.assert_allclose(ys[1], 2.0, rtol=1e-2)  # y(0.5) = 2, reached
-    assert np.isnan(ys[2])
-    t = float(re.search(r"t=([-0-9.e+]+)", str(info.value)).group(1))
-    assert t == pytest.approx(float(sol.t_final), rel=1e-6)
-
-
-def test_blow_up_in_function():
-    @tf.function
-    def run(y0, ts):
-        return tfaca.odeint(_square, y0, ts)
-
-    with pytest.raises(tf.errors.InvalidArgumentError, match="DT_UNDERFLOW"):
-        run(f64([1.0]), f64([0.0, 2.0]))
-
-
-def test_nonfinite_derivative_adaptive():
-    ts = f64([0.0, 0.25, 1.0])
-    with pytest.raises(tfaca.SolveError, match="non-finite") as info:
-        tfaca.solve(_nan_after_half, f64([1.0]), ts)
-    assert "NONFINITE" in str(info.value)
-
-    sol = tfaca.solve(_nan_after_half, f64([1.0]), ts, throw=False)
-    assert int(sol.status) == int(tfaca.Status.NONFINITE)
-    assert 0.49 < float(sol.t_final) <= 0.5
-    ys = sol.ys.numpy()[:, 0]
-    np.testing.assert_allclose(ys[1], np.exp(-0.25), rtol=1e-5)
-    assert np.isnan(ys[2])
-
-
-def test_nonfinite_at_start():
-    sol = tfaca.solve(
-        lambda t, y: y * np.nan, f64(Y0_NP), f64([0.0, 1.0]), throw=False
-    )
-    assert int(sol.status) == int(tfaca.Status.NONFINITE)
-    assert int(sol.stats.num_steps) == 0
-    np.testing.assert_array_equal(sol.ys[0].numpy(), Y0_NP)
-    assert np.all(np.isnan(sol.ys[1].numpy()))
-    with pytest.raises(tfaca.SolveError, match="NONFINITE"):
-        tfaca.solve(lambda t, y: y * np.nan, f64(Y0_NP), f64([0.0, 1.0]))
-
-
-@pytest.mark.parametrize("method", ["rk4", "dopri5"])
-def test_nonfinite_fixed_step(method):
-    ts = f64([0.0, 0.25, 1.0])
-    with pytest.raises(tfaca.SolveError, match="NONFINITE"):
-        tfaca.solve(_nan_after_half, f64([1.0]), ts, method=method, step_size=0.125)
-    sol = tfaca.solve(
-        _nan_after_half, f64([1.0]), ts, method=method, step_size=0.125, throw=False
-    )
-    assert int(sol.status) == int(tfaca.Status.NONFINITE)
-    # The step from 0.375 ends on 0.5 (finite: NaN only for t > 0.5); the next fails.
-    assert float(sol.t_final) == 0.5
-    np.testing.assert_allclose(sol.ys.numpy()[1, 0], np.exp(-0.25), rtol=1e-3)
-    assert np.isnan(sol.ys.numpy()[2, 0])
-
-
-def test_nonfinite_in_function():
-    @tf.function
-    def run(y0, ts):
-        return tfaca.odeint(_nan_after_half, y0, ts)
-
-    with pytest.raises(tf.errors.InvalidArgumentError, match="NONFINITE"):
-        run(f64([1.0]), f64([0.0, 1.0]))
-    ys = run(f64([1.0]), f64([0.0, 0.4]))
-    np.testing.assert_allclose(ys.numpy()[-1], np.exp(-0.4), rtol=1e-4)
-
-
-@pytest.mark.parametrize(
-    "func, kwargs, status",
-    [
-        (_decay, dict(rtol=1e-10, atol=1e-10, max_steps=6), tfaca.Status.MAX_STEPS_REACHED),
-        (_square, dict(), tfaca.Status.DT_UNDERFLOW),
-        (_nan_after_half, dict(), tfaca.Status.NONFINITE),
-    ],
-)
-@pytest.mark.slow_variants
-def test_xla_reports_status_and_nan(func, kwargs, status):
-    ts = f64([0.0, 0.01, 3.0, 4.0])
-
-    @tf.function(jit_compile=True)
-    def run(y0, ts):
-        sol = tfaca.solve(func, y0, ts, **kwargs)  # throw=True: XLA cannot assert
-        return sol.ys, sol.status, sol.t_final
-
-    ys, code, t_final = run(f64([1.0]), ts)
-    assert int(code) == int(status)
-    ys = ys.numpy()[:, 0]
-    assert ys[0] == 1.0 and np.isfinite(ys[1])  # reached
-    assert np.all(np.isnan(ys[2:]))  # unreached: NaN, not a stale state
-    assert float(t_final) < 3.0
-
-    # The same compiled function succeeds on a reachable problem.
-    ys, code, _ = run(f64([1.0]), f64([0.0, 1e-4, 2e-4, 3e-4]))
-    assert int(code) == 0 and np.all(np.isfinite(ys.numpy()))
-
-
-def test_throw_false_in_function_returns_status():
-    @tf.function
-    def run(y0, ts):
-        sol = tfaca.solve(_square, y0, ts, throw=False)
-        return sol.ys, sol.status
-
-    ys, code = run(f64([1.0]), f64([0.0, 0.5, 2.0]))
-    assert int(code) == int(tfaca.Status.DT_UNDERFLOW)
-    assert np.isfinite(ys.numpy()[1, 0]) and np.isnan(ys.numpy()[2, 0])
-
-
-def test_status_messages():
-    assert tfaca.Status.SUCCESS == 0
-    for status in tfaca.Status:
-        assert isinstance(status.message, str) and status.message
-    assert "max_steps" in tfaca.Status.MAX_STEPS_REACHED.message
-
-
-def test_status_prints_its_name_and_names_a_status_tensor():
-    status = tfaca.Status.MAX_STEPS_REACHED
-    assert str(status) == f"{status}" == "MAX_STEPS_REACHED" and int(status) == 1
-    assert f"{tfaca.Status.SUCCESS:>9}" == "  SUCCESS"
-    sol = tfaca.solve(lambda t, y: y * y, f64([[1.0], [0.1]]), [0.0, 2.0], per_sample=True,
-                      throw=False)
-    assert tfaca.Status.name_of(sol.status) == ["DT_UNDERFLOW", "SUCCESS"]
-    assert tfaca.Status.name_of(_solve().status) == "SUCCESS"
-    assert tfaca.Status.name_of(np.array([[3], [1]])) == [["NONFINITE"], ["MAX_STEPS_REACHED"]]
-    assert tfaca.Status.name_of(2) == "DT_UNDERFLOW"
-    with pytest.raises(TypeError, match="`status` must be a value"):
-        tf.function(tfaca.Status.name_of)(tf.constant(0))
+from helpers import A_NP, F64, MODES, Y0_NP, f64, linear_func, strategy
 
 
 # --------------------------------------------------------------------------------------
@@ -494,3 +299,147 @@ def test_torchdiffeq_options_dict_says_to_pass_keywords(entry):
     message = str(info.value)
     assert "odeint(func, y0, ts, step_size=0.1, max_steps=50)" in message
     assert "Received: options={'step_size': 0.1, 'max_num_steps': 50}" in message
+
+
+def test_times_rule_error_names_the_row_and_the_fix():
+    """Times per sample that break the rule: the error names the first row that breaks
+    it, with its times, and says how to fix it; in a graph too."""
+    ts = f64([[0.0, 1.0, 2.0], [0.0, 0.5, 1.0], [0.1, 0.5, 1.0]])
+    y0 = f64([[1.0], [1.0], [1.0]])
+    with pytest.raises(ValueError, match=r"Row 2 breaks it: ts\[2\]=\[0\.1 0\.5 1\. *\].*"
+                                         r"start every row at the same time"):
+        tfaca.odeint(lambda t, y: -y, y0, ts)
+    with pytest.raises(ValueError, match=r"Row 1 breaks it.*pad a shorter row"):
+        tfaca.odeint(lambda t, y: -y, y0, f64([[0.0, 1.0, 2.0], [0.0, 1.0, 0.5], [0, 1, 2]]))
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 3], F64)])
+    def run(ts):
+        return tfaca.odeint(lambda t, y: -y, tf.ones([tf.shape(ts)[0], 1], F64), ts)
+
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"Row.*\b2\b.*breaks it.*0\.1"):
+        run(ts)
+
+
+def test_batch_mismatch_of_times_and_state_in_a_graph_is_named():
+    """Times per sample whose batch differs from the state's, in a graph where neither
+    batch is known while tracing: tfaca's message, not a TensorFlow shape error."""
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 2], F64), tf.TensorSpec([None, 3], F64)])
+    def run(y0, ts):
+        return tfaca.odeint(lambda t, y: -y, y0, ts)
+
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match=r"needs every component of `y0` to have the same batch.*\[8 3\]"):
+        run(tf.ones([4, 2], F64), tf.zeros([8, 3], F64) + f64([0.0, 1.0, 2.0]))
+
+
+# --------------------------------------------------------------------------------------
+# Argument conversions
+# --------------------------------------------------------------------------------------
+
+
+def test_python_float_args_follow_a_float64_state():
+    ys = tfaca.odeint(lambda t, y, k: -k * y, f64([1.0]), f64([0.0, 1.0]), args=(0.5,),
+                      rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(ys.numpy()[-1], np.exp(-0.5), rtol=1e-9)
+
+
+def test_numpy_args_follow_a_float64_state():
+    ys = tfaca.odeint(lambda t, y, k: -k * y, f64([1.0, 2.0]), f64([0.0, 1.0]),
+                      args=(np.array([0.5, 1.0], np.float32),), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(ys.numpy()[-1], np.array([1.0, 2.0]) * np.exp([-0.5, -1.0]),
+                               rtol=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [tf.float16, tf.bfloat16])
+def test_low_precision_args_are_solved_in_float32(dtype):
+    y0 = tf.constant([1.0, 2.0], dtype)
+    k = tf.constant([0.5, 1.0], dtype)
+    with tf.GradientTape() as tape:
+        tape.watch(k)
+        ys = tfaca.odeint(lambda t, y, k: -k * y, y0, [0.0, 1.0], args=(k,))
+        loss = tf.reduce_sum(tf.cast(ys[-1], tf.float32))
+    assert ys.dtype == dtype
+    np.testing.assert_allclose(tf.cast(ys[-1], tf.float32).numpy(), [np.exp(-0.5), 2 * np.exp(-1.0)],
+                               rtol=1e-2)
+    g = tape.gradient(loss, k)
+    assert g.dtype == dtype
+    np.testing.assert_allclose(tf.cast(g, tf.float32).numpy(), [-np.exp(-0.5), -2 * np.exp(-1.0)],
+                               rtol=2e-2)
+
+
+# --------------------------------------------------------------------------------------
+# Empty batches
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", MODES)
+# Shared steps cannot step onto every sample's times: interpolate=False is refused there.
+@pytest.mark.parametrize("per_sample,interpolate", [(False, True), (True, True), (True, False)])
+def test_empty_batch_returns_empty_outputs_and_gradients(per_sample, mode, interpolate):
+    """A batch of 0 samples (a replica's share of a short last batch) with per-sample
+    steps or times per sample returns empty outputs and zero gradients, eagerly and in
+    a graph of unknown batch (it crashed in 9 of 12 combinations)."""
+    W = tf.Variable(A_NP * 0.3)
+
+    def func(t, y):
+        return tf.tanh(tf.linalg.matvec(W, y))
+
+    def run(y0):
+        times = tf.zeros([tf.shape(y0)[0], 3], F64) + f64([0.0, 0.5, 1.0])
+        with tf.GradientTape() as tape:
+            tape.watch(y0)
+            ys = tfaca.odeint(func, y0, times, per_sample=per_sample, interpolate=interpolate,
+                              gradient=strategy(mode))
+            loss = tf.reduce_sum(ys)
+        g_y0, g_w = tape.gradient(loss, [y0, W])
+        return ys, g_y0, tf.zeros_like(W) if g_w is None else g_w
+
+    empty = tf.zeros([0, 3], F64)
+    graph = tf.function(run, input_signature=[tf.TensorSpec([None, 3], F64)])
+    for ys, g_y0, g_w in (run(empty), graph(empty)):
+        assert ys.shape == (3, 0, 3) and g_y0.shape == (0, 3)
+        np.testing.assert_array_equal(g_w.numpy(), 0.0)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_empty_batch_with_shared_times_and_steps(mode):
+    """Times and steps the batch shares, interpolated, for a batch of 0 samples: the
+    compiled loop's output buffer then has one row of entries of 0 elements, which XLA
+    refuses to scatter into. (Per-sample steps read shared times by rows, one per sample:
+    no row at all, as with times per sample above.)"""
+    W = tf.Variable(A_NP * 0.3)
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 3], F64)], jit_compile=True)
+    def run(y0):
+        with tf.GradientTape() as tape:
+            tape.watch(y0)
+            ys = tfaca.odeint(lambda t, y: tf.tanh(tf.linalg.matvec(W, y)), y0,
+                              f64([0.0, 0.25, 0.5, 1.0]), gradient=strategy(mode))
+            loss = tf.reduce_sum(ys)
+        g_y0, g_w = tape.gradient(loss, [y0, W])
+        return ys, g_y0, tf.zeros_like(W) if g_w is None else g_w
+
+    ys, g_y0, g_w = run(tf.zeros([0, 3], F64))
+    assert ys.shape == (4, 0, 3) and g_y0.shape == (0, 3)
+    np.testing.assert_array_equal(g_w.numpy(), 0.0)
+
+
+def test_empty_batch_with_compiled_adjoint():
+    """The adjoint's reverse solve compiled with XLA (the default in a graph) for an
+    empty batch of times per sample: it failed to compile (slices of an empty batch)."""
+    W = tf.Variable(A_NP * 0.3)
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 3], F64)])
+    def run(y0):
+        times = tf.zeros([tf.shape(y0)[0], 3], F64) + f64([0.0, 0.5, 1.0])
+        with tf.GradientTape() as tape:
+            tape.watch(y0)
+            ys = tfaca.odeint(lambda t, y: tf.tanh(tf.linalg.matvec(W, y)), y0, times,
+                              gradient="adjoint", jit_compile=True)
+            loss = tf.reduce_sum(ys)
+        return tape.gradient(loss, [y0, W])
+
+    g_y0, g_w = run(tf.zeros([0, 3], F64))
+    assert g_y0.shape == (0, 3)
+    np.testing.assert_array_equal(g_w.numpy(), 0.0)

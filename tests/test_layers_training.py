@@ -1,6 +1,6 @@
-"""`tfaca.ODELayer` where Keras features meet the solver: randomness in the dynamics (one
-draw per call, exact gradients), losses added inside the dynamics (refused) and weight
-regularizers (kept), the failure metric, and the layer's one gradient strategy."""
+"""Training an `ODELayer` where Keras features meet the solver: XLA, BatchNorm inside the
+dynamics, randomness in the dynamics (one draw per call, exact gradients), losses added
+inside the dynamics (refused) and weight regularizers (kept), and mixed precision."""
 
 import keras
 import numpy as np
@@ -8,29 +8,222 @@ import pytest
 import tensorflow as tf
 
 import tfaca
-
-STATE = 4
-HIDDEN = 16
-BATCH = 8
-RATE = 0.5  # dropout scale 1 / (1 - RATE) = 2 is exact: fixed-mask references match bit for bit
-
+from helpers import (
+    BATCH, HIDDEN, SMALL_BATCH, STATE, mlp_dynamics, odeint_dynamics, regression_data, states,
+    TrainingRecorder,
+)
 
 # Each test starts from a fresh Keras session and seed (conftest.py).
 pytestmark = pytest.mark.usefixtures("keras_seed")
 
 
-def states(n=BATCH, seed=0):
-    return tf.constant(np.random.default_rng(seed).normal(size=(n, STATE)).astype("float32"))
+# --------------------------------------------------------------------------------------
+# XLA
+# --------------------------------------------------------------------------------------
 
 
-def mlp_dynamics(**dense_kwargs):
-    return keras.Sequential(
-        [keras.layers.Dense(HIDDEN, activation="tanh", **dense_kwargs), keras.layers.Dense(STATE)]
+def _xla_pair_model(batchnorm, layer_jit="auto"):
+    recorder = TrainingRecorder(HIDDEN)
+    norm = [keras.layers.BatchNormalization(momentum=0.5)] if batchnorm else []
+    dynamics = keras.Sequential([recorder, *norm, keras.layers.Dense(STATE)])
+    model = keras.Sequential(
+        [keras.Input((STATE,)), tfaca.ODELayer(dynamics, max_steps=64, jit_compile=layer_jit),
+         keras.layers.Dense(1)]
+    )
+    return model, recorder
+
+
+@pytest.mark.parametrize(
+    "batchnorm", [False, True], ids=["mlp", "batchnorm"]
+)
+@pytest.mark.slow
+def test_jit_compile_trains_like_without_xla(batchnorm):
+    """Same initial weights, same batches: XLA gives the same losses, weights (moving
+    statistics included) and predictions."""
+    x, y = regression_data(n=2 * BATCH)
+    results = {}
+    initial = None
+    for jit in (False, True):
+        # The reference runs no XLA at all: its solver loops not compiled either.
+        model, recorder = _xla_pair_model(batchnorm, layer_jit="auto" if jit else False)
+        if initial is None:
+            initial = model.get_weights()
+        else:
+            model.set_weights(initial)
+        model.compile(keras.optimizers.SGD(0.1), "mse", jit_compile=jit)
+        assert model.jit_compile is jit
+        recorder.xla.clear()  # the symbolic build of the dynamics
+        losses = [
+            model.train_on_batch(x[k * BATCH:(k + 1) * BATCH], y[k * BATCH:(k + 1) * BATCH],
+                                 return_dict=True)["loss"]
+            for k in range(2) for _ in range(2)
+        ]
+        # The dynamics were traced under XLA exactly when asked.
+        assert recorder.xla and all(flag is jit for flag in recorder.xla), recorder.xla
+        results[jit] = (losses, model.get_weights(), model.predict(x[:BATCH], verbose=0), model)
+    (loss_ref, w_ref, _, reference), (loss_xla, w_xla, p_xla, _) = results[False], results[True]
+    assert np.all(np.isfinite(loss_xla))
+    assert loss_ref[-1] < loss_ref[0]
+    np.testing.assert_allclose(loss_xla, loss_ref, rtol=1e-5)
+    assert any(np.max(np.abs(a - b)) > 1e-3 for a, b in zip(w_ref, initial))  # it trained
+    for a, b in zip(w_xla, w_ref):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    # Compiled inference too, on the same weights (small weight differences can be
+    # amplified by the moving statistics of a barely trained BatchNorm).
+    reference.set_weights(w_xla)
+    p_ref = reference.predict(x[:BATCH], verbose=0)
+    np.testing.assert_allclose(p_xla, p_ref, rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------
+# BatchNorm inside the dynamics
+# --------------------------------------------------------------------------------------
+
+
+class CountingBatchNorm(keras.layers.BatchNormalization):
+    """BatchNormalization that counts (eagerly) the calls made in training mode."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.training_calls = 0
+
+    def call(self, inputs, training=None, mask=None):
+        if training:
+            self.training_calls += 1
+        return super().call(inputs, training=training, mask=mask)
+
+
+BN_OPTIONS = dict(rtol=1e-6, atol=1e-8, first_step=0.5)  # rejects trial steps
+
+
+def _bn_layer(gradient):
+    bn = CountingBatchNorm(momentum=0.5)
+    dynamics = keras.Sequential(
+        [keras.layers.Dense(HIDDEN), bn, keras.layers.Activation("tanh"), keras.layers.Dense(STATE)]
+    )
+    layer = tfaca.ODELayer(dynamics, gradient=gradient, **BN_OPTIONS)
+    x = tf.constant(np.random.default_rng(0).normal(size=(BATCH, STATE)).astype("float32"))
+    layer.build(x.shape)
+    return layer, bn, x
+
+
+def _moving(bn):
+    return [np.array(bn.moving_mean), np.array(bn.moving_variance)]
+
+
+def _reference_stats(layer, bn, x):
+    """Stats of the same solve in training mode; BatchNorm's state is put back after."""
+    saved = _moving(bn)
+    stats = tfaca.solve(lambda t, y: layer.dynamics(y, training=True), x, layer.t,
+                        method=layer.method, **BN_OPTIONS).stats
+    bn.moving_mean.assign(saved[0])
+    bn.moving_variance.assign(saved[1])
+    bn.training_calls = 0
+    assert int(stats.num_rejected) > 0, "the setting must reject trial steps"
+    return stats
+
+
+@pytest.mark.parametrize("mode", ["eager", "graph"])
+@pytest.mark.slow_variants
+def test_batchnorm_aca_forward_leaves_moving_statistics(mode):
+    layer, bn, x = _bn_layer("aca")
+    stats = _reference_stats(layer, bn, x)
+    before = _moving(bn)
+    forward = layer if mode == "eager" else tf.function(layer)
+    out = forward(x, training=True)
+    assert np.all(np.isfinite(out))
+    for a, b in zip(_moving(bn), before):
+        np.testing.assert_array_equal(a, b)
+    if mode == "eager":
+        # The forward evaluated the dynamics in training mode, rejected trials included.
+        assert bn.training_calls == int(stats.num_fevals)
+
+    # Under a tape without a gradient: unchanged too.
+    with tf.GradientTape():
+        forward(x, training=True)
+    for a, b in zip(_moving(bn), before):
+        np.testing.assert_array_equal(a, b)
+
+
+def _changed(before, bn):
+    return all(np.max(np.abs(a - b)) > 1e-6 for a, b in zip(_moving(bn), before))
+
+
+@pytest.mark.parametrize("mode", ["eager", "graph"])
+@pytest.mark.slow_variants
+def test_batchnorm_aca_gradient_updates_moving_statistics(mode):
+    layer, bn, x = _bn_layer("aca")
+    stats = _reference_stats(layer, bn, x)
+    before = _moving(bn)
+
+    def forward_backward(x):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(layer(x, training=True) ** 2)
+        return tape.gradient(loss, layer.trainable_variables)
+
+    if mode == "eager":
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(layer(x, training=True) ** 2)
+        bn.training_calls = 0
+        grads = tape.gradient(loss, layer.trainable_variables)
+        # The replay evaluates the dynamics once per stage of each accepted step
+        # that the solution uses (dopri5: 6 of its 7), never for rejected trials.
+        assert bn.training_calls == int(stats.num_steps) * tfaca.Dopri5.tableau.solution_stages
+    else:
+        grads = tf.function(forward_backward)(x)
+    assert all(g is not None and np.all(np.isfinite(g)) for g in grads)
+    assert _changed(before, bn)
+
+
+def test_batchnorm_naive_forward_updates_moving_statistics():
+    layer, bn, x = _bn_layer("naive")
+    stats = _reference_stats(layer, bn, x)
+    before = _moving(bn)
+    layer(x, training=True)
+    assert _changed(before, bn)
+    assert bn.training_calls == int(stats.num_fevals)  # rejected trials included
+
+
+def test_batchnorm_inference_uses_and_keeps_moving_statistics():
+    layer, bn, x = _bn_layer("aca")
+    bn.moving_mean.assign(np.full(HIDDEN, 0.3, "float32"))
+    before = _moving(bn)
+    out = layer(x, training=False)
+    for a, b in zip(_moving(bn), before):
+        np.testing.assert_array_equal(a, b)
+    assert bn.training_calls == 0
+    np.testing.assert_allclose(
+        out, odeint_dynamics(layer.dynamics, x, [0.0, 1.0], **BN_OPTIONS)[-1], rtol=1e-6, atol=1e-6
     )
 
 
+@pytest.mark.slow
+def test_batchnorm_fit_updates_moving_statistics():
+    x, y = regression_data(n=32)
+    layer, bn, _ = _bn_layer("aca")
+    model = keras.Sequential([keras.Input((STATE,)), layer, keras.layers.Dense(1)])
+    model.compile(keras.optimizers.Adam(1e-2), "mse", jit_compile=False)
+    before = _moving(bn)
+    history = model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0)
+    assert np.all(np.isfinite(history.history["loss"]))
+    assert _changed(before, bn)
+    # predict does not touch them
+    after_fit = _moving(bn)
+    model.predict(x, verbose=0)
+    for a, b in zip(_moving(bn), after_fit):
+        np.testing.assert_array_equal(a, b)
+
+
+# --------------------------------------------------------------------------------------
+# Randomness in the dynamics: one draw per call
+# --------------------------------------------------------------------------------------
+
+
+RATE = 0.5  # dropout scale 1 / (1 - RATE) = 2 is exact: fixed-mask references match bit for bit
+
+
 def dropout_dynamics():
-    """Dense -> Dropout -> Dense, built for `(BATCH, STATE)` states."""
+    """Dense -> Dropout -> Dense, built for `(SMALL_BATCH, STATE)` states."""
     dynamics = keras.Sequential(
         [
             keras.layers.Dense(HIDDEN, activation="tanh"),
@@ -55,7 +248,7 @@ def fixed_mask_field(dynamics, state, jit_compile=False):
     generator = dropout.seed_generator
     saved = generator.state.numpy()
     generator.state.assign(state)
-    draw = tf.function(lambda: dropout(tf.ones((BATCH, HIDDEN)), training=True),
+    draw = tf.function(lambda: dropout(tf.ones((SMALL_BATCH, HIDDEN)), training=True),
                        jit_compile=jit_compile)
     mask = draw()  # 0 or 1 / (1 - RATE)
     generator.state.assign(saved)
@@ -78,10 +271,6 @@ def assert_all_close(actual, expected, rtol):
         assert scale > 0, k
         np.testing.assert_allclose(a, e, rtol=rtol, atol=rtol * scale, err_msg=f"entry {k}")
 
-
-# --------------------------------------------------------------------------------------
-# 1. Randomness in the dynamics: one draw per call
-# --------------------------------------------------------------------------------------
 
 ADAPTIVE = dict(rtol=1e-5, atol=1e-6, first_step=0.5)  # rejects trial steps
 
@@ -255,7 +444,7 @@ def test_dropout_fit_step_is_the_fixed_mask_gradient(jit_compile):
     lr = 0.1
     model.compile(keras.optimizers.SGD(lr), "mse", jit_compile=jit_compile)
     x = states()
-    target = np.zeros((BATCH, STATE), "float32")
+    target = np.zeros((SMALL_BATCH, STATE), "float32")
     start = generator_state(dynamics)
     before = [v.numpy() for v in dynamics.trainable_variables]
     # Keras' default graph runs the layer's solver loops compiled with XLA too (the
@@ -271,13 +460,13 @@ def test_dropout_fit_step_is_the_fixed_mask_gradient(jit_compile):
     assert_all_close(steps, expected, rtol=1e-4)
     np.testing.assert_array_equal(generator_state(dynamics), start + [0, 1])
     # The next batch draws another mask.
-    history = model.fit(x, target, batch_size=BATCH, epochs=3, verbose=0, shuffle=False)
+    history = model.fit(x, target, batch_size=SMALL_BATCH, epochs=3, verbose=0, shuffle=False)
     losses = history.history["loss"]
     assert np.all(np.isfinite(losses)) and len(set(losses)) == 3, losses
 
 
 # --------------------------------------------------------------------------------------
-# 2. Losses inside the dynamics: refused; weight regularizers: kept
+# Losses inside the dynamics: refused; weight regularizers: kept
 # --------------------------------------------------------------------------------------
 
 
@@ -315,7 +504,7 @@ def test_losses_added_inside_the_dynamics_are_refused(kind, mode):
             model(x, training=mode == "eager_training")
         else:
             model.compile("sgd", "mse", jit_compile=mode == "fit_xla")
-            model.fit(x, np.zeros((BATCH, 1), "float32"), verbose=0)
+            model.fit(x, np.zeros((SMALL_BATCH, 1), "float32"), verbose=0)
     assert "kernel_regularizer" in str(info.value)  # ... and what stays allowed
     assert model.losses == []
 
@@ -328,9 +517,9 @@ def test_activity_regularizer_on_the_ode_layer_regularizes_the_solution():
     x = states()
     out = ode(x)
     (loss,) = ode.losses
-    np.testing.assert_allclose(loss, 0.1 * np.sum(np.square(out)) / BATCH, rtol=1e-5)
+    np.testing.assert_allclose(loss, 0.1 * np.sum(np.square(out)) / SMALL_BATCH, rtol=1e-5)
     model.compile("sgd", "mse", jit_compile=False)
-    history = model.fit(x, np.zeros((BATCH, 1), "float32"), epochs=2, verbose=0)
+    history = model.fit(x, np.zeros((SMALL_BATCH, 1), "float32"), epochs=2, verbose=0)
     assert np.all(np.isfinite(history.history["loss"]))
 
 
@@ -347,7 +536,7 @@ def test_weight_regularizers_in_the_dynamics_train(jit_compile):
     )
     x, y = states(32), np.ones((32, 1), "float32")
     model.compile(keras.optimizers.Adam(1e-2), "mse", jit_compile=jit_compile)
-    history = model.fit(x, y, batch_size=BATCH, epochs=3, verbose=0)
+    history = model.fit(x, y, batch_size=SMALL_BATCH, epochs=3, verbose=0)
     losses = history.history["loss"]
     assert np.all(np.isfinite(losses)) and losses[-1] < losses[0], losses
 
@@ -366,84 +555,94 @@ def test_weight_regularizers_in_the_dynamics_train(jit_compile):
 
 
 # --------------------------------------------------------------------------------------
-# 3. The failure metric
-# --------------------------------------------------------------------------------------
-
-FAILING = dict(rtol=1e-9, atol=1e-9, max_steps=3)
-
-
-@pytest.mark.parametrize(
-    "options, jit_compile, failures",
-    [
-        (FAILING, True, 1.0),
-        (dict(FAILING, throw=False), False, 1.0),
-        ({}, True, 0.0),
-        (dict(throw=False), False, 0.0),
-    ],
-    ids=["failing_xla", "failing_no_throw", "healthy_xla", "healthy_no_throw"],
-)
-@pytest.mark.slow_variants
-def test_fit_and_evaluate_report_failures(options, jit_compile, failures):
-    ode = tfaca.ODELayer(mlp_dynamics(), name="ode", **options)
-    model = keras.Sequential([keras.Input((STATE,)), ode, keras.layers.Dense(1)])
-    model.compile("sgd", "mse", jit_compile=jit_compile)
-    x, y = states(32), np.zeros((32, 1), "float32")
-    history = model.fit(x, y, batch_size=BATCH, epochs=2, verbose=0)
-    assert history.history["ode_failures"] == [failures, failures]
-    assert np.all(np.isfinite(history.history["loss"])) == (failures == 0.0)
-    results = model.evaluate(x, y, batch_size=BATCH, verbose=0, return_dict=True)
-    assert results["ode_failures"] == failures
-
-
-def test_failures_metric_is_the_fraction_of_failed_solves():
-    # Four fixed steps reach t=1, two reach t=0.5; three are allowed.
-    layer = tfaca.ODELayer(mlp_dynamics(), method="rk4", step_size=0.25, max_steps=3,
-                           throw=False)
-    x = states()
-    out = layer([x, tf.constant([0.0, 1.0])])
-    assert np.all(np.isnan(out))  # and no exception: throw=False
-    assert float(layer.failures_tracker.result()) == 1.0
-    for _ in range(2):
-        assert np.all(np.isfinite(layer([x, tf.constant([0.0, 0.5])])))
-    assert float(layer.failures_tracker.result()) == pytest.approx(1 / 3)
-
-
-# --------------------------------------------------------------------------------------
-# 4. One gradient strategy per layer
+# Mixed precision
 # --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("given", ["name", "class", "instance"])
-@pytest.mark.slow_variants
-def test_gradient_strategy_is_built_once_and_shared_by_every_solve(given):
-    strategy = tfaca.AdjointGradient()
-    gradient = {"name": "adjoint", "class": tfaca.AdjointGradient, "instance": strategy}[given]
-    layer = tfaca.ODELayer(mlp_dynamics(), gradient=gradient)
-    assert isinstance(layer.gradient_strategy, tfaca.AdjointGradient)
-    if given == "instance":
-        assert layer.gradient_strategy is strategy
-    assert layer.get_config()["gradient"] == "adjoint"
-    with pytest.raises(AttributeError):
-        layer.gradient_strategy = tfaca.AdjointGradient()
-    first = layer.gradient_strategy
-    x = states()
-    for _ in range(2):
-        first.backward_stats.num_steps.assign(0)
-        with tf.GradientTape() as tape:
-            loss = tf.reduce_sum(layer(x) ** 2)
-        tape.gradient(loss, layer.trainable_variables)
-        # The adjoint's reverse solve recorded its cost on the layer's instance.
-        assert layer.gradient_strategy is first
-        assert int(first.backward_stats.num_steps) > 0
+@pytest.fixture(params=["mixed_float16", "mixed_bfloat16"])
+def mixed_policy(request):
+    keras.mixed_precision.set_global_policy(request.param)
+    try:
+        yield keras.mixed_precision.global_policy()
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
 
 
 @pytest.mark.slow
-def test_adjoint_counters_read_through_the_layer_after_fit():
-    """After `fit` (a graph), the layer's adjoint holds the last reverse solve's counts."""
-    layer = tfaca.ODELayer(mlp_dynamics(), gradient="adjoint")
-    model = keras.Sequential([keras.Input((STATE,)), layer, keras.layers.Dense(1)])
-    model.compile("sgd", "mse")
-    x = states()
-    model.fit(x, np.zeros((len(x), 1), "float32"), epochs=1, verbose=0)
-    stats = layer.gradient_strategy.backward_stats
-    assert int(stats.num_steps) > 0 and int(stats.num_fevals) > int(stats.num_steps)
+def test_mixed_precision_model_trains(mixed_policy):
+    compute = tf.as_dtype(mixed_policy.compute_dtype)
+    x, y = regression_data()
+    # The dynamics layer itself does not autocast, so it sees the solver's own state
+    # (a Sequential would cast it to the compute dtype first, as Keras should).
+    recorder = TrainingRecorder(STATE, autocast=False)
+    dynamics = recorder
+    ode = tfaca.ODELayer(dynamics)
+    model = keras.Sequential(
+        [keras.Input((STATE,)), keras.layers.Dense(STATE), ode,
+         keras.layers.Dense(1, dtype="float32")]
+    )
+    assert ode.compute_dtype == mixed_policy.compute_dtype
+    out = ode(tf.constant(x[:BATCH]))
+    assert out.dtype == compute
+    assert tuple(out.shape) == (BATCH, STATE)
+    # The solve runs in float32: the dynamics receive float32 states.
+    assert recorder.dtypes and set(recorder.dtypes) == {tf.float32}, recorder.dtypes
+    reference = tfaca.odeint(lambda t, y_: dynamics(y_), tf.cast(tf.cast(x[:BATCH], compute),
+                             tf.float32), [0.0, 1.0])[-1]
+    np.testing.assert_allclose(tf.cast(out, tf.float32), tf.cast(tf.cast(reference, compute),
+                               tf.float32), rtol=1e-2, atol=1e-2)
+
+    model.compile(keras.optimizers.Adam(1e-2), "mse", jit_compile=False)
+    history = model.fit(x, y, batch_size=BATCH, epochs=3, verbose=0)
+    losses = history.history["loss"]
+    assert np.all(np.isfinite(losses)), losses
+    assert losses[-1] < losses[0], losses
+    assert all(np.all(np.isfinite(w)) for w in model.get_weights())
+    assert set(recorder.dtypes) == {tf.float32}
+
+
+def _drift_model(dtype=None):
+    """`[state, times] -> states` for y1' = y2, y2' = 0: y1(t) = y1(0) + t y2(0), which
+    every Runge-Kutta step solves exactly. Started at y1 = -t_k, the output crosses zero
+    near t_k, where its rounding is fine and an error in the time is not hidden."""
+    dynamics = keras.layers.Dense(
+        2, use_bias=False, dtype="float32",
+        kernel_initializer=keras.initializers.Constant([[0.0, 0.0], [1.0, 0.0]]))
+    state, times = keras.Input((2,)), keras.Input((4,))
+    ode = tfaca.ODELayer(dynamics, return_sequences=True, dtype=dtype)
+    return keras.Model([state, times], ode([state, times]))
+
+
+def test_mixed_precision_keeps_the_times_precision(mixed_policy):
+    # float16 rounds 41.7 to 41.6875 and 1000.1 and 1000.2 to 1000 (refused: a repeat
+    # before a later time); bfloat16 rounds 59.9 to 60 and all three to 1000 (taken as
+    # padding). The times must reach the solve as given.
+    state = np.array([[-41.5, 1.0], [-1000.0, 1.0]], "float32")
+    times = np.array([[0.0, 41.7, 59.9, 60.0], [0.0, 1000.1, 1000.2, 1001.0]], "float32")
+    reference = _drift_model(dtype="float32")([state, times])
+    out = _drift_model()([state, times])
+    compute = tf.as_dtype(mixed_policy.compute_dtype)
+    assert out.dtype == compute
+    # To the output's own rounding; a time rounded by float16 errs by 6 %, by bfloat16 by 25 %.
+    np.testing.assert_allclose(tf.cast(out, tf.float32), reference,
+                               rtol=float(np.finfo(compute.as_numpy_dtype).eps))
+    # float32 times near 1000 are 6e-5 apart: the float32 solve is that close.
+    np.testing.assert_allclose(reference[:, 1:, 0], [[0.2, 18.4, 18.5], [0.1, 0.2, 1.0]],
+                               atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [tf.float16, tf.bfloat16])
+def test_solve_of_a_low_precision_state_computes_in_float32(dtype):
+    seen = []
+
+    def func(t, y):
+        seen.append((y.dtype, t.dtype))
+        return -y
+
+    y0 = tf.constant([[1.0, 2.0]], dtype)
+    sol = tfaca.solve(func, y0, [0.0, 1.0], rtol=1e-6, atol=1e-8)
+    assert sol.ys.dtype == dtype
+    assert set(seen) == {(tf.float32, tf.float32)}
+    # float16 stepping would need many more steps and lose the 1e-6 accuracy.
+    np.testing.assert_allclose(tf.cast(sol.ys[-1], tf.float32), np.exp(-1.0) * np.array([[1.0, 2.0]]),
+                               rtol=1e-2)
