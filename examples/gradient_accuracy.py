@@ -71,7 +71,6 @@ import argparse
 import csv
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -92,6 +91,7 @@ import tensorflow as tf  # noqa: E402
 
 import tfaca  # noqa: E402
 from tfaca import _loop  # noqa: E402  (accepted steps: not public API)
+from _memory import peak_rise_mb, reset_peak_kb  # noqa: E402  (examples/_memory.py)
 
 F64 = tf.float64
 MODES = ("aca", "adjoint", "naive")
@@ -459,45 +459,13 @@ def _cost_functions(net, mode):
     return forward, forward_backward
 
 
-def _status_kb(field):
-    """A `/proc/self/status` field in KiB (Linux), else None."""
-    try:
-        with open("/proc/self/status") as fh:
-            return next((int(line.split()[1]) for line in fh if line.startswith(field + ":")),
-                        None)
-    except OSError:
-        return None
-
-
-def _peak_kb():
-    """The process's peak resident set in KiB: Linux's `VmHWM` (which `_reset_peak_kb`
-    resets), else `ru_maxrss` (bytes on macOS)."""
-    peak = _status_kb("VmHWM")
-    if peak is not None:
-        return peak
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 1024 if sys.platform == "darwin" else peak
-
-
-def _reset_peak_kb():
-    """The resident set now in KiB, with the peak reset to it where Linux allows
-    (`/proc/self/clear_refs`), else the peak so far (then only a fresh process measures
-    a rise)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-    except OSError:
-        return _peak_kb()
-    return _status_kb("VmRSS") or _peak_kb()
-
-
 def _first_call_memory(forward_backward, y0):
     """Peak-RSS rise (MB) of the first full-batch forward+backward, after a one-example
     call that traces and initialises kernels and thread pools."""
     forward_backward(y0[:1])
-    before = _reset_peak_kb()
+    before = reset_peak_kb()
     _, stats, _ = forward_backward(y0)
-    return dict(peak_rss_rise_mb=(_peak_kb() - before) / 1e3, rss_before_mb=before / 1e3,
+    return dict(peak_rss_rise_mb=peak_rise_mb(before), rss_before_mb=before / 1024,
                 num_steps=int(stats.num_steps))
 
 

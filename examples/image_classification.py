@@ -43,11 +43,12 @@ import argparse
 import csv
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
 import time
+
+from _memory import peak_rise_mb, reset_peak_kb  # examples/_memory.py
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -170,32 +171,6 @@ def augmented(x, y, batch, flip):
             .prefetch(tf.data.AUTOTUNE))
 
 
-def _status_kb(field):
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise OSError(f"no {field} in /proc/self/status")
-
-
-def _start_peak():
-    """`(baseline_kb, exact)`: on Linux the resident set now, with the high-water mark
-    reset to it (`/proc/self/clear_refs`), so that the peak measured is this training's
-    even if an earlier moment of the process was higher; elsewhere `ru_maxrss`."""
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        return _status_kb("VmRSS"), True
-    except OSError:
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, False
-
-
-def _peak_mb(baseline_kb, exact):
-    """The rise of the peak resident set over `baseline_kb`, in MB."""
-    peak = _status_kb("VmHWM") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return (peak - baseline_kb) / 1024
-
-
 def child(config):
     """Trains one (model, seed) and prints its numbers as one JSON line."""
     import keras
@@ -216,7 +191,7 @@ def child(config):
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"], jit_compile=config["jit_compile"],
     )
-    rss_before, exact = _start_peak()
+    start_kb = reset_peak_kb()  # this training's peak, not the process's
     epoch_seconds = []
     clock = keras.callbacks.LambdaCallback(
         on_epoch_begin=lambda epoch, logs: epoch_seconds.append(-time.perf_counter()),
@@ -225,7 +200,7 @@ def child(config):
     history = model.fit(augmented(x, y, config["batch"], flip="digits" not in description),
                         epochs=config["epochs"], verbose=2 if config["verbose"] else 0,
                         callbacks=[clock])
-    peak_mb = _peak_mb(rss_before, exact)
+    peak_mb = peak_rise_mb(start_kb)
     accuracy = model.evaluate(xt, yt, batch_size=EVAL_BATCH, verbose=0,
                               return_dict=True)["accuracy"]
     fevals = sum(history.history[f"ode{s}_fevals"][-1] for s in range(1, 5)) \

@@ -27,30 +27,7 @@ import numpy as np
 import tensorflow as tf
 
 import tfaca
-
-
-def _status_kb(field):
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def peak_memory_mb(fn):
-    """Runs `fn()`; returns its result and the peak resident memory it added, in MB
-    (None where /proc is unavailable)."""
-    base = _status_kb("VmRSS")
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")  # reset the high-water mark VmHWM to the current RSS
-    except OSError:
-        return fn(), None
-    out = fn()
-    return out, (_status_kb("VmHWM") - base) / 1024.0
+from _memory import peak_memory_mb  # examples/_memory.py
 
 
 def main(argv=None):

@@ -3,6 +3,7 @@
 import importlib.util
 import pathlib
 import re
+import sys
 
 import numpy as np
 import pytest
@@ -16,6 +17,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _load(name):
+    """examples/<name>.py as a module, examples/ importable as when it runs as a script."""
+    if str(ROOT / "examples") not in sys.path:
+        sys.path.insert(0, str(ROOT / "examples"))
     spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -64,10 +64,13 @@ def test_jit_compile_trains_like_without_xla(batchnorm):
     (loss_ref, w_ref, _, reference), (loss_xla, w_xla, p_xla, _) = results[False], results[True]
     assert np.all(np.isfinite(loss_xla))
     assert loss_ref[-1] < loss_ref[0]
-    np.testing.assert_allclose(loss_xla, loss_ref, rtol=1e-5)
+    # float32, and XLA fuses and orders the arithmetic its own way: four SGD steps of
+    # rate 0.1 carry the rounding on (2.6e-5 relative at the fourth loss with BatchNorm on
+    # an AVX-512 CPU; under 1e-5 on others).
+    np.testing.assert_allclose(loss_xla, loss_ref, rtol=1e-4)
     assert any(np.max(np.abs(a - b)) > 1e-3 for a, b in zip(w_ref, initial))  # it trained
     for a, b in zip(w_xla, w_ref):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
     # Compiled inference too, on the same weights (small weight differences can be
     # amplified by the moving statistics of a barely trained BatchNorm).
     reference.set_weights(w_xla)
