@@ -84,6 +84,8 @@ def test_options_are_checked_and_normalized():
         (dict(interpolate=None), TypeError, "`interpolate` must be True or False"),
         (dict(method="rk4"), ValueError, "`step_size` is required"),
         (dict(jit_compile=True, gradient="naive"), ValueError, "`jit_compile=True`"),
+        (dict(precision="highest"), ValueError,
+         "`precision` must be one of 'float32', 'tf32'. Received: precision='highest'"),
     ],
 )
 def test_solve_refuses_bad_options_by_name(changes, error, match):
@@ -150,7 +152,8 @@ def test_configs_of_today_load_and_save_the_same(name):
     layer = tfaca.ODELayer.from_config(config)
     saved = layer.get_config()
     assert {k: saved[k] for k in TODAY[name]} == TODAY[name]
-    assert set(saved) == set(config)
+    # and the options declared since (issue 28's precision), at their defaults
+    assert set(saved) == set(config) | {"precision"} and saved["precision"] == "float32"
 
 
 def test_configs_older_than_an_option_load_with_its_default():
@@ -158,7 +161,8 @@ def test_configs_older_than_an_option_load_with_its_default():
               **{k: v for k, v in TODAY["rk4_ode"].items()
                  if k not in ("interpolate", "jit_compile", "per_sample")}}
     layer = tfaca.ODELayer.from_config(config)
-    assert (layer.interpolate, layer.jit_compile, layer.per_sample) == (True, "auto", False)
+    assert (layer.interpolate, layer.jit_compile, layer.per_sample, layer.precision) == (
+        True, "auto", False, "float32")
 
 
 def test_revive_reads_values_keras_stored_as_objects():

@@ -212,6 +212,13 @@ class ODELayer(keras.layers.Layer):
             the samples. Cost: a batch runs as long as its slowest sample.
             Default False: one step size for the batch, as torchdiffeq and TFP; see
             docs/time_series.md for the measurements behind the default.
+        precision: `"float32"` (default): a float32 layer turns TensorFlow's
+            TensorFloat-32 off for the process when it first solves, so that matrix
+            products and convolutions on Ampere and newer GPUs keep float32's precision
+            (TF32 has 10-bit mantissas, about 1e-3 relative, coarser than most `rtol`).
+            `"tf32"`: leave TensorFlow's setting as it is. See `tfaca.solve`; a process
+            serving the exported model without tfaca keeps TensorFlow's default (TF32
+            on), see docs/keras.md.
         **kwargs: base `keras.layers.Layer` arguments (`name`, `dtype`,
             `activity_regularizer`, which regularizes the output of the solve, ...).
 
@@ -318,6 +325,7 @@ class ODELayer(keras.layers.Layer):
         interpolate=True,
         jit_compile="auto",
         per_sample=False,
+        precision="float32",
         **kwargs,
     ):
         super().__init__(**kwargs)

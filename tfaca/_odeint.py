@@ -1,6 +1,7 @@
 """`odeint` and `solve`: argument checks, dtypes, structures, dispatch. No loop code here."""
 
 import collections.abc
+import logging
 
 import numpy as np
 import tensorflow as tf
@@ -259,6 +260,7 @@ def solve(
     per_sample=False,
     throw=True,
     jit_compile="auto",
+    precision="float32",
     name=None,
     options=None,
 ):
@@ -376,6 +378,16 @@ def solve(
             compiled program, 5-20 MB each); False: never. Results and
             gradients are the same to rounding; failures raise as without it. Under
             `jit_compile=True` of the surrounding function it changes nothing.
+        precision: `"float32"` (default): a solve in float32 (also of a float16 or
+            bfloat16 state, which computes in float32) turns TensorFlow's TensorFloat-32
+            off, for the process: on Ampere and newer NVIDIA GPUs TensorFlow otherwise
+            runs float32 matrix products and convolutions with 10-bit mantissas
+            (about 1e-3 relative), which an `rtol` below that cannot mean. TensorFlow
+            has no switch per operation, so the setting holds for every computation of
+            the process from then on (`tf.config.experimental.
+            enable_tensor_float_32_execution`); tfaca logs it once. `"tf32"`: leave
+            TensorFlow's setting as it is (faster matrix products on such GPUs, errors
+            near 1e-3 whatever `rtol`). Nothing changes on CPUs or for float64.
         name: name scope for the ops.
         options: not accepted: torchdiffeq's `options=dict(step_size=...)` is refused
             with a TypeError that spells the same call with keyword arguments
@@ -412,6 +424,7 @@ def solve(
     per_sample = opts.per_sample
     with tf.name_scope(name or "odeint"):
         y0_flat, y_dtype, dtype = _prepare_y0(y0)
+        _apply_precision(opts.precision, dtype)
         y0_struct = tf.nest.pack_sequence_as(y0, y0_flat)
         ts = _prepare_ts(ts, dtype)
         times_per_sample = ts.shape.rank == 2
@@ -489,6 +502,19 @@ def solve(
             status=trajectory.status,
             t_final=trajectory.t_final,
         )
+
+
+def _apply_precision(precision, dtype):
+    """`precision="float32"`: a float32 solve turns TensorFlow's TF32 off (process-wide:
+    TensorFlow reads the setting when a kernel runs, or when XLA compiles, never per
+    operation), so that its matrix products keep float32's precision on GPUs."""
+    if (precision == "float32" and dtype == tf.float32
+            and tf.config.experimental.tensor_float_32_execution_enabled()):
+        tf.config.experimental.enable_tensor_float_32_execution(False)
+        logging.getLogger("tfaca").info(
+            "tfaca turned TensorFlow's TensorFloat-32 off for this process (precision="
+            '"float32", the default): float32 matrix products keep their precision on '
+            'GPUs. Pass precision="tf32" to leave it on.')
 
 
 def _prepare_y0(y0):

@@ -1,7 +1,7 @@
 """The solver options, declared once: `SolverOptions`.
 
 `solve`/`odeint` and `ODELayer` take the same options (`method`, `rtol`, ..., `per_sample`,
-`throw`, `jit_compile`) as explicit keyword arguments, with the same names and defaults.
+`throw`, `jit_compile`, `precision`) as explicit keyword arguments, with the same names and defaults.
 Each option is declared here once: its name, default, check (which also normalizes the
 value: a solver name becomes a solver, `max_steps` an int) and a one-line doc, plus how a
 config holds it. `solve` and `ODELayer.__init__` build a `SolverOptions` from their own
@@ -85,6 +85,18 @@ def _flag(name, value):
 
 def _as_given(name, value):
     return value
+
+
+def _precision(name, value):
+    if value not in PRECISIONS:
+        raise ValueError(
+            f"`{name}` must be one of {', '.join(map(repr, PRECISIONS))}. Received: {name}={value!r}")
+    return value
+
+
+# `precision`: "float32" keeps float32 solves in full float32 (TensorFlow's TF32 off);
+# "tf32" leaves TensorFlow's setting as it is.
+PRECISIONS = ("float32", "tf32")
 
 
 def _plain(value):
@@ -179,6 +191,10 @@ class SolverOptions:
     jit_compile: Any = _option(
         "auto", _as_given, '"auto", True or False: whether the solver\'s loops run as '
         "functions compiled with XLA inside a graph that is not compiled")
+    precision: Any = _option(
+        "float32", _precision, '"float32": a float32 solve turns TensorFlow\'s TF32 off, so that '
+        'matrix products and convolutions on GPUs keep float32\'s precision; "tf32": '
+        "TensorFlow's setting is left as it is")
 
     def __post_init__(self):
         for field in dataclasses.fields(self):
