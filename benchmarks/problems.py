@@ -20,6 +20,9 @@ K2 = V_ND * T_ND / R_ND
 SPECS = {
     "mlp": dict(rtol=1e-3, atol=1e-6, t1=1.0, max_steps=200,
                 desc="MLP 32-128(tanh)-32, batch 128, rtol=1e-3 atol=1e-6"),
+    # The same field at a size where a GPU matters (the GPU table's large row).
+    "mlp_large": dict(rtol=1e-3, atol=1e-6, t1=1.0, max_steps=200, field="mlp",
+                      desc="MLP 64-512(tanh)-64, batch 4,096, rtol=1e-3 atol=1e-6"),
     "conv": dict(rtol=1e-3, atol=1e-6, t1=1.0, max_steps=100,
                  desc="conv3x3 32->32, tanh, conv3x3 32->32 on 32x16x16x32, rtol=1e-3 atol=1e-6"),
     # Three-body: t1 = 0.4 stops short of the first close encounter (bodies 2 and 3 pass
@@ -40,11 +43,16 @@ def _mixing(rng, n, scale):
     return scale * ((a - a.T) - 0.1 * np.eye(n))
 
 
+def field(name):
+    """The vector field problem `name` uses: "mlp", "conv" or "threebody"."""
+    return SPECS[name].get("field", name)
+
+
 def make(name):
     """Returns dict(y0=float32 array, weights=list of (name, float32 array)) in TF layout."""
-    rng = np.random.default_rng({"mlp": 1, "conv": 2, "threebody": 3}[name])
-    if name == "mlp":
-        d, h, b = 32, 128, 128
+    rng = np.random.default_rng({"mlp": 1, "conv": 2, "threebody": 3, "mlp_large": 4}[name])
+    if field(name) == "mlp":
+        d, h, b = (32, 128, 128) if name == "mlp" else (64, 512, 4096)
         y0 = rng.standard_normal((b, d))
         w1 = rng.standard_normal((d, h)) / np.sqrt(d)
         # W2 = W1^T S (plus noise), S = MLP_SCALE * (skew - 0.1 I): the Jacobian

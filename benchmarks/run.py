@@ -2,12 +2,19 @@
 
     python benchmarks/run.py [--quick] [--problems mlp,conv,threebody] [--libs ...]
                              [--out BENCHMARKS.md] [--python PYTHON]
+                             [--device gpu [--tf-env SCRIPT]]
 
 Run it with an interpreter that has the peers (`pip install -e ".[bench]"`, see
 benchmarks/README.md). Every (library, mode, problem) is measured in a child process of
 its own (benchmarks/child.py); without --quick, peak memory is measured in a second,
 separate child per (library, mode, problem). Libraries that fail to import or to solve
 are reported in the table, never dropped.
+
+`--device gpu` runs every library on the first GPU (PyTorch's tensors made there, JAX's
+default platform, TensorFlow's default device) and measures no memory (the children's
+resident set says nothing of the GPU's); `--tf-env SCRIPT` is sourced (bash) before each
+TensorFlow child only, for a TensorFlow whose CUDA libraries the peers must not see (the
+lent GPU machines' bundle, ../shared/gpu/).
 """
 
 import argparse
@@ -81,17 +88,33 @@ def _ref_path(problem):
 
 # The checkout whose tfaca/ the children import (`--tfaca-root`).
 TFACA_ROOT = ROOT
+# `--device gpu`: the environment that puts every library on the GPU instead of
+# BASE_ENV's CPU-only settings; `--tf-env`: a script TensorFlow children source first.
+GPU_ENV = {"TF_CPP_MIN_LOG_LEVEL": "3", "OMP_WAIT_POLICY": "PASSIVE", "BENCH_DEVICE": "gpu",
+           "TF_FORCE_GPU_ALLOW_GROWTH": "true", "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
+DEVICE = {"name": "cpu", "tf_env": None}
+
+
+def _uses_tensorflow(args):
+    return bool(args) and (args[0].startswith(("tfaca", "tfp")) or args[0] == "--reference")
 
 
 def _run_child(python, args, env_extra, timeout):
     env = dict(os.environ)
-    env.update(BASE_ENV)
+    if DEVICE["name"] == "gpu":
+        for key in BASE_ENV:
+            env.pop(key, None)
+        env.update(GPU_ENV)
+    else:
+        env.update(BASE_ENV)
     env.update(env_extra)
+    command = [python, os.path.join(HERE, "child.py")] + args
+    if DEVICE["tf_env"] and _uses_tensorflow(args):
+        command = ["bash", "-c", '. "$0" && exec "$@"', DEVICE["tf_env"]] + command
     env["PYTHONPATH"] = TFACA_ROOT + os.pathsep + env.get("PYTHONPATH", "")
     t0 = time.perf_counter()
     try:
-        proc = subprocess.run([python, os.path.join(HERE, "child.py")] + args, env=env,
-                              capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return None, f"timed out after {timeout} s", time.perf_counter() - t0
     wall = time.perf_counter() - t0
@@ -117,6 +140,18 @@ def _versions(python):
         return json.loads(r.stdout.strip().splitlines()[-1])
     except Exception:
         return {}
+
+
+def _machine(device):
+    """The CPU, and with `device` "gpu" the GPU every library ran on (nvidia-smi's name)."""
+    if device != "gpu":
+        return f"{_cpu()}; CPU only"
+    try:
+        gpu = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30).stdout.splitlines()[0]
+    except (OSError, IndexError, subprocess.SubprocessError):
+        gpu = "an unnamed GPU"
+    return f"{gpu} (every library on the GPU; memory not measured), CPU {_cpu()}"
 
 
 def _cpu():
@@ -385,11 +420,16 @@ def main():
                     help="directory whose tfaca/ the children import (default: this "
                          "checkout), to measure another commit with the same harness")
     ap.add_argument("--json", default=os.path.join(HERE, ".cache", "last_results.json"))
+    ap.add_argument("--device", choices=["cpu", "gpu"], default="cpu",
+                    help="gpu: every library on the first GPU, no memory measured")
+    ap.add_argument("--tf-env", help="with --device gpu: a bash script the TensorFlow "
+                    "children source first (the GPU bundle's environment)")
     ap.add_argument("--render-only", action="store_true",
                     help="re-write --out from the results saved in --json, measuring nothing")
     a = ap.parse_args()
     global TFACA_ROOT
     TFACA_ROOT = os.path.abspath(a.tfaca_root)
+    DEVICE.update(name=a.device, tf_env=a.tf_env and os.path.abspath(a.tf_env))
     problems = [p for p in a.problems.split(",") if p]
     libs = [x for x in (a.libs or ",".join(QUICK_LIBS if a.quick else ORDER)).split(",") if x]
     for p in problems:
@@ -431,7 +471,7 @@ def main():
             r, err, wall = _run_child(a.python, args, {}, 1800)
             if err:
                 r = dict(error=err)
-            if (not a.quick or lib in QUICK_MEMORY) and "error" not in r:
+            if (not a.quick or lib in QUICK_MEMORY) and "error" not in r and a.device == "cpu":
                 m, merr, mwall = _run_child(a.python, args + ["--memory-only"], MEM_ENV, 1800)
                 wall += mwall
                 if merr or "error" in m:
@@ -482,7 +522,7 @@ Generated by `python benchmarks/run.py{cli}` on
 {when} in {total / 60:.1f} min
 (see benchmarks/README.md for the method).
 
-- Machine: {_cpu()}; CPU only, float32, Python {platform.python_version()}.
+- Machine: {_machine(a.device)}, float32, Python {platform.python_version()}.
 - Versions: {ver}.{(' Not installed: ' + ', '.join(sorted(set(missing))) + '.') if missing else ''}
 - Every library solves the same problem with the same NumPy weights, Dopri5 and the same
   rtol/atol; times are medians of {reps} runs after warm-up (trace/compile excluded, shown

@@ -12,11 +12,12 @@ Frameworks are imported lazily: a child process loads one library only.
 """
 
 import math
+import os
 import time
 
 import numpy as np
 
-from problems import K1, K2, SPECS, make
+from problems import K1, K2, SPECS, field, make
 
 # MALI (ALF, gradient="mali"; TorchDiffEqPack odesolve_adjoint_sym12): the ALF's error
 # estimate h (u - v) is first order, and at the problems' atol = 1e-6 the mlp takes
@@ -46,9 +47,9 @@ def _median_time(fn, n, min_time=0.0):
 # --------------------------------------------------------------------------- TF / tfaca / TFP
 
 def _tf_vf(tf, problem, w):
-    if problem == "mlp":
+    if field(problem) == "mlp":
         return lambda y: tf.tanh(y @ w[0] + w[1]) @ w[2] + w[3]
-    if problem == "conv":
+    if field(problem) == "conv":
         return lambda y: tf.nn.conv2d(
             tf.tanh(tf.nn.conv2d(y, w[0], 1, "SAME") + w[1]), w[2], 1, "SAME") + w[3]
 
@@ -103,7 +104,7 @@ class TfacaRunner:
         kw = dict(method="alf" if mali else "dopri5",
                   rtol=rtol or (MALI_TOL["rtol"] if mali else spec["rtol"]),
                   atol=atol or (MALI_TOL["atol"] if mali else spec["atol"]),
-                  max_steps=max_steps or (MALI_MAX_STEPS[problem] if mali else spec["max_steps"]),
+                  max_steps=max_steps or (MALI_MAX_STEPS[field(problem)] if mali else spec["max_steps"]),
                   jit_compile=False if mode == "aca_nojit" else jit_compile)
         self.tolerances = (kw["rtol"], kw["atol"])
         strategy = tfaca.AdjointGradient() if self.gradient_mode == "adjoint" else self.gradient_mode
@@ -274,7 +275,7 @@ def _torch_module(torch, problem, weights):
     class F(nn.Module):
         def __init__(self):
             super().__init__()
-            if problem == "conv":
+            if field(problem) == "conv":
                 # HWIO -> OIHW; biases as they are.
                 conv = [weights[0].transpose(3, 2, 0, 1), weights[1],
                         weights[2].transpose(3, 2, 0, 1), weights[3]]
@@ -286,9 +287,9 @@ def _torch_module(torch, problem, weights):
         def forward(self, t, y):
             self.nfe += 1
             w = self.params
-            if problem == "mlp":
+            if field(problem) == "mlp":
                 return torch.tanh(y @ w[0] + w[1]) @ w[2] + w[3]
-            if problem == "conv":
+            if field(problem) == "conv":
                 F_ = torch.nn.functional
                 h = torch.tanh(F_.conv2d(y, w[0], w[1], padding=1))
                 return F_.conv2d(h, w[2], w[3], padding=1)
@@ -309,13 +310,15 @@ class TorchRunner:
     def __init__(self, problem, mode):
         import torch
 
+        if os.environ.get("BENCH_DEVICE") == "gpu":  # run.py --device gpu
+            torch.set_default_device("cuda")
         self.torch = torch
         self.problem = problem
         self.mode = mode
         self.spec = spec = SPECS[problem]
         p = make(problem)
         y0 = p["y0"]
-        if problem == "conv":
+        if field(problem) == "conv":
             y0 = y0.transpose(0, 3, 1, 2).copy()  # NHWC -> NCHW
         self.y0 = torch.tensor(y0)
         self.func = _torch_module(torch, problem, [w for _, w in p["weights"]])
@@ -358,7 +361,7 @@ class TorchRunner:
         self._accepted = None
 
     def _to_tf_layout(self, g):
-        g = g.detach().numpy()
+        g = g.detach().cpu().numpy()
         return g
 
     def fwd(self):
@@ -366,8 +369,8 @@ class TorchRunner:
             return self._out(self._solve(self.y0))
 
     def _out(self, yT):
-        yT = yT.detach().numpy()
-        if self.problem == "conv":
+        yT = yT.detach().cpu().numpy()
+        if field(self.problem) == "conv":
             yT = yT.transpose(0, 2, 3, 1)
         return yT
 
@@ -381,8 +384,8 @@ class TorchRunner:
         params = list(self.func.params)
         grads = torch.autograd.grad(loss, [y0] + params)
         self._nfe_bwd = self.func.nfe - self._nfe_fwd
-        grads = [g.detach().numpy() for g in grads]
-        if self.problem == "conv":
+        grads = [g.detach().cpu().numpy() for g in grads]
+        if field(self.problem) == "conv":
             grads[0] = grads[0].transpose(0, 2, 3, 1)
             grads[1] = grads[1].transpose(2, 3, 1, 0)
             grads[3] = grads[3].transpose(2, 3, 1, 0)
@@ -472,9 +475,14 @@ class TorchRunner:
         torch = self.torch
         t = torch.tensor(0.0)
 
+        def sync():  # on a GPU the calls only queue work
+            if self.y0.is_cuda:
+                torch.cuda.synchronize()
+
         def f():
             with torch.no_grad():
                 self.func(t, self.y0)
+            sync()
 
         y = self.y0.clone().requires_grad_(True)
         params = list(self.func.params)
@@ -482,6 +490,7 @@ class TorchRunner:
         def fb():
             out = self.func(t, y)
             torch.autograd.grad(out, [y] + params, torch.ones_like(out))
+            sync()
 
         return _median_time(f, n, 0.3), _median_time(fb, n, 0.3)
 
@@ -510,9 +519,9 @@ class DiffraxRunner:
             def vf(t, y, w):
                 if counting:
                     jax.debug.callback(self._tick)
-                if problem == "mlp":
+                if field(problem) == "mlp":
                     return jnp.tanh(y @ w[0] + w[1]) @ w[2] + w[3]
-                if problem == "conv":
+                if field(problem) == "conv":
                     dn = ("NHWC", "HWIO", "NHWC")
                     c = lambda x, k: jax.lax.conv_general_dilated(  # noqa: E731
                         x, k, (1, 1), "SAME", dimension_numbers=dn)
