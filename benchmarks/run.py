@@ -110,7 +110,10 @@ def _run_child(python, args, env_extra, timeout):
     env.update(env_extra)
     command = [python, os.path.join(HERE, "child.py")] + args
     if DEVICE["tf_env"] and _uses_tensorflow(args):
-        command = ["bash", "-c", '. "$0" && exec "$@"', DEVICE["tf_env"]] + command
+        # the script may set PYTHONPATH: the checkout's tfaca/ goes first again after it
+        command = ["bash", "-c", '. "$0" && export PYTHONPATH="$TFACA_ROOT:$PYTHONPATH" '
+                   '&& exec "$@"', DEVICE["tf_env"]] + command
+        env["TFACA_ROOT"] = TFACA_ROOT
     env["PYTHONPATH"] = TFACA_ROOT + os.pathsep + env.get("PYTHONPATH", "")
     t0 = time.perf_counter()
     try:

@@ -13,7 +13,7 @@ import tensorflow as tf
 import tfaca
 from tfaca import _jit
 
-from helpers import A_NP, count_xla_compilations, resident_bytes
+from helpers import A_NP, COMPILED_RTOL, assert_relative, count_xla_compilations, resident_bytes
 
 RNG = np.random.default_rng(3)
 W1 = RNG.normal(size=(4, 16)) * 0.5
@@ -260,9 +260,11 @@ def test_fit_with_compiled_loops_trains_like_without(batchnorm):
         history = model.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0)
         results.append((history.history["loss"], model.get_weights(), model.predict(x, verbose=0)))
     (loss0, w0, p0), (loss1, w1, p1) = results
-    np.testing.assert_allclose(loss1, loss0, rtol=1e-5)
+    # float32, XLA's arithmetic in another order, and eight SGD steps carry the rounding
+    # on: with BatchNorm a weight differed by 7e-5 relative on an AVX-512 CPU.
+    np.testing.assert_allclose(loss1, loss0, rtol=1e-4)
     for a, b in zip(w0, w1):  # BatchNorm's moving statistics included
-        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(p1, p0, rtol=1e-4, atol=5e-5)  # float32 solves at rtol 1e-3
     # "auto" compiles the layer's loops in a graph that Keras does not compile.
     layer = _layer_model("auto", batchnorm).layers[0]
@@ -328,7 +330,7 @@ def test_eager_calls_reuse_their_compiled_functions():
         y0, c = tf.constant(y0), tf.constant(c, tf.float64)
         jitted, plain = (_eager_solve(func, y0, c, rtol, jit) for jit in (True, False))
         for a, b in zip(jitted, plain):
-            np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-10, atol=1e-12)
+            assert_relative([a.numpy()], [b.numpy()], COMPILED_RTOL)
         results.append(jitted)
     assert not np.allclose(results[0][0], results[2][0], rtol=1e-9, atol=0)  # rtol counted
     reused = _reused(func)
@@ -338,7 +340,7 @@ def test_eager_calls_reuse_their_compiled_functions():
     other.weights = weights
     y0, c = tf.constant(calls[0][0]), tf.constant(1.3, tf.float64)
     for a, b in zip(*(_eager_solve(other, y0, c, 1e-6, jit) for jit in (True, False))):
-        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-10, atol=1e-12)
+        assert_relative([a.numpy()], [b.numpy()], COMPILED_RTOL)
     assert len(_reused(other)) == 2 and _reused(func) == reused
     token = _jit._TOKENS[id(other)]
     del other

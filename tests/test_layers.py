@@ -417,6 +417,9 @@ def test_times_input_unequal_rows_raise(mode):
         else:
             state, times = keras.Input((STATE,)), keras.Input((len(IRREGULAR),))
             model = keras.Model([state, times], layer([state, times]))
+            # Keras compiles `predict` with XLA on a GPU ("auto"), where nothing raises
+            # (the test below): here the uncompiled graph, as on a CPU.
+            model.compile(jit_compile=False)
             model.predict([x, ts], batch_size=BATCH, verbose=0)
     # It says what to do, and what it received: the shape and which rows differ.
     message = str(info.value)

@@ -235,7 +235,12 @@ def _serve_elsewhere(tmp_path, jobs, block_keras=False):
         specs.append({"dir": str(export_dir), "inputs": names, "out": str(tmp_path / f"job{k}_out.npy")})
     (tmp_path / "jobs.json").write_text(json.dumps(specs))
     script = _SERVE.format(block_keras='sys.modules["keras"] = None' if block_keras else "")
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env = dict(os.environ)
+    # Nothing on the path that holds tfaca (this checkout); the rest stays (a TensorFlow
+    # installed there, as on the lent GPU machines).
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in env.get("PYTHONPATH", "").split(os.pathsep)
+        if p and not os.path.isdir(os.path.join(p, "tfaca")))
     env["TF_CPP_MIN_LOG_LEVEL"] = "2"
     cwd = tmp_path / "elsewhere"
     cwd.mkdir()

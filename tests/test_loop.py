@@ -12,7 +12,7 @@ import tensorflow as tf
 
 import tfaca
 from tfaca import _loop, _record
-from helpers import A_NP, F64, Y0_NP, f64, linear_func, random_y0, van_der_pol
+from helpers import A_NP, COMPILED_RTOL, F64, Y0_NP, assert_relative, f64, linear_func, random_y0, van_der_pol
 
 
 # --------------------------------------------------------------------------------------
@@ -550,7 +550,7 @@ def test_checkpoints_agree_under_xla_and_in_a_function(size):
     assert int(xla[-1]) == n > 0
     for g, x in zip(graph[:-1], xla[:-1]):
         assert g.shape[0] == n + 1 and x.shape[0] == max_steps + 1
-        np.testing.assert_allclose(x.numpy()[:n + 1], g.numpy(), rtol=1e-12, atol=1e-12)
+        assert_relative([x.numpy()[:n + 1]], [g.numpy()], COMPILED_RTOL)
 
 
 @pytest.mark.parametrize("per_sample", [False, True])

@@ -93,18 +93,22 @@ class AdjointGradient(AbstractGradient):
             return run(times, y0, args, options)
 
         def backward(trajectory, times, y0, sources, g_ys, variables, differentiable):
-            # As in ACA's replay; the counters are an argument too: a compiled function
-            # reused by another instance's solve counts into that instance's.
-            def reverse_solve(trajectory, times, y0, g_ys, args, options, counters):
+            # As in ACA's replay. The counts come out and are assigned here, outside the
+            # compiled function: a compiled function reused by another instance's solve
+            # counts into that instance's, and XLA on a GPU cannot reach the int32
+            # counters, which TensorFlow keeps in host memory.
+            def reverse_solve(trajectory, times, y0, g_ys, args, options):
                 controller, loop_kwargs = unpack(options)
                 return _reverse_solve(
                     self, solver, controller, func, trajectory, times, y0, args,
-                    sources_with(sources, args), g_ys, variables, loop_kwargs, per_sample,
-                    counters)
+                    sources_with(sources, args), g_ys, variables, loop_kwargs, per_sample)
 
             reverse = compiled(reverse_solve, jit, ("reverse",))
-            grads, status, t_final = reverse(trajectory, times, y0, g_ys, args, options,
-                                             self.backward_stats)
+            grads, status, t_final, counts = reverse(trajectory, times, y0, g_ys, args, options)
+            if self.backward_stats is not None:
+                updates = [v.assign(c) for v, c in zip(self.backward_stats, counts)]
+                with tf.control_dependencies(updates):
+                    grads = [tf.identity(g) for g in grads]
             # NaN where the reverse solve failed, also with `throw` under XLA, which has no
             # run-time assertion: it stops where it failed, at a finite state.
             grads = nan_where(tf.reduce_any(status != 0), grads)
@@ -124,9 +128,9 @@ class AdjointGradient(AbstractGradient):
 
 
 def _reverse_solve(strategy, solver, controller, func, trajectory, times, y0, args, sources,
-                   g_ys, variables, loop_kwargs, per_sample, counters):
-    """The adjoint's one reverse solve: the gradients (a flat list), its status and where it
-    ended; `counters`: `backward_stats` (or None), which it assigns.
+                   g_ys, variables, loop_kwargs, per_sample):
+    """The adjoint's one reverse solve: the gradients (a flat list), its status, where it
+    ended, and its counts for `backward_stats` (steps, rejected, evaluations, 0).
 
     One `integrate` of `[y, a]` (and, with shared steps, the parameters' adjoint) from the
     last output time back to the start, stepping onto every output time of every row (with
@@ -214,16 +218,12 @@ def _reverse_solve(strategy, solver, controller, func, trajectory, times, y0, ar
         g_times = [tf.concat([g_t0[:, None], g_later], 1)]
     g_times = [tf.reduce_sum(g, 0) if t.shape.rank == 1 else g for g, t in zip(g_times, times)]
     grads = [*g_times, *g_y0, *g_params]
-    if counters is not None:
-        # The slowest sample's counts (what the batched solve ran), plus the evaluations
-        # of the quadrature, of the time gradients and at the start.
-        stats = [tf.reduce_max(x) for x in rev.stats[:3]]
-        fevals = stats[2] + quadrature_fevals + time_fevals + 1
-        counts = (stats[0], stats[1], fevals, tf.constant(0, tf.int32))
-        updates = [v.assign(c) for v, c in zip(counters, counts)]
-        with tf.control_dependencies(updates):
-            grads = [tf.identity(g) for g in grads]
-    return grads, rev.status, rev.t_final
+    # The slowest sample's counts (what the batched solve ran), plus the evaluations of the
+    # quadrature, of the time gradients and at the start.
+    stats = [tf.reduce_max(x) for x in rev.stats[:3]]
+    fevals = stats[2] + quadrature_fevals + time_fevals + 1
+    counts = (stats[0], stats[1], fevals, tf.constant(0, tf.int32))
+    return grads, rev.status, rev.t_final, counts
 
 
 def _arrival(rows, ys, g_ys, num_y, sign, by_batch):
