@@ -209,6 +209,9 @@ else:
     raise SystemExit("tfaca is importable")
 import numpy as np
 import tensorflow as tf
+# As docs/keras.md says a server without tfaca should: float32 products in full float32 on
+# a GPU, as the model was trained (TensorFlow's default, TF32, differs by ~1e-3 on an H100).
+tf.config.experimental.enable_tensor_float_32_execution(False)
 for job in json.load(open(sys.argv[1])):
     served = tf.saved_model.load(job["dir"])
     inputs = [tf.constant(np.load(name)) for name in job["inputs"]]
