@@ -95,6 +95,13 @@ GPU_ENV = {"TF_CPP_MIN_LOG_LEVEL": "3", "OMP_WAIT_POLICY": "PASSIVE", "BENCH_DEV
 DEVICE = {"name": "cpu", "tf_env": None}
 
 
+def _sourcing(tf_env, command):
+    """`command` run after bash sources `tf_env`, this checkout's tfaca/ put first on
+    PYTHONPATH again (the script may set it)."""
+    return ["bash", "-c", '. "$0" && export PYTHONPATH="$1${PYTHONPATH:+:$PYTHONPATH}" '
+            '&& shift && exec "$@"', tf_env, TFACA_ROOT] + command
+
+
 def _uses_tensorflow(args):
     return bool(args) and (args[0].startswith(("tfaca", "tfp")) or args[0] == "--reference")
 
@@ -110,10 +117,7 @@ def _run_child(python, args, env_extra, timeout):
     env.update(env_extra)
     command = [python, os.path.join(HERE, "child.py")] + args
     if DEVICE["tf_env"] and _uses_tensorflow(args):
-        # the script may set PYTHONPATH: the checkout's tfaca/ goes first again after it
-        command = ["bash", "-c", '. "$0" && export PYTHONPATH="$TFACA_ROOT:$PYTHONPATH" '
-                   '&& exec "$@"', DEVICE["tf_env"]] + command
-        env["TFACA_ROOT"] = TFACA_ROOT
+        command = _sourcing(DEVICE["tf_env"], command)
     env["PYTHONPATH"] = TFACA_ROOT + os.pathsep + env.get("PYTHONPATH", "")
     t0 = time.perf_counter()
     try:
@@ -141,7 +145,7 @@ def _versions(python, tf_env=None):
     try:
         command = [python, "-c", code]
         if tf_env:
-            command = ["bash", "-c", '. "$0" && exec "$@"', tf_env] + command
+            command = _sourcing(tf_env, command)
         r = subprocess.run(command, capture_output=True, text=True, timeout=60)
         return json.loads(r.stdout.strip().splitlines()[-1])
     except Exception:

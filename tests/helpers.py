@@ -286,20 +286,11 @@ def accepted_steps(func, y0, ts, *, args=(), method="dopri5", rtol=1e-3, atol=1e
     (scalar tolerances converted exactly to the state dtype, one per state component).
     """
     import tfaca
-    from tfaca import _loop
 
     y0_flat = [tf.convert_to_tensor(y) for y in tf.nest.flatten(y0)]
-    dtype = y0_flat[0].dtype
-    ts = tf.cast(tf.convert_to_tensor(ts), dtype)
-    solver = tfaca.get_solver(method)
-    controller = tfaca.StepSizeController(
-        rtol=[tf.constant(rtol, dtype) for _ in y0_flat],
-        atol=[tf.constant(atol, dtype) for _ in y0_flat],
-    )
-    traj = _loop.integrate(
-        solver, controller, flat_func(func, y0, args), ts, y0_flat,
-        step_size=None, first_step=None, max_steps=max_steps, record=True,
-    )
+    ts = tf.cast(tf.convert_to_tensor(ts), y0_flat[0].dtype)
+    traj = recorded_trajectory(tfaca.get_solver(method), flat_func(func, y0, args), ts,
+                               y0_flat, rtol, atol, states=None, max_steps=max_steps)
     assert int(traj.status) == 0, f"reference solve failed with status {int(traj.status)}"
     cp = traj.checkpoints
     n = int(cp.num_steps)
@@ -321,19 +312,24 @@ def accepted_steps(func, y0, ts, *, args=(), method="dopri5", rtol=1e-3, atol=1e
     )
 
 
-def recorded_trajectory(solver, func, ts, y0, tol, *, states=0, max_steps=5000):
+def recorded_trajectory(solver, func, ts, y0, rtol, atol=None, *, states=0, max_steps=5000):
     """tfaca's loop run with `record=True` on `func(t, y_list)` from the flat state `y0`
-    (rtol = atol = `tol`): the trajectory, its `checkpoints` those ACA replays. `states`
-    as the loop's: 0 keeps no start state, None every one, K a budget of K."""
+    (`atol` = `rtol` unless given; scalar tolerances converted exactly to the state dtype,
+    one per component, as `tfaca.solve` does): the trajectory, its `checkpoints` those ACA
+    replays. `states` as the loop's: 0 keeps no start state, None every one, K a budget
+    of K."""
     import tfaca
     from tfaca import _loop
 
     y0 = list(y0)
-    tol = [tf.constant(tol, y0[0].dtype)] * len(y0)
-    controller = tfaca.StepSizeController(rtol=tol, atol=tol)
+    dtype = y0[0].dtype
+    atol = rtol if atol is None else atol
+    controller = tfaca.StepSizeController(rtol=[tf.constant(rtol, dtype)] * len(y0),
+                                          atol=[tf.constant(atol, dtype)] * len(y0))
+    ts = tf.cast(ts, dtype) if tf.is_tensor(ts) else tf.constant(ts, dtype)
     return _loop.integrate(
-        solver, controller, func, tf.constant(ts, y0[0].dtype), y0, step_size=None,
-        first_step=None, max_steps=max_steps, record=True, states=states)
+        solver, controller, func, ts, y0, step_size=None, first_step=None,
+        max_steps=max_steps, record=True, states=states)
 
 
 def unrolled_solve(func, y0, ts, steps, *, args=(), method="dopri5"):

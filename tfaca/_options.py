@@ -1,7 +1,8 @@
 """The solver options, declared once: `SolverOptions`.
 
 `solve`/`odeint` and `ODELayer` take the same options (`method`, `rtol`, ..., `per_sample`,
-`throw`, `jit_compile`, `precision`) as explicit keyword arguments, with the same names and defaults.
+`throw`, `jit_compile`, `precision`) as explicit keyword arguments, with the same names and
+defaults.
 Each option is declared here once: its name, default, check (which also normalizes the
 value: a solver name becomes a solver, `max_steps` an int) and a one-line doc, plus how a
 config holds it. `solve` and `ODELayer.__init__` build a `SolverOptions` from their own
