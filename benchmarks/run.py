@@ -141,6 +141,10 @@ def _versions(python, tf_env=None):
         "'torchdiffeq','TorchDiffEqPack','jax','jaxlib','diffrax','equinox','numpy']:\n"
         "    try: out[d] = m.version(d)\n"
         "    except Exception: out[d] = None\n"
+        "if out['tfaca'] is None:\n"  # a checkout on PYTHONPATH, not installed
+        "    try:\n"
+        "        import tfaca; out['tfaca'] = tfaca.__version__ + ' (this checkout)'\n"
+        "    except Exception: pass\n"
         "print(json.dumps(out))\n")
     try:
         command = [python, "-c", code]

@@ -130,6 +130,19 @@ def test_adjoint_counters_readable_after_a_graph(jit_compile):
     assert int(grad.backward_stats.num_fevals) == first
 
 
+def test_adjoint_counters_live_on_the_device_of_the_computation():
+    # A train step compiled whole by XLA on a GPU (Keras' default there) assigns the
+    # counters: TensorFlow keeps int32 variables in host memory, out of XLA's reach there,
+    # so they must be of a dtype that lives where float variables do (int64, as Keras'
+    # own step counter). On a CPU both are on the CPU; on a GPU the check tells.
+    grad = tfaca.AdjointGradient()
+    beside = tf.Variable(0.0)
+    for counter in grad.backward_stats:
+        assert counter.dtype == tf.int64
+        assert tf.DeviceSpec.from_string(counter.device).device_type == \
+            tf.DeviceSpec.from_string(beside.device).device_type
+
+
 # --------------------------------------------------------------------------------------
 # Second derivatives
 # --------------------------------------------------------------------------------------

@@ -45,7 +45,7 @@ class AdjointGradient(AbstractGradient):
             the forward's.
 
     Attributes:
-        backward_stats: a `Stats` of int32 `tf.Variable`s holding the counts of the
+        backward_stats: a `Stats` of int64 `tf.Variable`s holding the counts of the
             last reverse solve made with this instance (summed over output intervals;
             all 0 before the first gradient), readable after a gradient computed
             eagerly, in a `tf.function` or under XLA (`int(s.num_fevals)`);
@@ -70,7 +70,7 @@ class AdjointGradient(AbstractGradient):
             with tf.init_scope():
                 self.backward_stats = Stats(*(
                     tf.Variable(
-                        0, dtype=tf.int32, trainable=False, name=f"adjoint_{field}",
+                        0, dtype=tf.int64, trainable=False, name=f"adjoint_{field}",
                         aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
                     )
                     for field in Stats._fields
@@ -95,8 +95,9 @@ class AdjointGradient(AbstractGradient):
         def backward(trajectory, times, y0, sources, g_ys, variables, differentiable):
             # As in ACA's replay. The counts come out and are assigned here, outside the
             # compiled function: a compiled function reused by another instance's solve
-            # counts into that instance's, and XLA on a GPU cannot reach the int32
-            # counters, which TensorFlow keeps in host memory.
+            # would count into that instance's. The counters are int64: TensorFlow keeps
+            # int32 variables in host memory, where XLA on a GPU cannot reach them (a
+            # train step compiled whole, as Keras compiles it on a GPU, assigns them).
             def reverse_solve(trajectory, times, y0, g_ys, args, options):
                 controller, loop_kwargs = unpack(options)
                 return _reverse_solve(
@@ -106,7 +107,8 @@ class AdjointGradient(AbstractGradient):
             reverse = compiled(reverse_solve, jit, ("reverse",))
             grads, status, t_final, counts = reverse(trajectory, times, y0, g_ys, args, options)
             if self.backward_stats is not None:
-                updates = [v.assign(c) for v, c in zip(self.backward_stats, counts)]
+                updates = [v.assign(tf.cast(c, tf.int64))
+                           for v, c in zip(self.backward_stats, counts)]
                 with tf.control_dependencies(updates):
                     grads = [tf.identity(g) for g in grads]
             # NaN where the reverse solve failed, also with `throw` under XLA, which has no
