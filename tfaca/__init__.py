@@ -12,6 +12,7 @@ from tfaca._gradients import (
 )
 from tfaca._layers import ODELayer
 from tfaca._odeint import odeint, solve
+from tfaca._paths import AbstractPath, CubicPath, HermitePath, LinearPath, RectilinearPath
 from tfaca._solution import Solution, SolveError, Stats, Status
 from tfaca._solvers import (
     ALF,
@@ -31,20 +32,25 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ALF",
+    "AbstractPath",
     "ACAGradient",
     "AbstractGradient",
     "AbstractSolver",
     "AdjointGradient",
     "Bosh3",
+    "CubicPath",
     "ButcherTableau",
     "Dopri5",
     "Euler",
+    "HermitePath",
     "HeunEuler",
+    "LinearPath",
     "MALIGradient",
     "Midpoint",
     "NaiveGradient",
     "ODELayer",
     "RK4",
+    "RectilinearPath",
     "Solution",
     "SolveError",
     "Stats",
