@@ -608,3 +608,12 @@ class TrainingRecorder(keras.layers.Layer):
         self.dtypes.append(tf.as_dtype(y.dtype))
         self.xla.append(traced_under_xla())
         return self.dense(y)
+
+
+def observed_series(batch, n, channels, seed, span):
+    """A batch of series for the path and control tests: `n` sorted observation times on
+    `[0, span)` starting at 0, and values `(batch, n, channels)`."""
+    rng = np.random.default_rng(seed)
+    t = np.sort(rng.uniform(0.0, span, n))
+    t[0] = 0.0
+    return t, rng.normal(size=(batch, n, channels))

@@ -7,15 +7,14 @@ import tensorflow as tf
 
 import tfaca
 
+from helpers import observed_series
+
 PATHS = [tfaca.LinearPath, tfaca.RectilinearPath, tfaca.HermitePath, tfaca.CubicPath]
 SMOOTH = [tfaca.LinearPath, tfaca.HermitePath, tfaca.CubicPath]  # parametrized by time
 
 
 def series(batch=3, n=7, channels=2, seed=0):
-    rng = np.random.default_rng(seed)
-    t = np.sort(rng.uniform(0.0, 5.0, n))
-    t[0] = 0.0
-    return t, rng.normal(size=(batch, n, channels))
+    return observed_series(batch, n, channels, seed, span=5.0)
 
 
 def at(path, times):

@@ -1,6 +1,7 @@
 """tfaca: neural ordinary differential equations for TensorFlow and Keras, with exact,
 memory-light gradients by the adaptive checkpoint adjoint (ACA) method."""
 
+from tfaca._cde import cdeint, solve_cde
 from tfaca._control import StepSizeController
 from tfaca._gradients import (
     AbstractGradient,
@@ -58,7 +59,9 @@ __all__ = [
     "StepSizeController",
     "Tsit5",
     "get_gradient",
+    "cdeint",
     "get_solver",
     "odeint",
     "solve",
+    "solve_cde",
 ]

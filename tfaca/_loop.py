@@ -214,9 +214,13 @@ def _few_ulps(dtype):
     return few_ulps
 
 
-def _aim(s, stop, adaptive, few_ulps, dtype):
-    """The trial's end `t1` and size `dt`, and whether it lands on the next stop (`[G]`)."""
+def _aim(s, stop, adaptive, few_ulps, dtype, jump_at=None, sign=None):
+    """The trial's end `t1` and size `dt`, and whether it lands on the next stop (`[G]`).
+    A stop where the derivative jumps (`jump_at`) is aimed at one ulp short of it."""
     t_target = stop(s.i_out)
+    if jump_at is not None:
+        t_target = tf.where(jump_at(s.i_out), tf.math.nextafter(t_target, t_target - sign),
+                            t_target)
     # Land on the stop when the step reaches it or falls short by a few ulps: a sliver
     # step would waste a step and, adaptively, spoil the next step size. "Few ulps" of
     # the times being compared: the rounding of `t + dt` against the stop is relative to
@@ -239,7 +243,7 @@ def _aim(s, stop, adaptive, few_ulps, dtype):
 
 def integrate(solver, controller, func, stops, y0, *, step_size, first_step, max_steps, record,
               per_sample=False, saves=None, on_land=None, restart=False, save_outputs=True,
-              states=None):
+              states=None, jumps=None):
     """Integrates `func` from the first stop through every stop, stepping onto each.
 
     Args:
@@ -276,6 +280,13 @@ def integrate(solver, controller, func, stops, y0, *, step_size, first_step, max
             spread by thinning: the start of every `stride`-th entry is kept, and when
             the `K` slots are full, every other one is dropped and the stride doubles
             (`stride < 2 * num_steps / K`).
+        jumps: None, or bool like `stops`: the stops where `func` jumps (the knots of a
+            path whose derivative jumps; never the first or the last stop). The step that
+            lands on such a stop ends one ulp before it, the next starts one ulp after it
+            (diffrax's `jump_ts`), and `func` is evaluated afresh there: no step, nor its
+            interpolant, straddles the jump, and a left-continuous `func` is evaluated on
+            the side of each step. An output at the stop itself is read from the step
+            before it.
 
     Returns:
         A `Trajectory`; its `checkpoints` are set when `record`.
@@ -298,6 +309,16 @@ def integrate(solver, controller, func, stops, y0, *, step_size, first_step, max
     def next_stop(i):
         """The first stop after the run of equal stops that `i` starts."""
         return tf.gather(after, tf.minimum(i, num_stops - 1), batch_dims=1)
+
+    jump_at = None
+    if jumps is not None:
+        jumps = jumps[None] if jumps.shape.rank == 1 else jumps
+        jumps = tf.broadcast_to(jumps, tf.shape(stops))
+
+        def jump_flag(i):
+            return tf.gather(jumps, tf.minimum(i, num_stops - 1), batch_dims=1)
+
+        jump_at = jump_flag
 
     adaptive = step_size is None
     # Whether choosing a first step evaluates `func` (once).
@@ -338,7 +359,7 @@ def integrate(solver, controller, func, stops, y0, *, step_size, first_step, max
     few_ulps = _few_ulps(dtype)
     restarts = (initial_step, selects) if restart else None
     body = _body(solver, controller, func, groups, stop, next_stop, few_ulps, adaptive, save,
-                 buffer, on_land, restarts, states, max_steps, num_stops, dtype)
+                 buffer, on_land, restarts, states, max_steps, num_stops, dtype, jump_at, sign)
     zero = tf.zeros_like(t0, tf.int32)
     # Non-finite times (XLA's report of times that are not monotone, see `_odeint`) fail
     # at once too, rather than after `max_steps` trials that cannot advance.
@@ -393,14 +414,15 @@ def _read_outputs(state, buffer, save, first, y0):
 
 
 def _body(solver, controller, func, groups, stop, next_stop, few_ulps, adaptive, save, buffer,
-          on_land, restarts, states, max_steps, num_stops, dtype):
+          on_land, restarts, states, max_steps, num_stops, dtype, jump_at, sign):
     """The loop's body: one trial for every group that is still running. `restarts`:
-    `(initial_step, selects)` with `integrate(restart=True)`, else None."""
+    `(initial_step, selects)` with `integrate(restart=True)`, else None; `jump_at(i)`:
+    whether stop `i` is a jump (`integrate`'s `jumps`), or None."""
     lane, fsal = groups.lane, solver.fsal
 
     def body(s):
         active = s.status == _RUNNING
-        t1, dt, hit = _aim(s, stop, adaptive, few_ulps, dtype)
+        t1, dt, hit = _aim(s, stop, adaptive, few_ulps, dtype, jump_at, sign)
         # A group that is done takes a step of size 0 (its result is discarded): nothing it
         # computes can overflow, nor reach a gradient as NaN.
         dt = tf.where(active, dt, tf.zeros_like(dt))
@@ -432,6 +454,13 @@ def _body(solver, controller, func, groups, stop, next_stop, few_ulps, adaptive,
                             lambda: list(s.f))
             fevals = solver.trial_fevals + tf.cast(accept, tf.int32)
         t_new = tf.where(accept, t1, s.t)
+        jumped = None
+        if jump_at is not None:
+            # Past a jump: the next step starts one ulp after it (its outputs at the
+            # jump itself are this step's, saved below).
+            jumped = accept & hit & jump_at(s.i_out)
+            at_stop = stop(s.i_out)
+            t_new = tf.where(jumped, tf.math.nextafter(at_stop, at_stop + sign), t_new)
         num_trials = s.num_trials + tf.cast(active, tf.int32)
         if on_land is not None:
             landed = accept & hit & (next_stop(s.i_out) < num_stops)
@@ -464,6 +493,11 @@ def _body(solver, controller, func, groups, stop, next_stop, few_ulps, adaptive,
             dense_stages = stages + [f_new] if solver.dense_needs_f1 else stages
             outputs = _save_step(solver, save, groups, buffer._replace(arrays=s.outputs), s.saved,
                                  saved, s.t, dt, s.y, dense_stages).arrays
+        if jumped is not None and on_land is None:  # `on_land` evaluated it afresh
+            f_new = tf.cond(tf.reduce_any(jumped),
+                            lambda: groups.select(jumped, func(lane(t_new), y_new), f_new),
+                            lambda: list(f_new))
+            fevals += tf.cast(jumped, tf.int32)
         i_out = tf.where(accept & hit, next_stop(s.i_out), s.i_out)
         k = tf.where(accept & hit, 0, s.k + tf.cast(accept, tf.int32))
         record = _record.write(s, dt, hit, accept, active, states, dtype)

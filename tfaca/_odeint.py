@@ -7,6 +7,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfaca import _jit, _outputs
+from tfaca import _paths as _signals
 from tfaca._control import StepSizeController
 from tfaca._internals import in_xla_context
 from tfaca._loop import graph_assert, raise_on_failure
@@ -245,6 +246,7 @@ def solve(
     ts,
     *,
     args=(),
+    control=None,
     method="dopri5",
     rtol=1e-3,
     atol=1e-6,
@@ -289,6 +291,16 @@ def solve(
             float16/bfloat16 tensors are cast to float32 (solves never run in low
             precision); other tensors keep their dtype.
             Tensors that `func` closes over get gradients too when a tape watches them.
+        control: an input signal, a path through observations (`tfaca.LinearPath`,
+            `RectilinearPath`, `HermitePath`, `CubicPath`): `func` is then called as
+            `func(t, y, u, *args)` with `u = control.evaluate(t)`, `[batch, channels]`
+            (per sample at its own `t` with `per_sample=True`). Gradients reach the
+            path's values and times as they reach `args`, in every gradient mode. The
+            solver steps onto the path's knots inside the solve, so no step straddles
+            a kink; where the derivative jumps (linear, rectilinear) a step ends just
+            before the knot and the next starts just after it, and `gradient="mali"`
+            refuses such a path. Outputs are then read by interpolation (`interpolate=False` still
+            steps onto every output time). See also `tfaca.cdeint`.
         method: a solver name (`"euler"`, `"midpoint"`, `"rk4"`, `"heun_euler"`, `"bosh3"`,
             `"dopri5"`, `"tsit5"`, `"alf"`), class or instance. Default `"dopri5"`.
             `"alf"` (`tfaca.ALF`, the asynchronous leapfrog) is the invertible solver
@@ -422,6 +434,9 @@ def solve(
     # Every option is checked by its one declaration; from here on it is read from `opts`.
     opts = SolverOptions.from_arguments(locals())
     per_sample = opts.per_sample
+    knots = None
+    if control is not None:
+        func, args, knots = _controlled(func, control, args)
     with tf.name_scope(name or "odeint"):
         y0_flat, y_dtype, dtype = _prepare_y0(y0)
         _apply_precision(opts.precision, dtype)
@@ -435,6 +450,13 @@ def solve(
         else:
             ts_solved = ts
         plan = _outputs.plan(ts_solved, opts.interpolate, per_sample)
+        jumps = None
+        if knots is not None:
+            # Every path's knots are stops: where its derivative is continuous, a higher
+            # one jumps (a spline's third), which a step crossing it resolves poorly and
+            # whose step sizes it makes depend on the parameters.
+            plan, flags = _outputs.with_jumps(plan, knots[0], per_sample)
+            jumps = flags if knots[1] else None
         num_intervals = None
         if not plan.dense and ts.shape[-1] is not None:
             num_intervals = ts.shape[-1] - 1
@@ -478,6 +500,7 @@ def solve(
             throw=opts.throw,
             jit=jit,
             per_sample=bool(per_sample),
+            **({} if jumps is None else {"jumps": jumps}),
         )
         ys_flat = trajectory.ys
         if times_per_sample:
@@ -502,6 +525,28 @@ def solve(
             status=trajectory.status,
             t_final=trajectory.t_final,
         )
+
+
+def _controlled(func, control, args):
+    """`(func, args, knots)` for a solve driven by the path `control`: `func(t, y, u, *args)`
+    as `func(t, y, *pieces, *args)`, the path's tensors passed ahead of `args` (so that
+    every gradient strategy differentiates them as it does `args`), and `(knots, jumps)`:
+    the knots to step onto and whether `func` jumps there."""
+    if isinstance(control, _signals.Derivative):
+        path, derivative = control.path, True
+    elif isinstance(control, _signals.AbstractPath):
+        path, derivative = control, False
+    else:
+        raise TypeError(
+            "`control` must be a path: tfaca.LinearPath, RectilinearPath, HermitePath or "
+            f"CubicPath. Received: control={control!r}")
+    num = len(_signals.Pieces._fields)
+
+    def controlled(t, y, *all_args):
+        u = _signals.evaluate(_signals.Pieces(*all_args[:num]), t, derivative)
+        return func(t, y, u, *all_args[num:])
+
+    return controlled, tuple(path._pieces) + args, (path.times, path.jumps)
 
 
 def _apply_precision(precision, dtype):

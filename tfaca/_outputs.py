@@ -88,6 +88,37 @@ def plan(ts, interpolate, per_sample=False):
     return Plan(stops=tf.stack([ts[0], ts[-1]]), ts=ts[1:])
 
 
+def with_jumps(plan, knots, per_sample):
+    """`(plan, jumps)`: `plan` whose stops also hold the `knots` (`[R, n]`, R = 1 or the
+    batch) that lie strictly inside each solve, and which of its stops those are (bool,
+    like its stops). Knots are constants of the steps (no gradient reaches them through
+    where the steps end: a knot does not move with the outputs); a knot on or outside the
+    start and the end becomes a copy of the end. Outputs that were stops are read by
+    interpolation, each then a stop as before (a knot at the same time comes first)."""
+    stops = plan.stops
+    ts = plan.ts if plan.dense else stops[..., 1:]
+    knots = tf.stop_gradient(tf.cast(knots, stops.dtype))
+    if stops.shape.rank == 1 and (knots.shape[0] == 1 or not per_sample):
+        rows, knots = stops[None], tf.reshape(knots, [1, -1])
+    else:
+        batch = tf.shape(knots)[0] if stops.shape.rank == 1 else tf.shape(stops)[0]
+        rows = tf.broadcast_to(stops if stops.shape.rank == 2 else stops[None],
+                               tf.stack([batch, tf.shape(stops)[-1]]))
+        knots = tf.broadcast_to(knots, tf.stack([batch, tf.shape(knots)[1]]))
+    sign = tf.sign(tf.reduce_sum(rows[:, -1] - rows[:, 0]))
+    start, end = rows[:, :1], rows[:, -1:]
+    inside = (sign * (knots - start) > 0) & (sign * (end - knots) > 0)
+    knots = tf.where(inside, knots, tf.broadcast_to(end, tf.shape(knots)))
+    merged = tf.concat([knots, rows], axis=1)
+    flags = tf.concat([inside, tf.zeros_like(rows, tf.bool)], axis=1)
+    order = tf.argsort(sign * merged, axis=1, stable=True)
+    merged = tf.gather(merged, order, batch_dims=1)
+    flags = tf.gather(flags, order, batch_dims=1)
+    if stops.shape.rank == 1 and merged.shape[0] == 1:
+        merged, flags = merged[0], flags[0]
+    return Plan(stops=merged, ts=ts), flags
+
+
 class Rows(NamedTuple):
     """Output times laid out by rows, as the loop saves them and the replays read them."""
 

@@ -16,9 +16,10 @@ channels]` computed once from the observations. The four kinds differ only in ho
 
 Outside its first and last knot a path holds its end value (its derivative is 0 there): a
 series padded by repeating its last time stops moving there, as padded output times do.
-Evaluation is left-continuous (a knot belongs to the piece before it), and a solver that
-steps onto a knot of a path whose derivative jumps ends its step just before the knot and
-starts the next one just after it (`_loop`), so no step straddles a jump.
+Evaluation is left-continuous (a knot belongs to the piece before it). Solves step onto
+every knot (a spline's higher derivatives jump there too); at a knot of a path whose
+derivative jumps, the step ends just before the knot and the next starts just after it
+(`_loop`), so no step straddles a jump.
 """
 
 from typing import Any, NamedTuple
@@ -299,3 +300,9 @@ class CubicPath(AbstractPath):
         c = m0 / 2.0
         d = tf.where(dt > 0, (m1 - m0) / (6.0 * safe), tf.zeros_like(m0))
         return Pieces(times, values[:, :-1], b, c, d)
+
+
+class Derivative(NamedTuple):
+    """`solve(..., control=Derivative(path))` passes `dX/dt` to `func` (`cdeint`)."""
+
+    path: Any

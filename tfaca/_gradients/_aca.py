@@ -55,7 +55,7 @@ from tfaca._gradients._base import (
     loop_options, solve_with_custom_gradient, sources_with, times_of,
 )
 from tfaca._gradients._replay import (
-    add_landed, covered, onto_stops, setting_of, to_groups, to_rows,
+    add_landed, covered, jumped, onto_stops, setting_of, to_groups, to_rows,
 )
 from tfaca._internals import could_possibly_record, in_xla_context, stop_recording
 from tfaca._jit import compiles
@@ -143,10 +143,12 @@ class ACAGradient(AbstractGradient):
             # The `sources` that `func` closes over reach the compiled function as
             # captures, as `func` reads them, so that the tape inside watches what
             # `func` uses; the `args` as arguments.
-            replay = compiled(lambda checkpoints, times, y0, g_ys, args: _replay(
+            replay = compiled(lambda checkpoints, times, y0, g_ys, args, jumps: _replay(
                 solver, lambda t, y: func(t, y, args), checkpoints, times, y0,
-                sources_with(sources, args), g_ys, variables, per_sample), jit, ("replay",))
-            mismatch, grads = replay(trajectory.checkpoints, times, y0, g_ys, args)
+                sources_with(sources, args), g_ys, variables, per_sample, jumps), jit,
+                ("replay",))
+            mismatch, grads = replay(trajectory.checkpoints, times, y0, g_ys, args,
+                                     loop_kwargs.get("jumps"))
             return check_replay(mismatch, grads, throw)
 
         second_order = None
@@ -225,9 +227,15 @@ def _replay_entry(solver, f, setting, cp, i, y, y_next, carry, sources, variable
     # A group that did not move replays a step of size 0: its stages stay finite (a
     # rejected trial may have overflowed), so that their zero cotangents give zeros.
     dt_replay = tf.where(accepted, dt, tf.zeros_like(dt))
+    jumps = setting.dense and setting.jumps is not None
     if setting.dense:
         sums_before = _sums_of(solver, setting, cp, i - 1)
         handed = _last_stage_cotangent(solver, setting, cp, i - 1, sums_before, y)
+        if jumps:
+            # Entry i - 1 ended at a jump: its last stage is its own (left of the jump),
+            # not this entry's first, and took its cotangent itself.
+            before = jumped(setting, cp, i - 1)
+            handed = [tf.where(groups.spread(before, h), tf.zeros_like(h), h) for h in handed]
     with tf.GradientTape() as tape:
         tape.watch([t, dt_replay] + list(y) + list(sources))
         f0 = f(groups.lane(t), y)
@@ -236,18 +244,32 @@ def _replay_entry(solver, f, setting, cp, i, y, y_next, carry, sources, variable
                                    solution_only=True)
         else:
             y1, k = solver.replay_stages(f, groups.lane(t), y, f0, groups.lane(dt_replay))
+            f_end = list(c.f_end)
+            if jumps:
+                # This entry ends at a jump: its interpolant's last stage is f at its own
+                # end, left of the jump, where the next entry starts right of it.
+                ends_at_jump = jumped(setting, cp, i)
+                f_last = tf.cond(
+                    tf.reduce_any(ends_at_jump),
+                    lambda: list(f(groups.lane(t + dt_replay), y1)),
+                    lambda: [tf.zeros_like(x) for x in c.f_end])
+                f_end = groups.select(ends_at_jump, f_last, f_end)
     a_in = [tf.where(groups.spread(accepted, a_n), a_n, tf.zeros_like(a_n)) for a_n in a]
     targets, cotangents = list(y1), a_in
     g_ts = c.g_ts
     if setting.dense:
         lo, hi, t_rows, dt_rows = covered(setting, cp, i)
         pulled = _outputs.pullback_step(solver, setting.ts_rows, lo, hi, t_rows, dt_rows,
-                                        k + [list(c.f_end)], setting.g_rows, g_ts,
+                                        k + [f_end], setting.g_rows, g_ts,
                                         setting.by_batch, sums=c.sums)
         g_stages = pulled.g_stages[:-1]  # the last stage's went to entry i + 1
         g_stages[0] = [g + h for g, h in zip(g_stages[0], handed)]
         targets += [x for stage in k for x in stage]
         cotangents += [x for stage in g_stages for x in stage]
+        if jumps:
+            targets += f_last
+            cotangents += [tf.where(groups.spread(ends_at_jump, g), g, tf.zeros_like(g))
+                           for g in pulled.g_stages[-1]]
         g_ts = pulled.g_ts
     g_t, g_dt, g_y, g_s, g_v = tape.gradient(
         targets, [t, dt_replay, list(y), list(sources), list(variables)],
@@ -299,7 +321,8 @@ def _end_stage(solver, f, setting, cp, y_end, carry, sources, variables):
         sums=sums, f_end=[tf.convert_to_tensor(x) for x in f_end])
 
 
-def _replay(solver, f, checkpoints, times, y0, sources, g_ys, variables, per_sample):
+def _replay(solver, f, checkpoints, times, y0, sources, g_ys, variables, per_sample,
+            jumps=None):
     """ACA's backward pass: every accepted step replayed once, last first (see the module
     docstring). With all states kept, each entry's start is its checkpoint. With a
     budget (`cp.stride`), for each segment of `stride` entries, last first, its start
@@ -312,7 +335,7 @@ def _replay(solver, f, checkpoints, times, y0, sources, g_ys, variables, per_sam
     of the times, `y0`, the sources and the variables, as one flat list.
     """
     cp = checkpoints
-    setting = setting_of(times, g_ys, per_sample, y0)
+    setting = setting_of(times, g_ys, per_sample, y0, jumps)
     n = cp.num_steps
     eps = float(tf.experimental.numpy.finfo(times[0].dtype.as_numpy_dtype).eps)
     same_state = math.sqrt(eps)

@@ -190,6 +190,8 @@ def _reverse_solve(strategy, solver, controller, func, trajectory, times, y0, ar
         controller, rtol=tolerance(strategy.rtol, controller.rtol),
         atol=tolerance(strategy.atol, controller.atol))
     kwargs = dict(loop_kwargs)
+    # The reverse solve steps across the knots of a path (its error control sees them).
+    kwargs.pop("jumps", None)
     if strategy.max_steps is not None:
         kwargs["max_steps"] = strategy.max_steps
     start = list(trajectory.y_final) + [tf.zeros_like(y) for y in y0]

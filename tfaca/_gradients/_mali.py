@@ -50,6 +50,12 @@ class MALIGradient(AbstractGradient):
                 'gradient="mali" needs an invertible method, method="alf": it rebuilds each '
                 "step from the next by inverting the step, which only ALF's asynchronous "
                 f"leapfrog can. Received: method={solver!r}")
+        if loop_kwargs.get("jumps") is not None:
+            raise ValueError(
+                'gradient="mali" cannot step onto the knots of a control path whose '
+                "derivative jumps there (ALF carries dy/dt from step to step): use a "
+                "tfaca.HermitePath or tfaca.CubicPath, or another gradient. Received: a "
+                "LinearPath or RectilinearPath")
         options = loop_options(controller, dict(loop_kwargs, per_sample=per_sample))
 
         def forward_with(record):

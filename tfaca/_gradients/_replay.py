@@ -21,21 +21,33 @@ class Setting(NamedTuple):
     sign: Any
     by_batch: bool
     g_rows: Any  # output cotangents laid out [R, n, ...] (dense), else the g_ys
+    jumps: Any = None  # [G, S] bool: the stops where `func` jumps (`_loop.integrate`), or None
 
 
-def setting_of(times, g_ys, per_sample, y0):
+def setting_of(times, g_ys, per_sample, y0, jumps=None):
     groups = Groups(shared=not per_sample)
     stops = times[0]
     stops = stops[None] if stops.shape.rank == 1 else stops
     if per_sample:
         stops = tf.broadcast_to(stops, tf.stack([tf.shape(y0[0])[0], tf.shape(stops)[1]]))
+    if jumps is not None:
+        jumps = tf.broadcast_to(jumps[None] if jumps.shape.rank == 1 else jumps, tf.shape(stops))
     sign = tf.sign(tf.reduce_sum(stops[:, -1] - stops[:, 0]))
     if len(times) == 1:
-        return Setting(groups, stops, False, None, None, sign, per_sample, g_ys)
+        return Setting(groups, stops, False, None, None, sign, per_sample, g_ys, jumps)
     ts_rows, by_batch = _outputs.output_rows(_outputs.Plan(stops, times[1]), per_sample,
                                              tf.shape(y0[0])[0])
     return Setting(groups, stops, True, ts_rows, sign * ts_rows, sign, by_batch,
-                    _outputs.cotangent_rows(g_ys, by_batch))
+                   _outputs.cotangent_rows(g_ys, by_batch), jumps)
+
+
+def jumped(setting, cp, i):
+    """`[G]`: the groups whose entry `i` (accepted) landed on a jump (none for `i < 0`)."""
+    k = tf.maximum(i, 0)
+    hit = tf.gather(cp.hit, k) & tf.gather(cp.accepted, k) & (i >= 0)
+    num_stops = tf.shape(setting.stops)[1]
+    j = tf.minimum(tf.gather(cp.interval, k), num_stops - 1)
+    return hit & tf.gather(setting.jumps, j, batch_dims=1)
 
 
 def onto_stops(setting, g_stops, j, hit, g_t, g_dt):
