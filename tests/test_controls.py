@@ -275,3 +275,34 @@ def test_bad_control_and_cde_arguments_name_what_was_received():
         tfaca.cdeint(lambda s, z: z, y0, x, [0.0, 1.0])
     with pytest.raises(ValueError, match=r"\(batch, hidden, channels\) matrix"):
         tfaca.cdeint(lambda s, z: z, y0, tfaca.LinearPath(t, x), [0.0, 1.0])
+
+
+def test_eager_compiled_cde_solves_reuse_their_functions_across_paths():
+    """Eager calls with `jit_compile=True` compile the forward loop and the replay once
+    for one `func`, whatever the path's values (the wrappers `solve` makes per call around
+    `func` are told to be the same function), and give what the uncompiled solve gives."""
+    from tfaca import _jit
+
+    A = tf.Variable(np.random.default_rng(1).normal(size=(2, 2, 2)) * 0.5)
+
+    def func(s, z):
+        return tf.tanh(tf.einsum("hic,bi->bhc", A, z))
+
+    z0 = tf.constant([[1.0, 0.5], [0.2, -0.4]], tf.float64)
+    for seed in (0, 1):
+        t, x = series(seed=seed)
+        out = []
+        for jit in (True, False):
+            with tf.GradientTape() as tape:
+                values = tf.constant(x)
+                tape.watch(values)
+                ys = tfaca.cdeint(func, z0, tfaca.LinearPath(t, values), [0.0, 1.0, t[-1]],
+                                  rtol=1e-7, atol=1e-9, jit_compile=jit)
+                loss = tf.reduce_sum(ys ** 2)
+            out.append([ys, *tape.gradient(loss, [values, A])])
+        for a, b in zip(*out):
+            np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-9, atol=1e-12)
+    token = _jit._TOKENS[id(func)]
+    traces = [entry.function.experimental_get_tracing_count()
+              for key, entry in _jit._REUSED.items() if key[0] is token]
+    assert traces == [1, 1], traces  # the forward loop and the replay, once each

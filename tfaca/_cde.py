@@ -4,7 +4,7 @@
 
 import tensorflow as tf
 
-from tfaca import _paths
+from tfaca import _jit, _paths
 from tfaca._odeint import solve
 
 
@@ -24,7 +24,7 @@ def _cde_field(func):
                 f"{matrix.shape}")
         return tf.linalg.matvec(matrix, tf.cast(dx, matrix.dtype))
 
-    return field
+    return _jit.derived(field, func, "cde")
 
 
 def solve_cde(func, z0, path, ts, **kwargs):

@@ -181,6 +181,25 @@ def same_as(func, owner, tag):
     func._tfaca_same_as = (owner, tag)
 
 
+def _identity(func):
+    """`(owner, method)`: what `reuse_key` tells functions apart by."""
+    if hasattr(func, "_tfaca_same_as"):
+        return func._tfaca_same_as
+    if inspect.ismethod(func):
+        return func.__self__, func.__func__
+    return func, None
+
+
+def derived(wrapper, func, tag):
+    """Marks `wrapper`, made anew per solve around the user's `func` (a controlled
+    field, a CDE's matrix-vector product), as computing what every wrapper of the same
+    `func` and `tag` computes: eager calls reuse their compiled functions as they do
+    for `func` itself. Returns `wrapper`."""
+    owner, method = _identity(func)
+    same_as(wrapper, owner, (method, tag))
+    return wrapper
+
+
 def reuse_key(func, f, dtype, y0, args, static, t_shape=()):
     """The key under which an eager solve's compiled functions are reused (see the
     module), or True (compile, not reused) when `func` cannot be told apart from other
@@ -189,12 +208,7 @@ def reuse_key(func, f, dtype, y0, args, static, t_shape=()):
     `func`: the user's function (a bound method counts as its object and function);
     `f(t, y, args)` the flat form the loops call; `static`: hashable values that fix
     what `f` computes besides `func` (structures, solver, gradient options)."""
-    if hasattr(func, "_tfaca_same_as"):
-        owner, method = func._tfaca_same_as
-    elif inspect.ismethod(func):
-        owner, method = func.__self__, func.__func__
-    else:
-        owner, method = func, None
+    owner, method = _identity(func)
     try:
         token = _token(owner)
     except TypeError:

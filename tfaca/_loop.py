@@ -43,6 +43,7 @@ never are: their buffer is `len(ts)` states, written as the steps cover them.
 (`benchmarks/max_steps_xla.py`, `benchmarks/outputs.py` measure both.)
 """
 
+import functools
 from typing import Any, NamedTuple
 
 import tensorflow as tf
@@ -357,7 +358,7 @@ def integrate(solver, controller, func, stops, y0, *, step_size, first_step, max
 
     recorded = _record.new(dtype, max_steps, t0, y0, states) if record else {}
     few_ulps = _few_ulps(dtype)
-    restarts = (initial_step, selects) if restart else None
+    restarts = (initial_step, selects) if restart and on_land is not None else None
     body = _body(solver, controller, func, groups, stop, next_stop, few_ulps, adaptive, save,
                  buffer, on_land, restarts, states, max_steps, num_stops, dtype, jump_at, sign)
     zero = tf.zeros_like(t0, tf.int32)
@@ -454,29 +455,22 @@ def _body(solver, controller, func, groups, stop, next_stop, few_ulps, adaptive,
                             lambda: list(s.f))
             fevals = solver.trial_fevals + tf.cast(accept, tf.int32)
         t_new = tf.where(accept, t1, s.t)
-        jumped = None
+        # The groups whose `func` is evaluated afresh at the end of the step (after its
+        # outputs are saved, which read the step's own last stage): past a jump, or
+        # where `on_land` changed the state.
+        fresh = []
         if jump_at is not None:
             # Past a jump: the next step starts one ulp after it (its outputs at the
             # jump itself are this step's, saved below).
             jumped = accept & hit & jump_at(s.i_out)
             at_stop = stop(s.i_out)
             t_new = tf.where(jumped, tf.math.nextafter(at_stop, at_stop + sign), t_new)
+            fresh.append(jumped)
         num_trials = s.num_trials + tf.cast(active, tf.int32)
         if on_land is not None:
             landed = accept & hit & (next_stop(s.i_out) < num_stops)
             y_new = on_land(s.i_out, landed, y_new)
-            f_new = tf.cond(tf.reduce_any(landed),
-                            lambda: groups.select(landed, func(lane(t_new), y_new), f_new),
-                            lambda: list(f_new))
-            fevals += tf.cast(landed, tf.int32)
-            if restarts is not None:
-                initial_step, selects = restarts
-                dt_next = tf.cond(
-                    tf.reduce_any(landed),
-                    lambda: tf.where(landed, initial_step(t_new, y_new, f_new), dt_next),
-                    lambda: dt_next)
-                fevals += tf.cast(landed, tf.int32) * int(selects)
-                num_trials = tf.where(landed, 0, num_trials)
+            fresh.append(landed)
         if buffer is None:
             outputs, saved = s.outputs, s.saved
         elif save is None:
@@ -493,11 +487,20 @@ def _body(solver, controller, func, groups, stop, next_stop, few_ulps, adaptive,
             dense_stages = stages + [f_new] if solver.dense_needs_f1 else stages
             outputs = _save_step(solver, save, groups, buffer._replace(arrays=s.outputs), s.saved,
                                  saved, s.t, dt, s.y, dense_stages).arrays
-        if jumped is not None and on_land is None:  # `on_land` evaluated it afresh
-            f_new = tf.cond(tf.reduce_any(jumped),
-                            lambda: groups.select(jumped, func(lane(t_new), y_new), f_new),
+        if fresh:
+            refresh = functools.reduce(tf.logical_or, fresh)
+            f_new = tf.cond(tf.reduce_any(refresh),
+                            lambda: groups.select(refresh, func(lane(t_new), y_new), f_new),
                             lambda: list(f_new))
-            fevals += tf.cast(jumped, tf.int32)
+            fevals += tf.cast(refresh, tf.int32)
+        if restarts is not None:  # with `on_land`
+            initial_step, selects = restarts
+            dt_next = tf.cond(
+                tf.reduce_any(landed),
+                lambda: tf.where(landed, initial_step(t_new, y_new, f_new), dt_next),
+                lambda: dt_next)
+            fevals += tf.cast(landed, tf.int32) * int(selects)
+            num_trials = tf.where(landed, 0, num_trials)
         i_out = tf.where(accept & hit, next_stop(s.i_out), s.i_out)
         k = tf.where(accept & hit, 0, s.k + tf.cast(accept, tf.int32))
         record = _record.write(s, dt, hit, accept, active, states, dtype)

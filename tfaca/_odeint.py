@@ -546,6 +546,7 @@ def _controlled(func, control, args):
         u = _signals.evaluate(_signals.Pieces(*all_args[:num]), t, derivative)
         return func(t, y, u, *all_args[num:])
 
+    _jit.derived(controlled, func, ("control", derivative))
     return controlled, tuple(path._pieces) + args, (path.times, path.jumps)
 
 
