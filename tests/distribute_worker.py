@@ -313,6 +313,65 @@ def mirrored_empty_replica_batches(strategy):
     return out
 
 
+def series_data(num_samples, n=6, channels=2, seed=0):
+    """Irregular series: times `(num_samples, n)` per series from 0, values, labels."""
+    rng = np.random.default_rng(seed)
+    times = np.sort(rng.uniform(0.05, 2.0, (num_samples, n)), axis=1).astype("float32")
+    times[:, 0] = 0.0
+    values = rng.normal(size=(num_samples, n, channels)).astype("float32")
+    labels = (values[:, :, 0].mean(axis=1) > 0).astype("int32")
+    return [times, values], labels
+
+
+def build_series_model(seed=0, n=6, channels=2):
+    """A neural CDE, an ODE driven by the series and an ODE-RNN side by side, each at a
+    fixed RK4 step with per-sample steps (so a replica's half batch takes the steps the
+    whole batch takes), into one SGD classifier."""
+    import keras
+
+    import tfaca
+
+    keras.utils.set_random_seed(seed)
+    fixed = dict(method="rk4", step_size=0.25, per_sample=True)
+    times, values = keras.Input((n,)), keras.Input((n, channels))
+    field = keras.Sequential([keras.layers.Dense(8, activation="tanh"),
+                              keras.layers.Dense(4 * (channels + 1), activation="tanh")])
+    cde = tfaca.CDELayer(field, 4, **fixed)([times, values])
+    first = keras.layers.Flatten()(keras.layers.Cropping1D((0, n - 1))(values))
+    dynamics = keras.Sequential([keras.layers.Dense(8, activation="tanh"),
+                                 keras.layers.Dense(3)])
+    driven = tfaca.ODELayer(dynamics, control="linear", **fixed)(
+        [keras.layers.Dense(3)(first), times, values])
+    steps = keras.layers.Concatenate()([keras.layers.Reshape((n, 1))(times), values])
+    rnn = keras.layers.RNN(tfaca.ODERNNCell(4, **fixed))(steps)
+    logits = keras.layers.Dense(NUM_CLASSES)(keras.layers.Concatenate()([cde, driven, rnn]))
+    model = keras.Model([times, values], logits)
+    model.compile(optimizer=keras.optimizers.SGD(learning_rate=LEARNING_RATE),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    return model
+
+
+def mirrored_series_layers(strategy):
+    """One SGD step of the series layers (`build_series_model`): MirroredStrategy vs one
+    device, equal to float32 round-off."""
+    x, y = series_data(GLOBAL_BATCH)
+    single = build_series_model()
+    init = single.get_weights()
+    _fit_one_epoch(single, x, y)
+    single_after = single.get_weights()
+    with strategy.scope():
+        mirrored = build_series_model(seed=1)
+    mirrored.set_weights(init)
+    history = _fit_one_epoch(mirrored, x, y)
+    after = mirrored.get_weights()
+    return {
+        "loss": history["loss"][-1],
+        "max_diff_vs_single": max_abs_diff(after, single_after),
+        "max_update": max_abs_diff(after, init),
+        "finite": all_finite(after),
+    }
+
+
 def _brief(error):
     """The root errors of a TensorFlow error, without the traceback of the node."""
     text = getattr(error, "message", None) or str(error)
@@ -328,6 +387,7 @@ MIRRORED_SCENARIOS = {
     "batchnorm": mirrored_batchnorm,
     "partial_batch": mirrored_partial_batch,
     "empty_replica_batches": mirrored_empty_replica_batches,
+    "series_layers": mirrored_series_layers,
 }
 
 

@@ -290,14 +290,14 @@ def test_eager_compiled_cde_solves_reuse_their_functions_across_paths():
 
     z0 = tf.constant([[1.0, 0.5], [0.2, -0.4]], tf.float64)
     for seed in (0, 1):
-        t, x = series(seed=seed)
+        t, x = series(n=5, seed=seed)
         out = []
         for jit in (True, False):
             with tf.GradientTape() as tape:
                 values = tf.constant(x)
                 tape.watch(values)
                 ys = tfaca.cdeint(func, z0, tfaca.LinearPath(t, values), [0.0, 1.0, t[-1]],
-                                  rtol=1e-7, atol=1e-9, jit_compile=jit)
+                                  rtol=1e-5, atol=1e-7, jit_compile=jit)
                 loss = tf.reduce_sum(ys ** 2)
             out.append([ys, *tape.gradient(loss, [values, A])])
         for a, b in zip(*out):
@@ -306,3 +306,4 @@ def test_eager_compiled_cde_solves_reuse_their_functions_across_paths():
     traces = [entry.function.experimental_get_tracing_count()
               for key, entry in _jit._REUSED.items() if key[0] is token]
     assert traces == [1, 1], traces  # the forward loop and the replay, once each
+

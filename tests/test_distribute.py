@@ -107,7 +107,7 @@ def mirrored_more(tmp_path_factory):
     empty replica batches."""
     return _run_mirrored(tmp_path_factory,
                          ["adaptive_step", "per_sample_step", "adaptive_training", "batchnorm",
-                          "partial_batch"])
+                          "partial_batch", "series_layers"])
 
 
 def _scenario(mirrored, name):
@@ -139,6 +139,16 @@ def test_mirrored_per_sample_step_update_equals_single_device(mirrored_more):
     assert r["max_diff_vs_single"] < 1e-5, r
     shared = _scenario(mirrored_more, "adaptive_step")
     assert r["max_diff_vs_single"] < shared["max_diff_vs_single"], (r, shared)
+
+
+@pytest.mark.slow
+def test_mirrored_series_layers_update_equals_single_device(mirrored_more):
+    """CDELayer, ODELayer(control=...) and ODERNNCell in one model under MirroredStrategy:
+    the update of one step equals one device's to float32 round-off."""
+    r = _scenario(mirrored_more, "series_layers")
+    assert r["finite"] and np.isfinite(r["loss"])
+    assert r["max_update"] > 1e-3
+    assert r["max_diff_vs_single"] < 1e-5, r
 
 
 @pytest.mark.slow

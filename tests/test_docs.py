@@ -37,6 +37,8 @@ def check_keras(ns):
     loss = ns["history"].history["loss"]
     assert loss[-1] < loss[0]
     assert ns["predictions"].shape == (16, 5, 1)
+    assert np.all(np.isfinite(ns["cde_history"].history["loss"]))
+    assert ns["h"].shape == (16, 8) and np.all(np.isfinite(ns["h"]))
 
 
 def check_gradients(ns):

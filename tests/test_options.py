@@ -152,8 +152,10 @@ def test_configs_of_today_load_and_save_the_same(name):
     layer = tfaca.ODELayer.from_config(config)
     saved = layer.get_config()
     assert {k: saved[k] for k in TODAY[name]} == TODAY[name]
-    # and the options declared since (issue 28's precision), at their defaults
-    assert set(saved) == set(config) | {"precision"} and saved["precision"] == "float32"
+    # and the options declared since (issue 28's precision, issue 29's control), at
+    # their defaults
+    assert set(saved) == set(config) | {"precision", "control"}
+    assert saved["precision"] == "float32" and saved["control"] is None
 
 
 def test_configs_older_than_an_option_load_with_its_default():

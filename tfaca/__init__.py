@@ -13,6 +13,7 @@ from tfaca._gradients import (
 )
 from tfaca._layers import ODELayer
 from tfaca._odeint import odeint, solve
+from tfaca._series import CDELayer, ODERNNCell
 from tfaca._paths import AbstractPath, CubicPath, HermitePath, LinearPath, RectilinearPath
 from tfaca._solution import Solution, SolveError, Stats, Status
 from tfaca._solvers import (
@@ -39,6 +40,7 @@ __all__ = [
     "AbstractSolver",
     "AdjointGradient",
     "Bosh3",
+    "CDELayer",
     "CubicPath",
     "ButcherTableau",
     "Dopri5",
@@ -50,6 +52,7 @@ __all__ = [
     "Midpoint",
     "NaiveGradient",
     "ODELayer",
+    "ODERNNCell",
     "RK4",
     "RectilinearPath",
     "Solution",

@@ -18,6 +18,19 @@ from tfaca._internals import (
 from tfaca._loop import graph_assert
 from tfaca._odeint import solve
 from tfaca._options import SolverOptions, revive
+from tfaca._paths import CubicPath, Derivative, HermitePath, LinearPath, RectilinearPath
+
+# The paths a layer builds from its series inputs, by the name its config holds.
+PATHS = {"linear": LinearPath, "rectilinear": RectilinearPath, "hermite": HermitePath,
+         "cubic": CubicPath}
+
+
+def path_kind(value, kinds=tuple(PATHS), argument="control"):
+    """`value` checked as the name of a path kind among `kinds`."""
+    if value not in kinds:
+        raise ValueError(f"`{argument}` must be one of {', '.join(map(repr, kinds))}. "
+                         f"Received: {argument}={value!r}")
+    return value
 
 
 def _parameters(layer):
@@ -212,6 +225,21 @@ class ODELayer(keras.layers.Layer):
             the samples. Cost: a batch runs as long as its slowest sample.
             Default False: one step size for the batch, as torchdiffeq and TFP; see
             docs/time_series.md for the measurements behind the default.
+        control: None (default), or how the layer interpolates an input signal that
+            drives the dynamics, `dy/dt = dynamics([y, u(t)])`: `"linear"`, `"hermite"`
+            (cubic Hermite with backward differences) or `"cubic"` (natural cubic
+            spline), see `tfaca.LinearPath` and the others. The layer then takes
+            `[state, times, values]` or `[state, times, values, mask]`: the signal's
+            observations `values` `(batch, n, channels)` (NaN, or False in `mask`, where
+            missing; filled from the last observation) at `times` `(batch, n)` (each
+            series its own, padded by repeating its last time) or `(n,)`; the solve runs
+            from the first time to the last and its outputs are at `times`. `dynamics`
+            receives `u(t)` by keyword if its `call` accepts `u`, else the state and `u`
+            concatenated along the last axis (vector states), and must return the
+            state's shape. Gradients reach `values` (the signal may be the output of
+            earlier layers). With times per series, `per_sample=True` lets each sample
+            step onto its own observation times only; shared steps stop at every
+            series' times. `tfaca.CDELayer` is the neural CDE.
         precision: `"float32"` (default): a float32 layer turns TensorFlow's
             TensorFloat-32 off for the process when it first solves, so that matrix
             products and convolutions on Ampere and newer GPUs keep float32's precision
@@ -326,6 +354,7 @@ class ODELayer(keras.layers.Layer):
         jit_compile="auto",
         per_sample=False,
         precision="float32",
+        control=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -344,6 +373,8 @@ class ODELayer(keras.layers.Layer):
                 f"times. Received: t={t}"
             )
         _check_state_first(dynamics)
+        self.control = None if control is None else path_kind(
+            control, ("linear", "hermite", "cubic"))
         # The solver options, checked by their one declaration. It holds one strategy
         # for every solve: state it keeps (the adjoint's `backward_stats`) is then
         # readable through the layer, and a graph sees one object, not a new one per call.
@@ -352,6 +383,7 @@ class ODELayer(keras.layers.Layer):
         self.t = t
         self.return_sequences = bool(return_sequences)
         self._pass_t = _accepts(dynamics, "t")
+        self._pass_u = _accepts(dynamics, "u")
         self._pass_training = _accepts(dynamics, "training")
         # Keras casts every floating input to the compute dtype, times included;
         # `__call__` casts the state as Keras would and leaves the times alone
@@ -367,29 +399,45 @@ class ODELayer(keras.layers.Layer):
         return self.solver_options.gradient
 
     def __call__(self, inputs, *args, **kwargs):
-        state, times = self._split(inputs)
+        state, *series = self._split(inputs)
         state = cast_input(self, state, self.autocast)
-        if times is None:
+        if not series:
             inputs = state
         else:
-            # Converted to a tensor (a NumPy array cannot be passed positionally), never
-            # cast: `call` solves in float32, or float64 for a float64 state.
-            times = cast_input(self, times, False)
-            inputs = type(inputs)([state, times])
+            # Converted to tensors (a NumPy array cannot be passed positionally), never
+            # cast: `call` solves in float32, or float64 for a float64 state, and builds
+            # the control's path in that dtype.
+            inputs = type(inputs)([state] + [cast_input(self, x, False) for x in series])
         return super().__call__(inputs, *args, **kwargs)
 
     def _split(self, inputs):
+        """`[state, times]`, or with a control `[state, times, values(, mask)]`, as a list
+        of 1 to 4 entries."""
+        if self.control is not None:
+            if not isinstance(inputs, (list, tuple)) or len(inputs) not in (3, 4):
+                raise ValueError(
+                    f"An ODELayer with control={self.control!r} takes `inputs` as "
+                    "[state, times, values] or [state, times, values, mask]: the initial "
+                    "state, the observation times (batch, n) or (n,), the observations "
+                    "(batch, n, channels) and optionally their mask. Received: "
+                    f"{len(inputs) if isinstance(inputs, (list, tuple)) else 1} input(s)")
+            return list(inputs)
         if isinstance(inputs, (list, tuple)):
             if len(inputs) != 2:
                 raise ValueError(
                     "`inputs` must be a state tensor or a list [state, times]. "
                     f"Received: {len(inputs)} inputs"
                 )
-            return inputs[0], inputs[1]
-        return inputs, None
+            return list(inputs)
+        return [inputs]
 
     def build(self, input_shape):
-        state_shape = input_shape[0] if _is_shape_pair(input_shape) else input_shape
+        if self.control is not None:
+            state_shape = tuple(input_shape[0])
+            if not self._pass_u:  # the dynamics see [y, u] concatenated
+                state_shape = state_shape[:-1] + (state_shape[-1] + input_shape[2][-1],)
+        else:
+            state_shape = input_shape[0] if _is_shape_pair(input_shape) else input_shape
         if not self.dynamics.built:
             self.dynamics.build(state_shape)
         self.built = True
@@ -434,19 +482,35 @@ class ODELayer(keras.layers.Layer):
         return times
 
     def call(self, inputs, training=None):
-        y0, times = self._split(inputs)
+        y0, *series = self._split(inputs)
+        times = series[0] if series else None
+        dtype = tf.float64 if y0.dtype == tf.float64 else tf.float32
+        path = self._control_path(series, dtype) if self.control is not None else None
+        return self._integrate(y0, times, path, training)
+
+    def _control_path(self, series, dtype):
+        """The control's path through `[times, values(, mask)]`, in the solve's dtype."""
+        times, values, *mask = series
+        return PATHS[self.control](tf.cast(times, dtype), tf.cast(values, dtype), *mask)
+
+    def _integrate(self, y0, times, path, training, derivative=False):
+        """The solve of `call`: from `y0` over `times` (None: `self.t`), driven by `path`
+        (None: no control; its derivative if `derivative`)."""
         kwargs = {"training": training} if self._pass_training else {}
         layers = sublayers(self.dynamics)
         draws = _OneDraw(self.dynamics)
 
-        def dynamics(t, y):
-            if self._pass_t:
-                return self.dynamics(y, t=t, **kwargs)
-            return self.dynamics(y, **kwargs)
+        def dynamics(t, y, *u):
+            extra = dict(kwargs, t=t) if self._pass_t else dict(kwargs)
+            if u and self._pass_u:
+                extra["u"] = tf.cast(u[0], y.dtype)
+            elif u:  # the input's channels after the state's features
+                y = tf.concat([y, tf.cast(u[0], y.dtype)], axis=-1)
+            return self.dynamics(y, **extra)
 
-        def func(t, y):
+        def func(t, y, *u):
             counts = [len(added_losses(layer)) for layer in layers]
-            out = draws.evaluate(lambda: dynamics(t, y))
+            out = draws.evaluate(lambda: dynamics(t, y, *u))
             _refuse_added_losses(layers, counts, self.dynamics)
             return out
 
@@ -458,6 +522,8 @@ class ODELayer(keras.layers.Layer):
 
         dtype = tf.float64 if y0.dtype == tf.float64 else tf.float32
         ts = self._times(times, dtype)
+        control = {} if path is None else {
+            "control": Derivative(path) if derivative else path}
         # Under ACA (and the adjoint) the forward solve's evaluations must not update
         # moving statistics (rejected trials would pollute them); the backward pass
         # updates them. Snapshot here, restore after the forward solve. Seed states are
@@ -470,7 +536,7 @@ class ODELayer(keras.layers.Layer):
                 for v in self.dynamics.non_trainable_variables
                 if id(v) not in seeds
             ]
-        sol = solve(func, y0, ts, **self.solver_options.arguments(), name=self.name)
+        sol = solve(func, y0, ts, **self.solver_options.arguments(), **control, name=self.name)
         draws.replaying = True
         for variable, value in restore:
             variable.assign(value)
@@ -484,7 +550,10 @@ class ODELayer(keras.layers.Layer):
         return tf.transpose(ys, perm)
 
     def compute_output_shape(self, input_shape):
-        if _is_shape_pair(input_shape):
+        if self.control is not None:
+            state_shape, times_shape = input_shape[0], input_shape[1]
+            num_times = times_shape[-1]
+        elif _is_shape_pair(input_shape):
             state_shape, times_shape = input_shape
             num_times = times_shape[-1]
         else:
@@ -500,6 +569,7 @@ class ODELayer(keras.layers.Layer):
             "t": list(self.t),
             **self.solver_options.config(),
             "return_sequences": self.return_sequences,
+            "control": self.control,
         }
         base_config = super().get_config()
         return {**base_config, **config}

@@ -1,6 +1,7 @@
 """`odeint` and `solve`: argument checks, dtypes, structures, dispatch. No loop code here."""
 
 import collections.abc
+import functools
 import logging
 
 import numpy as np
@@ -240,6 +241,27 @@ def _flat_func(func, y0, args, num_args, dtype):
     return f
 
 
+def _user_code_converted(entry):
+    """`entry(func, ...)`, a public solve, run without AutoGraph, `func` alone converted
+    as the caller's code is (`tf.function`'s default, Keras' `fit`): AutoGraph would
+    otherwise rewrite the whole solver (its loops, controller, outputs and gradients),
+    which has no Python control flow on tensors to convert, at every trace; measured on
+    a neural-CDE training step, 7.8 s of tracing against 2.5 s (`benchmarks/cde_step.py`)."""
+    unconverted = tf.autograph.experimental.do_not_convert(entry)
+
+    @functools.wraps(entry)
+    def converted_func_only(func, *args, **kwargs):
+        context = tf.__internal__.autograph.control_status_ctx()
+        # Only where AutoGraph is on: elsewhere (eagerly) `func` stays the object it is,
+        # which eager calls with `jit_compile=True` reuse their compiled functions by.
+        if callable(func) and context.status.name == "ENABLED":
+            func = tf.__internal__.autograph.tf_convert(func, context)
+        return unconverted(func, *args, **kwargs)
+
+    return converted_func_only
+
+
+@_user_code_converted
 def solve(
     func,
     y0,
@@ -295,12 +317,12 @@ def solve(
             `RectilinearPath`, `HermitePath`, `CubicPath`): `func` is then called as
             `func(t, y, u, *args)` with `u = control.evaluate(t)`, `[batch, channels]`
             (per sample at its own `t` with `per_sample=True`). Gradients reach the
-            path's values and times as they reach `args`, in every gradient mode. The
-            solver steps onto the path's knots inside the solve, so no step straddles
-            a kink; where the derivative jumps (linear, rectilinear) a step ends just
-            before the knot and the next starts just after it, and `gradient="mali"`
-            refuses such a path. Outputs are then read by interpolation (`interpolate=False` still
-            steps onto every output time). See also `tfaca.cdeint`.
+            path's values and times as they reach `args`, in every gradient mode. Where
+            the path's derivative jumps (linear, rectilinear) the solver steps onto
+            every knot inside the solve: a step ends just before the knot and the next
+            starts just after it, so no step straddles a jump, and `gradient="mali"`
+            refuses such a path. The smooth paths' (Hermite, cubic) knots are left to
+            the error control. See also `tfaca.cdeint`.
         method: a solver name (`"euler"`, `"midpoint"`, `"rk4"`, `"heun_euler"`, `"bosh3"`,
             `"dopri5"`, `"tsit5"`, `"alf"`), class or instance. Default `"dopri5"`.
             `"alf"` (`tfaca.ALF`, the asynchronous leapfrog) is the invertible solver
@@ -451,12 +473,13 @@ def solve(
             ts_solved = ts
         plan = _outputs.plan(ts_solved, opts.interpolate, per_sample)
         jumps = None
-        if knots is not None:
-            # Every path's knots are stops: where its derivative is continuous, a higher
-            # one jumps (a spline's third), which a step crossing it resolves poorly and
-            # whose step sizes it makes depend on the parameters.
-            plan, flags = _outputs.with_jumps(plan, knots[0], per_sample)
-            jumps = flags if knots[1] else None
+        if knots is not None and knots[1]:
+            # A path whose derivative jumps at its knots (linear, rectilinear): every knot
+            # is a stop that no step crosses. The smooth paths' knots (Hermite's second
+            # derivative, a spline's third jump there) are left to the error control, as
+            # torchcde and diffrax do: stopping at each cost a neural CDE 3.7x the
+            # peers' steps on smooth data (benchmarks/cde_step.md).
+            plan, jumps = _outputs.with_jumps(plan, knots[0], per_sample)
         num_intervals = None
         if not plan.dense and ts.shape[-1] is not None:
             num_intervals = ts.shape[-1] - 1
@@ -468,6 +491,11 @@ def solve(
                     f"step. Received: max_steps={opts.max_steps}"
                 )
         args_flat = [_as_arg(a, dtype) for a in tf.nest.flatten(args)]
+        if knots is not None:
+            # The path in the solve's dtype, as its knots are stops: a float64 path in a
+            # float32 solve would jump between stops rounded away from its knots.
+            num = len(_signals.Pieces._fields)
+            args_flat[:num] = [tf.cast(a, dtype) for a in args_flat[:num]]
         controller = StepSizeController(
             rtol=_tolerance("rtol", opts.rtol, y0, y0_flat, dtype),
             atol=_tolerance("atol", opts.atol, y0, y0_flat, dtype),

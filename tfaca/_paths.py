@@ -17,9 +17,9 @@ channels]` computed once from the observations. The four kinds differ only in ho
 Outside its first and last knot a path holds its end value (its derivative is 0 there): a
 series padded by repeating its last time stops moving there, as padded output times do.
 Evaluation is left-continuous (a knot belongs to the piece before it). Solves step onto
-every knot (a spline's higher derivatives jump there too); at a knot of a path whose
-derivative jumps, the step ends just before the knot and the next starts just after it
-(`_loop`), so no step straddles a jump.
+every knot of a path whose derivative jumps (linear, rectilinear): the step ends just
+before the knot and the next starts just after it (`_loop`), so no step straddles a jump.
+The smooth paths' knots are left to the error control, as torchcde's and diffrax's are.
 """
 
 from typing import Any, NamedTuple
@@ -44,11 +44,15 @@ def evaluate(pieces, t, derivative=False):
     times = pieces.times
     t = tf.cast(t, times.dtype)
     batch = tf.shape(pieces.a)[0]
+    # Broadcasts that carry gradients are written as sums with zeros shaped like the batch,
+    # never `tf.broadcast_to`: the gradient of `broadcast_to` takes the shape as a value,
+    # which inside a `tf.cond` of a compiled replay XLA cannot know at compile time.
+    zeros = tf.zeros_like(pieces.a[:, 0, :1])  # [batch, 1]
     if t.shape.rank == 0:
         query = tf.fill(tf.stack([tf.shape(times)[0], 1]), t)
     else:
         query = t[:, None]
-        times = tf.broadcast_to(times, tf.stack([batch, tf.shape(times)[1]]))
+        times = times + zeros
     first, last = times[:, :1], times[:, -1:]
     inside = (query >= first) & (query <= last)
     query = tf.clip_by_value(query, first, last)
@@ -62,7 +66,7 @@ def evaluate(pieces, t, derivative=False):
         coeffs = [tf.gather(x, index[0, 0], axis=1) for x in pieces[1:]]
     else:
         index = tf.broadcast_to(index, tf.stack([batch, 1]))
-        s = tf.broadcast_to(s, tf.stack([batch, 1]))
+        s = s + zeros
         inside = tf.broadcast_to(inside, tf.stack([batch, 1]))
         coeffs = [tf.gather(x, index[:, 0], batch_dims=1) for x in pieces[1:]]
     a, b, c, d = coeffs
