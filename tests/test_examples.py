@@ -185,7 +185,8 @@ def test_long_solve_runs_with_mali_and_a_budget(capsys):
 
 
 @pytest.mark.parametrize(
-    "name", ["three_body", "time_series", "image_classification", "gradient_accuracy"])
+    "name", ["three_body", "time_series", "image_classification", "gradient_accuracy",
+             "irregular_classification"])
 def test_quick_runs_never_write_over_the_committed_results(name):
     example = _load(name)
 
@@ -225,3 +226,49 @@ def test_gradient_accuracy_example_quick(tmp_path):
     for mode in MODES:
         assert cost[mode]["forward_backward_ms"] > 0
         assert cost[mode]["peak_rss_rise_mb"] >= 0  # measured in the process (--quick)
+
+
+def test_irregular_classification_drops_values_and_pads_each_series():
+    example = _load("irregular_classification")
+    rng = np.random.default_rng(0)
+    times, values, labels = example.trajectories(200, rng)
+    assert times.shape == (200, example.LENGTH) and values.shape[2] == example.CHANNELS
+    assert set(labels) == set(range(example.CLASSES))
+    t, v, mask = example.drop(times, values, 0.7, rng)
+    np.testing.assert_array_equal(mask, np.isfinite(v))
+    steps = np.diff(t, axis=1)
+    assert np.all(steps >= 0) and np.all(t[:, 0] == 0.0)
+    # Each row: strictly increasing, then repeats of its last time (padding).
+    moving = steps > 0
+    assert np.all(moving[:, 1:] <= moving[:, :-1])
+    real = np.concatenate([np.ones((200, 1), bool), moving], axis=1)
+    assert real.sum(axis=1).min() < example.LENGTH  # times with nothing observed went
+    # 70 % of the values are gone; among the times left (0.7^3 of them went whole) a
+    # value is observed with probability 0.3 / (1 - 0.7^3) = 0.46.
+    kept = mask[real].mean()
+    assert 0.42 < kept < 0.5, kept
+    assert np.all(mask[:, 0])
+
+
+def test_irregular_classification_reads_the_uea_ts_format(tmp_path):
+    example = _load("irregular_classification")
+    path = tmp_path / "CharacterTrajectories_TRAIN.ts"
+    path.write_text("# comment\n@problemName CharacterTrajectories\n@classLabel true a b\n"
+                    "@data\n1,2,3:4,5,6:b\n1,2,3,4:5,?,7,8:a\n")
+    times, values, labels = example.read_ts(path)
+    np.testing.assert_array_equal(labels, [1, 0])
+    assert values.shape == (2, 4, 2)
+    np.testing.assert_allclose(times[0], [0.0, 0.5, 1.0, 1.0])  # padded by repeating
+    np.testing.assert_allclose(values[0, :, 1], [4, 5, 6, 6])
+    assert np.isnan(values[1, 1, 1]) and values[1, 3, 0] == 4
+
+
+@pytest.mark.slow
+def test_irregular_classification_quick_runs_every_model(tmp_path):
+    example = _load("irregular_classification")
+    rows = example.main(["--quick", "--quiet", "--out-dir", str(tmp_path)])
+    assert [r["model"] for r in rows] == ["neural CDE", "ODE-RNN", "GRU-dt", "GRU-D"]
+    assert all(0.0 <= r["test accuracy"] <= 1.0 for r in rows)
+    assert rows[0]["steps/solve"] > 1 and rows[1]["steps/solve"] > 0
+    for name in ("results.md", "results.csv", "accuracy.png"):
+        assert (tmp_path / name).stat().st_size > 0

@@ -180,6 +180,21 @@ def test_ode_rnn_cell_evolves_then_updates_at_each_observation():
     np.testing.assert_allclose(final[1], out[1, 4], atol=1e-12)
 
 
+@pytest.mark.parametrize("path, include_time, count, channels", [
+    ("cubic", True, True, 2 * (CHANNELS + 1)), ("linear", False, True, 2 * CHANNELS),
+    ("hermite", False, False, CHANNELS), ("rectilinear", False, True, 2 * CHANNELS + 1)])
+def test_cde_layer_path_channels(path, include_time, count, channels):
+    """The path's channels, as `vector_field` must shape its matrix: a call in a graph runs
+    and the initial layer reads that many."""
+    times, values = irregular_series()
+    layer = tfaca.CDELayer(field(channels=channels), UNITS, path=path,
+                           include_time=include_time, observed_count=count, step_size=0.5,
+                           method="euler", jit_compile=False)
+    out = tf.function(lambda: layer([times, values]))()
+    assert out.shape == (BATCH, UNITS) and np.all(np.isfinite(out.numpy()))
+    assert layer.initial.kernel.shape == (channels, UNITS)
+
+
 def test_bad_series_inputs_and_options_are_named():
     times, values = irregular_series()
     with pytest.raises(ValueError, match=r"\[times, values\] or \[times, values, mask\]"):

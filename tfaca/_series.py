@@ -59,9 +59,10 @@ class CDELayer(ODELayer):
         vector_field: a Keras layer mapping the hidden state `(batch, units)` to
             `(batch, units * channels)` or `(batch, units, channels)` values: for each
             sample the matrix that maps the path's increments to the state's (Kidger et
-            al. end it with `tanh`). `channels` is the path's: the series' channels, plus
-            one for time (`include_time`, and always for `"rectilinear"`), doubled by
-            `observed_count`.
+            al. end it with `tanh`). `channels` is the path's: the series' channels plus
+            one for time (`include_time`), all doubled by `observed_count`; for
+            `"rectilinear"`, the series' channels (doubled by `observed_count`) plus
+            its own time channel.
         units: the size of the hidden state `z`.
         initial: the layer that maps the first observation `X(t0)` `(batch, channels)` to
             `z(t0)`; default `keras.layers.Dense(units)`.
@@ -149,8 +150,12 @@ class CDELayer(ODELayer):
         return list(inputs)
 
     def _channels(self, values_channels):
-        channels = values_channels * (2 if self.observed_count else 1)
-        return channels + (1 if self.include_time or self.path_type == "rectilinear" else 0)
+        """The path's channels: the counts double the channels they are built from, which
+        include the time channel except for a rectilinear path (which adds its own)."""
+        counted = 2 if self.observed_count else 1
+        if self.path_type == "rectilinear":
+            return values_channels * counted + 1
+        return (values_channels + (1 if self.include_time else 0)) * counted
 
     def build(self, input_shape):
         batch = input_shape[1][0]
