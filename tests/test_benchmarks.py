@@ -122,3 +122,126 @@ def test_keras_fit_benchmark_runs_and_modes_train_alike(tmp_path):
     assert results["default"]["steps"] == results["nojit"]["steps"]
     table = out.read_text()
     assert "| Keras default compile, ODELayer default" in table and "n/a" in table
+
+
+def test_cde_step_hermite_formula_matches_tfaca_path():
+    """benchmarks/cde_step.py checks every library's path against this NumPy formula."""
+    import cde_step
+
+    import tfaca
+
+    p = cde_step.make_problem("noisy")
+    t = cde_step.query_times(p["times"], count=41)
+    path = tfaca.HermitePath(p["times"].astype(np.float64), p["values"].astype(np.float64))
+    got = np.stack([path.derivative(tf.constant(x, tf.float64)).numpy() for x in t])
+    want = cde_step.hermite_derivative(p["times"], p["values"], t)
+    assert want.shape == (41, cde_step.BATCH, cde_step.CHANNELS)
+    np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-9 * np.abs(want).max())
+    # Channel 0 is the time: its derivative is 1 everywhere.
+    np.testing.assert_allclose(want[..., 0], 1.0, rtol=1e-9)
+
+
+def _cde_entry(step_s, steps=99, rejected=0):
+    return dict(step_s=step_s, steps=steps, rejected=rejected, first_s=1.0, loss=1.0,
+                other_load=0.0)
+
+
+def test_cde_step_target_is_default_mode_against_the_faster_free_peer():
+    """tfaca's default mode is judged against the peers choosing their own steps; XLA and
+    tfaca-knots (against the peers stepping onto the knots) are reported, never judged; a
+    missing peer is a miss."""
+    import cde_step
+
+    results = {"noisy": {
+        "tfaca": _cde_entry(0.100, steps=90, rejected=70),
+        "tfaca-xla": _cde_entry(0.080, steps=90, rejected=70),
+        "tfaca-knots": _cde_entry(0.120),
+        "torchcde": _cde_entry(0.500, steps=80), "diffrax": _cde_entry(0.170, steps=80),
+        "torchcde-adjoint": dict(error="RuntimeError: failed"),
+        "diffrax-knots": _cde_entry(0.140),
+    }}
+    lines = cde_step.targets(results, ["noisy"]).splitlines()
+    assert len(lines) == 3
+    assert sum("target ≤ 0.7" in x for x in lines) == 1
+    free = next(x for x in lines if "default mode" in x)
+    assert free.endswith("own steps (diffrax): 100.0 / 170.0 ms = 0.59 (target ≤ 0.7: PASS)")
+    knots = next(x for x in lines if "tfaca onto the knots" in x)
+    assert knots.endswith("(diffrax-knots): 120.0 / 140.0 ms = 0.86 (not judged)")
+    xla = next(x for x in lines if "tfaca XLA" in x)
+    assert xla.endswith("own steps (diffrax): 80.0 / 170.0 ms = 0.47 (not judged)")
+    # No peer choosing its own steps ran: a miss, never a pass.
+    for k in ("torchcde", "diffrax", "torchcde-adjoint"):
+        del results["noisy"][k]
+    lines = cde_step.targets(results, ["noisy"]).splitlines()
+    free = next(x for x in lines if "default mode" in x)
+    assert free.endswith("n/a, no such peer ran (target ≤ 0.7: MISS)")
+    # A ratio that rounds onto the target shows a third decimal.
+    results["noisy"]["diffrax"] = _cde_entry(0.14285)
+    lines = cde_step.targets(results, ["noisy"]).splitlines()
+    assert "= 0.700 (target ≤ 0.7: MISS)" in next(x for x in lines if "default mode" in x)
+
+
+def test_cde_step_diagnostics_report_the_path_gradients_share_and_steps():
+    import cde_step
+
+    rows = {"tfaca": _cde_entry(0.050, steps=28, rejected=8),
+            "tfaca-closure": _cde_entry(0.040, steps=28, rejected=8),
+            "tfaca-stopgrad": _cde_entry(0.051, steps=28, rejected=8),
+            "torchcde": _cde_entry(0.100, steps=21, rejected=4),
+            "torchcde-dpweights": _cde_entry(0.120, steps=29, rejected=10)}
+    text = cde_step.diagnostics({"smooth": rows}, ["smooth"])
+    assert "the path's gradients take 20% of the step" in text
+    assert "tf.stop_gradient on the observations 51.0 ms" in text
+    assert ("accepted/rejected steps: tfaca 28/8, torchcde 21/4, torchcde-dpweights 29/10"
+            in text)
+    # The diagnostics stay out of BENCHMARKS.md's table and out of the target.
+    meta = dict(problems=["smooth"], libs=cde_step.ALL, command="python cde_step.py",
+                date="today", threads=1, note="")
+    section = cde_step.docs_section({"smooth": rows}, meta)
+    assert "tfaca-closure" not in section and "closed-over" not in section
+    assert "1 thread per library on a" in section
+
+
+@pytest.mark.slow
+def test_cde_step_benchmark_runs_and_tfaca_matches_the_float64_reference(tmp_path):
+    """The benchmark's tfaca entries in --quick (the peers are not installed here): each in
+    a child process, against the float64 reference."""
+    import cde_step
+
+    out = tmp_path / "cde_step.md"
+    results = cde_step.main(["--quick", "--libs", "tfaca,tfaca-xla,tfaca-knots,tfaca-closure",
+                             "--threads", "1", "--no-docs", "--out", str(out),
+                             "--json", str(tmp_path / "results.json"),
+                             "--cache", str(tmp_path)])
+    rows = results["noisy"]
+    for lib in ("tfaca", "tfaca-xla", "tfaca-knots", "tfaca-closure"):
+        r = rows[lib]
+        assert "error" not in r, r.get("traceback")
+        assert r["finite"]
+        assert r["nfe_bwd"] > 0
+        assert r["path_err"] < 1e-5
+        assert len(r["times_s"]) == 3 and r["step_s"] > 0
+    # Stepping onto every observation time: one accepted step per interval, none rejected,
+    # and the loss and gradients of the float64 reference to about the tolerance.
+    knots = rows["tfaca-knots"]
+    assert knots["steps"] == cde_step.OBSERVATIONS - 1 and knots["rejected"] == 0
+    assert knots["loss_err"] < 1e-4 and knots["grad_err"] < 1e-2
+    # Choosing its own steps across the knots of the noisy path (the Hermite path's second
+    # derivative jumps there), the error control rejects steps, and the loss and gradients
+    # are off by the discretisation error.
+    for lib in ("tfaca", "tfaca-xla"):
+        r = rows[lib]
+        assert r["rejected"] > 0 and r["steps"] < 2 * cde_step.OBSERVATIONS
+        assert r["loss_err"] < 0.1 and r["grad_err"] < 0.5
+    # The path closed over in func is the same ODE on the same steps, without the path's
+    # gradients: the same loss and weight gradients to rounding.
+    closure = rows["tfaca-closure"]
+    assert (closure["steps"], closure["rejected"]) == (rows["tfaca"]["steps"],
+                                                      rows["tfaca"]["rejected"])
+    assert abs(closure["loss"] - rows["tfaca"]["loss"]) < 1e-5 * rows["tfaca"]["loss"]
+    assert closure["grad_vs_tfaca"] < 1e-4
+    text = out.read_text()
+    assert "| noisy | tfaca | default mode" in text
+    assert "## Diagnostics (not in the target)" in text
+    # No peer ran: the target is not met.
+    assert "no such peer ran (target ≤ 0.7: MISS)" in text
