@@ -175,7 +175,10 @@ def test_adaptive_gradients_match_finite_differences(cls, mode):
         tape.watch([z0, X, W])
         out = loss(z0, X, W)
     grads = tape.gradient(out, [z0, X, W])
-    eps = 1e-6
+    # Central differences (error ~eps^2) of solves accurate to ~1e-10, whose steps move
+    # with the inputs (a smooth path's knots are not stops): eps 1e-4 keeps the solves'
+    # own error divided by eps, ~1e-6, below the tolerance.
+    eps = 1e-4
     for which, index in ((0, (1, 0)), (1, (0, 2, 1)), (2, (1, 0, 1))):
         inputs = [z0, X, W]
         bump = np.zeros(inputs[which].shape)
