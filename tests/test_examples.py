@@ -134,7 +134,7 @@ def test_time_series_data_has_per_sample_times_and_padding():
     assert config["densities"] == (10, 20, 40) and modes == ["aca", "adjoint", "naive"]
 
 
-@pytest.mark.slow_variants
+@pytest.mark.slow  # 50 s on 2 cores: the quick suite's budget
 @pytest.mark.parametrize("models", [["--models", "aca"], []])  # [] : the quick set
 def test_image_classification_quick_beats_chance(tmp_path, capsys, models):
     example = _load("image_classification")

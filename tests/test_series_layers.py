@@ -249,7 +249,7 @@ def classification_data(seed=0):
 
 
 @pytest.mark.parametrize("names", [("cde",), ("driven", "odernn")], ids=["cde", "others"])
-@pytest.mark.slow_variants
+@pytest.mark.slow  # 45-80 s each on 2 cores: the quick suite's budget
 def test_series_models_fit_round_trip_and_serve_without_tfaca(tmp_path, names):
     """The models fitted one epoch (two steps) in Keras' default mode (the CDE's loops
     compiled as `jit_compile="auto"` does, the others' not), saved as .keras files and
