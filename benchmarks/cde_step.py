@@ -32,8 +32,11 @@ into every library) and data in every library:
   library's default gradient and step-size controller.
 
 Entries: tfaca in its default mode (a plain `tf.function` around the step, as Keras'
-`fit` runs on a CPU; the solve's `jit_compile="auto"` compiles its own loops; ACA) and
-with the whole step under `tf.function(jit_compile=True)`; torchcde `cdeint` with
+`fit` runs on a CPU; the solve's `jit_compile="auto"` compiles its own loops; ACA), the
+same with `Dopri5(error_estimate="shampine")` (`tfaca-shampine`: the embedded error
+estimate torchdiffeq and diffrax use, so the same method as the peers; tfaca's default is
+Dormand and Prince's own, as SciPy and the ACA paper's TorchDiffEqPack), and with the
+whole step under `tf.function(jit_compile=True)`; torchcde `cdeint` with
 `adjoint=False` (backprop through torchdiffeq's Dopri5) and with `adjoint=True`
 (torchcde's own default); diffrax `ControlTerm(...).to_ode()` with a batched
 matrix-vector product (a `lineax.FunctionLinearOperator`, one step size for the batch as
@@ -47,16 +50,11 @@ diffrax's `ClipStepSizeController(step_ts=times)`): the same discretisation, so 
 accepted steps and the same loss to rounding, reported apart.
 
 Diagnostics (`DIAGNOSTICS`, a table of their own, never in the target): tfaca's default
-mode with the path built from `tf.stop_gradient` of the observations (`tfaca-stopgrad`:
-the solve still differentiates the path's coefficients, which it receives as arguments);
-with dX/dt evaluated inside `func` from the path it closes over (`tfaca-closure`: a
+mode with dX/dt evaluated inside `func` from the path it closes over (`tfaca-closure`: a
 closed-over tensor that no tape watches is not differentiated, so this is the step
-without the path's gradients); and torchcde with torchdiffeq's Dopri5 given tfaca's
-embedded error estimate (Dormand and Prince's own 4th-order weights, as SciPy's RK45,
-where torchdiffeq and diffrax use Shampine's), alone (`torchcde-dpweights`) and with
-tfaca's step update too (`torchcde-tfacactl`: an accepted step may shrink the next one,
-which torchdiffeq and diffrax never do): where tfaca's accepted steps differ from the
-peers'.
+without the path's gradients), and torchcde with torchdiffeq's Dopri5 given tfaca's
+default error estimate (`torchcde-dpweights`): how much of the difference in steps the
+estimate explains.
 
 Every (problem, entry) runs in a child process of its own (this file with --child), pinned
 to --threads cores (default: every core this process may use) with each library's thread
@@ -68,8 +66,9 @@ knot (cached in benchmarks/.cache/). The fraction of the machine that other proc
 child ran is reported (this 2-core VM is shared).
 
 Target (the issue): tfaca's default mode at most 0.7x the faster peer, judged against
-the peers as they choose their steps (tfaca's XLA mode, and `tfaca-knots` against the
-peers' `-knots` entries, are reported, not judged). Writes --out (default
+the peers as they choose their steps, with tfaca's default Dopri5 and with the peers'
+error estimate (tfaca's XLA mode, and `tfaca-knots` against the peers' `-knots` entries,
+are reported, not judged). Writes --out (default
 benchmarks/cde_step.md) and the summary between `<!-- cde-step:start -->` and
 `<!-- cde-step:end -->` in BENCHMARKS.md (a "Neural CDE training step" section appended at
 its end when the markers are missing, as after benchmarks/run.py rewrites it); --no-docs
@@ -112,14 +111,16 @@ PROBLEMS = {"noisy": 0.1, "smooth": 0.0}
 TARGET = 0.7
 WEIGHT_NAMES = ["W0", "b0", "W1", "b1", "W2", "b2", "W3", "b3"]
 
-ORDER = ["tfaca", "tfaca-xla", "tfaca-knots", "torchcde", "torchcde-knots",
+ORDER = ["tfaca", "tfaca-shampine", "tfaca-xla", "tfaca-knots", "torchcde", "torchcde-knots",
          "torchcde-adjoint", "diffrax", "diffrax-knots"]
 # Measured apart, never in the target: what tfaca's step costs without the path's gradients,
-# and where its accepted steps differ from the peers' (see the docstring).
-DIAGNOSTICS = ["tfaca-stopgrad", "tfaca-closure", "torchcde-dpweights", "torchcde-tfacactl"]
+# and the peers' steps with tfaca's default error estimate (see the docstring).
+DIAGNOSTICS = ["tfaca-closure", "torchcde-dpweights"]
 LABELS = {
     "tfaca": ("tfaca", "default mode: tf.function, ACA (solver loops compiled, "
                        "`jit_compile=\"auto\"`)"),
+    "tfaca-shampine": ("tfaca", "default mode, Dopri5(error_estimate=\"shampine\"): the "
+                                "peers' error estimate"),
     "tfaca-xla": ("tfaca", "ACA, step in tf.function(jit_compile=True)"),
     "tfaca-knots": ("tfaca", "default mode, ts=times with interpolate=False"),
     "torchcde": ("torchcde", "cdeint(adjoint=False): backprop through Dopri5"),
@@ -127,23 +128,19 @@ LABELS = {
     "torchcde-adjoint": ("torchcde", "cdeint(adjoint=True) (torchcde's default)"),
     "diffrax": ("diffrax", "ControlTerm, PIDController, RecursiveCheckpointAdjoint, jit"),
     "diffrax-knots": ("diffrax", "the same, ClipStepSizeController(step_ts=times)"),
-    "tfaca-stopgrad": ("tfaca", "default mode, HermitePath(tf.stop_gradient(times), "
-                                "tf.stop_gradient(values))"),
     "tfaca-closure": ("tfaca", "default mode, dX/dt evaluated in func from the closed-over "
                                "path (tfaca.solve): no path gradients"),
-    "torchcde-dpweights": ("torchcde", "cdeint(adjoint=False), Dopri5 with tfaca's error "
-                                       "estimate (Dormand-Prince 4th-order weights)"),
-    "torchcde-tfacactl": ("torchcde", "the same, and tfaca's step update (an accepted step "
-                                      "may shrink the next)"),
+    "torchcde-dpweights": ("torchcde", "cdeint(adjoint=False), Dopri5 with tfaca's default "
+                                       "error estimate (Dormand-Prince 4th-order weights)"),
 }
 # Which entries step onto every observation time.
 ON_KNOTS = {"tfaca-knots", "torchcde-knots", "diffrax-knots"}
-TFACA = ["tfaca", "tfaca-xla", "tfaca-knots", "tfaca-stopgrad", "tfaca-closure"]
+TFACA = ["tfaca", "tfaca-shampine", "tfaca-xla", "tfaca-knots", "tfaca-closure"]
 # The peers as their users get them (their own step choice), and stepping onto the knots.
 FREE_PEERS = ["torchcde", "torchcde-adjoint", "diffrax"]
 KNOT_PEERS = ["torchcde-knots", "diffrax-knots"]
 ALL = ORDER + DIAGNOSTICS
-QUICK_LIBS = ["tfaca", "tfaca-xla", "torchcde", "diffrax"]
+QUICK_LIBS = ["tfaca", "tfaca-shampine", "tfaca-xla", "torchcde", "diffrax"]
 DIST = ["tfaca", "tensorflow", "keras", "torch", "torchdiffeq", "torchcde", "jax", "jaxlib",
         "diffrax", "equinox", "lineax", "numpy"]
 CACHE = os.path.join(HERE, ".cache")
@@ -226,14 +223,13 @@ def build_tfaca(p, variant="tfaca", dtype="float32", rtol=RTOL, atol=ATOL, max_s
         return tf.reshape(tf.tanh(tf.matmul(h, w2) + b2), (-1, HIDDEN, CHANNELS))
 
     options = dict(rtol=rtol, atol=atol, max_steps=max_steps)
+    if variant == "tfaca-shampine":
+        options["method"] = tfaca.Dopri5(error_estimate="shampine")
 
     @tf.function(jit_compile=variant == "tfaca-xla")
     def train_step(times, values, targets):
         with tf.GradientTape() as tape:
-            if variant == "tfaca-stopgrad":
-                path = tfaca.HermitePath(tf.stop_gradient(times), tf.stop_gradient(values))
-            else:
-                path = tfaca.HermitePath(times, values)
+            path = tfaca.HermitePath(times, values)
             z0 = tf.matmul(values[:, 0], w0) + b0
             ends = tf.stack([times[0], times[-1]])
             if variant == "tfaca-knots":
@@ -277,43 +273,28 @@ def build_tfaca(p, variant="tfaca", dtype="float32", rtol=RTOL, atol=ATOL, max_s
     return step, counts, path_derivative
 
 
-# tfaca's embedded error estimate for Dopri5 (tfaca/_solvers.py: b_sol less Dormand and
-# Prince's 4th-order weights, as SciPy's RK45); torchdiffeq and diffrax use Shampine's.
-DP_ERROR = (35 / 384 - 5179 / 57600, 0.0, 500 / 1113 - 7571 / 16695, 125 / 192 - 393 / 640,
-            -2187 / 6784 + 92097 / 339200, 11 / 84 - 187 / 2100, -1 / 40)
-
-
-def _tfaca_step_control(weights, update):
-    """Gives torchdiffeq's Dopri5 tfaca's error estimate and, with `update`, tfaca's step
-    update (tfaca/_control.py: `clip(safety * err^(-1/5), factor_min, factor_max)` after
-    any step, where torchdiffeq never shrinks the step after an accepted one). For the
-    diagnostic entries, in their own processes."""
+def _dormand_prince_estimate():
+    """Gives torchdiffeq's Dopri5 tfaca's default error estimate (`tfaca.Dopri5()`: b_sol
+    less Dormand and Prince's 4th-order weights, as SciPy's RK45; torchdiffeq and diffrax
+    use Shampine's). For the diagnostic entry, in its own process."""
     import torch
-    from torchdiffeq._impl import dopri5, rk_common
+    from torchdiffeq._impl import dopri5
 
-    if weights:
-        tableau = dopri5.Dopri5Solver.tableau
-        dopri5.Dopri5Solver.tableau = tableau._replace(
-            c_error=torch.tensor(DP_ERROR, dtype=tableau.c_error.dtype))
-    if update:
-        @torch.no_grad()
-        def next_step(last_step, error_ratio, safety, ifactor, dfactor, order):
-            if error_ratio == 0:
-                return last_step * ifactor
-            factor = safety / error_ratio.type_as(last_step) ** (1.0 / order)
-            return last_step * torch.clamp(factor, dfactor, ifactor)
+    import tfaca
 
-        rk_common._optimal_step_size = next_step
+    tableau = dopri5.Dopri5Solver.tableau
+    dopri5.Dopri5Solver.tableau = tableau._replace(c_error=torch.tensor(
+        tfaca.Dopri5().tableau.b_error, dtype=tableau.c_error.dtype))
 
 
 def build_torchcde(p, adjoint, knots, control=None):
-    """`control`: None, `"dpweights"` or `"tfacactl"` (`_tfaca_step_control`)."""
+    """`control`: None or `"dpweights"` (`_dormand_prince_estimate`)."""
     import torch
     import torchcde
     from torchdiffeq._impl import rk_common
 
-    if control is not None:
-        _tfaca_step_control(weights=True, update=control == "tfacactl")
+    if control == "dpweights":
+        _dormand_prince_estimate()
 
     params = [torch.nn.Parameter(torch.tensor(w)) for _, w in p["weights"]]
     w0, b0, w1, b1, w2, b2, w3, b3 = params
@@ -747,6 +728,7 @@ def targets(results, problems):
         rows = results.get(problem, {})
         for mode, peers, what, judged in (
                 ("tfaca", FREE_PEERS, "the faster peer choosing its own steps", True),
+                ("tfaca-shampine", FREE_PEERS, "the faster peer choosing its own steps", True),
                 ("tfaca-xla", FREE_PEERS, "the faster peer choosing its own steps", False),
                 ("tfaca-knots", KNOT_PEERS, "the faster peer stepping onto the knots", False)):
             a = rows.get(mode)
@@ -755,6 +737,7 @@ def targets(results, problems):
             tried = [k for k in peers if k in rows]
             best = _faster(rows, peers)
             name = {"tfaca": "default mode", "tfaca-xla": "XLA",
+                    "tfaca-shampine": "default mode with the peers' error estimate",
                     "tfaca-knots": "onto the knots"}[mode]
             head = f"- {problem}: tfaca {name} / {what}"
             if not _ok(a) or best is None:
@@ -831,24 +814,22 @@ def summary_table(results, problems, libs):
 
 def diagnostics(results, problems):
     """The diagnostics' findings, one line each: the share of tfaca's default step that
-    its path's gradients take, and tfaca's accepted steps against torchdiffeq's Dopri5 with
-    tfaca's error estimate and step update."""
+    its path's gradients take, and the accepted steps of tfaca's Dopri5 with either error
+    estimate against the peers' and torchdiffeq's with tfaca's default estimate."""
     lines = []
     for problem in problems:
         rows = results.get(problem, {})
-        a, closure, stop = (rows.get(k) for k in ("tfaca", "tfaca-closure", "tfaca-stopgrad"))
+        a, closure = rows.get("tfaca"), rows.get("tfaca-closure")
         if _ok(a) and _ok(closure):
             share = 1.0 - closure["step_s"] / a["step_s"]
-            stopped = (f"; with tf.stop_gradient on the observations {_ms(stop['step_s'])} ms"
-                       if _ok(stop) else "")
             lines.append(
                 f"- {problem}: path gradients: tfaca default {_ms(a['step_s'])} ms "
                 f"({a['steps']}/{a['rejected']} steps), the path closed over in func (no "
                 f"path gradients) {_ms(closure['step_s'])} ms ({closure['steps']}/"
                 f"{closure['rejected']} steps): the path's gradients take {share:.0%} of the "
-                f"step{stopped}")
-        steps = [(k, rows[k]) for k in ("tfaca", "torchcde", "diffrax", "torchcde-dpweights",
-                                        "torchcde-tfacactl") if _ok(rows.get(k))]
+                f"step")
+        steps = [(k, rows[k]) for k in ("tfaca", "tfaca-shampine", "torchcde", "diffrax",
+                                        "torchcde-dpweights") if _ok(rows.get(k))]
         if steps:
             lines.append(f"- {problem}: accepted/rejected steps: " + ", ".join(
                 f"{k} {r['steps']}/{r['rejected']}" for k, r in steps))
@@ -921,26 +902,20 @@ def render(results, meta):
 
 {diagnostics(results, problems)}
 
-{_bullet("`tfaca-stopgrad` builds the path from tf.stop_gradient of the observations: "
-         "the solve still differentiates the path's coefficients, which it receives as "
-         "func's arguments (`solve(..., control=path)` passes them so that every gradient "
-         "strategy reaches the path), so its time is the default mode's. `tfaca-closure` "
-         "solves the same ODE with dX/dt evaluated inside func from the path it closes "
-         "over: a closed-over tensor that no tape watches is not differentiated, so it is "
-         "the step without the path's gradients (same steps, same loss and weight "
-         "gradients).")}
-{_bullet("Skipping the path's gradients when nobody watches the path was considered for "
-         "tfaca and not done: inside a traced function the solve cannot tell a tape inside "
-         "that function (Keras' fit, where the observations are not watched) from a tape "
-         "around a tf.function whose inputs it differentiates later (where they are), so it "
-         "differentiates the path's tensors whenever they are its arguments.")}
-{_bullet("`torchcde-dpweights` gives torchdiffeq's Dopri5 tfaca's embedded error estimate "
-         "(b_sol less Dormand and Prince's own 4th-order weights, as SciPy's RK45 and "
-         "MATLAB's ode45; torchdiffeq and diffrax use Shampine's 4th-order weights); "
-         "`torchcde-tfacactl` also tfaca's step update (after an accepted step the next may "
-         "shrink, down to factor_min, where torchdiffeq and diffrax never shrink it). The "
-         "further they move torchcde's accepted and rejected steps towards tfaca's, the more "
-         "of tfaca's extra steps those two differences explain.")}
+{_bullet("`tfaca-closure` solves the same ODE with dX/dt evaluated inside func from the "
+         "path it closes over: a closed-over tensor that no tape watches is not "
+         "differentiated, so it is the step without the path's gradients (same steps, same "
+         "loss and weight gradients). The default mode differentiates the path's "
+         "coefficients (`solve(..., control=path)` passes them as func's arguments so that "
+         "every gradient strategy reaches the path), as rows: each evaluation gathers one "
+         "row of coefficients per series, and a replayed step adds the gradient into those "
+         "rows alone (`tf.IndexedSlices`), never a dense tensor of every piece per "
+         "evaluation.")}
+{_bullet("`torchcde-dpweights` gives torchdiffeq's Dopri5 tfaca's default embedded error "
+         "estimate (b_sol less Dormand and Prince's own 4th-order weights, as SciPy's RK45, "
+         "MATLAB's ode45 and TorchDiffEqPack; torchdiffeq and diffrax use Shampine's, "
+         "tfaca's `Dopri5(error_estimate='shampine')`). All three libraries let no "
+         "accepted step shrink the next.")}
 """
     md = f"""# Neural CDE training step: tfaca, torchcde, diffrax
 
@@ -968,8 +943,9 @@ Notes:
          "only the knots of linear and rectilinear paths, where dX/dt itself jumps, stops "
          "of its solves): that comparison is the target's. On the noisy data every library "
          "takes about one accepted step per observation interval and many rejections; on "
-         "the smooth data far fewer steps. tfaca's accepted and rejected steps differ from "
-         "the peers' through its Dopri5 error estimate and step update (Diagnostics).")}
+         "the smooth data far fewer steps. tfaca's default Dopri5 measures its error against "
+         "Dormand and Prince's embedded solution, the peers against Shampine's "
+         "(`tfaca-shampine`; Diagnostics).")}
 {_bullet("The `-knots` entries step onto every observation time (tfaca: the observation "
          "times as output times with interpolate=False, the last kept; torchdiffeq's "
          "step_t; diffrax's step_ts): every library then solves nearly the same discrete "

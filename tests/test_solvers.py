@@ -4,6 +4,7 @@ user-defined solvers, and ALF (its order, and its inverse, which MALI relies on)
 
 import math
 
+import keras
 import numpy as np
 import pytest
 import scipy.linalg
@@ -143,9 +144,10 @@ def test_convergence_order(method):
     assert abs(slope - order) < 0.3, (slope, errors)
 
 
-@pytest.mark.parametrize("method", ADAPTIVE)
+@pytest.mark.parametrize("method", ADAPTIVE + ["dopri5-shampine"])
 def test_embedded_error_estimate_order(method):
-    solver = tfaca.get_solver(method)
+    solver = (tfaca.Dopri5(error_estimate="shampine") if method == "dopri5-shampine"
+              else tfaca.get_solver(method))
     func = lambda t, y: [van_der_pol(t, y[0])]  # noqa: E731
     t0, y0 = f64(0.3), f64([1.5, -0.7])
     f0 = func(t0, [y0])
@@ -159,6 +161,64 @@ def test_embedded_error_estimate_order(method):
     assert min(errors) > 1e-13
     slope = _slope(hs, errors)
     assert abs(slope - (solver.error_order + 1)) < 0.3, (slope, errors)
+
+
+@pytest.mark.parametrize("estimate", ["dormand_prince", "shampine"])
+def test_dopri5_embedded_solutions_satisfy_the_fourth_order_conditions(estimate):
+    """Both of Dopri5's error estimates measure against an embedded solution of order 4
+    exactly: `b_sol - b_error` satisfies the eight order conditions up to order 4 (and
+    not all of order 5), in exact rational arithmetic's floating image."""
+    solver = tfaca.Dopri5(error_estimate=estimate)
+    tab = solver.tableau
+    assert solver.error_estimate == estimate and solver.error_order == 4
+    b = np.array(tab.b_sol) - np.array(tab.b_error)
+    s = tab.stages
+    a = np.zeros((s, s))
+    for i, row in enumerate(tab.a_lower):
+        a[i + 1, :len(row)] = row
+    c = np.array(tab.c)
+    conditions = {
+        (b.sum(), 1.0), (b @ c, 1 / 2), (b @ c**2, 1 / 3), (b @ (a @ c), 1 / 6),
+        (b @ c**3, 1 / 4), (b @ (c * (a @ c)), 1 / 8), (b @ (a @ c**2), 1 / 12),
+        (b @ (a @ (a @ c)), 1 / 24)}
+    for value, want in conditions:
+        assert value == pytest.approx(want, abs=1e-14)
+    assert abs(b @ c**4 - 1 / 5) > 1e-6  # a 4th-order solution, not the 5th-order one
+    # The two estimates are different solutions, and the 5th-order solution is the same.
+    other = tfaca.Dopri5(error_estimate=({"dormand_prince", "shampine"} - {estimate}).pop())
+    assert tab.b_sol == other.tableau.b_sol and tab.b_error != other.tableau.b_error
+
+
+def test_dopri5_error_estimate_is_checked_named_and_saved():
+    with pytest.raises(ValueError, match=r"`error_estimate` must be one of \['dormand_prince', "
+                                         r"'shampine'\]. Received: error_estimate='scipy'"):
+        tfaca.Dopri5(error_estimate="scipy")
+    assert repr(tfaca.Dopri5()) == "Dopri5()"
+    assert repr(tfaca.Dopri5("shampine")) == "Dopri5(error_estimate='shampine')"
+    # A config names the default "dopri5", the other estimate with its option.
+    layer = tfaca.ODELayer(keras.layers.Dense(2), method=tfaca.Dopri5("shampine"))
+    config = layer.get_config()
+    assert config["method"] == {"name": "dopri5", "error_estimate": "shampine"}
+    revived = tfaca.ODELayer.from_config(config)
+    solver = revived.solver_options.method
+    assert isinstance(solver, tfaca.Dopri5) and solver.error_estimate == "shampine"
+    assert solver.tableau.b_error == tfaca.Dopri5("shampine").tableau.b_error
+    assert tfaca.ODELayer(keras.layers.Dense(2)).get_config()["method"] == "dopri5"
+
+
+def test_an_accepted_step_never_shrinks_the_next():
+    """After an accepted trial (error ratio <= 1) the next step is at least as long, as
+    TorchDiffEqPack, torchdiffeq and diffrax; a rejected one shrinks by the usual factor,
+    at most `factor_min`, and a non-finite error by `factor_min`."""
+    one = [tf.constant(1e-3, tf.float64)]
+    controller = tfaca.StepSizeController(rtol=one, atol=one)
+    dt = tf.constant([0.1, -0.1, 0.1, 0.1, 0.1, 0.1, 0.1], tf.float64)
+    err = tf.constant([1.0, 0.99, 0.5, 1e-9, 0.0, 2.0, np.nan], tf.float64)
+    got = controller.next_step(dt, err, error_order=4).numpy()
+    safety = 0.9
+    want = [0.1, -0.1, 0.1 * safety * 0.5**-0.2, 0.1 * 10.0, 1.0, 0.1 * safety * 2.0**-0.2,
+            0.1 * 0.2]
+    np.testing.assert_allclose(got, want, rtol=1e-14)
 
 
 def _van_der_pol_np(t, y, mu=1.0):

@@ -2,14 +2,18 @@
 
 These follow Hairer, Nørsett & Wanner, "Solving Ordinary Differential Equations I",
 II.4, as scipy's `solve_ivp`, torchdiffeq and the ACA reference code (TorchDiffEqPack) do,
-so that tfaca takes the same steps as those libraries at the same tolerances:
+so that tfaca takes the same steps as those libraries at the same tolerances (with the
+same error estimate: `Dopri5`'s is TorchDiffEqPack's and scipy's by default,
+torchdiffeq's and diffrax's with `error_estimate="shampine"`):
 
 - one step size for the whole state (a batch shares it): the error is the RMS over every
   element of every state component; or, with `per_sample`, one step size per sample of a
   batch (the leading axis of every component): the RMS over each sample's elements, so
   that a sample's steps do not depend on the others;
 - an integral (I) controller, `dt * clip(safety * err^(-1/(q+1)), factor_min,
-  factor_max)` with `q` the order of the error estimate. A PI controller damps
+  factor_max)` with `q` the order of the error estimate, the factor at least 1 after an
+  accepted step (as TorchDiffEqPack, torchdiffeq and diffrax; Hairer's DOPRI5 and scipy
+  let an accepted step with an error ratio near 1 shrink the next). A PI controller damps
   oscillating step sizes on mildly stiff problems, but the paper's results and its
   peers' defaults use the I controller, and comparing like with like matters more here.
 """
@@ -80,6 +84,8 @@ class StepSizeController:
         factor = self.safety * safe_err**exponent
         factor = tf.where(err > 0, factor, self.factor_max * tf.ones_like(err))
         factor = tf.clip_by_value(factor, self.factor_min, self.factor_max)
+        # An accepted step never shrinks the next (TorchDiffEqPack, torchdiffeq, diffrax).
+        factor = tf.where(err <= 1.0, tf.maximum(factor, 1.0), factor)
         factor = tf.where(tf.math.is_finite(err), factor, self.factor_min * tf.ones_like(err))
         return self.clip(dt * factor)
 

@@ -1,8 +1,11 @@
 """Paths through observed series: the inputs of controlled ODEs and neural CDEs.
 
 Every path is piecewise cubic in its parameter: on the piece `[t_i, t_{i+1}]`,
-`X(t) = a_i + b_i s + c_i s^2 + d_i s^3` with `s = t - t_i`, the coefficients `[batch, n - 1,
-channels]` computed once from the observations. The four kinds differ only in how:
+`X(t) = a_i + b_i s + c_i s^2 + d_i s^3` with `s = t - t_i`, the coefficients computed once
+from the observations and kept as one tensor `[batch * (n - 1), 4, channels]`, a row per piece:
+an evaluation gathers one row per sample, so the gradient a replayed step sends the
+coefficients is those rows (`tf.IndexedSlices`), added into the total where they belong
+rather than as a dense tensor per evaluation. The four kinds differ only in how:
 
 - `LinearPath`: the straight lines between observations (continuous; its derivative jumps
   at every knot, so the solver steps onto the knots);
@@ -32,44 +35,41 @@ class Pieces(NamedTuple):
     """The tensors of a path, as they travel through a solve (`args`): knots and coefficients."""
 
     times: Any  # [R, n], R = 1 (shared) or batch
-    a: Any  # [batch, n - 1, channels]
-    b: Any
-    c: Any
-    d: Any
+    coeffs: Any  # [batch * (n - 1), 4, channels]: a, b, c, d of series 0's pieces, then 1's...
+
+
+def _pieces(times, a, b, c, d):
+    """`Pieces` from the coefficients, each `[batch, n - 1, channels]`."""
+    coeffs = tf.stack([a, b, c, d], axis=2)
+    shape = tf.concat([[-1], tf.shape(coeffs)[2:]], 0)
+    return Pieces(times, tf.ensure_shape(tf.reshape(coeffs, shape), [None, 4, a.shape[-1]]))
 
 
 def evaluate(pieces, t, derivative=False):
     """`X(t)` (or `dX/dt`) of `pieces` at `t`: a scalar, or `[batch]` (one time per sample).
     Returns `[batch, channels]`."""
-    times = pieces.times
+    times, coeffs = pieces
     t = tf.cast(t, times.dtype)
-    batch = tf.shape(pieces.a)[0]
+    num_pieces = tf.shape(times)[1] - 1
+    batch = tf.shape(coeffs)[0] // num_pieces
     # Broadcasts that carry gradients are written as sums with zeros shaped like the batch,
     # never `tf.broadcast_to`: the gradient of `broadcast_to` takes the shape as a value,
     # which inside a `tf.cond` of a compiled replay XLA cannot know at compile time.
-    zeros = tf.zeros_like(pieces.a[:, 0, :1])  # [batch, 1]
-    if t.shape.rank == 0:
-        query = tf.fill(tf.stack([tf.shape(times)[0], 1]), t)
-    else:
+    zeros = tf.zeros(tf.stack([batch, 1]), times.dtype)
+    if t.shape.rank:
         query = t[:, None]
         times = times + zeros
+    else:  # one time: one piece per row of knots (one row when the knots are shared)
+        query = tf.fill(tf.stack([tf.shape(times)[0], 1]), t)
     first, last = times[:, :1], times[:, -1:]
     inside = (query >= first) & (query <= last)
     query = tf.clip_by_value(query, first, last)
     # Left-continuous: the piece i with t_i < t <= t_{i+1} (the first piece at t_0).
-    num_pieces = tf.shape(pieces.a)[1]
     index = tf.clip_by_value(tf.searchsorted(times, query, side="left", out_type=tf.int32) - 1,
-                             0, num_pieces - 1)
-    s = query - tf.gather(times, index, batch_dims=1)  # [R', 1]
-    if t.shape.rank == 0 and times.shape[0] == 1:
-        # Shared knots and one time: the same piece for the whole batch.
-        coeffs = [tf.gather(x, index[0, 0], axis=1) for x in pieces[1:]]
-    else:
-        index = tf.broadcast_to(index, tf.stack([batch, 1]))
-        s = s + zeros
-        inside = tf.broadcast_to(inside, tf.stack([batch, 1]))
-        coeffs = [tf.gather(x, index[:, 0], batch_dims=1) for x in pieces[1:]]
-    a, b, c, d = coeffs
+                             0, num_pieces - 1)[:, 0]  # [R']
+    s = query - tf.gather(times, index, batch_dims=1)[:, None] + zeros  # [batch, 1]
+    rows = tf.range(batch) * num_pieces + index  # R' is 1 or batch
+    a, b, c, d = tf.unstack(tf.gather(coeffs, rows), axis=1)
     if derivative:
         return tf.where(inside, b + s * (2.0 * c + 3.0 * s * d), tf.zeros_like(b))
     return a + s * (b + s * (c + s * d))
@@ -218,7 +218,7 @@ class LinearPath(AbstractPath):
     def _pieces_of(self, times, values):
         _, slope = _slopes(times, values)
         zero = tf.zeros_like(slope)
-        return Pieces(times, values[:, :-1], slope, zero, zero)
+        return _pieces(times, values[:, :-1], slope, zero, zero)
 
 
 class RectilinearPath(LinearPath):
@@ -266,7 +266,7 @@ class HermitePath(AbstractPath):
         start = tf.where(moving, start, tf.zeros_like(start))
         c = tf.where(moving, 2.0 * (slope - start) / safe, tf.zeros_like(slope))
         d = tf.where(moving, (start - slope) / safe ** 2, tf.zeros_like(slope))
-        return Pieces(times, values[:, :-1], start, c, d)
+        return _pieces(times, values[:, :-1], start, c, d)
 
 
 class CubicPath(AbstractPath):
@@ -303,7 +303,7 @@ class CubicPath(AbstractPath):
         b = slope - dt * (2.0 * m0 + m1) / 6.0
         c = m0 / 2.0
         d = tf.where(dt > 0, (m1 - m0) / (6.0 * safe), tf.zeros_like(m0))
-        return Pieces(times, values[:, :-1], b, c, d)
+        return _pieces(times, values[:, :-1], b, c, d)
 
 
 class Derivative(NamedTuple):

@@ -51,8 +51,8 @@ import tensorflow as tf
 
 from tfaca import _outputs, _record
 from tfaca._gradients._base import (
-    SECOND_ORDER, AbstractGradient, check_replay, compiled, differs, dot, forward_solve,
-    loop_options, solve_with_custom_gradient, sources_with, times_of,
+    SECOND_ORDER, AbstractGradient, accumulate, check_replay, compiled, differs, dot,
+    forward_solve, loop_options, solve_with_custom_gradient, sources_with, times_of,
 )
 from tfaca._gradients._replay import (
     add_landed, covered, jumped, onto_stops, setting_of, to_groups, to_rows,
@@ -291,8 +291,8 @@ def _replay_entry(solver, f, setting, cp, i, y, y_next, carry, sources, variable
     mismatch = tf.where(differs(rebuilt, y_next, same_state) & (c.mismatch < 0), i, c.mismatch)
     return _Carry(
         a=a, g_stops=g_stops,
-        g_sources=[x + tf.convert_to_tensor(g) for x, g in zip(c.g_sources, g_s)],
-        g_vars=[x + tf.convert_to_tensor(g) for x, g in zip(c.g_vars, g_v)],
+        g_sources=accumulate(c.g_sources, g_s),
+        g_vars=accumulate(c.g_vars, g_v),
         g_ts=g_ts, mismatch=mismatch,
         sums=sums_before if setting.dense else (), f_end=f0 if setting.dense else ())
 
@@ -316,8 +316,8 @@ def _end_stage(solver, f, setting, cp, y_end, carry, sources, variables):
                          tf.zeros_like(g_t, tf.bool), g_t, tf.zeros_like(g_t))
     return carry._replace(
         a=[a + tf.convert_to_tensor(g) for a, g in zip(carry.a, g_y)], g_stops=g_stops,
-        g_sources=[x + tf.convert_to_tensor(g) for x, g in zip(carry.g_sources, g_s)],
-        g_vars=[x + tf.convert_to_tensor(g) for x, g in zip(carry.g_vars, g_v)],
+        g_sources=accumulate(carry.g_sources, g_s),
+        g_vars=accumulate(carry.g_vars, g_v),
         sums=sums, f_end=[tf.convert_to_tensor(x) for x in f_end])
 
 

@@ -305,6 +305,19 @@ def nan_where(failed, grads):
     return [tf.where(failed, tf.constant(float("nan"), g.dtype), g) for g in grads]
 
 
+def accumulate(totals, grads):
+    """`totals` plus a step's `grads`. A `tf.IndexedSlices` gradient (the rows of a path's
+    coefficients that the step's evaluations gathered) is added into those rows alone,
+    never made dense per step."""
+    out = []
+    for total, g in zip(totals, grads):
+        if isinstance(g, tf.IndexedSlices):
+            out.append(tf.tensor_scatter_nd_add(total, g.indices[:, None], g.values))
+        else:
+            out.append(total + g)
+    return out
+
+
 def dot(xs, ys):
     return tf.add_n([tf.reduce_sum(x * y) for x, y in zip(xs, ys)])
 

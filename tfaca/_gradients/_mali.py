@@ -8,8 +8,8 @@ import tensorflow as tf
 
 from tfaca import _outputs
 from tfaca._gradients._base import (
-    DRIFTED, SECOND_ORDER, AbstractGradient, check_replay, compiled, differs, forward_solve,
-    loop_options, solve_with_custom_gradient, sources_with, times_of,
+    DRIFTED, SECOND_ORDER, AbstractGradient, accumulate, check_replay, compiled, differs,
+    forward_solve, loop_options, solve_with_custom_gradient, sources_with, times_of,
 )
 from tfaca._internals import could_possibly_record, stop_recording
 from tfaca._gradients._replay import (
@@ -128,8 +128,8 @@ def _mali_entry(solver, f, setting, cp, i, y1, v1, a_y, a_v, g_stops, g_sources,
         new_a_v = [b + g for b, g in zip(new_a_v, g_v0_out)]
     g_t = tf.where(accepted, g_t + g_t_out, tf.zeros_like(g_t))
     g_stops = onto_stops(setting, g_stops, j, hit, g_t, g_dt + g_dt_out)
-    g_sources = [x + tf.convert_to_tensor(g) for x, g in zip(g_sources, g_s)]
-    g_vars = [x + tf.convert_to_tensor(g) for x, g in zip(g_vars, g_v)]
+    g_sources = accumulate(g_sources, g_s)
+    g_vars = accumulate(g_vars, g_v)
     select = groups.select
     return (select(accepted, y0_, y1), select(accepted, v0, v1), select(accepted, bar_k, a_y),
             select(accepted, new_a_v, a_v), g_stops, g_sources, g_vars, g_ts)
@@ -174,6 +174,6 @@ def _mali_replay(solver, f, checkpoints, times, y0, sources, g_ys, variables, pe
         g_later = g_ts[:, 1:]
         g_times.append(tf.reduce_sum(g_later, axis=0) if times[1].shape.rank == 1 else g_later)
     g_y0 = [a + tf.convert_to_tensor(g) + g_out[0] for a, g, g_out in zip(a_y, g_y, g_ys)]
-    g_sources = [x + tf.convert_to_tensor(y) for x, y in zip(g_sources, g_s)]
-    g_vars = [x + tf.convert_to_tensor(y) for x, y in zip(g_vars, g_v)]
+    g_sources = accumulate(g_sources, g_s)
+    g_vars = accumulate(g_vars, g_v)
     return drifted, [*g_times, *g_y0, *g_sources, *g_vars]
