@@ -146,8 +146,8 @@ def configurations():
         spec_of("rows", True, True, "naive", "tsit5"),
         spec_of("t6", False, False, "naive", "alf"),
         spec_of("t6", True, False, "naive", "alf"),
-        # Fails at 30fce51 (the adjoint's reverse solve with ALF: NONFINITE), kept to
-        # document it in the metadata's `failed`.
+        # Fails (the adjoint's reverse solve with ALF: NONFINITE at 30fce51, max_steps
+        # at 19531ba), kept to document it in the metadata's `failed`.
         spec_of("t6", True, False, "adjoint", "alf"),
     ]
     # C. Execution modes.
