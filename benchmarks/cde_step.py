@@ -969,20 +969,6 @@ Notes:
     return md
 
 
-def _replace_section(path, body, heading):
-    start, end = "<!-- cde-step:start -->", "<!-- cde-step:end -->"
-    with open(path) as fh:
-        text = fh.read()
-    block = f"{start}\n{body.strip()}\n{end}"
-    if start in text and end in text:
-        i, j = text.index(start), text.index(end) + len(end)
-        text = text[:i] + block + text[j:]
-    else:
-        text = text.rstrip("\n") + f"\n\n{heading}\n\n{block}\n"
-    with open(path, "w") as fh:
-        fh.write(text)
-
-
 def docs_section(results, meta):
     problems = meta["problems"]
     libs = [k for k in meta["libs"] if k not in DIAGNOSTICS]
@@ -1047,15 +1033,12 @@ def main(argv=None):
         os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
         with open(a.json, "w") as fh:
             json.dump(dict(results=results, meta=meta), fh)
-    md = render(results, meta)
-    with open(a.out, "w") as fh:
-        fh.write(md)
+    from run import replace_section, write_report
+
+    write_report(a.out, render(results, meta))
     if not a.no_docs:
-        _replace_section(os.path.join(ROOT, "BENCHMARKS.md"), docs_section(results, meta),
-                         "## Neural CDE training step")
-    print()
-    print(md)
-    print(f"wrote {a.out}")
+        replace_section(os.path.join(ROOT, "BENCHMARKS.md"), docs_section(results, meta),
+                        "cde-step", "## Neural CDE training step")
     return results
 
 

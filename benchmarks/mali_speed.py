@@ -457,11 +457,7 @@ def main(argv=None):
             json.dump({"meta": meta, "results": {f"{k[0]}|{k[1]}": v for k, v in results.items()}},
                       fh, indent=1)
     md = render(results, problems, meta)
-    with open(a.out, "w") as fh:
-        fh.write(md)
-    print()
-    print(md)
-    print(f"wrote {a.out}")
+    run.write_report(a.out, md)
     return results
 
 

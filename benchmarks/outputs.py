@@ -960,26 +960,6 @@ def targets_26(results, libs, counts):
     return "\n".join(lines), verdicts
 
 
-def _replace_section(path, body, heading=None):
-    """Replaces the text between the outputs-table markers; with `heading`, appends the
-    section when the markers are missing. Returns whether the file was written."""
-    start, end = "<!-- outputs-table:start -->", "<!-- outputs-table:end -->"
-    with open(path) as fh:
-        text = fh.read()
-    block = f"{start}\n{body.strip()}\n{end}"
-    if start in text and end in text:
-        i, j = text.index(start), text.index(end) + len(end)
-        text = text[:i] + block + text[j:]
-    elif heading:
-        text = text.rstrip("\n") + f"\n\n{heading}\n\n{block}\n"
-    else:
-        print(f"{path}: no outputs-table markers, left as it is")
-        return False
-    with open(path, "w") as fh:
-        fh.write(text)
-    return True
-
-
 def _g(x):
     return f"{x:.0e}".replace("e-0", "e-")
 
@@ -1260,15 +1240,14 @@ def main(argv=None):
                                                    for k, v in results.items()}), fh, indent=1)
 
     md, section = render(results, libs, counts, meta)
-    with open(a.out, "w") as fh:
-        fh.write(md)
-    print()
-    print(md)
-    print(f"wrote {a.out}")
+    from run import replace_section, write_report
+
+    write_report(a.out, md)
     if not a.no_docs:
-        if _replace_section(os.path.join(ROOT, "BENCHMARKS.md"), section, "## Output times"):
+        if replace_section(os.path.join(ROOT, "BENCHMARKS.md"), section, "outputs-table",
+                           "## Output times"):
             print("updated BENCHMARKS.md")
-        if _replace_section(os.path.join(ROOT, "docs", "speed.md"), section):
+        if replace_section(os.path.join(ROOT, "docs", "speed.md"), section, "outputs-table"):
             print("updated docs/speed.md")
 
 

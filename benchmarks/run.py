@@ -188,6 +188,38 @@ def _cpu():
     return f"{model}, {os.cpu_count()} cores{mem}, {platform.system()} {platform.release()}"
 
 
+# ----------------------------------------------------------------------------- reports
+
+def write_report(path, md, suffix=""):
+    """Writes a benchmark's report `md` to `path` and prints it."""
+    with open(path, "w") as fh:
+        fh.write(md)
+    print()
+    print(md)
+    print(f"wrote {path}{suffix}")
+
+
+def replace_section(path, body, marker, heading=None):
+    """Replaces the text between `<!-- {marker}:start -->` and `<!-- {marker}:end -->` in
+    the file `path` with `body`; with `heading`, appends the section when the markers are
+    missing (as after run.py rewrote BENCHMARKS.md). Returns whether the file was written."""
+    start, end = f"<!-- {marker}:start -->", f"<!-- {marker}:end -->"
+    with open(path) as fh:
+        text = fh.read()
+    block = f"{start}\n{body.strip()}\n{end}"
+    if start in text and end in text:
+        i, j = text.index(start), text.index(end) + len(end)
+        text = text[:i] + block + text[j:]
+    elif heading:
+        text = text.rstrip("\n") + f"\n\n{heading}\n\n{block}\n"
+    else:
+        print(f"{path}: no {marker} markers, left as it is")
+        return False
+    with open(path, "w") as fh:
+        fh.write(text)
+    return True
+
+
 # ----------------------------------------------------------------------------- formatting
 
 def _ms(x):
@@ -599,11 +631,7 @@ loops compiled with XLA unless the field has convolutions; see docs/speed.md).
 
 {issue5 or _ratios(results, problems)}
 """
-    with open(a.out, "w") as fh:
-        fh.write(md)
-    print()
-    print(md)
-    print(f"wrote {a.out}; total {total:.0f} s")
+    write_report(a.out, md, f"; total {total:.0f} s")
 
 
 if __name__ == "__main__":

@@ -153,6 +153,7 @@ def test_budget_reports_a_func_that_does_not_reproduce():
 
 @pytest.mark.parametrize("per_sample", [False, True])
 @pytest.mark.parametrize("times", sorted(MLP_TIMES))
+@pytest.mark.slow_variants
 def test_budget_with_interpolated_outputs_equals_full_aca(times, per_sample):
     full = mlp_gradients("aca", MLP_TIMES[times], per_sample=per_sample)
     for budget in (1, 2, 5):

@@ -96,18 +96,17 @@ def _run_mirrored(tmp_path_factory, scenarios):
 
 @pytest.fixture(scope="module")
 def mirrored(tmp_path_factory):
-    """The quick suite's scenarios: a step on two replicas equals one on one device;
-    empty replica batches with per-sample steps and times."""
-    return _run_mirrored(tmp_path_factory, ["fixed_step", "empty_replica_batches"])
+    """The quick suite's scenario: a step on two replicas equals one on one device."""
+    return _run_mirrored(tmp_path_factory, ["fixed_step"])
 
 
 @pytest.fixture(scope="module")
 def mirrored_more(tmp_path_factory):
     """The slow suite's: adaptive steps, training over epochs, BatchNorm in the dynamics,
-    empty replica batches."""
+    partial and empty replica batches, the series layers."""
     return _run_mirrored(tmp_path_factory,
                          ["adaptive_step", "per_sample_step", "adaptive_training", "batchnorm",
-                          "partial_batch", "series_layers"])
+                          "partial_batch", "empty_replica_batches", "series_layers"])
 
 
 def _scenario(mirrored, name):
@@ -300,12 +299,13 @@ def test_mirrored_partial_last_batch(mirrored_more, method):
     assert r["predictions_shape"] == [dw.GLOBAL_BATCH + 1, dw.NUM_CLASSES]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["per_sample", "times_per_sample"])
-def test_mirrored_empty_replica_batch_with_per_sample_steps_and_times(mirrored, model):
+def test_mirrored_empty_replica_batch_with_per_sample_steps_and_times(mirrored_more, model):
     """5 samples at global batch 4: one replica gets an empty batch, with
     `ODELayer(per_sample=True)` and with a `[state, times]` input (times per sample, one
     row all padding). fit and predict run and stay finite (both crashed before)."""
-    r = _scenario(mirrored, "empty_replica_batches")[model]
+    r = _scenario(mirrored_more, "empty_replica_batches")[model]
     assert r["error"] is None, f"{model}: {r['error']}"
     assert np.isfinite(r["loss"]) and r["finite"]
     assert r["predictions_shape"] == [5, dw.NUM_CLASSES]

@@ -49,7 +49,7 @@ def _png(path):
 ALL_MODES = "aca,adjoint,naive"
 
 
-@pytest.mark.slow_variants
+@pytest.mark.slow  # 15-17 s each; the quick suite keeps the example's data and defaults
 @pytest.mark.parametrize("modes", ["aca", ALL_MODES])
 def test_three_body_quick_learns_the_masses(tmp_path, capsys, modes):
     example = _load("three_body")
@@ -97,7 +97,7 @@ def test_three_body_defaults_are_the_papers():
     np.testing.assert_allclose(dy[9:12], example.K1 * pull)
 
 
-@pytest.mark.slow_variants
+@pytest.mark.slow  # 15-17 s each; the quick suite keeps the example's data and defaults
 @pytest.mark.parametrize("modes", ["aca", ALL_MODES])
 def test_time_series_quick_beats_the_series_mean(tmp_path, capsys, modes):
     example = _load("time_series")
@@ -201,6 +201,7 @@ def test_quick_runs_never_write_over_the_committed_results(name):
     assert "/results/quick/" in ignored
 
 
+@pytest.mark.slow  # 47 s on 2 cores; ACA = unrolled and the adjoint's drift: test_aca, test_adjoint
 def test_gradient_accuracy_example_quick(tmp_path):
     example = _load("gradient_accuracy")
     out_dir = tmp_path / "out"  # does not exist yet: the example creates it

@@ -320,6 +320,7 @@ def test_other_modes_agree_with_aca(gradient):
 
 @pytest.mark.parametrize("gradient", ["mali", "budget"])
 @pytest.mark.parametrize("per_sample", [False, True])
+@pytest.mark.slow_variants
 def test_memory_knobs_accept_the_default_outputs(gradient, per_sample):
     """`odeint(f, y0, ts, method="alf", gradient="mali")` and a checkpoint budget take
     the default `interpolate=True` with more than two times, in a `tf.function` too."""

@@ -279,6 +279,7 @@ def _export_times_model():
     return keras.Model([state, times], keras.layers.Flatten()(layer([state, times])))
 
 
+@pytest.mark.slow  # 33 s; the quick suite serves exports in process (test_examples, adjoint)
 def test_export_serves_without_tfaca(tmp_path):
     model, x = _export_model()
     export_dir = tmp_path / "served"
@@ -384,6 +385,7 @@ def test_layer_config_holds_built_ins_with_options(kwargs, method, gradient):
      dict(gradient=tfaca.ACAGradient(checkpoints=2))],
     ids=["mali", "budget"],
 )
+@pytest.mark.slow_variants
 def test_layer_fits_saves_and_serves(tmp_path, kwargs):
     """model.fit, a .keras round trip and a SavedModel served, with MALI and a budget."""
     keras.utils.set_random_seed(0)

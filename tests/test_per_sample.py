@@ -476,6 +476,7 @@ def _end_value(y0, t):
 @pytest.mark.parametrize("rows", [[[0, 1, 2], [0, 1.5, 2], [0, 0.5, 1]],
                                   [[0, 1, 2], [0, 1, 2], [0, 1, 2]]],
                          ids=["two rows end together", "identical rows"])
+@pytest.mark.slow_variants
 def test_rows_ending_together_each_get_their_end_time_gradient(mode, rows):
     """Times per sample, shared steps: rows whose last time is the end of the solve each
     get their own dL/dts (it all went to the first such row, the others 0). Against the

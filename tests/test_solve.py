@@ -378,6 +378,7 @@ def test_low_precision_args_are_solved_in_float32(dtype):
 @pytest.mark.parametrize("mode", MODES)
 # Shared steps cannot step onto every sample's times: interpolate=False is refused there.
 @pytest.mark.parametrize("per_sample,interpolate", [(False, True), (True, True), (True, False)])
+@pytest.mark.slow_variants
 def test_empty_batch_returns_empty_outputs_and_gradients(per_sample, mode, interpolate):
     """A batch of 0 samples (a replica's share of a short last batch) with per-sample
     steps or times per sample returns empty outputs and zero gradients, eagerly and in

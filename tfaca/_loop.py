@@ -304,22 +304,14 @@ def integrate(solver, controller, func, stops, y0, *, step_size, first_step, max
     sign = tf.sign(tf.reduce_sum(stops[:, -1] - stops[:, 0]))
     first, after = _runs(stops)
 
-    def stop(i):
-        return tf.gather(stops, tf.minimum(i, num_stops - 1), batch_dims=1)
-
-    def next_stop(i):
-        """The first stop after the run of equal stops that `i` starts."""
-        return tf.gather(after, tf.minimum(i, num_stops - 1), batch_dims=1)
+    stop = functools.partial(_outputs.at_stop, stops)
+    # The first stop after the run of equal stops that `i` starts.
+    next_stop = functools.partial(_outputs.at_stop, after)
 
     jump_at = None
     if jumps is not None:
         jumps = jumps[None] if jumps.shape.rank == 1 else jumps
-        jumps = tf.broadcast_to(jumps, tf.shape(stops))
-
-        def jump_flag(i):
-            return tf.gather(jumps, tf.minimum(i, num_stops - 1), batch_dims=1)
-
-        jump_at = jump_flag
+        jump_at = functools.partial(_outputs.at_stop, tf.broadcast_to(jumps, tf.shape(stops)))
 
     adaptive = step_size is None
     # Whether choosing a first step evaluates `func` (once).

@@ -42,6 +42,12 @@ from tfaca._internals import in_xla_context
 CHUNK = 8
 
 
+def at_stop(values, i):
+    """`[G]`: `values[g, i[g]]` of a `[G, S]` tensor laid out like the stops, `i` past the
+    last stop reading the last (a group that is done has passed it)."""
+    return tf.gather(values, tf.minimum(i, tf.shape(values)[1] - 1), batch_dims=1)
+
+
 class Plan(NamedTuple):
     """How a solve produces its outputs.
 

@@ -14,6 +14,7 @@ from tfaca._gradients._base import (
 )
 from tfaca._gradients._replay import group_dot, setting_of
 from tfaca._loop import Groups, integrate, raise_on_failure
+from tfaca._outputs import Plan, at_stop, with_jumps
 from tfaca._solution import Stats
 from tfaca._solvers import _weighted_sum, per_row
 
@@ -138,8 +139,10 @@ def _reverse_solve(strategy, solver, controller, func, trajectory, times, y0, ar
     last output time back to the start, stepping onto every output time of every row (with
     shared steps and times per sample, onto all of them in time order); where it lands,
     `arrive` resets `y` to the forward output and adds the output's cotangent to `a`, for
-    each row whose output lies there. With shared steps the solve restarts at each output
-    time (its next step chosen afresh, `max_steps` per interval): the reverse solve of
+    each row whose output lies there. Where the forward's `func` jumps (the knots of a
+    linear or rectilinear path), so does the reverse solve's: it steps onto those stops too,
+    from after, and starts afresh before them. With shared steps the solve restarts at each
+    output time (its next step chosen afresh, `max_steps` per interval): the reverse solve of
     the first release, which solved each interval on its own. With per-sample steps it
     goes on with its step size, and the parameters' adjoint, a sum over the samples that
     cannot ride in a per-sample state, is the quadrature `-int a^T df/dtheta dt` over the
@@ -163,6 +166,11 @@ def _reverse_solve(strategy, solver, controller, func, trajectory, times, y0, ar
         reverse_stops = tf.concat([tf.reverse(later, [0]), setting.stops[0, :1]], 0)[None]
     else:
         reverse_stops = tf.reverse(rows, [1])  # [G, S]
+    kwargs = dict(loop_kwargs)
+    jumps = kwargs.pop("jumps", None)
+    if jumps is not None:
+        reverse_stops, kwargs["jumps"] = _reverse_jumps(setting.stops, jumps, reverse_stops,
+                                                        per_sample)
 
     def augmented(t, state):
         y, a = state[:num_y], state[num_y:2 * num_y]
@@ -176,9 +184,7 @@ def _reverse_solve(strategy, solver, controller, func, trajectory, times, y0, ar
         return f + [-tf.convert_to_tensor(g) for g in list(g_y) + g_p]
 
     def on_land(i, landed, state):
-        num_stops = tf.shape(reverse_stops)[1]
-        tau = tf.gather(reverse_stops, tf.minimum(i, num_stops - 1), batch_dims=1)
-        return arrive(groups, tau, landed, state)
+        return arrive(groups, at_stop(reverse_stops, i), landed, state)
 
     def tolerance(given, forward):
         if given is not None:
@@ -189,9 +195,6 @@ def _reverse_solve(strategy, solver, controller, func, trajectory, times, y0, ar
     reverse_controller = dataclasses.replace(
         controller, rtol=tolerance(strategy.rtol, controller.rtol),
         atol=tolerance(strategy.atol, controller.atol))
-    kwargs = dict(loop_kwargs)
-    # The reverse solve steps across the knots of a path (its error control sees them).
-    kwargs.pop("jumps", None)
     if strategy.max_steps is not None:
         kwargs["max_steps"] = strategy.max_steps
     start = list(trajectory.y_final) + [tf.zeros_like(y) for y in y0]
@@ -228,6 +231,28 @@ def _reverse_solve(strategy, solver, controller, func, trajectory, times, y0, ar
     fevals = stats[2] + quadrature_fevals + time_fevals + 1
     counts = (stats[0], stats[1], fevals, tf.constant(0, tf.int32))
     return grads, rev.status, rev.t_final, counts
+
+
+def _reverse_jumps(stops, jumps, reverse_stops, per_sample):
+    """`(reverse_stops, flags)`: the reverse solve's stops with the forward's jumps (the
+    knots of a path whose dX/dt jumps, flagged in `jumps` like the forward's `stops`),
+    which it steps onto from after and starts afresh before, as the forward does. A knot
+    at an output time flags that stop (a stop of its own there would land twice, and
+    `arrive` would add the output's cotangent twice); elsewhere `arrive` changes nothing."""
+    is_knot = tf.broadcast_to(jumps, tf.shape(stops))
+    end = tf.broadcast_to(stops[:, -1:], tf.shape(stops))
+    knots = tf.where(is_knot, stops, end)
+    at_output = is_knot & tf.reduce_any(
+        tf.equal(knots[:, :, None], reverse_stops[:, None, :]), axis=2)
+    plan, flags = with_jumps(Plan(reverse_stops, None), tf.where(at_output, end, knots),
+                             per_sample)
+    merged = plan.stops
+    merged = merged[None] if merged.shape.rank == 1 else merged
+    flags = flags[None] if flags.shape.rank == 1 else flags
+    nan = tf.fill(tf.shape(knots), tf.constant(float("nan"), knots.dtype))
+    shared_knots = tf.where(at_output, knots, nan)
+    flags |= tf.reduce_any(tf.equal(merged[:, :, None], shared_knots[:, None, :]), axis=2)
+    return merged, flags
 
 
 def _arrival(rows, ys, g_ys, num_y, sign, by_batch):

@@ -45,9 +45,7 @@ def jumped(setting, cp, i):
     """`[G]`: the groups whose entry `i` (accepted) landed on a jump (none for `i < 0`)."""
     k = tf.maximum(i, 0)
     hit = tf.gather(cp.hit, k) & tf.gather(cp.accepted, k) & (i >= 0)
-    num_stops = tf.shape(setting.stops)[1]
-    j = tf.minimum(tf.gather(cp.interval, k), num_stops - 1)
-    return hit & tf.gather(setting.jumps, j, batch_dims=1)
+    return hit & _outputs.at_stop(setting.jumps, tf.gather(cp.interval, k))
 
 
 def onto_stops(setting, g_stops, j, hit, g_t, g_dt):
