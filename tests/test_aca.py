@@ -7,6 +7,8 @@ plain taped TensorFlow computation, so ACA must agree with it to rounding. Also:
 ACA's forward and backward record, its second derivatives, and randomness in `func`
 (refused: the replay would draw other numbers)."""
 
+import math
+
 import keras
 import numpy as np
 import pytest
@@ -587,3 +589,20 @@ def test_randomness_passed_in_args_is_exact():
                                           rtol=1e-10, atol=1e-12)[-1])
     # y(1) = e^-1 y0 + (1 - e^-1) n
     np.testing.assert_allclose(tape.gradient(loss, y0).numpy(), np.exp(-1.0), rtol=1e-8)
+
+
+def test_replay_check_follows_the_precision_func_computes_in():
+    """The replay must rebuild each accepted state to sqrt(eps) relative: of the solve's
+    dtype, or of float16 where `func` computes in float16 (a mixed-precision Keras model in
+    a float32 solve), whose roundings XLA may fuse differently in the replay than in the
+    forward loop (test_series_layers' mixed-precision models tripped the float32 check)."""
+    from tfaca._gradients._base import reproduction_tolerance
+    from tfaca._odeint import _flat_func
+
+    y0 = [tf.zeros([2], tf.float32)]
+    f = _flat_func(lambda t, y: tf.cast(-y, tf.float16), y0[0], (), 0, tf.float32)
+    assert reproduction_tolerance(tf.float32, f) == math.sqrt(np.finfo(np.float32).eps)
+    out = f(tf.constant(0.0), y0, [])
+    assert out[0].dtype == tf.float32
+    assert reproduction_tolerance(tf.float32, f) == math.sqrt(np.finfo(np.float16).eps)
+    assert reproduction_tolerance(tf.float64, lambda t, y: y) == math.sqrt(np.finfo(np.float64).eps)

@@ -212,7 +212,10 @@ def _hashable(options):
 
 
 def _flat_func(func, y0, args, num_args, dtype):
-    """Wraps `func(t, y, *args)` as `f(t, y_flat, args_flat) -> flat list`, checking its output."""
+    """Wraps `func(t, y, *args)` as `f(t, y_flat, args_flat) -> flat list`, checking its output.
+    `f.precisions` collects, as `func` is traced, the dtypes it returned in (float16 from
+    a mixed-precision Keras model, cast to the solve's `dtype` here): how closely a replay
+    of a step can reproduce it (`_base.reproduction_tolerance`)."""
 
     def f(t, y_flat, args_flat):
         y = tf.nest.pack_sequence_as(y0, y_flat)
@@ -235,9 +238,11 @@ def _flat_func(func, y0, args, num_args, dtype):
                 )
             if not o.dtype.is_floating:
                 raise TypeError(f"`func` must return floating values. Received dtype {o.dtype.name}")
+            f.precisions.add(o.dtype)
             out_flat.append(tf.cast(o, dtype) if o.dtype != dtype else o)
         return out_flat
 
+    f.precisions = set()
     return f
 
 

@@ -43,7 +43,6 @@ the constant checkpoints, so the gradient is itself exactly differentiable (memo
 grows with every accepted step's graph, as backprop through the accepted steps would).
 """
 
-import math
 import numbers
 from typing import Any, NamedTuple
 
@@ -52,7 +51,8 @@ import tensorflow as tf
 from tfaca import _outputs, _record
 from tfaca._gradients._base import (
     SECOND_ORDER, AbstractGradient, accumulate, check_replay, compiled, differs, dot,
-    forward_solve, loop_options, solve_with_custom_gradient, sources_with, times_of,
+    forward_solve, loop_options, reproduction_tolerance, solve_with_custom_gradient,
+    sources_with, times_of,
 )
 from tfaca._gradients._replay import (
     add_landed, covered, jumped, onto_stops, setting_of, to_groups, to_rows,
@@ -145,8 +145,8 @@ class ACAGradient(AbstractGradient):
             # `func` uses; the `args` as arguments.
             replay = compiled(lambda checkpoints, times, y0, g_ys, args, jumps: _replay(
                 solver, lambda t, y: func(t, y, args), checkpoints, times, y0,
-                sources_with(sources, args), g_ys, variables, per_sample, jumps), jit,
-                ("replay",))
+                sources_with(sources, args), g_ys, variables, per_sample, jumps,
+                reproduction_tolerance(times[0].dtype, func)), jit, ("replay",))
             mismatch, grads = replay(trajectory.checkpoints, times, y0, g_ys, args,
                                      loop_kwargs.get("jumps"))
             return check_replay(mismatch, grads, throw)
@@ -322,7 +322,7 @@ def _end_stage(solver, f, setting, cp, y_end, carry, sources, variables):
 
 
 def _replay(solver, f, checkpoints, times, y0, sources, g_ys, variables, per_sample,
-            jumps=None):
+            jumps=None, same_state=None):
     """ACA's backward pass: every accepted step replayed once, last first (see the module
     docstring). With all states kept, each entry's start is its checkpoint. With a
     budget (`cp.stride`), for each segment of `stride` entries, last first, its start
@@ -331,14 +331,15 @@ def _replay(solver, f, checkpoints, times, y0, sources, g_ys, variables, per_sam
     checkpoints plus one segment's states.
 
     Returns `(mismatch, grads)`: the first entry whose replay did not rebuild the state
-    the forward pass accepted (-1 if none; `check_replay` reports it) and the gradients
+    the forward pass accepted to `same_state` relative (default `sqrt(eps)`; -1 if none;
+    `check_replay` reports it) and the gradients
     of the times, `y0`, the sources and the variables, as one flat list.
     """
     cp = checkpoints
     setting = setting_of(times, g_ys, per_sample, y0, jumps)
     n = cp.num_steps
-    eps = float(tf.experimental.numpy.finfo(times[0].dtype.as_numpy_dtype).eps)
-    same_state = math.sqrt(eps)
+    if same_state is None:
+        same_state = reproduction_tolerance(times[0].dtype, f)
     budgeted = not isinstance(cp.stride, tuple)
     carry = _Carry(
         a=[tf.zeros_like(y) for y in y0], g_stops=tf.zeros_like(setting.stops),

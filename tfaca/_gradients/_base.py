@@ -12,6 +12,7 @@ differentiated.
 """
 
 import dataclasses
+import math
 
 import tensorflow as tf
 
@@ -303,6 +304,16 @@ def nan_where(failed, grads):
     """`grads`, all NaN where `failed` (a scalar bool): a gradient that could not be
     computed reads as one."""
     return [tf.where(failed, tf.constant(float("nan"), g.dtype), g) for g in grads]
+
+
+def reproduction_tolerance(dtype, func):
+    """How closely (relative) a replayed step must reproduce the recorded state: `sqrt(eps)`
+    of the solve's `dtype`, or of the least precise dtype `func` computed in (a float16
+    Keras model in a float32 solve: XLA may fuse its float16 operations differently in the
+    replay than in the forward loop, and each rounding to float16 moves it by ~5e-4)."""
+    dtypes = {dtype, *getattr(func, "precisions", ())}
+    eps = max(float(tf.experimental.numpy.finfo(d.as_numpy_dtype).eps) for d in dtypes)
+    return math.sqrt(eps)
 
 
 def accumulate(totals, grads):
