@@ -322,7 +322,7 @@ def _end_stage(solver, f, setting, cp, y_end, carry, sources, variables):
 
 
 def _replay(solver, f, checkpoints, times, y0, sources, g_ys, variables, per_sample,
-            jumps=None, same_state=None):
+            jumps, same_state):
     """ACA's backward pass: every accepted step replayed once, last first (see the module
     docstring). With all states kept, each entry's start is its checkpoint. With a
     budget (`cp.stride`), for each segment of `stride` entries, last first, its start
@@ -331,15 +331,13 @@ def _replay(solver, f, checkpoints, times, y0, sources, g_ys, variables, per_sam
     checkpoints plus one segment's states.
 
     Returns `(mismatch, grads)`: the first entry whose replay did not rebuild the state
-    the forward pass accepted to `same_state` relative (default `sqrt(eps)`; -1 if none;
-    `check_replay` reports it) and the gradients
+    the forward pass accepted to `same_state` relative (`reproduction_tolerance`; -1 if
+    none; `check_replay` reports it) and the gradients
     of the times, `y0`, the sources and the variables, as one flat list.
     """
     cp = checkpoints
     setting = setting_of(times, g_ys, per_sample, y0, jumps)
     n = cp.num_steps
-    if same_state is None:
-        same_state = reproduction_tolerance(times[0].dtype, f)
     budgeted = not isinstance(cp.stride, tuple)
     carry = _Carry(
         a=[tf.zeros_like(y) for y in y0], g_stops=tf.zeros_like(setting.stops),
