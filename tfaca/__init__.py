@@ -11,6 +11,7 @@ from tfaca._gradients import (
     NaiveGradient,
     get_gradient,
 )
+from tfaca._events import Event
 from tfaca._layers import ODELayer
 from tfaca._odeint import odeint, solve
 from tfaca._series import CDELayer, ODERNNCell
@@ -45,6 +46,7 @@ __all__ = [
     "ButcherTableau",
     "Dopri5",
     "Euler",
+    "Event",
     "HermitePath",
     "HeunEuler",
     "LinearPath",

@@ -18,6 +18,7 @@ from tfaca._internals import (
 from tfaca._loop import graph_assert
 from tfaca._odeint import solve
 from tfaca._options import SolverOptions, revive
+from tfaca._solution import failed
 from tfaca._paths import CubicPath, Derivative, HermitePath, LinearPath, RectilinearPath
 
 # The paths a layer builds from its series inputs, by the name its config holds.
@@ -542,7 +543,7 @@ class ODELayer(keras.layers.Layer):
             variable.assign(value)
         self.fevals_tracker.update_state(tf.cast(sol.stats.num_fevals, "float32"))
         self.steps_tracker.update_state(tf.cast(sol.stats.num_steps, "float32"))
-        self.failures_tracker.update_state(tf.cast(sol.status != 0, "float32"))
+        self.failures_tracker.update_state(tf.cast(failed(sol.status), "float32"))
         ys = sol.ys
         if not self.return_sequences:
             return ys[-1]

@@ -48,9 +48,9 @@ from typing import Any, NamedTuple
 
 import tensorflow as tf
 
-from tfaca import _outputs, _record
+from tfaca import _events, _outputs, _record
 from tfaca._internals import in_xla_context
-from tfaca._solution import SolveError, Stats, Status
+from tfaca._solution import SolveError, Stats, Status, failed
 from tfaca._solvers import per_row
 
 _RUNNING = -1
@@ -63,6 +63,7 @@ class Trajectory(NamedTuple):
     t_final: Any
     checkpoints: Any  # Checkpoints or None
     y_final: Any = ()  # flat list: the state at t_final
+    found: Any = ()  # with an event: its `_events.Found`
 
 
 class Groups(NamedTuple):
@@ -113,6 +114,7 @@ class _State(NamedTuple):
     saved: Any  # [R]: outputs saved so far per row (interpolated outputs)
     record: Any  # dict of the checkpoint buffers, or {}
     entries: Any  # scalar: checkpoint entries written (iterations that accepted)
+    found: Any  # with an event, its `_events.Found`, else ()
 
 
 def graph_assert(condition, data, summarize=3):
@@ -136,12 +138,12 @@ def raise_on_failure(status, t_final, outputs, context):
         # Padded with a success, so that an empty batch (a replica's) reports one.
         status = tf.concat([status, [0]], 0)
         t_final = tf.concat([t_final, tf.zeros([1], t_final.dtype)], 0)
-        sample = tf.argmax(tf.cast(status != 0, tf.int32), output_type=tf.int32)
+        sample = tf.argmax(tf.cast(failed(status), tf.int32), output_type=tf.int32)
         status, t_final = tf.gather(status, sample), tf.gather(t_final, sample)
         where = "sample"
     if hasattr(status, "numpy"):
         code = Status(int(status.numpy()))
-        if code != Status.SUCCESS:
+        if code.failed:
             at = f"sample {int(sample)}, " if where else ""
             raise SolveError(
                 f"{code.message} (status {code.name}, {at}t={float(t_final)}, {context})")
@@ -150,7 +152,7 @@ def raise_on_failure(status, t_final, outputs, context):
         return outputs
     messages = tf.constant([f"{c.message} (status {c.name})" for c in Status])
     data = [messages[status]] + (["sample", sample] if where else []) + ["t =", t_final, context]
-    check = graph_assert(status == 0, data)
+    check = graph_assert(tf.logical_not(failed(status)), data)
     with tf.control_dependencies([check]):
         return [tf.identity(x) for x in outputs]
 
@@ -244,7 +246,7 @@ def _aim(s, stop, adaptive, few_ulps, dtype, jump_at=None, sign=None):
 
 def integrate(solver, controller, func, stops, y0, *, step_size, first_step, max_steps, record,
               per_sample=False, saves=None, on_land=None, restart=False, save_outputs=True,
-              states=None, jumps=None):
+              states=None, jumps=None, event=None):
     """Integrates `func` from the first stop through every stop, stepping onto each.
 
     Args:
@@ -288,6 +290,10 @@ def integrate(solver, controller, func, stops, y0, *, step_size, first_step, max
             interpolant, straddles the jump, and a left-continuous `func` is evaluated on
             the side of each step. An output at the stop itself is read from the step
             before it.
+        event: None, or an `_events.Detector` (its args bound): after each accepted
+            step its conditions are checked on the step's interpolant; a lane whose
+            condition crosses records its event (`Trajectory.found`), and a group whose
+            lanes have all fired ends with `Status.EVENT` (see `_events`).
 
     Returns:
         A `Trajectory`; its `checkpoints` are set when `record`.
@@ -351,8 +357,13 @@ def integrate(solver, controller, func, stops, y0, *, step_size, first_step, max
     recorded = _record.new(dtype, max_steps, t0, y0, states) if record else {}
     few_ulps = _few_ulps(dtype)
     restarts = (initial_step, selects) if restart and on_land is not None else None
+    found = ()
+    if event is not None:
+        found = _events.start(event.values(groups.lane(t0), y0), t0, y0, event.by_batch,
+                              _lanes(groups))
     body = _body(solver, controller, func, groups, stop, next_stop, few_ulps, adaptive, save,
-                 buffer, on_land, restarts, states, max_steps, num_stops, dtype, jump_at, sign)
+                 buffer, on_land, restarts, states, max_steps, num_stops, dtype, jump_at, sign,
+                 event)
     zero = tf.zeros_like(t0, tf.int32)
     # Non-finite times (XLA's report of times that are not monotone, see `_odeint`) fail
     # at once too, rather than after `max_steps` trials that cannot advance.
@@ -365,7 +376,7 @@ def integrate(solver, controller, func, stops, y0, *, step_size, first_step, max
         status=tf.where(i_out >= num_stops, int(Status.SUCCESS),
                         tf.where(f0_finite, _RUNNING, int(Status.NONFINITE))),
         outputs=() if buffer is None else buffer.arrays, saved=saved, record=recorded,
-        entries=tf.constant(0, tf.int32),
+        entries=tf.constant(0, tf.int32), found=found,
     )
     # With restarts, `max_steps` trials per interval (the status stops each one).
     bound = max_steps * tf.maximum(num_stops - 1, 1) if restart else max_steps
@@ -381,7 +392,7 @@ def integrate(solver, controller, func, stops, y0, *, step_size, first_step, max
         stats=Stats(num_steps=lane(state.num_steps), num_rejected=lane(state.num_rejected),
                     num_fevals=lane(state.num_fevals)),
         status=lane(status), t_final=lane(state.t), checkpoints=checkpoints,
-        y_final=list(state.y),
+        y_final=list(state.y), found=state.found,
     )
 
 
@@ -406,8 +417,13 @@ def _read_outputs(state, buffer, save, first, y0):
     return out
 
 
+def _lanes(groups):
+    """`lanes_of(v, e)`: a `[G]` tensor as the `[E]` lanes of an event (`_events`)."""
+    return (lambda v, e: v) if not groups.shared else (lambda v, e: tf.broadcast_to(v, [e]))
+
+
 def _body(solver, controller, func, groups, stop, next_stop, few_ulps, adaptive, save, buffer,
-          on_land, restarts, states, max_steps, num_stops, dtype, jump_at, sign):
+          on_land, restarts, states, max_steps, num_stops, dtype, jump_at, sign, event):
     """The loop's body: one trial for every group that is still running. `restarts`:
     `(initial_step, selects)` with `integrate(restart=True)`, else None; `jump_at(i)`:
     whether stop `i` is a jump (`integrate`'s `jumps`), or None."""
@@ -463,6 +479,7 @@ def _body(solver, controller, func, groups, stop, next_stop, few_ulps, adaptive,
             landed = accept & hit & (next_stop(s.i_out) < num_stops)
             y_new = on_land(s.i_out, landed, y_new)
             fresh.append(landed)
+        dense_stages = stages + [f_new] if solver.dense_needs_f1 else stages
         if buffer is None:
             outputs, saved = s.outputs, s.saved
         elif save is None:
@@ -476,7 +493,6 @@ def _body(solver, controller, func, groups, stop, next_stop, few_ulps, adaptive,
         else:
             rows_t = t_new + tf.zeros(tf.shape(s.saved), t_new.dtype) if groups.shared else t_new
             saved = _outputs.count_through(save.keys, rows_t, save.sign)
-            dense_stages = stages + [f_new] if solver.dense_needs_f1 else stages
             outputs = _save_step(solver, save, groups, buffer._replace(arrays=s.outputs), s.saved,
                                  saved, s.t, dt, s.y, dense_stages).arrays
         if fresh:
@@ -512,6 +528,18 @@ def _body(solver, controller, func, groups, stop, next_stop, few_ulps, adaptive,
             i_out >= num_stops, int(Status.SUCCESS),
             tf.where(failed, failure,
                      tf.where(num_trials >= max_steps, int(Status.MAX_STEPS_REACHED), _RUNNING)))
+        found = s.found
+        if event is not None:
+            lanes_of = _lanes(groups)
+            lane_time = (lambda t: t) if event.by_batch else (lambda t: t[0])
+            found, _ = _events.detect(
+                event, solver, s.found, t=s.t, dt=dt, y=s.y, y1=y1, stages=dense_stages,
+                accept=accept, entry=s.entries, lanes_of=lanes_of, lane_time=lane_time,
+                few_ulps=few_ulps)
+            fired = found.index >= 0
+            if groups.shared:  # the shared steps end once every lane has fired
+                fired = tf.reshape(tf.reduce_all(fired) & (tf.size(fired) > 0), [1])
+            status = tf.where(fired, int(Status.EVENT), status)
         rejected = tf.logical_not(accept) & active
         return (_State(
             t=t_new, dt=dt_next, y=y_new, f=f_new, i_out=i_out, k=k, num_trials=num_trials,
@@ -519,7 +547,7 @@ def _body(solver, controller, func, groups, stop, next_stop, few_ulps, adaptive,
             num_rejected=s.num_rejected + tf.cast(rejected, tf.int32),
             num_fevals=s.num_fevals + fevals, status=tf.where(active, status, s.status),
             outputs=outputs, saved=saved, record=record,
-            entries=s.entries + tf.cast(tf.reduce_any(accept), tf.int32),
+            entries=s.entries + tf.cast(tf.reduce_any(accept), tf.int32), found=found,
         ),)
 
     return body

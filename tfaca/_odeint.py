@@ -7,7 +7,7 @@ import logging
 import numpy as np
 import tensorflow as tf
 
-from tfaca import _jit, _outputs
+from tfaca import _events, _jit, _outputs
 from tfaca import _paths as _signals
 from tfaca._control import StepSizeController
 from tfaca._internals import in_xla_context
@@ -274,6 +274,7 @@ def solve(
     *,
     args=(),
     control=None,
+    event=None,
     method="dopri5",
     rtol=1e-3,
     atol=1e-6,
@@ -462,6 +463,7 @@ def solve(
     opts = SolverOptions.from_arguments(locals())
     per_sample = opts.per_sample
     knots = None
+    user_args = args
     if control is not None:
         func, args, knots = _controlled(func, control, args)
     with tf.name_scope(name or "odeint"):
@@ -512,6 +514,17 @@ def solve(
         )
         f = _flat_func(func, y0_struct, args, len(args_flat), dtype)
         solver, strategy = opts.method, opts.gradient
+        detector = None
+        if event is not None:
+            if not strategy.supports_events:
+                raise ValueError(
+                    "`event` needs the gradient of the event's state at a time found during "
+                    "the solve, which ACA's replay and naive backpropagation give: use "
+                    f'gradient="aca" or "naive". Received: gradient={strategy!r}')
+            t0 = ts[0, 0] if times_per_sample else ts[0]
+            detector = _events.detector(event, y0_struct, y0_flat, user_args,
+                                        len(args_flat) - len(tf.nest.flatten(user_args)),
+                                        t0, per_sample, dtype)
         t_shape = y0_flat[0].shape[:1] if per_sample else ()
         jit = _jit.decide(opts.jit_compile, f, dtype, y0_flat, args_flat, strategy.name, t_shape)
         if jit and tf.executing_eagerly():
@@ -534,6 +547,7 @@ def solve(
             jit=jit,
             per_sample=bool(per_sample),
             **({} if jumps is None else {"jumps": jumps}),
+            **({} if detector is None else {"event": detector}),
         )
         ys_flat = trajectory.ys
         if times_per_sample:
@@ -550,6 +564,13 @@ def solve(
                 + (f"; {num_intervals} output intervals, each at least one step"
                    if num_intervals is not None else ""),
             )
+        outcome = {}
+        if detector is not None:
+            ys_flat, found = _events.finish(
+                detector, trajectory.found, ys_flat, ts, _last_times(ts, trajectory.found.t),
+                times_per_sample, args_flat)
+            outcome = dict(event_t=found.t, event_index=found.index, event_y=tf.nest.pack_sequence_as(
+                y0, [tf.cast(y, y_dtype) for y in found.y]))
         ys_flat = [tf.cast(y, y_dtype) for y in ys_flat]
         return Solution(
             ts=ts,
@@ -557,7 +578,16 @@ def solve(
             stats=trajectory.stats,
             status=trajectory.status,
             t_final=trajectory.t_final,
+            **outcome,
         )
+
+
+def _last_times(ts, like):
+    """Each event lane's last output time (`like`: `[E]`): where a lane without an event
+    ends."""
+    if ts.shape.rank == 2:
+        return tf.gather(ts, _outputs.last_real(ts), batch_dims=1)
+    return tf.broadcast_to(ts[-1], tf.shape(like))
 
 
 def _controlled(func, control, args):

@@ -18,6 +18,12 @@ class Status(enum.IntEnum):
     MAX_STEPS_REACHED = 1
     DT_UNDERFLOW = 2
     NONFINITE = 3
+    EVENT = 4
+
+    @property
+    def failed(self):
+        """Whether the code reports a failure (SUCCESS and EVENT do not)."""
+        return self not in (Status.SUCCESS, Status.EVENT)
 
     @property
     def message(self):
@@ -66,12 +72,18 @@ _MESSAGES = {
         "`rtol`/`atol` are tighter than the floating-point precision allows (use float64 "
         "or loosen them)."
     ),
+    Status.EVENT: "A terminal event ended the solve (`Solution.event_t`, `event_index`).",
     Status.NONFINITE: (
         "The state or its derivative became non-finite (inf or NaN) and no smaller step "
         "avoided it. Check `func` and `y0` for values that overflow, or use a smaller "
         "`step_size` with a fixed-step method."
     ),
 }
+
+
+def failed(status):
+    """A status tensor's failures, elementwise: neither SUCCESS nor EVENT."""
+    return (status != int(Status.SUCCESS)) & (status != int(Status.EVENT))
 
 
 class SolveError(RuntimeError):
@@ -119,6 +131,12 @@ class Solution(NamedTuple):
             `Status.name_of(status)` gives its name(s).
         t_final: the time the solve reached (the last output time on success);
             `[batch]` with `per_sample=True`.
+        event_t, event_y, event_index: with an `event`, where it happened: its time, the
+            state there (structure of `y0`) and which condition crossed (its position in
+            the condition's tuple); per sample (`(batch,)` leading axis) when the
+            condition returns one value per sample. A sample without an event reports
+            the end of its solve (its last output time and state) and index -1. The
+            time and state are differentiable (`tfaca.Event`). None without an event.
     """
 
     ts: Any
@@ -126,3 +144,6 @@ class Solution(NamedTuple):
     stats: Stats
     status: Any
     t_final: Any
+    event_t: Any = None
+    event_y: Any = None
+    event_index: Any = None

@@ -98,6 +98,7 @@ class ACAGradient(AbstractGradient):
     """
 
     name = "aca"
+    supports_events = True
 
     def __init__(self, checkpoints=None):
         if checkpoints is not None and (
@@ -133,7 +134,10 @@ class ACAGradient(AbstractGradient):
         # a plain graph, or a compiled loop that returns them, cannot drop them later.
         record = could_possibly_record()
 
-        def backward(trajectory, times, y0, sources, g_ys, variables, differentiable):
+        event = loop_kwargs.get("event")
+
+        def backward(trajectory, times, y0, sources, g_ys, variables, differentiable,
+                     g_event=None):
             if not record:
                 with stop_recording():
                     trajectory = forward_with(True)(times, y0, args)
@@ -143,19 +147,23 @@ class ACAGradient(AbstractGradient):
             # The `sources` that `func` closes over reach the compiled function as
             # captures, as `func` reads them, so that the tape inside watches what
             # `func` uses; the `args` as arguments.
-            replay = compiled(lambda checkpoints, times, y0, g_ys, args, jumps: _replay(
+            replay = compiled(lambda checkpoints, times, y0, g_ys, args, jumps, events: _replay(
                 solver, lambda t, y: func(t, y, args), checkpoints, times, y0,
                 sources_with(sources, args), g_ys, variables, per_sample, jumps,
-                reproduction_tolerance(times[0].dtype, func)), jit, ("replay",))
+                reproduction_tolerance(times[0].dtype, func),
+                None if events is None else (*events, event.by_batch)), jit, ("replay",))
+            events = None
+            if event is not None:
+                events = (trajectory.found.t, trajectory.found.entry, g_event)
             mismatch, grads = replay(trajectory.checkpoints, times, y0, g_ys, args,
-                                     loop_kwargs.get("jumps"))
+                                     loop_kwargs.get("jumps"), events)
             return check_replay(mismatch, grads, throw)
 
         second_order = None
-        if per_sample:
+        if per_sample or event is not None:
             second_order = SECOND_ORDER.format(
-                what="ACA with per-sample steps does not support yet",
-                instead='Use per_sample=False, or gradient="naive".')
+                what="ACA with per-sample steps or an event does not support yet",
+                instead='Use per_sample=False without an event, or gradient="naive".')
         trajectory = solve_with_custom_gradient(
             forward_with(record), backward, func, times_of(plan), y0, args,
             second_order=second_order, t_shape=y0[0].shape[:1] if per_sample else (),
@@ -172,6 +180,12 @@ class ACAGradient(AbstractGradient):
                               * solver.tableau.solution_stages)
         if plan.dense:
             replay_fevals += 1  # the last step's last stage (`_end_stage`)
+        if event is not None:
+            # Each entry holding events rebuilds its interpolant's stages once more.
+            entries = trajectory.found.entry
+            distinct = tf.size(tf.unique(tf.boolean_mask(entries, entries >= 0))[0])
+            replay_fevals += tf.cast(distinct, replay_fevals.dtype) * (
+                len(solver.dense_weights) - 1)
         return trajectory._replace(stats=stats._replace(num_fevals_backward=replay_fevals))
 
 
@@ -205,7 +219,36 @@ def _last_stage_cotangent(solver, setting, cp, i, sums, like):
     return g
 
 
-def _replay_entry(solver, f, setting, cp, i, y, y_next, carry, sources, variables, same_state):
+def _event_term(solver, f, groups, events, i, t, dt, y, f0):
+    """`sum <g_e, y_e(t*_e)>` over the lanes `e` whose event lies in entry `i`: the event
+    states as the step's interpolant at the fixed event times, under the replay's tape
+    (the stages rebuilt, the last one, `f(t_{i+1}, y_{i+1})`, included). `events`:
+    `(t* [E], entry [E], cotangents by rows, by_batch)`."""
+    event_t, entry, g_rows, by_batch = events
+    here = tf.equal(entry, i)
+
+    def term():
+        num = tf.shape(event_t)[0]
+        lanes = (lambda v: v) if not groups.shared else (lambda v: tf.broadcast_to(v, [num]))
+        rows_of = (lambda v: v) if by_batch else (lambda v: v[:1])
+        t_e, dt_e = lanes(t), lanes(dt)
+        y1, k = solver.replay_stages(f, groups.lane(t), y, f0, groups.lane(dt))
+        coeffs = _outputs.coefficients(solver, k + [f(groups.lane(t + dt), y1)], by_batch)
+        safe = tf.where(tf.equal(dt_e, 0), tf.ones_like(dt_e), dt_e)
+        theta = tf.where(here, (event_t - t_e) / safe, tf.zeros_like(t_e))
+        values = _outputs.interpolate(y, coeffs, rows_of(dt_e), rows_of(theta)[:, None], by_batch)
+        total = tf.zeros([], t.dtype)
+        for v, g in zip(values, g_rows):
+            v = v[:, 0]
+            mask = _outputs.expand(rows_of(here)[:, None], v[:, None])[:, 0]
+            total += tf.reduce_sum(tf.where(mask, g * v, tf.zeros_like(v)))
+        return total
+
+    return tf.cond(tf.reduce_any(here), term, lambda: tf.zeros([], t.dtype))
+
+
+def _replay_entry(solver, f, setting, cp, i, y, y_next, carry, sources, variables, same_state,
+                  events=None):
     """Replays entry `i` (its start states `y`) under a tape and pulls the cotangent `a` of
     its end state back through it, together with the cotangents of the outputs it
     covers: a stop it landed on, or the outputs inside it, through the step's own
@@ -218,7 +261,10 @@ def _replay_entry(solver, f, setting, cp, i, y, y_next, carry, sources, variable
     `coefficient_cotangents` for it (`sums`). This entry does the same for entry
     `i - 1`: its first stage takes the cotangent of entry `i - 1`'s last, in every group,
     whether or not the group moved in entry `i` (a group that did not keeps its state:
-    the cotangent goes on to the entry that moved it)."""
+    the cotangent goes on to the entry that moved it).
+
+    `events`: with an event, the lanes whose event lies in this entry send their
+    cotangents through the step's interpolant too (`_event_term`)."""
     c = carry
     groups = setting.groups
     t, dt, accepted = (tf.gather(x, i) for x in (cp.t, cp.dt, cp.accepted))
@@ -254,8 +300,13 @@ def _replay_entry(solver, f, setting, cp, i, y, y_next, carry, sources, variable
                     lambda: list(f(groups.lane(t + dt_replay), y1)),
                     lambda: [tf.zeros_like(x) for x in c.f_end])
                 f_end = groups.select(ends_at_jump, f_last, f_end)
+        if events is not None:
+            event_term = _event_term(solver, f, groups, events, i, t, dt_replay, y, f0)
     a_in = [tf.where(groups.spread(accepted, a_n), a_n, tf.zeros_like(a_n)) for a_n in a]
     targets, cotangents = list(y1), a_in
+    if events is not None:
+        targets.append(event_term)
+        cotangents.append(tf.ones_like(event_term))
     g_ts = c.g_ts
     if setting.dense:
         lo, hi, t_rows, dt_rows = covered(setting, cp, i)
@@ -322,7 +373,7 @@ def _end_stage(solver, f, setting, cp, y_end, carry, sources, variables):
 
 
 def _replay(solver, f, checkpoints, times, y0, sources, g_ys, variables, per_sample,
-            jumps, same_state):
+            jumps, same_state, events=None):
     """ACA's backward pass: every accepted step replayed once, last first (see the module
     docstring). With all states kept, each entry's start is its checkpoint. With a
     budget (`cp.stride`), for each segment of `stride` entries, last first, its start
@@ -333,7 +384,8 @@ def _replay(solver, f, checkpoints, times, y0, sources, g_ys, variables, per_sam
     Returns `(mismatch, grads)`: the first entry whose replay did not rebuild the state
     the forward pass accepted to `same_state` relative (`reproduction_tolerance`; -1 if
     none; `check_replay` reports it) and the gradients
-    of the times, `y0`, the sources and the variables, as one flat list.
+    of the times, `y0`, the sources and the variables, as one flat list. `events`: an
+    event's `(t*, entry, cotangents of its states, by_batch)` (`_event_term`), or None.
     """
     cp = checkpoints
     setting = setting_of(times, g_ys, per_sample, y0, jumps)
@@ -350,7 +402,7 @@ def _replay(solver, f, checkpoints, times, y0, sources, g_ys, variables, per_sam
 
     def replay(i, y, y_next, carry):
         return _replay_entry(solver, f, setting, cp, i, y, y_next, carry, sources, variables,
-                             same_state)
+                             same_state, events)
 
     if not budgeted:
         # parallel_iterations=1: each entry's replay does not depend on the cotangent, so

@@ -93,7 +93,7 @@ class AdjointGradient(AbstractGradient):
         def forward(times, y0, args):
             return run(times, y0, args, options)
 
-        def backward(trajectory, times, y0, sources, g_ys, variables, differentiable):
+        def backward(trajectory, times, y0, sources, g_ys, variables, differentiable, _=None):
             # As in ACA's replay. The counts come out and are assigned here, outside the
             # compiled function: a compiled function reused by another instance's solve
             # would count into that instance's. The counters are int64: TensorFlow keeps

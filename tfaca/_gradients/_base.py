@@ -32,6 +32,8 @@ class AbstractGradient:
     the strategy's gradient."""
 
     name = None
+    # Whether `solve` takes an event (`loop_kwargs["event"]`), its state's gradient included.
+    supports_events = False
 
     def options(self):
         """The constructor arguments, as a dict (empty for strategies without any)."""
@@ -54,9 +56,12 @@ class AbstractGradient:
         return f"{type(self).__name__}({given})"
 
 
-def run_forward(solver, controller, f, plan, y0, *, record, loop_kwargs):
+def run_forward(solver, controller, f, plan, y0, *, record, loop_kwargs, args=()):
     """The forward solve of every strategy: the loop over the plan's stops, saving the
-    outputs it interpolates (the start included) as its steps cover them."""
+    outputs it interpolates (the start included) as its steps cover them; an event's
+    condition is evaluated with `args`."""
+    if loop_kwargs.get("event") is not None:
+        loop_kwargs = dict(loop_kwargs, event=loop_kwargs["event"].bind(args))
     saves = None
     if plan.dense:
         saves = _outputs.output_rows(plan, loop_kwargs.get("per_sample", False),
@@ -110,8 +115,9 @@ def forward_solve(solver, func, jit, *, record, states=None, checkpoints=True):
         controller, loop_kwargs = unpack(options)
         if record and states is not None:
             loop_kwargs["states"] = states
-        trajectory = run_forward(solver, controller, lambda t, y: func(t, y, args), plan_of(times), y0,
-                          record=record, loop_kwargs=loop_kwargs)
+        trajectory = run_forward(solver, controller, lambda t, y: func(t, y, args),
+                                 plan_of(times), y0, record=record, loop_kwargs=loop_kwargs,
+                                 args=args)
         return trajectory if checkpoints else trajectory._replace(checkpoints=None)
 
     return compiled(run, jit, ("forward", record, states, checkpoints))
@@ -183,10 +189,11 @@ def solve_with_custom_gradient(forward, backward, func, times, y0, args, *, seco
 
     `times`: a list of time tensors (`times_of(plan)`). `forward(times, y0, args) ->
     Trajectory`. `backward(trajectory, times, y0, sources, g_ys, variables,
-    differentiable)` returns the gradients of each of `times`, each `y0`, each source
-    and each variable, as one flat list in that order, where `sources` are the floating
-    `args` followed by the watched tensors `func` closes over, and
-    `differentiable` says that a tape records the backward pass. `second_order`: a
+    differentiable, g_event)` returns the gradients of each of `times`, each `y0`, each
+    source and each variable, as one flat list in that order, where `sources` are the
+    floating `args` followed by the watched tensors `func` closes over,
+    `differentiable` says that a tape records the backward pass, and `g_event` are the
+    cotangents of an event's states (`Trajectory.found.y`, outputs too), or None. `second_order`: a
     message for when the strategy's gradient cannot be differentiated, or None when the
     differentiable backward is exact. `written`: variables the backward pass assigns
     (the adjoint's counters). `tf.custom_gradient` lives only here.
@@ -214,18 +221,22 @@ def solve_with_custom_gradient(forward, backward, func, times, y0, args, *, seco
     sources = [a for a in args if a.dtype.is_floating] + closed_over
 
     num_times = len(times)
+    event_states = list(trajectory.found.y) if trajectory.found else []
+    outputs = list(trajectory.ys) + event_states
 
     @tf.custom_gradient
     def attach(*inputs):
         times = list(inputs[:num_times])
 
-        def grad(*g_ys):
-            g_ys = [_zeros_if_none(g, y) for g, y in zip(g_ys, trajectory.ys)]
+        def grad(*g_outputs):
+            g_outputs = [_zeros_if_none(g, y) for g, y in zip(g_outputs, outputs)]
+            g_ys = g_outputs[:len(trajectory.ys)]
+            g_event = g_outputs[len(trajectory.ys):] if event_states else None
             recording = could_possibly_record()
             route_handles_through_forward_graphs(handles)
             grads = backward(
                 trajectory, times, y0, sources, g_ys, variables,
-                recording and second_order is None,
+                recording and second_order is None, g_event,
             )
             if second_order is not None:
                 grads = _refuse_differentiation(grads, second_order)
@@ -237,14 +248,17 @@ def solve_with_custom_gradient(forward, backward, func, times, y0, args, *, seco
                     "tf.GradientTape()s."))
             return grads
 
-        return list(trajectory.ys), grad
+        return outputs, grad
 
     # Variables enter as their values read here: the gradient of a read reaches the
     # variable, and no resource handle crosses the custom gradient (handles inside a
     # tf.while_loop cannot, TensorFlow's "internal_captures" error).
     reads = [tf.convert_to_tensor(v) for v in variables]
-    ys = attach(*times, *y0, *sources, *reads)
-    return trajectory._replace(ys=list(ys))
+    out = list(attach(*times, *y0, *sources, *reads))
+    ys = out[:len(trajectory.ys)]
+    if event_states:
+        trajectory = trajectory._replace(found=trajectory.found._replace(y=out[len(ys):]))
+    return trajectory._replace(ys=ys)
 
 
 def differs(ys, recorded, relative, also=None):

@@ -64,7 +64,7 @@ class MALIGradient(AbstractGradient):
 
         record = could_possibly_record()
 
-        def backward(trajectory, times, y0, sources, g_ys, variables, differentiable):
+        def backward(trajectory, times, y0, sources, g_ys, variables, differentiable, _=None):
             del differentiable  # refused: second_order below
             if not record:
                 with stop_recording():
