@@ -2,6 +2,7 @@
 sample, outputs past the event, and gradients through the event time (implicit function
 theorem composed with ACA's replay, or naive backpropagation)."""
 
+import keras
 import numpy as np
 import pytest
 import scipy.linalg
@@ -224,6 +225,52 @@ def test_shared_steps_give_each_sample_its_own_event():
     assert exact[0] <= float(sol.t_final) < 1.5
 
 
+def test_gradients_reach_the_conditions_args_and_the_start_time():
+    """The threshold passed in `args` and the start time: for an autonomous system the
+    event moves with the start, dt*/dt0 = 1; dt*/dc = 1 / y'(t*) at the threshold c."""
+    t0, c = tf.Variable(0.5, dtype=F64), tf.Variable(0.25, dtype=F64)
+    ev = tfaca.Event(lambda t, y, c: y[0] - c, direction=-1)
+    with tf.GradientTape() as tape:
+        sol = tfaca.solve(lambda t, y, c: falling(G)(t, y), f64([H, 0.0]),
+                          tf.stack([t0, f64(3.0)]), args=(c,),
+                          event=ev, **TIGHT)
+    d_t0, d_c = tape.gradient(sol.event_t, [t0, c])
+    fall = np.sqrt(2 * (H - 0.25) / G)
+    np.testing.assert_allclose(float(sol.event_t), 0.5 + fall, rtol=1e-12)
+    np.testing.assert_allclose(d_t0, 1.0, rtol=1e-8)
+    np.testing.assert_allclose(d_c, 1 / (-G * fall), rtol=1e-8)
+
+
+def test_times_per_sample_keep_padding_and_events_apart():
+    """Per-sample output times (padded rows) with shared steps: each row's outputs past its
+    event are its event state, padding repeats its last time's output as without events."""
+    heights = np.array([2.0, 20.0])
+    y0 = f64(np.stack([heights, np.zeros(2)], 1))
+    ts = f64([[0.0, 0.3, 0.9, 0.9], [0.0, 0.5, 1.0, 1.5]])
+    sol = tfaca.solve(falling(G), y0, ts, event=GROUND, **TIGHT)
+    t_hit = np.sqrt(2 * heights / G)  # 0.639: sample 0 hits between its 0.3 and 0.9
+    np.testing.assert_allclose(sol.event_t[0], t_hit[0], rtol=1e-12)
+    assert int(sol.event_index[1]) == -1 and float(sol.event_t[1]) == 1.5
+    ys = sol.ys.numpy()
+    np.testing.assert_allclose(ys[1, 0], [H - G * 0.09 / 2, -G * 0.3], rtol=1e-10)
+    np.testing.assert_array_equal(ys[2:, 0], np.broadcast_to(sol.event_y[0], (2, 2)))
+    exact = np.stack([20.0 - G * ts.numpy()[1] ** 2 / 2, -G * ts.numpy()[1]], 1)
+    np.testing.assert_allclose(ys[:, 1], exact, rtol=1e-10, atol=1e-10)
+
+
+def test_a_solve_restarted_from_its_event_state_does_not_find_it_again():
+    """The event state lies past the crossing as the root finder judged it: a solve from
+    there (the next segment of a bouncing ball) finds the next crossing, not this one."""
+    oscillator = lambda t, y: tf.stack([y[1], -y[0]])  # noqa: E731
+    ev = tfaca.Event(lambda t, y: y[0], direction=-1)
+    t, y, found = f64(0.0), f64([0.0, 1.0]), []
+    for _ in range(3):
+        sol = tfaca.solve(oscillator, y, tf.stack([t, t + 10.0]), event=ev, **TIGHT)
+        t, y = sol.event_t, sol.event_y
+        found.append(float(t))
+    np.testing.assert_allclose(found, [np.pi, 3 * np.pi, 5 * np.pi], rtol=1e-9)
+
+
 def test_bad_events_are_refused_naming_the_argument():
     with pytest.raises(ValueError, match="direction"):
         tfaca.Event(lambda t, y: y, direction=2)
@@ -241,3 +288,50 @@ def test_bad_events_are_refused_naming_the_argument():
                     event=tfaca.Event(lambda t, y: y))
     with pytest.raises(TypeError, match="event"):
         tfaca.solve(falling(G), f64([H, 0.0]), [0.0, 1.0], event=lambda t, y: y[0])
+
+
+# --------------------------------------------------------------------------------------
+# ODELayer(event=...): fit, .keras, SavedModel
+# --------------------------------------------------------------------------------------
+
+
+@keras.saving.register_keras_serializable("tfaca_test_events")
+class Gravity(keras.layers.Layer):
+    """y = (height, velocity): dy/dt = (velocity, -g), g a weight."""
+
+    def build(self, input_shape):
+        self.g = self.add_weight(shape=(), initializer=keras.initializers.Constant(5.0),
+                                 name="g")
+
+    def call(self, y):
+        return tf.concat([y[:, 1:], -self.g * tf.ones_like(y[:, 1:])], axis=1)
+
+
+@keras.saving.register_keras_serializable("tfaca_test_events")
+def height(t, y):
+    return y[:, 0]
+
+
+def test_layer_learns_gravity_from_hitting_times_saves_and_serves(tmp_path):
+    heights = np.linspace(0.5, 3.0, 64)
+    x = np.stack([heights, np.zeros_like(heights)], 1).astype("float32")
+    hit = np.sqrt(2 * heights / G).astype("float32")
+    layer = tfaca.ODELayer(Gravity(), t=(0.0, 5.0), event=tfaca.Event(height, direction=-1),
+                           return_event_time=True, rtol=1e-6, atol=1e-8)
+    inputs = keras.Input((2,))
+    state, t_hit = layer(inputs)
+    model = keras.Model(inputs, t_hit)
+    model.compile(keras.optimizers.Adam(0.5), "mse")
+    model.fit(x, hit, epochs=60, batch_size=32, verbose=0)
+    np.testing.assert_allclose(float(layer.dynamics.g.numpy()), G, rtol=2e-2)
+    predicted = model.predict(x, verbose=0)
+    path = str(tmp_path / "m.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    assert loaded.layers[1].event.direction == -1
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), predicted, rtol=1e-6)
+    model.export(str(tmp_path / "served"), verbose=False)
+    served = tf.saved_model.load(str(tmp_path / "served"))
+    np.testing.assert_allclose(served.serve(x), predicted, rtol=1e-6)
+    with pytest.raises(ValueError, match="return_event_time"):
+        tfaca.ODELayer(Gravity(), return_event_time=True)

@@ -186,7 +186,7 @@ def test_long_solve_runs_with_mali_and_a_budget(capsys):
 
 @pytest.mark.parametrize(
     "name", ["three_body", "time_series", "image_classification", "gradient_accuracy",
-             "irregular_classification"])
+             "irregular_classification", "bouncing_ball"])
 def test_quick_runs_never_write_over_the_committed_results(name):
     example = _load(name)
 
@@ -273,3 +273,19 @@ def test_irregular_classification_quick_runs_every_model(tmp_path):
     assert rows[0]["steps/solve"] > 1 and rows[1]["steps/solve"] > 0
     for name in ("results.md", "results.csv", "accuracy.png"):
         assert (tmp_path / name).stat().st_size > 0
+
+
+@pytest.mark.slow  # about 2 minutes on 2 cores (tracing a chain of event-ended solves)
+def test_bouncing_ball_quick_learns_from_events(tmp_path, capsys):
+    example = _load("bouncing_ball")
+    result = example.main(["--quick", "--out-dir", str(tmp_path)])
+    fits = result["fits"]
+    # Both gradients are the same computation's: the same path to rounding.
+    np.testing.assert_allclose(fits["aca"]["g"], fits["naive"]["g"], rtol=1e-6)
+    for fit in fits.values():
+        assert fit["losses"][-1] < 0.1 * fit["losses"][0]
+        assert abs(fit["e"] - example.TRUE_E) < abs(example.START_E - example.TRUE_E) / 3
+    hitting = result["hitting"]
+    assert abs(hitting["k"] - hitting["true_k"]) < 0.2 * hitting["true_k"]
+    assert "| aca |" in (tmp_path / "results.md").read_text()
+    assert _png(tmp_path / "bouncing_ball.png")

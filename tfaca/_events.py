@@ -190,9 +190,13 @@ def detect(detector, solver, s_found, *, t, dt, y, y1, stages, accept, entry, la
         theta_star = tf.where(fired, theta_star, tf.zeros_like(theta_star))
         t_star = tf.stop_gradient(t_e + theta_star * dt_e)
         # The state at the fixed time t*: a function of the step (naive backpropagation
-        # through the loop differentiates it, as ACA's replay does), not of the root.
+        # through the loop differentiates it, as ACA's replay does), not of the root. Its
+        # value is the one the root finder judged past the crossing (theta* itself, not
+        # theta* rounded through t*), so that a solve restarted from it does not find the
+        # same crossing again.
         safe_dt = tf.where(tf.equal(dt_e, 0), tf.ones_like(dt_e), dt_e)
-        at = tf.where(fired, (t_star - t_e) / safe_dt, tf.zeros_like(t_e))
+        at = (t_star - t_e) / safe_dt
+        at = tf.where(fired, theta_star + (at - tf.stop_gradient(at)), tf.zeros_like(t_e))
         at_rows = at if by_batch else at[:1]
         values = _outputs.interpolate(y, coeffs, dt_rows, at_rows[:, None], by_batch)
         rates = _rates(coeffs, at_rows)

@@ -6,6 +6,7 @@ import keras
 import tensorflow as tf
 
 from tfaca import _jit
+from tfaca._events import Event
 from tfaca._gradients import NaiveGradient
 from tfaca._internals import (
     added_losses,
@@ -241,6 +242,16 @@ class ODELayer(keras.layers.Layer):
             earlier layers). With times per series, `per_sample=True` lets each sample
             step onto its own observation times only; shared steps stop at every
             series' times. `tfaca.CDELayer` is the neural CDE.
+        event: None (default), or a `tfaca.Event` whose condition `condition(t, y)` reads
+            the layer's state `(batch, ...)` and returns one value per sample: each
+            sample's solve ends where it crosses zero (see `tfaca.solve`), and its
+            outputs from then on are its state there. Saved in the config when the
+            condition is a function Keras can serialize (registered with
+            `keras.saving.register_keras_serializable`). Needs `gradient="aca"` (default)
+            or `"naive"`.
+        return_event_time: with an `event`, return `[outputs, event_time]`, the second
+            `(batch,)`: each sample's event time (its last time where it had none),
+            differentiable.
         precision: `"float32"` (default): a float32 layer turns TensorFlow's
             TensorFloat-32 off for the process when it first solves, so that matrix
             products and convolutions on Ampere and newer GPUs keep float32's precision
@@ -320,7 +331,8 @@ class ODELayer(keras.layers.Layer):
         `{name}_fevals`, `{name}_steps` and `{name}_failures` (means over the batches of
         an epoch) are reported by `fit`/`evaluate`, so the progress bar and TensorBoard
         show the cost of the solves and whether they succeeded. `{name}_failures` is
-        the fraction of solves whose `Solution.status` was not `Status.SUCCESS`: under
+        the fraction of solves whose `Solution.status` was a failure (neither `SUCCESS`
+        nor `EVENT`): under
         XLA, or with `throw=False`, it is the only sign of a failed solve besides a NaN
         loss.
 
@@ -356,9 +368,15 @@ class ODELayer(keras.layers.Layer):
         per_sample=False,
         precision="float32",
         control=None,
+        event=None,
+        return_event_time=False,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        if event is not None and not isinstance(event, Event):
+            raise TypeError(f"`event` must be a tfaca.Event or None. Received: event={event!r}")
+        if return_event_time and event is None:
+            raise ValueError("`return_event_time=True` needs an `event`. Received: event=None")
         if not isinstance(dynamics, keras.layers.Layer):
             raise TypeError(
                 f"`dynamics` must be a keras.layers.Layer. Received: dynamics={dynamics!r}"
@@ -383,6 +401,8 @@ class ODELayer(keras.layers.Layer):
         self.dynamics = dynamics
         self.t = t
         self.return_sequences = bool(return_sequences)
+        self.event = event
+        self.return_event_time = bool(return_event_time)
         self._pass_t = _accepts(dynamics, "t")
         self._pass_u = _accepts(dynamics, "u")
         self._pass_training = _accepts(dynamics, "training")
@@ -537,7 +557,9 @@ class ODELayer(keras.layers.Layer):
                 for v in self.dynamics.non_trainable_variables
                 if id(v) not in seeds
             ]
-        sol = solve(func, y0, ts, **self.solver_options.arguments(), **control, name=self.name)
+        event = {} if self.event is None else {"event": self.event}
+        sol = solve(func, y0, ts, **self.solver_options.arguments(), **control, **event,
+                    name=self.name)
         draws.replaying = True
         for variable, value in restore:
             variable.assign(value)
@@ -546,9 +568,13 @@ class ODELayer(keras.layers.Layer):
         self.failures_tracker.update_state(tf.cast(failed(sol.status), "float32"))
         ys = sol.ys
         if not self.return_sequences:
-            return ys[-1]
-        perm = [1, 0] + list(range(2, len(ys.shape)))
-        return tf.transpose(ys, perm)
+            out = ys[-1]
+        else:
+            out = tf.transpose(ys, [1, 0] + list(range(2, len(ys.shape))))
+        if self.return_event_time:
+            # One time per sample (a scalar condition's, the batch's, broadcast).
+            return [out, tf.broadcast_to(tf.cast(sol.event_t, out.dtype), tf.shape(y0)[:1])]
+        return out
 
     def compute_output_shape(self, input_shape):
         if self.control is not None:
@@ -560,9 +586,9 @@ class ODELayer(keras.layers.Layer):
         else:
             state_shape, num_times = input_shape, len(self.t)
         state_shape = tuple(state_shape)
-        if not self.return_sequences:
-            return state_shape
-        return (state_shape[0], num_times) + state_shape[1:]
+        out = state_shape if not self.return_sequences else (
+            (state_shape[0], num_times) + state_shape[1:])
+        return [out, (state_shape[0],)] if self.return_event_time else out
 
     def get_config(self):
         config = {
@@ -571,6 +597,10 @@ class ODELayer(keras.layers.Layer):
             **self.solver_options.config(),
             "return_sequences": self.return_sequences,
             "control": self.control,
+            "event": None if self.event is None else {
+                "condition": keras.saving.serialize_keras_object(self.event.condition),
+                "direction": self.event.direction},
+            "return_event_time": self.return_event_time,
         }
         base_config = super().get_config()
         return {**base_config, **config}
@@ -579,6 +609,12 @@ class ODELayer(keras.layers.Layer):
     def from_config(cls, config):
         config = revive(config)
         config["dynamics"] = keras.saving.deserialize_keras_object(config["dynamics"])
+        if config.get("event") is not None:
+            event = dict(config["event"])
+            condition = keras.saving.deserialize_keras_object(event.pop("condition"))
+            direction = event.pop("direction")
+            config["event"] = Event(condition, tuple(direction) if isinstance(
+                direction, list) else direction)
         return cls(**config)
 
 

@@ -527,8 +527,9 @@ def solve(
                                         t0, per_sample, dtype)
         t_shape = y0_flat[0].shape[:1] if per_sample else ()
         jit = _jit.decide(opts.jit_compile, f, dtype, y0_flat, args_flat, strategy.name, t_shape)
-        if jit and tf.executing_eagerly():
-            # What `f` computes besides `func`: see `_jit.reuse_key`.
+        if jit and tf.executing_eagerly() and detector is None:
+            # What `f` computes besides `func`: see `_jit.reuse_key`. (An event's condition
+            # is a new function each call: its eager compiled solves are not kept.)
             static = (_structure(y0), _structure(args), dtype.name, type(solver),
                       _hashable(solver.options()), type(strategy), _hashable(strategy.options()),
                       per_sample)

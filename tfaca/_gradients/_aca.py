@@ -182,8 +182,9 @@ class ACAGradient(AbstractGradient):
             replay_fevals += 1  # the last step's last stage (`_end_stage`)
         if event is not None:
             # Each entry holding events rebuilds its interpolant's stages once more.
-            entries = trajectory.found.entry
-            distinct = tf.size(tf.unique(tf.boolean_mask(entries, entries >= 0))[0])
+            entries = tf.sort(trajectory.found.entry)
+            first = tf.concat([[True], entries[1:] != entries[:-1]], 0)[:tf.size(entries)]
+            distinct = tf.reduce_sum(tf.cast(first & (entries >= 0), tf.int32))
             replay_fevals += tf.cast(distinct, replay_fevals.dtype) * (
                 len(solver.dense_weights) - 1)
         return trajectory._replace(stats=stats._replace(num_fevals_backward=replay_fevals))
