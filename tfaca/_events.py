@@ -163,58 +163,63 @@ def detect(detector, solver, s_found, *, t, dt, y, y1, stages, accept, entry, la
     def values_at(theta):
         return detector.values(lane_time(t_e + theta * dt_e), state_at(theta))
 
-    points = [found.g]
-    for p in range(1, INTERIOR + 1):
-        points.append(values_at(tf.fill([num], tf.cast(p / (INTERIOR + 1), t.dtype))))
-    g_end = detector.values(lane_time(t_e + dt_e), y1)
-    points.append(g_end)
-    table = tf.stack(points)  # [P, C, E]
-    crossing = _crossings(table[:-1], table[1:], detector.directions) & live[None, None]
-    g_now = tf.where(accepted[None], g_end, found.g)
+    def check():
+        """The conditions along the step, and the search for a crossing if any."""
+        points = [found.g]
+        for p in range(1, INTERIOR + 1):
+            points.append(values_at(tf.fill([num], tf.cast(p / (INTERIOR + 1), t.dtype))))
+        g_end = detector.values(lane_time(t_e + dt_e), y1)
+        points.append(g_end)
+        table = tf.stack(points)  # [P, C, E]
+        crossing = _crossings(table[:-1], table[1:], detector.directions) & live[None, None]
+        g_now = tf.where(accepted[None], g_end, found.g)
 
-    def search():
-        has = tf.reduce_any(crossing, axis=0)  # [C, E]
-        first = tf.argmax(tf.cast(crossing, tf.int32), axis=0, output_type=tf.int32)
-        parts = tf.cast(INTERIOR + 1, t.dtype)
-        lo, hi = tf.cast(first, t.dtype) / parts, tf.cast(first + 1, t.dtype) / parts
-        g_lo = tf.gather(tf.transpose(table, [1, 2, 0]), first[..., None], batch_dims=2)[..., 0]
-        g_hi = tf.gather(tf.transpose(table, [1, 2, 0]), first[..., None] + 1,
-                         batch_dims=2)[..., 0]
-        theta = _root(values_at, lo, hi, g_lo, g_hi, has, tf.abs(dt_e),
-                      few_ulps(tf.maximum(tf.abs(t_e), tf.abs(t_e + dt_e))))
-        # The first condition to cross wins.
-        theta = tf.where(has, theta, tf.constant(float("inf"), t.dtype))
-        index = tf.argmin(theta, axis=0, output_type=tf.int32)
-        theta_star = tf.reduce_min(theta, axis=0)
-        fired = tf.reduce_any(has, axis=0)
-        theta_star = tf.where(fired, theta_star, tf.zeros_like(theta_star))
-        t_star = tf.stop_gradient(t_e + theta_star * dt_e)
-        # The state at the fixed time t*: a function of the step (naive backpropagation
-        # through the loop differentiates it, as ACA's replay does), not of the root. Its
-        # value is the one the root finder judged past the crossing (theta* itself, not
-        # theta* rounded through t*), so that a solve restarted from it does not find the
-        # same crossing again.
-        safe_dt = tf.where(tf.equal(dt_e, 0), tf.ones_like(dt_e), dt_e)
-        at = (t_star - t_e) / safe_dt
-        at = tf.where(fired, theta_star + (at - tf.stop_gradient(at)), tf.zeros_like(t_e))
-        at_rows = at if by_batch else at[:1]
-        values = _outputs.interpolate(y, coeffs, dt_rows, at_rows[:, None], by_batch)
-        rates = _rates(coeffs, at_rows)
-        keep = lambda new, old: tf.where(  # noqa: E731
-            _outputs.expand((fired if by_batch else fired[:1])[:, None], new[:, None])[:, 0],
-            new, old)
-        return Found(
-            g=g_now, t=tf.where(fired, t_star, found.t),
-            y=[keep(v[:, 0], old) for v, old in zip(values, found.y)],
-            slope=[keep(tf.reshape(r, tf.shape(old)), old) for r, old in zip(rates, found.slope)],
-            index=tf.where(fired, index, found.index),
-            entry=tf.where(fired, entry * tf.ones_like(found.entry), found.entry),
-        ), fired
+        def search():
+            has = tf.reduce_any(crossing, axis=0)  # [C, E]
+            first = tf.argmax(tf.cast(crossing, tf.int32), axis=0, output_type=tf.int32)
+            parts = tf.cast(INTERIOR + 1, t.dtype)
+            lo, hi = tf.cast(first, t.dtype) / parts, tf.cast(first + 1, t.dtype) / parts
+            by_point = tf.transpose(table, [1, 2, 0])  # [C, E, P]
+            g_lo = tf.gather(by_point, first[..., None], batch_dims=2)[..., 0]
+            g_hi = tf.gather(by_point, first[..., None] + 1, batch_dims=2)[..., 0]
+            theta = _root(values_at, lo, hi, g_lo, g_hi, has, tf.abs(dt_e),
+                          few_ulps(tf.maximum(tf.abs(t_e), tf.abs(t_e + dt_e))))
+            # The first condition to cross wins.
+            theta = tf.where(has, theta, tf.constant(float("inf"), t.dtype))
+            index = tf.argmin(theta, axis=0, output_type=tf.int32)
+            theta_star = tf.reduce_min(theta, axis=0)
+            fired = tf.reduce_any(has, axis=0)
+            theta_star = tf.where(fired, theta_star, tf.zeros_like(theta_star))
+            t_star = tf.stop_gradient(t_e + theta_star * dt_e)
+            # The state at the fixed time t*: a function of the step (naive backpropagation
+            # through the loop differentiates it, as ACA's replay does), not of the root. Its
+            # value is the one the root finder judged past the crossing (theta* itself, not
+            # theta* rounded through t*), so that a solve restarted from it does not find the
+            # same crossing again.
+            safe_dt = tf.where(tf.equal(dt_e, 0), tf.ones_like(dt_e), dt_e)
+            at = (t_star - t_e) / safe_dt
+            at = tf.where(fired, theta_star + (at - tf.stop_gradient(at)), tf.zeros_like(t_e))
+            at_rows = at if by_batch else at[:1]
+            values = _outputs.interpolate(y, coeffs, dt_rows, at_rows[:, None], by_batch)
+            rates = _rates(coeffs, at_rows)
+            keep = lambda new, old: tf.where(  # noqa: E731
+                _outputs.expand((fired if by_batch else fired[:1])[:, None], new[:, None])[:, 0],
+                new, old)
+            return Found(
+                g=g_now, t=tf.where(fired, t_star, found.t),
+                y=[keep(v[:, 0], old) for v, old in zip(values, found.y)],
+                slope=[keep(tf.reshape(r, tf.shape(old)), old) for r, old in zip(rates, found.slope)],
+                index=tf.where(fired, index, found.index),
+                entry=tf.where(fired, entry * tf.ones_like(found.entry), found.entry),
+            ), fired
 
-    def nothing():
-        return found._replace(g=g_now), tf.zeros_like(live)
+        def nothing():
+            return found._replace(g=g_now), tf.zeros_like(live)
 
-    return tf.cond(tf.reduce_any(crossing), search, nothing)
+        return tf.cond(tf.reduce_any(crossing), search, nothing)
+
+    # Nothing to check where no lane that has not fired accepted its trial.
+    return tf.cond(tf.reduce_any(live), check, lambda: (found, tf.zeros_like(live)))
 
 
 def _rates(coeffs, theta_rows):

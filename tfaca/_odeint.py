@@ -329,6 +329,16 @@ def solve(
             starts just after it, so no step straddles a jump, and `gradient="mali"`
             refuses such a path. The smooth paths' (Hermite, cubic) knots are left to
             the error control. See also `tfaca.cdeint`.
+        event: a `tfaca.Event`: the solve ends where its condition `condition(t, y,
+            *args)` crosses zero (per sample when it returns one value per sample:
+            each sample stops at its own with `per_sample=True`; shared steps run until
+            every sample has had its own). The crossing is found on the accepted steps'
+            interpolants (checked at three interior points of each step too) to a few
+            ulps of time. Outputs asked for past a sample's event are its state there.
+            `Solution.event_t`, `event_y`, `event_index` report it, differentiable
+            (implicit function theorem at the crossing, with ACA's replay or naive
+            backpropagation; the adjoint and MALI refuse events), and `status` is
+            `Status.EVENT`. See docs/solving.md#events.
         method: a solver name (`"euler"`, `"midpoint"`, `"rk4"`, `"heun_euler"`, `"bosh3"`,
             `"dopri5"`, `"tsit5"`, `"alf"`), class or instance. Default `"dopri5"`.
             `"alf"` (`tfaca.ALF`, the asynchronous leapfrog) is the invertible solver
@@ -436,7 +446,8 @@ def solve(
     Returns:
         A `Solution` with `ts`, `ys` (structure of `y0`, leading axis `len(ts)`; with
         times per sample `(batch, n)`, `ys[k, b]` is sample `b` at `ts[b, k]`), `stats`,
-        `status` and `t_final`.
+        `status` and `t_final` (and with an `event`, `event_t`, `event_y`,
+        `event_index`).
 
     Raises:
         ValueError, TypeError: on bad arguments, naming the argument.
@@ -570,8 +581,9 @@ def solve(
             ys_flat, found = _events.finish(
                 detector, trajectory.found, ys_flat, ts, _last_times(ts, trajectory.found.t),
                 times_per_sample, args_flat)
-            outcome = dict(event_t=found.t, event_index=found.index, event_y=tf.nest.pack_sequence_as(
-                y0, [tf.cast(y, y_dtype) for y in found.y]))
+            outcome = dict(event_t=found.t, event_index=found.index,
+                           event_y=tf.nest.pack_sequence_as(
+                               y0, [tf.cast(y, y_dtype) for y in found.y]))
         ys_flat = [tf.cast(y, y_dtype) for y in ys_flat]
         return Solution(
             ts=ts,
