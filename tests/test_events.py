@@ -278,11 +278,116 @@ def test_a_solve_restarted_from_its_event_state_does_not_find_it_again():
     np.testing.assert_allclose(found, [np.pi, 3 * np.pi, 5 * np.pi], rtol=1e-9)
 
 
+# --------------------------------------------------------------------------------------
+# Several crossings: max_events, terminal=False
+# --------------------------------------------------------------------------------------
+
+
+def oscillator(omega):
+    """y = (x, v), x'' = -omega^2 x: x = sin(omega t) / omega from (0, 1)."""
+    return lambda t, y: tf.stack([y[..., 1], -omega ** 2 * y[..., 0]], axis=-1)
+
+
+@pytest.mark.parametrize("gradient", ["aca", "naive"])
+@pytest.mark.slow_variants
+def test_non_terminal_events_record_each_crossing_with_its_gradient(gradient):
+    omega = tf.Variable(1.3, dtype=F64)
+    ev = tfaca.Event(lambda t, y: y[0], terminal=False, max_events=4)
+    ts = np.linspace(0.0, 8.0, 17)
+
+    @tf.function
+    def run():
+        with tf.GradientTape() as tape:
+            sol = tfaca.solve(oscillator(omega), f64([0.0, 1.0]), ts, event=ev,
+                              gradient=gradient, **TIGHT)
+            loss = tf.reduce_sum(sol.event_t[:3] * [1.0, 2.0, 3.0])
+        return sol, tape.gradient(loss, omega)
+
+    sol, d_omega = run()
+    w = 1.3
+    # Zeros of sin(w t) after 0 within [0, 8]: pi/w, 2 pi/w, 3 pi/w (9.67 is past the end).
+    np.testing.assert_allclose(sol.event_t[:3], np.pi * np.arange(1, 4) / w, rtol=1e-10)
+    assert float(sol.event_t[3]) == 8.0
+    np.testing.assert_array_equal(sol.event_index, [0, 0, 0, -1])
+    assert tfaca.Status(int(sol.status)) == tfaca.Status.SUCCESS
+    # Non-terminal: the outputs are the solve's own, not replaced.
+    np.testing.assert_allclose(sol.ys[:, 0], np.sin(w * ts) / w, atol=1e-9)
+    # dt_k/domega = -k pi / omega^2
+    expected = -np.pi * (1 + 4 + 9) / w ** 2
+    np.testing.assert_allclose(d_omega, expected, rtol=1e-8)
+    np.testing.assert_allclose(sol.event_y[:3, 1], np.cos(np.pi * np.arange(1, 4)), atol=1e-9)
+
+
+def test_several_crossings_inside_one_step_fill_several_slots():
+    ev = tfaca.Event(lambda t, y: (y[0] - 0.3) * (y[0] - 0.6), terminal=False, max_events=3)
+    sol = tfaca.solve(lambda t, y: tf.ones_like(y), f64([0.0]), [0.0, 1.0], event=ev,
+                      first_step=1.0)
+    assert int(sol.stats.num_steps) == 1
+    np.testing.assert_allclose(sol.event_t, [0.3, 0.6, 1.0], rtol=1e-14)
+    np.testing.assert_array_equal(sol.event_index, [0, 0, -1])
+
+
+def test_terminal_event_after_several_crossings_per_sample():
+    """terminal=True with max_events=2: each sample ends at its second crossing, its
+    outputs past it are its state there; shapes carry the slots after the batch."""
+    omegas = f64([1.0, 2.0])
+    func = lambda t, y: tf.stack([y[:, 1], -omegas ** 2 * y[:, 0]], axis=1)  # noqa: E731
+    ev = tfaca.Event(lambda t, y: y[:, 0], max_events=2)
+    ts = np.linspace(0.0, 8.0, 17)
+    y0 = f64([[0.0, 1.0], [0.0, 1.0]])
+    for per_sample in (False, True):
+        sol = tf.function(lambda: tfaca.solve(func, y0, ts, event=ev, per_sample=per_sample,
+                                              **TIGHT))()
+        assert sol.event_t.shape == (2, 2) and sol.event_y.shape == (2, 2, 2)
+        exact = np.pi * np.array([[1, 2], [0.5, 1.0]])
+        np.testing.assert_allclose(sol.event_t, exact, rtol=1e-10)
+        ys = sol.ys.numpy()
+        for b in range(2):
+            past = ts > exact[b, 1]
+            np.testing.assert_array_equal(ys[past, b],
+                                          np.broadcast_to(sol.event_y[b, 1], (past.sum(), 2)))
+        status = tfaca.Status.name_of(sol.status)
+        assert status == (["EVENT", "EVENT"] if per_sample else "EVENT")
+
+
+@pytest.mark.parametrize("per_sample", [True, False])
+@pytest.mark.slow_variants
+def test_aca_equals_naive_through_the_same_steps_with_several_events(per_sample):
+    omega, damping = tf.Variable(1.7, dtype=F64), tf.Variable(0.2, dtype=F64)
+    func = lambda t, y: tf.stack(  # noqa: E731
+        [y[:, 1], -omega ** 2 * tf.sin(y[:, 0]) - damping * y[:, 1]], axis=1)
+    ev = tfaca.Event(lambda t, y: (y[:, 0] - 0.1, y[:, 1]), direction=(1, -1), terminal=False,
+                     max_events=5)
+    y0 = f64([[0.0, 1.5], [0.5, -1.0]])
+    grads = []
+    for gradient in ("naive", "aca", tfaca.ACAGradient(checkpoints=3)):
+        @tf.function
+        def run():
+            with tf.GradientTape() as tape:
+                tape.watch(y0)
+                sol = tfaca.solve(func, y0, np.linspace(0, 6.0, 5), event=ev,
+                                  per_sample=per_sample, gradient=gradient, step_size=0.1)
+                loss = (tf.reduce_sum(tf.cos(sol.event_t)) + tf.reduce_sum(sol.event_y ** 2)
+                        + tf.reduce_sum(sol.ys))
+            return sol, tape.gradient(loss, [y0, omega, damping])
+
+        sol, got = run()
+        grads.append(got)
+    assert int(tf.reduce_sum(tf.cast(sol.event_index >= 0, tf.int32))) >= 6
+    for got in grads[1:]:
+        for a, b in zip(got, grads[0]):
+            np.testing.assert_allclose(a, b, rtol=1e-10)
+
+
 def test_bad_events_are_refused_naming_the_argument():
     with pytest.raises(ValueError, match="direction"):
         tfaca.Event(lambda t, y: y, direction=2)
-    with pytest.raises(ValueError, match="terminal"):
+    with pytest.raises(ValueError, match="max_events"):
         tfaca.Event(lambda t, y: y, terminal=False)
+    with pytest.raises(ValueError, match="max_events"):
+        tfaca.Event(lambda t, y: y, max_events=0)
+    with pytest.raises(ValueError, match="terminal"):
+        tfaca.Event(lambda t, y: y, terminal=1)
     with pytest.raises(TypeError, match="condition"):
         tfaca.Event(3.0)
     with pytest.raises(ValueError, match="gradient"):
@@ -342,3 +447,17 @@ def test_layer_learns_gravity_from_hitting_times_saves_and_serves(tmp_path):
     np.testing.assert_allclose(served.serve(x), predicted, rtol=1e-6)
     with pytest.raises(ValueError, match="return_event_time"):
         tfaca.ODELayer(Gravity(), return_event_time=True)
+
+
+def test_layer_with_several_events_returns_a_slot_axis_and_keeps_it_in_its_config():
+    event = tfaca.Event(height, direction=0, terminal=False, max_events=3)
+    layer = tfaca.ODELayer(Gravity(), t=(0.0, 2.0), event=event, return_event_time=True,
+                           rtol=1e-6, atol=1e-8)
+    x = np.array([[2.0, 0.0], [0.5, 1.0]], "float32")
+    _, t_hit = layer(x)
+    assert t_hit.shape == (2, 3) and layer.compute_output_shape((2, 2))[1] == (2, 3)
+    # g starts at 5: the drops hit at sqrt(2 h / g), then fall on to t = 2.
+    np.testing.assert_allclose(t_hit[0], [np.sqrt(0.8), 2.0, 2.0], rtol=1e-5)
+    revived = tfaca.ODELayer.from_config(layer.get_config())
+    assert (revived.event.terminal, revived.event.max_events, revived.event.direction) == (
+        False, 3, 0)

@@ -250,8 +250,8 @@ class ODELayer(keras.layers.Layer):
             `keras.saving.register_keras_serializable`). Needs `gradient="aca"` (default)
             or `"naive"`.
         return_event_time: with an `event`, return `[outputs, event_time]`, the second
-            `(batch,)`: each sample's event time (its last time where it had none),
-            differentiable.
+            `(batch,)` (`(batch, max_events)` with `max_events`): each sample's event
+            time (its last time where it had none), differentiable.
         precision: `"float32"` (default): a float32 layer turns TensorFlow's
             TensorFloat-32 off for the process when it first solves, so that matrix
             products and convolutions on Ampere and newer GPUs keep float32's precision
@@ -573,7 +573,12 @@ class ODELayer(keras.layers.Layer):
             out = tf.transpose(ys, [1, 0] + list(range(2, len(ys.shape))))
         if self.return_event_time:
             # One time per sample (a scalar condition's, the batch's, broadcast).
-            return [out, tf.broadcast_to(tf.cast(sol.event_t, out.dtype), tf.shape(y0)[:1])]
+            t_event, batch = tf.cast(sol.event_t, out.dtype), tf.shape(y0)[:1]
+            if self.event.max_events is None:
+                t_event = tf.broadcast_to(t_event, batch)
+            elif t_event.shape.rank == 1:
+                t_event = tf.broadcast_to(t_event[None], tf.concat([batch, tf.shape(t_event)], 0))
+            return [out, t_event]
         return out
 
     def compute_output_shape(self, input_shape):
@@ -588,7 +593,10 @@ class ODELayer(keras.layers.Layer):
         state_shape = tuple(state_shape)
         out = state_shape if not self.return_sequences else (
             (state_shape[0], num_times) + state_shape[1:])
-        return [out, (state_shape[0],)] if self.return_event_time else out
+        if not self.return_event_time:
+            return out
+        slots = () if self.event.max_events is None else (self.event.max_events,)
+        return [out, (state_shape[0],) + slots]
 
     def get_config(self):
         config = {
@@ -599,7 +607,8 @@ class ODELayer(keras.layers.Layer):
             "control": self.control,
             "event": None if self.event is None else {
                 "condition": keras.saving.serialize_keras_object(self.event.condition),
-                "direction": self.event.direction},
+                "direction": self.event.direction, "terminal": self.event.terminal,
+                "max_events": self.event.max_events},
             "return_event_time": self.return_event_time,
         }
         base_config = super().get_config()
@@ -614,7 +623,7 @@ class ODELayer(keras.layers.Layer):
             condition = keras.saving.deserialize_keras_object(event.pop("condition"))
             direction = event.pop("direction")
             config["event"] = Event(condition, tuple(direction) if isinstance(
-                direction, list) else direction)
+                direction, list) else direction, **event)
         return cls(**config)
 
 

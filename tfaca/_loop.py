@@ -360,7 +360,7 @@ def integrate(solver, controller, func, stops, y0, *, step_size, first_step, max
     found = ()
     if event is not None:
         found = _events.start(event.values(groups.lane(t0), y0), t0, y0, event.by_batch,
-                              _lanes(groups))
+                              _lanes(groups), event.slots)
     body = _body(solver, controller, func, groups, stop, next_stop, few_ulps, adaptive, save,
                  buffer, on_land, restarts, states, max_steps, num_stops, dtype, jump_at, sign,
                  event)
@@ -532,14 +532,14 @@ def _body(solver, controller, func, groups, stop, next_stop, few_ulps, adaptive,
         if event is not None:
             lanes_of = _lanes(groups)
             lane_time = (lambda t: t) if event.by_batch else (lambda t: t[0])
-            found, _ = _events.detect(
+            found = _events.detect(
                 event, solver, s.found, t=s.t, dt=dt, y=s.y, y1=y1, stages=dense_stages,
                 accept=accept, entry=s.entries, lanes_of=lanes_of, lane_time=lane_time,
                 few_ulps=few_ulps)
-            fired = found.index >= 0
-            if groups.shared:  # the shared steps end once every lane has fired
-                fired = tf.reshape(tf.reduce_all(fired) & (tf.size(fired) > 0), [1])
-            status = tf.where(fired, int(Status.EVENT), status)
+            ended = event.ended(found)
+            if groups.shared:  # the shared steps end once every lane's event has ended it
+                ended = tf.reshape(tf.reduce_all(ended) & (tf.size(ended) > 0), [1])
+            status = tf.where(ended, int(Status.EVENT), status)
         rejected = tf.logical_not(accept) & active
         return (_State(
             t=t_new, dt=dt_next, y=y_new, f=f_new, i_out=i_out, k=k, num_trials=num_trials,

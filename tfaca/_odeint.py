@@ -579,8 +579,8 @@ def solve(
         outcome = {}
         if detector is not None:
             ys_flat, found = _events.finish(
-                detector, trajectory.found, ys_flat, ts, _last_times(ts, trajectory.found.t),
-                times_per_sample, args_flat)
+                detector, trajectory.found, ys_flat, ts, _last_times(ts, trajectory.found.t[0]),
+                times_per_sample, args_flat, stacked=event.max_events is not None)
             outcome = dict(event_t=found.t, event_index=found.index,
                            event_y=tf.nest.pack_sequence_as(
                                y0, [tf.cast(y, y_dtype) for y in found.y]))

@@ -182,7 +182,7 @@ class ACAGradient(AbstractGradient):
             replay_fevals += 1  # the last step's last stage (`_end_stage`)
         if event is not None:
             # Each entry holding events rebuilds its interpolant's stages once more.
-            entries = tf.sort(trajectory.found.entry)
+            entries = tf.sort(tf.reshape(trajectory.found.entry, [-1]))
             first = tf.concat([[True], entries[1:] != entries[:-1]], 0)[:tf.size(entries)]
             distinct = tf.reduce_sum(tf.cast(first & (entries >= 0), tf.int32))
             replay_fevals += tf.cast(distinct, replay_fevals.dtype) * (
@@ -221,27 +221,29 @@ def _last_stage_cotangent(solver, setting, cp, i, sums, like):
 
 
 def _event_term(solver, f, groups, events, i, t, dt, y, f0):
-    """`sum <g_e, y_e(t*_e)>` over the lanes `e` whose event lies in entry `i`: the event
-    states as the step's interpolant at the fixed event times, under the replay's tape
-    (the stages rebuilt, the last one, `f(t_{i+1}, y_{i+1})`, included). `events`:
-    `(t* [E], entry [E], cotangents by rows, by_batch)`."""
-    event_t, entry, g_rows, by_batch = events
+    """`sum <g, y(t*)>` over the events that lie in entry `i`: their states as the step's
+    interpolant at the fixed event times, under the replay's tape (the stages rebuilt, the
+    last one, `f(t_{i+1}, y_{i+1})`, included). `events`: `(t* [K, E], entry [K, E],
+    cotangents [K, R, ...] per component, by_batch)`, `K` slots per lane."""
+    event_t, entry, g_slots, by_batch = events
     here = tf.equal(entry, i)
 
     def term():
-        num = tf.shape(event_t)[0]
+        num = tf.shape(event_t)[1]
         lanes = (lambda v: v) if not groups.shared else (lambda v: tf.broadcast_to(v, [num]))
-        rows_of = (lambda v: v) if by_batch else (lambda v: v[:1])
         t_e, dt_e = lanes(t), lanes(dt)
         y1, k = solver.replay_stages(f, groups.lane(t), y, f0, groups.lane(dt))
         coeffs = _outputs.coefficients(solver, k + [f(groups.lane(t + dt), y1)], by_batch)
         safe = tf.where(tf.equal(dt_e, 0), tf.ones_like(dt_e), dt_e)
-        theta = tf.where(here, (event_t - t_e) / safe, tf.zeros_like(t_e))
-        values = _outputs.interpolate(y, coeffs, rows_of(dt_e), rows_of(theta)[:, None], by_batch)
+        theta = tf.where(here, (event_t - t_e[None]) / safe[None], tf.zeros_like(event_t))
+        # By rows, each slot an output of its row: [R, K].
+        rows_of = (lambda v: tf.transpose(v)) if by_batch else (lambda v: tf.transpose(v[:, :1]))
+        values = _outputs.interpolate(y, coeffs, dt_e if by_batch else dt_e[:1], rows_of(theta),
+                                      by_batch)
         total = tf.zeros([], t.dtype)
-        for v, g in zip(values, g_rows):
-            v = v[:, 0]
-            mask = _outputs.expand(rows_of(here)[:, None], v[:, None])[:, 0]
+        for v, g in zip(values, g_slots):
+            g = tf.reshape(tf.transpose(g, [1, 0] + list(range(2, g.shape.rank))), tf.shape(v))
+            mask = _outputs.expand(rows_of(here), v)
             total += tf.reduce_sum(tf.where(mask, g * v, tf.zeros_like(v)))
         return total
 
