@@ -1,32 +1,38 @@
 """Events: where a condition of the solution crosses zero, found on the accepted steps'
-interpolants; a terminal event ends the solve there, and its time and state are
+interpolants; a terminal event ends the solve there, and the events' times and states are
 differentiable (the implicit function theorem at the crossing, composed with the gradient
 strategy's own gradient of the state at a fixed time).
 
 *Lanes.* A condition returns a scalar, or one value per sample (`(batch,)`, the state's
-leading axis being the batch): the *lanes*, `E` of them, each with its own event. With
+leading axis being the batch): the *lanes*, `E` of them, each with its own events. With
 per-sample steps a lane is a group of the loop (`_loop.Groups`), which stops at its
-event; with shared steps, every lane's event is found inside the shared steps, and the
-solve stops once every lane has had its own (a lane that has fired keeps being
+event; with shared steps, every lane's events are found inside the shared steps, and the
+solve stops once every lane's terminal event has come (a lane that has ended keeps being
 integrated with the others, its outputs after the event being its event state).
+
+*Slots.* Each lane records its first `K` crossings (`Event(max_events=K)`, 1 by default),
+in `[K, E]` tensors: a static shape, under XLA too. A terminal event ends a lane at its
+`K`-th crossing; a non-terminal one records up to `K` and goes on.
 
 *Detection* (`detect`, in the loop, after every accepted step): the condition is
 evaluated at the step's end and at `INTERIOR` points of its interpolant, so that a pair of
 crossings inside one step (a condition that dips below zero and back) is seen; the first
-sub-interval whose ends have a sign change in the event's direction brackets the root.
+sub-interval whose ends have a sign change in the event's direction brackets the root,
+and with slots left the search goes on from that crossing to the step's end.
 *Root finding* (`_root`): the Illinois variant of regula falsi on the interpolant, a
 bisection every fourth iteration, until the bracket is a few ulps of time wide, so the
 event time is the crossing of the interpolant to rounding. A sign change needs a strictly
 signed start: a condition that is zero where a step starts (a ball on the ground at the
 start) does not fire until it has left zero and crossed again.
 
-*Gradients* (`differentiable`): the strategy returns the event state `y*` as the state at
-the fixed time `t*` (ACA replays the event's step and pulls its cotangent back through the
-same interpolant, `_aca`; naive backpropagation differentiates the loop). The event time
-then follows from `g(t*, y(t*)) = 0`: `dt* = -(dg/dtheta + dg/dy dy/dtheta) / (dg/dt +
-dg/dy y')` with `y'` the interpolant's derivative at `t*` (what the root is a root of), and
-`dy* = dy(t*) + y' dt*`. Both are written as one Newton step of zero size, so that every
-input of `g` and of `y(t*)` gets its gradient from TensorFlow's own differentiation.
+*Gradients* (`finish`, `_implicit`): the strategy returns each event's state `y*` as the
+state at the fixed time `t*` (ACA replays the event's step and pulls its cotangent back
+through the same interpolant, `_aca._event_term`; naive backpropagation differentiates
+the loop, where only that interpolation depends on the step). The event time then follows
+from `g(t*, y(t*)) = 0`: `dt* = -(dg/dtheta + dg/dy dy/dtheta) / (dg/dt + dg/dy y')` with
+`y'` the interpolant's derivative at `t*` (what the root is a root of), and `dy* = dy(t*)
++ y' dt*`. Both are written as one Newton step of zero size, so that every input of `g`
+and of `y(t*)` gets its gradient from TensorFlow's own differentiation.
 """
 
 import numbers
