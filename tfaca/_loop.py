@@ -13,7 +13,9 @@ start at the first stop with `f0 = func(t0, y0)` and a first step `dt`; repeat
    output time inside it is read from the step's own continuous extension (Dopri5's and
    Tsit5's fourth-order one, cubic Hermite for the others), evaluated there from the
    step's stages, in an inner loop over those outputs (diffrax's `SaveAt(ts=...)`);
-5. propose the next `dt` from the error ratio.
+5. propose the next `dt` from the error ratio;
+6. with an event, look for its condition's crossings on the accepted step's interpolant
+   (`_events.detect`), and end the groups whose terminal event has come.
 
 *Groups.* The stepping state (time, step size, error ratio, acceptance, status, the
 next stop) carries a leading axis of `G` groups, broadcast over the state: `G = 1`
@@ -293,7 +295,8 @@ def integrate(solver, controller, func, stops, y0, *, step_size, first_step, max
         event: None, or an `_events.Detector` (its args bound): after each accepted
             step its conditions are checked on the step's interpolant; a lane whose
             condition crosses records its event (`Trajectory.found`), and a group whose
-            lanes have all fired ends with `Status.EVENT` (see `_events`).
+            lanes' terminal events have all come ends with `Status.EVENT` (see
+            `_events`).
 
     Returns:
         A `Trajectory`; its `checkpoints` are set when `record`.
