@@ -192,6 +192,7 @@ def test_aca_equals_naive_backpropagation_through_the_same_steps(per_sample, met
             np.testing.assert_allclose(a, b, rtol=1e-10, err_msg=name)
 
 
+@pytest.mark.slow  # 14 s; the quick suite checks the gradients against analytic ones
 def test_event_gradients_match_finite_differences():
     @tf.function
     def event_state(k, c):
