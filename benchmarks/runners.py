@@ -77,7 +77,7 @@ class TfacaRunner:
     op through TensorFlow's executor (tfaca before issue 12)."""
 
     def __init__(self, problem, mode, dtype="float32", rtol=None, atol=None, max_steps=None,
-                 jit_compile="auto"):
+                 jit_compile="auto", controller=None):
         import tensorflow as tf
 
         import tfaca
@@ -105,7 +105,8 @@ class TfacaRunner:
                   rtol=rtol or (MALI_TOL["rtol"] if mali else spec["rtol"]),
                   atol=atol or (MALI_TOL["atol"] if mali else spec["atol"]),
                   max_steps=max_steps or (MALI_MAX_STEPS[field(problem)] if mali else spec["max_steps"]),
-                  jit_compile=False if mode == "aca_nojit" else jit_compile)
+                  jit_compile=False if mode == "aca_nojit" else jit_compile,
+                  controller=controller)
         self.tolerances = (kw["rtol"], kw["atol"])
         strategy = tfaca.AdjointGradient() if self.gradient_mode == "adjoint" else self.gradient_mode
         self.checkpoints = self.full_aca_steps = None

@@ -153,10 +153,12 @@ def test_configs_of_today_load_and_save_the_same(name):
     saved = layer.get_config()
     assert {k: saved[k] for k in TODAY[name]} == TODAY[name]
     # and the options declared since (issue 28's precision, issue 29's control, issue
-    # 30's events), at their defaults
-    assert set(saved) == set(config) | {"precision", "control", "event", "return_event_time"}
+    # 30's events, issue 31's controller), at their defaults
+    assert set(saved) == set(config) | {"precision", "control", "event", "return_event_time",
+                                        "controller"}
     assert saved["precision"] == "float32" and saved["control"] is None
     assert saved["event"] is None and saved["return_event_time"] is False
+    assert saved["controller"] is None
 
 
 def test_configs_older_than_an_option_load_with_its_default():

@@ -2,7 +2,7 @@
 memory-light gradients by the adaptive checkpoint adjoint (ACA) method."""
 
 from tfaca._cde import cdeint, solve_cde
-from tfaca._control import StepSizeController
+from tfaca._control import PIDController, StepSizeController
 from tfaca._gradients import (
     AbstractGradient,
     ACAGradient,
@@ -55,6 +55,7 @@ __all__ = [
     "NaiveGradient",
     "ODELayer",
     "ODERNNCell",
+    "PIDController",
     "RK4",
     "RectilinearPath",
     "Solution",

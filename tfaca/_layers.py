@@ -190,6 +190,9 @@ class ODELayer(keras.layers.Layer):
         factor_min, factor_max: bounds on the factor by which one step may shrink or
             grow the next, which keeps a poor error estimate from collapsing or blowing
             up the step size. Defaults 0.2 and 10, as scipy and torchdiffeq.
+        controller: None (default, the integral controller) or a
+            `tfaca.PIDController(pcoeff, icoeff, dcoeff)` (see `tfaca.solve`); saved in
+            the config as its coefficients.
         throw: if True (default) a failed solve (`max_steps` reached, step underflow,
             non-finite state) raises, since its outputs (NaN after the failure) would
             silently spoil the training; `tfaca.SolveError` eagerly,
@@ -361,6 +364,7 @@ class ODELayer(keras.layers.Layer):
         safety=0.9,
         factor_min=0.2,
         factor_max=10.0,
+        controller=None,
         throw=True,
         return_sequences=False,
         interpolate=True,

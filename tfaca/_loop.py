@@ -117,6 +117,7 @@ class _State(NamedTuple):
     record: Any  # dict of the checkpoint buffers, or {}
     entries: Any  # scalar: checkpoint entries written (iterations that accepted)
     found: Any  # with an event, its `_events.Found`, else ()
+    history: Any  # a PID controller's last accepted error ratios ([2, G]), else ()
 
 
 def graph_assert(condition, data, summarize=3):
@@ -380,6 +381,7 @@ def integrate(solver, controller, func, stops, y0, *, step_size, first_step, max
                         tf.where(f0_finite, _RUNNING, int(Status.NONFINITE))),
         outputs=() if buffer is None else buffer.arrays, saved=saved, record=recorded,
         entries=tf.constant(0, tf.int32), found=found,
+        history=controller.history(t0) if adaptive else (),
     )
     # With restarts, `max_steps` trials per interval (the status stops each one).
     bound = max_steps * tf.maximum(num_stops - 1, 1) if restart else max_steps
@@ -445,7 +447,7 @@ def _body(solver, controller, func, groups, stop, next_stop, few_ulps, adaptive,
             err = groups.grouped(controller.error_ratio(s.y, y1, y_error))
             accept = err <= 1.0  # False for NaN
             err_finite = tf.math.is_finite(err)
-            dt_next = controller.next_step(dt, err, solver.error_order)
+            dt_next = controller.next_step(dt, err, solver.error_order, s.history)
             # A step shortened to land on a stop says nothing against the longer step
             # proposed before it.
             longer = tf.abs(s.dt) > tf.abs(dt_next)
@@ -455,6 +457,7 @@ def _body(solver, controller, func, groups, stop, next_stop, few_ulps, adaptive,
             accept = err_finite
             dt_next = s.dt
         accept &= active
+        history = controller.remember(s.history, err, accept) if adaptive else ()
         dt_next = tf.where(active, dt_next, s.dt)
         y_new = groups.select(accept, y1, s.y)
         if fsal:
@@ -551,6 +554,7 @@ def _body(solver, controller, func, groups, stop, next_stop, few_ulps, adaptive,
             num_fevals=s.num_fevals + fevals, status=tf.where(active, status, s.status),
             outputs=outputs, saved=saved, record=record,
             entries=s.entries + tf.cast(tf.reduce_any(accept), tf.int32), found=found,
+            history=history,
         ),)
 
     return body

@@ -286,6 +286,7 @@ def solve(
     safety=0.9,
     factor_min=0.2,
     factor_max=10.0,
+    controller=None,
     interpolate=True,
     per_sample=False,
     throw=True,
@@ -377,6 +378,11 @@ def solve(
             multiple of the trials your problem takes (`Solution.stats`).
         safety, factor_min, factor_max: step-size controller parameters; defaults 0.9,
             0.2 and 10 as scipy and torchdiffeq.
+        controller: None (default): the integral step-size controller, as scipy,
+            torchdiffeq and TorchDiffEqPack; or a `tfaca.PIDController(pcoeff, icoeff,
+            dcoeff)`, whose update also reads the last two accepted steps' errors:
+            fewer rejected trials where the error estimate oscillates (mildly stiff
+            problems). `PIDController(0, 1, 0)` takes the integral controller's steps.
         interpolate: if True (default), the steps are chosen by the error control alone
             and each output between the start and the last time is read from the
             continuous extension of the accepted step it lies in (Dopri5's and Tsit5's
@@ -522,6 +528,7 @@ def solve(
             factor_max=opts.factor_max,
             max_step=None if opts.max_step is None else _as_tensor(opts.max_step, dtype),
             per_sample=per_sample,
+            **({} if opts.controller is None else opts.controller.config()),
         )
         f = _flat_func(func, y0_struct, args, len(args_flat), dtype)
         solver, strategy = opts.method, opts.gradient

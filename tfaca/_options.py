@@ -24,6 +24,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfaca import _jit
+from tfaca._control import PIDController
 from tfaca._gradients import _GRADIENTS, get_gradient
 from tfaca._solvers import _SOLVERS, get_solver
 
@@ -86,6 +87,17 @@ def _flag(name, value):
 
 def _as_given(name, value):
     return value
+
+
+def _controller(name, value):
+    """None (the integral controller), a `PIDController`, or a config's dict of one."""
+    if value is None or isinstance(value, PIDController):
+        return value
+    if isinstance(value, collections.abc.Mapping):
+        return PIDController(**value)
+    raise TypeError(
+        f"`{name}` must be None (the integral controller) or a tfaca.PIDController. "
+        f"Received: {name}={value!r}")
 
 
 def _precision(name, value):
@@ -183,6 +195,9 @@ class SolverOptions:
         0.2, _fraction, "the least factor by which one step may shrink the next, in (0, 1]")
     factor_max: Any = _option(
         10.0, _at_least_one, "the largest factor by which one step may grow the next, >= 1")
+    controller: Any = _option(
+        None, _controller, "None: the integral step-size controller; a `tfaca.PIDController`",
+        lambda value: None if value is None else value.config())
     interpolate: Any = _option(
         True, _flag, "True: outputs read from the accepted steps' continuous extensions; "
         "False: the solver steps onto every output time")
