@@ -138,6 +138,7 @@ def fixed_steps_gradients(cls, mode, **kwargs):
 @pytest.mark.parametrize("cls", PATHS)
 @pytest.mark.parametrize("per_sample", [False, True])
 @pytest.mark.slow_variants
+@pytest.mark.slow  # 14-23 s: the quick suite at CI's limit (stop 44)
 def test_aca_equals_backprop_through_the_same_steps(cls, per_sample):
     reference = fixed_steps_gradients(cls, "naive", per_sample=per_sample)
     for kwargs in (dict(), dict(jit_compile=True), dict(gradient=tfaca.ACAGradient(checkpoints=2))):
@@ -233,6 +234,7 @@ def test_per_sample_steps_and_times_equal_each_series_solved_alone(cls):
 
 @pytest.mark.parametrize("where", ["function", "xla"])
 @pytest.mark.slow_variants
+@pytest.mark.slow  # 14-23 s: the quick suite at CI's limit (stop 44)
 def test_controlled_solves_in_graphs_and_under_xla_match_eager(where):
     t, x = series()
     y0 = tf.constant([[1.0, 0.0], [0.0, 1.0]], tf.float64)
@@ -287,6 +289,7 @@ def test_bad_control_and_cde_arguments_name_what_was_received():
         tfaca.cdeint(lambda s, z: z, y0, tfaca.LinearPath(t, x), [0.0, 1.0])
 
 
+@pytest.mark.slow  # 14-23 s: the quick suite at CI's limit (stop 44)
 def test_eager_compiled_cde_solves_reuse_their_functions_across_paths():
     """Eager calls with `jit_compile=True` compile the forward loop and the replay once
     for one `func`, whatever the path's values (the wrappers `solve` makes per call around
@@ -321,6 +324,7 @@ def test_eager_compiled_cde_solves_reuse_their_functions_across_paths():
 
 @pytest.mark.parametrize("per_sample", [False, True])
 @pytest.mark.slow_variants
+@pytest.mark.slow  # 14-23 s: the quick suite at CI's limit (stop 44)
 def test_adjoint_reverse_solve_steps_onto_a_jumping_paths_knots(per_sample):
     """The adjoint's reverse solve stops at the knots of a linear path as the forward solve
     does (its dX/dt jumps there: the reverse solve steps to just after each knot and starts

@@ -93,6 +93,7 @@ def test_cde_layer_padding_mask_and_nan_and_each_series_alone():
     np.testing.assert_allclose(alone4.numpy()[0], out.numpy()[4], rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.slow  # 14-23 s: the quick suite at CI's limit (stop 44)
 def test_cde_layer_gradients_equal_backprop_through_the_same_steps():
     """ACA through the layer = backpropagation through the same (fixed) steps, for the
     weights of the field and of the initial layer and for the values (float64)."""
@@ -145,6 +146,7 @@ def test_ode_layer_with_a_control_is_odeint_with_the_input(keyword):
     np.testing.assert_allclose(out, np.moveaxis(ys, 0, 1), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.slow  # 14-23 s: the quick suite at CI's limit (stop 44)
 def test_ode_rnn_cell_evolves_then_updates_at_each_observation():
     """`keras.layers.RNN(ODERNNCell)`: between observations an ODE over the elapsed time,
     at each a GRU update; masked (padded) steps carry the state."""

@@ -68,6 +68,7 @@ def test_the_update_reads_the_last_two_accepted_errors():
     np.testing.assert_allclose(c.next_step(dt, err, order, history), 0.1 * factor, rtol=1e-14)
 
 
+@pytest.mark.slow  # 14-23 s: the quick suite at CI's limit (stop 44)
 def test_pid_gradients_replay_the_steps_taken():
     """ACA replays the accepted steps whatever chose them: its gradient equals the
     integral controller's where PID(0, 1, 0) took the same steps, and runs compiled."""
