@@ -145,6 +145,12 @@ class Found(NamedTuple):
     count: Any  # [E] int32: the slots filled
 
 
+def lanes_of(groups):
+    """`lanes(v, e)`: a `[G]` tensor of the loop's groups (`_loop.Groups`) as an event's
+    `[E]` lanes: itself per sample, the one group's value broadcast when shared."""
+    return (lambda v, e: v) if not groups.shared else (lambda v, e: tf.broadcast_to(v, [e]))
+
+
 def start(g0, t0, y0, by_batch, lanes_of, slots):
     """The `Found` of a solve at `(t0, y0)` (`[G]` times) whose conditions are `g0`
     (`[C, E]`) there: nothing fired."""

@@ -364,7 +364,7 @@ def integrate(solver, controller, func, stops, y0, *, step_size, first_step, max
     found = ()
     if event is not None:
         found = _events.start(event.values(groups.lane(t0), y0), t0, y0, event.by_batch,
-                              _lanes(groups), event.slots)
+                              _events.lanes_of(groups), event.slots)
     body = _body(solver, controller, func, groups, stop, next_stop, few_ulps, adaptive, save,
                  buffer, on_land, restarts, states, max_steps, num_stops, dtype, jump_at, sign,
                  event)
@@ -420,11 +420,6 @@ def _read_outputs(state, buffer, save, first, y0):
         y = tf.where(_outputs.expand(reached, y), y, tf.constant(float("nan"), y.dtype))
         out.append(y if buffer.by_batch else y[:, 0])
     return out
-
-
-def _lanes(groups):
-    """`lanes_of(v, e)`: a `[G]` tensor as the `[E]` lanes of an event (`_events`)."""
-    return (lambda v, e: v) if not groups.shared else (lambda v, e: tf.broadcast_to(v, [e]))
 
 
 def _body(solver, controller, func, groups, stop, next_stop, few_ulps, adaptive, save, buffer,
@@ -536,7 +531,7 @@ def _body(solver, controller, func, groups, stop, next_stop, few_ulps, adaptive,
                      tf.where(num_trials >= max_steps, int(Status.MAX_STEPS_REACHED), _RUNNING)))
         found = s.found
         if event is not None:
-            lanes_of = _lanes(groups)
+            lanes_of = _events.lanes_of(groups)
             lane_time = (lambda t: t) if event.by_batch else (lambda t: t[0])
             found = _events.detect(
                 event, solver, s.found, t=s.t, dt=dt, y=s.y, y1=y1, stages=dense_stages,

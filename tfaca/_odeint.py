@@ -606,7 +606,7 @@ def _last_times(ts, like):
     """Each event lane's last output time (`like`: `[E]`): where a lane without an event
     ends."""
     if ts.shape.rank == 2:
-        return tf.gather(ts, _outputs.last_real(ts), batch_dims=1)
+        return _outputs.last_times(ts)
     return tf.broadcast_to(ts[-1], tf.shape(like))
 
 

@@ -76,7 +76,7 @@ def plan(ts, interpolate, per_sample=False):
     if ts.shape.rank == 2:
         # Each row's last real time (padding repeats it, and the caller cuts padding
         # from the gradient): the end of a solve is a function of it.
-        last = tf.gather(ts, last_real(ts), batch_dims=1)
+        last = last_times(ts)
     if ts.shape.rank == 2 and per_sample:
         if not interpolate:
             return Plan(stops=ts, ts=None)
@@ -147,6 +147,11 @@ def output_rows(plan, per_sample, batch):
 def common_start(ts):
     """`ts[0, 0]` of 2-D times (every row starts there), and 0 for an empty batch."""
     return tf.reduce_sum(ts[:1, 0])
+
+
+def last_times(ts):
+    """`[batch]`: each row's last time that is not a repeat (where its solve ends)."""
+    return tf.gather(ts, last_real(ts), batch_dims=1)
 
 
 def last_real(ts):

@@ -48,7 +48,7 @@ from typing import Any, NamedTuple
 
 import tensorflow as tf
 
-from tfaca import _outputs, _record
+from tfaca import _events, _outputs, _record
 from tfaca._gradients._base import (
     SECOND_ORDER, AbstractGradient, accumulate, check_replay, compiled, differs, dot,
     forward_solve, loop_options, reproduction_tolerance, solve_with_custom_gradient,
@@ -229,9 +229,8 @@ def _event_term(solver, f, groups, events, i, t, dt, y, f0):
     here = tf.equal(entry, i)
 
     def term():
-        num = tf.shape(event_t)[1]
-        lanes = (lambda v: v) if not groups.shared else (lambda v: tf.broadcast_to(v, [num]))
-        t_e, dt_e = lanes(t), lanes(dt)
+        lanes, num = _events.lanes_of(groups), tf.shape(event_t)[1]
+        t_e, dt_e = lanes(t, num), lanes(dt, num)
         y1, k = solver.replay_stages(f, groups.lane(t), y, f0, groups.lane(dt))
         coeffs = _outputs.coefficients(solver, k + [f(groups.lane(t + dt), y1)], by_batch)
         safe = tf.where(tf.equal(dt_e, 0), tf.ones_like(dt_e), dt_e)
