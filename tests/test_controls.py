@@ -87,7 +87,7 @@ def _jumped_steps(path, ts, **solve_kwargs):
     func = lambda t, z: tf.tanh(z)[:, :, None] * tf.ones([1, 1, path.channels], z.dtype)  # noqa: E731
     z0 = tf.constant([[0.3, -0.2], [0.1, 0.4]], tf.float64)
     field = lambda t, y: [tf.linalg.matvec(func(t, y[0]), path.derivative(t))]  # noqa: E731
-    plan, jumps = _outputs.with_jumps(_outputs.plan(ts, True), path.times, False)
+    plan, jumps = _outputs.with_stops(_outputs.plan(ts, True), path.times, False)
     controller = tfaca.StepSizeController(rtol=[tf.constant(1e-6, tf.float64)],
                                           atol=[tf.constant(1e-8, tf.float64)])
     traj = _loop.integrate(tfaca.get_solver("dopri5"), controller, field, plan.stops, [z0],
@@ -268,7 +268,7 @@ def test_float32_control_and_state():
 def test_mali_refuses_a_path_whose_derivative_jumps_and_takes_a_smooth_one():
     t, x = series()
     y0 = tf.constant([[1.0, 0.0], [0.0, 1.0]], tf.float64)
-    with pytest.raises(ValueError, match='gradient="mali" cannot step onto the knots'):
+    with pytest.raises(ValueError, match='gradient="mali" cannot step across a time where .func. jumps'):
         tfaca.odeint(forced_oscillator, y0, [0.0, 1.0], control=tfaca.LinearPath(t, x),
                      method="alf", gradient="mali")
     ys = tfaca.odeint(forced_oscillator, y0, [0.0, 1.0], control=tfaca.CubicPath(t, x),

@@ -365,7 +365,7 @@ def _dynamics():
         (dict(gradient=tfaca.ACAGradient(checkpoints=3)), "dopri5",
          {"name": "aca", "checkpoints": 3}),
         (dict(gradient=tfaca.AdjointGradient(rtol=1e-6)), "dopri5",
-         {"name": "adjoint", "rtol": 1e-6, "atol": None, "max_steps": None}),
+         {"name": "adjoint", "rtol": 1e-6, "atol": None, "max_steps": None, "norm": "full"}),
     ],
     ids=["alf_mali", "aca_budget", "adjoint_options"],
 )

@@ -84,6 +84,13 @@ def test_options_are_checked_and_normalized():
         (dict(interpolate=None), TypeError, "`interpolate` must be True or False"),
         (dict(method="rk4"), ValueError, "`step_size` is required"),
         (dict(jit_compile=True, gradient="naive"), ValueError, "`jit_compile=True`"),
+        (dict(min_step=-1.0), ValueError, "`min_step` must be finite and > 0"),
+        (dict(min_step=0.5, max_step=0.1), ValueError, "`min_step` must not exceed `max_step`"),
+        (dict(force_min_step="yes"), TypeError, "`force_min_step` must be True or False"),
+        (dict(step_ts=[[[0.5]]]), ValueError, r"`step_ts` must be finite times of shape \(m,\)"),
+        (dict(jump_ts=[0.5, np.nan]), ValueError, "`jump_ts` must be finite times"),
+        (dict(jump_ts=np.ones((3, 1))), ValueError,
+         r"`jump_ts` of shape \(batch, m\) must have the batch of `y0`'s leading axis \(2\)"),
         (dict(precision="highest"), ValueError,
          "`precision` must be one of 'float32', 'tf32'. Received: precision='highest'"),
     ],
@@ -153,12 +160,15 @@ def test_configs_of_today_load_and_save_the_same(name):
     saved = layer.get_config()
     assert {k: saved[k] for k in TODAY[name]} == TODAY[name]
     # and the options declared since (issue 28's precision, issue 29's control, issue
-    # 30's events, issue 31's controller), at their defaults
+    # 30's events, issue 31's step control), at their defaults
     assert set(saved) == set(config) | {"precision", "control", "event", "return_event_time",
-                                        "controller"}
+                                        "controller", "min_step", "force_min_step",
+                                        "step_ts", "jump_ts"}
     assert saved["precision"] == "float32" and saved["control"] is None
     assert saved["event"] is None and saved["return_event_time"] is False
-    assert saved["controller"] is None
+    assert saved["controller"] is None and saved["min_step"] is None
+    assert saved["force_min_step"] is False
+    assert saved["step_ts"] is None and saved["jump_ts"] is None
 
 
 def test_configs_older_than_an_option_load_with_its_default():

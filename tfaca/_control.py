@@ -82,6 +82,13 @@ class StepSizeController:
         factor_min: the largest shrink per step (0.2, as those libraries).
         factor_max: the largest growth per step (10, as those libraries).
         max_step: an upper bound on `|dt|`, or `None`.
+        min_step: a lower bound on `|dt|` (a step that lands on a stop may be shorter),
+            or `None`. A trial of at most `min_step` that the error control rejects
+            ends the solve with `Status.DT_UNDERFLOW`, or, with `force_min_step`, is
+            accepted (`Stats.num_forced`) unless it is not finite.
+        force_min_step: see `min_step`.
+        measured: the error norm's components: `None`, all of them; an int `m`, the
+            first `m` (the adjoint's seminorm leaves the parameters' adjoint out).
         per_sample: whether the leading axis of every component is a batch of samples
             with a step size each: error ratios and first steps are then `[batch]`.
     """
@@ -92,6 +99,9 @@ class StepSizeController:
     factor_min: float = 0.2
     factor_max: float = 10.0
     max_step: float = None
+    min_step: float = None
+    force_min_step: bool = False
+    measured: int = None
     per_sample: bool = False
     pcoeff: float = 0.0
     icoeff: float = 1.0
@@ -121,7 +131,7 @@ class StepSizeController:
         over each sample's elements, `[batch]`)."""
         total = 0.0
         count = 0
-        for v, s, rtol, atol in zip(values, scale_from, self.rtol, self.atol):
+        for v, s, rtol, atol in zip(values[:self.measured], scale_from, self.rtol, self.atol):
             ratio = tf.square(v / (atol + rtol * s))
             if self.per_sample:
                 axes = list(range(1, ratio.shape.rank))
@@ -161,9 +171,19 @@ class StepSizeController:
         return self.clip(dt * factor)
 
     def clip(self, dt):
-        if self.max_step is None:
-            return dt
-        return tf.sign(dt) * tf.minimum(tf.abs(dt), self.max_step)
+        """`dt` within `[min_step, max_step]` in size."""
+        size = tf.abs(dt)
+        if self.max_step is not None:
+            size = tf.minimum(size, self.max_step)
+        if self.min_step is not None:
+            size = tf.maximum(size, self.min_step)
+        return tf.sign(dt) * size
+
+    def at_floor(self, dt):
+        """`[G]` bool: the trials no shorter step may follow (at most `min_step`)."""
+        if self.min_step is None:
+            return tf.zeros_like(dt, tf.bool)
+        return tf.abs(dt) <= self.min_step
 
     def first_step(self, func, t0, y0, f0, error_order, direction):
         """Automatic first step (Hairer–Nørsett–Wanner I, II.4; scipy's `select_initial_step`).

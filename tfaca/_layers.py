@@ -182,6 +182,18 @@ class ODELayer(keras.layers.Layer):
             control alone is the right judge of a smooth field. Bound it when the field
             has features in time shorter than the steps taken (the error estimate can
             step over them); it costs at least `|t1 - t0| / max_step` steps.
+        min_step: lower bound on the step size; default None. A step of `min_step` the
+            error control rejects fails the solve (`Status.DT_UNDERFLOW`, naming the
+            time), or, with `force_min_step=True`, is accepted and counted in
+            `stats.num_forced`.
+        force_min_step: see `min_step`; default False.
+        step_ts: times the solver steps onto, besides `t` (`(m,)`; see `tfaca.solve`);
+            saved in the config as a list.
+        jump_ts: times where the field jumps (a switched input or a dose at a known
+            time): a step ends just before each and the next starts just after it,
+            with the field evaluated afresh, so the error control does not reject a
+            cascade of trials there (`(m,)`; saved in the config as a list). Not with
+            `gradient="mali"`.
         max_steps: static bound on trial steps per solve (default 1000); it sizes the
             buffers, which under XLA are allocated whole.
         safety: the controller aims at `safety` times the step it predicts would just
@@ -360,6 +372,10 @@ class ODELayer(keras.layers.Layer):
         step_size=None,
         first_step=None,
         max_step=None,
+        min_step=None,
+        force_min_step=False,
+        step_ts=None,
+        jump_ts=None,
         max_steps=1000,
         safety=0.9,
         factor_min=0.2,

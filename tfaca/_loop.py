@@ -110,6 +110,7 @@ class _State(NamedTuple):
     num_trials: Any
     num_steps: Any
     num_rejected: Any
+    num_forced: Any  # trials at `min_step` accepted by force
     num_fevals: Any
     status: Any
     outputs: Any  # the output buffer's TensorArrays (`_outputs.Buffer`)
@@ -376,7 +377,7 @@ def integrate(solver, controller, func, stops, y0, *, step_size, first_step, max
     i_out = next_stop(zero)
     state = _State(
         t=t0, dt=dt0, y=list(y0), f=list(f0), i_out=i_out, k=zero, num_trials=zero,
-        num_steps=zero, num_rejected=zero, num_fevals=num_fevals,
+        num_steps=zero, num_rejected=zero, num_forced=zero, num_fevals=num_fevals,
         status=tf.where(i_out >= num_stops, int(Status.SUCCESS),
                         tf.where(f0_finite, _RUNNING, int(Status.NONFINITE))),
         outputs=() if buffer is None else buffer.arrays, saved=saved, record=recorded,
@@ -395,7 +396,7 @@ def integrate(solver, controller, func, stops, y0, *, step_size, first_step, max
     return Trajectory(
         ys=ys,
         stats=Stats(num_steps=lane(state.num_steps), num_rejected=lane(state.num_rejected),
-                    num_fevals=lane(state.num_fevals)),
+                    num_fevals=lane(state.num_fevals), num_forced=lane(state.num_forced)),
         status=lane(status), t_final=lane(state.t), checkpoints=checkpoints,
         y_final=list(state.y), found=state.found,
     )
@@ -442,6 +443,10 @@ def _body(solver, controller, func, groups, stop, next_stop, few_ulps, adaptive,
             err = groups.grouped(controller.error_ratio(s.y, y1, y_error))
             accept = err <= 1.0  # False for NaN
             err_finite = tf.math.is_finite(err)
+            # A trial at `min_step` that the control rejects: forced (if finite), or the end.
+            at_floor = controller.at_floor(dt) & active
+            forced = at_floor & err_finite & tf.logical_not(accept) & controller.force_min_step
+            accept |= forced
             dt_next = controller.next_step(dt, err, solver.error_order, s.history)
             # A step shortened to land on a stop says nothing against the longer step
             # proposed before it.
@@ -520,11 +525,13 @@ def _body(solver, controller, func, groups, stop, next_stop, few_ulps, adaptive,
             # the ulps of a distant stop (scipy's `min_step` is 10 ulps of t). Tested
             # after a rejection only: an accepted landing step may be a few ulps long and
             # is no failure. If the last trial was non-finite, that is the cause.
-            failed = tf.logical_not(accept) & (tf.abs(dt_next) <= few_ulps(tf.abs(t_new)))
+            failed = tf.logical_not(accept) & (
+                (tf.abs(dt_next) <= few_ulps(tf.abs(t_new))) | at_floor)
             failure = tf.where(err_finite, int(Status.DT_UNDERFLOW), int(Status.NONFINITE))
         else:
             failed = tf.logical_not(accept)
             failure = tf.constant(int(Status.NONFINITE))
+            forced = tf.zeros_like(accept)
         status = tf.where(
             i_out >= num_stops, int(Status.SUCCESS),
             tf.where(failed, failure,
@@ -546,6 +553,7 @@ def _body(solver, controller, func, groups, stop, next_stop, few_ulps, adaptive,
             t=t_new, dt=dt_next, y=y_new, f=f_new, i_out=i_out, k=k, num_trials=num_trials,
             num_steps=s.num_steps + tf.cast(accept, tf.int32),
             num_rejected=s.num_rejected + tf.cast(rejected, tf.int32),
+            num_forced=s.num_forced + tf.cast(forced, tf.int32),
             num_fevals=s.num_fevals + fevals, status=tf.where(active, status, s.status),
             outputs=outputs, saved=saved, record=record,
             entries=s.entries + tf.cast(tf.reduce_any(accept), tf.int32), found=found,

@@ -282,6 +282,10 @@ def solve(
     step_size=None,
     first_step=None,
     max_step=None,
+    min_step=None,
+    force_min_step=False,
+    step_ts=None,
+    jump_ts=None,
     max_steps=1000,
     safety=0.9,
     factor_min=0.2,
@@ -364,6 +368,29 @@ def solve(
         first_step: the first trial step; default: chosen automatically
             (Hairer–Nørsett–Wanner), at the cost of one evaluation of `func`.
         max_step: an upper bound on the step size; default unbounded.
+        min_step: a lower bound on the step size (default None: steps shrink until they
+            no longer advance time, `Status.DT_UNDERFLOW`). A trial of `min_step` (or a
+            shorter one landing on a stop) that the error control rejects ends the
+            solve with `Status.DT_UNDERFLOW` and the time it reached, unless
+            `force_min_step`.
+        force_min_step: True: such a trial is accepted instead, unless it is not
+            finite, and counted in `Solution.stats.num_forced` (the solution is less
+            accurate than `rtol`/`atol` there; diffrax's `force_dtmin`). Default False.
+        step_ts: times the solver steps onto exactly, besides the output times (diffrax's
+            `step_ts`): `(m,)`, or `(batch, m)` per sample (each sample's own with
+            `per_sample=True`; with shared steps, every sample's). Times on or outside
+            the solve's span are ignored. Outputs stay interpolated (or stepped onto
+            with `interpolate=False`). They move no gradient: the steps' ends are
+            constants of the solve.
+        jump_ts: times where `func` jumps (a switched input, a dose, a reset):
+            `(m,)` or `(batch, m)` as `step_ts`. A step ends one ulp before each jump
+            and the next starts one ulp after it, with `func` evaluated afresh there
+            (the first-same-as-last stage is not carried across; diffrax's `jump_ts`,
+            torchdiffeq's `jump_t`): no step, nor its interpolant, straddles the jump,
+            so the error control meets no discontinuity (no cascade of rejected
+            trials) and a left-continuous `func` is evaluated on each step's own
+            side. Every gradient mode but `"mali"` (whose ALF steps carry dy/dt
+            across) steps through them.
         max_steps: the largest number of trial steps (accepted or rejected), a Python
             int, with `interpolate=False` at least `len(ts) - 1`; a solve that needs more fails with
             `Status.MAX_STEPS_REACHED`. Default 1000. Outside XLA it costs nothing up
@@ -496,14 +523,22 @@ def solve(
         else:
             ts_solved = ts
         plan = _outputs.plan(ts_solved, opts.interpolate, per_sample)
+        # Times to step onto besides the outputs, and which of them are jumps: the
+        # user's `step_ts` and `jump_ts`, and the knots of a path whose derivative jumps
+        # there (linear, rectilinear). The smooth paths' knots (Hermite's second
+        # derivative, a spline's third jump there) are left to the error control, as
+        # torchcde and diffrax do: stopping at each cost a neural CDE 3.7x the peers'
+        # steps on smooth data (benchmarks/cde_step.md). A jump at a time that is also
+        # a plain stop is a jump (merged after it, it comes first).
+        forced = [(_forced_times("step_ts", opts.step_ts, dtype, y0_flat), False),
+                  (None if knots is None or not knots[1] else knots[0], True),
+                  (_forced_times("jump_ts", opts.jump_ts, dtype, y0_flat), True)]
         jumps = None
-        if knots is not None and knots[1]:
-            # A path whose derivative jumps at its knots (linear, rectilinear): every knot
-            # is a stop that no step crosses. The smooth paths' knots (Hermite's second
-            # derivative, a spline's third jump there) are left to the error control, as
-            # torchcde and diffrax do: stopping at each cost a neural CDE 3.7x the
-            # peers' steps on smooth data (benchmarks/cde_step.md).
-            plan, jumps = _outputs.with_jumps(plan, knots[0], per_sample)
+        for times_, jump in forced:
+            if times_ is not None:
+                plan, jumps = _outputs.with_stops(plan, times_, per_sample, jump, jumps)
+        if not any(jump and times_ is not None for times_, jump in forced):
+            jumps = None
         num_intervals = None
         if not plan.dense and ts.shape[-1] is not None:
             num_intervals = ts.shape[-1] - 1
@@ -527,6 +562,8 @@ def solve(
             factor_min=opts.factor_min,
             factor_max=opts.factor_max,
             max_step=None if opts.max_step is None else _as_tensor(opts.max_step, dtype),
+            min_step=None if opts.min_step is None else _as_tensor(opts.min_step, dtype),
+            force_min_step=opts.force_min_step,
             per_sample=per_sample,
             **({} if opts.controller is None else opts.controller.config()),
         )
@@ -581,7 +618,8 @@ def solve(
                 trajectory.status, trajectory.t_final, ys_flat,
                 f"max_steps={opts.max_steps}"
                 + (f"; {num_intervals} output intervals, each at least one step"
-                   if num_intervals is not None else ""),
+                   if num_intervals is not None else "")
+                + ("" if opts.min_step is None else f"; min_step={opts.min_step}"),
             )
         outcome = {}
         if detector is not None:
@@ -600,6 +638,21 @@ def solve(
             t_final=trajectory.t_final,
             **outcome,
         )
+
+
+def _forced_times(name, times, dtype, y0_flat):
+    """`step_ts` or `jump_ts` as a tensor of the solve's dtype (None stays None): `(m,)`,
+    or `(batch, m)` whose leading axis is the state's batch."""
+    if times is None:
+        return None
+    times = tf.cast(tf.convert_to_tensor(times), dtype)
+    batch = y0_flat[0].shape[0] if y0_flat[0].shape.rank else None
+    if times.shape.rank == 2 and (y0_flat[0].shape.rank == 0 or (
+            batch is not None and times.shape[0] is not None and times.shape[0] != batch)):
+        raise ValueError(
+            f"`{name}` of shape (batch, m) must have the batch of `y0`'s leading axis "
+            f"({batch}). Received: {name} of shape {tuple(times.shape)}")
+    return times
 
 
 def _last_times(ts, like):

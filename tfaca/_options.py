@@ -89,6 +89,26 @@ def _as_given(name, value):
     return value
 
 
+def _times_or_none(name, value):
+    """None, or times: `(m,)`, or `(batch, m)` per sample; numbers, checked finite now
+    (tensors in a graph are the caller's)."""
+    if value is None:
+        return None
+    if tf.is_tensor(value) and not hasattr(value, "numpy"):
+        if value.shape.rank not in (None, 1, 2) or not value.dtype.is_floating:
+            raise ValueError(f"`{name}` must be float times of shape (m,) or (batch, m). "
+                             f"Received: {name}={value!r}")
+        return value
+    try:
+        array = np.asarray(value.numpy() if tf.is_tensor(value) else value, dtype=np.float64)
+    except (TypeError, ValueError):
+        array = None
+    if array is None or array.ndim not in (1, 2) or not np.all(np.isfinite(array)):
+        raise ValueError(f"`{name}` must be finite times of shape (m,) or (batch, m). "
+                         f"Received: {name}={value!r}")
+    return value
+
+
 def _controller(name, value):
     """None (the integral controller), a `PIDController`, or a config's dict of one."""
     if value is None or isinstance(value, PIDController):
@@ -185,6 +205,17 @@ class SolverOptions:
     first_step: Any = _option(
         None, _step_or_none, "the first trial step; None chooses it (one more evaluation)")
     max_step: Any = _option(None, _step_or_none, "an upper bound on the step size; None: unbounded")
+    min_step: Any = _option(
+        None, _step_or_none, "a lower bound on the step size; None: none (steps end only "
+        "when they no longer advance time)")
+    force_min_step: Any = _option(
+        False, _flag, "False: a step of `min_step` that the error control rejects fails "
+        "the solve; True: it is accepted and counted (`Stats.num_forced`)")
+    step_ts: Any = _option(
+        None, _times_or_none, "times the solver steps onto, (m,) or per sample (batch, m)")
+    jump_ts: Any = _option(
+        None, _times_or_none, "times where `func` jumps: a step ends just before each and "
+        "the next starts just after it, with `func` evaluated afresh; (m,) or (batch, m)")
     max_steps: Any = _option(
         1000, _positive_int, "the most trial steps of a solve, a Python int (sizes the "
         "buffers under XLA)")
@@ -217,6 +248,12 @@ class SolverOptions:
             value = field.metadata["check"](field.name, getattr(self, field.name))
             object.__setattr__(self, field.name, value)
         # Rules between options.
+        if (self.min_step is not None and self.max_step is not None
+                and not tf.is_tensor(self.min_step) and not tf.is_tensor(self.max_step)
+                and np.any(np.asarray(self.min_step) > np.asarray(self.max_step))):
+            raise ValueError(
+                f"`min_step` must not exceed `max_step`. Received: min_step={self.min_step!r}, "
+                f"max_step={self.max_step!r}")
         if self.step_size is None and not self.method.adaptive:
             raise ValueError(
                 f"`step_size` is required by the fixed-step method {self.method!r}. "

@@ -94,16 +94,19 @@ def plan(ts, interpolate, per_sample=False):
     return Plan(stops=tf.stack([ts[0], ts[-1]]), ts=ts[1:])
 
 
-def with_jumps(plan, knots, per_sample):
-    """`(plan, jumps)`: `plan` whose stops also hold the `knots` (`[R, n]`, R = 1 or the
-    batch) that lie strictly inside each solve, and which of its stops those are (bool,
-    like its stops). Knots are constants of the steps (no gradient reaches them through
-    where the steps end: a knot does not move with the outputs); a knot on or outside the
-    start and the end becomes a copy of the end. Outputs that were stops are read by
+def with_stops(plan, knots, per_sample, jump=True, flags=None):
+    """`(plan, flags)`: `plan` whose stops also hold the `knots` (`[R, n]`, R = 1 or the
+    batch) that lie strictly inside each solve, and which of its stops are jumps (bool,
+    like its stops): these knots where `jump`, and the stops `flags` marked already (None:
+    none). Knots are constants of the steps (no gradient reaches them through where the
+    steps end: a knot does not move with the outputs); a knot on or outside the start and
+    the end becomes a copy of the end. Outputs that were stops are read by
     interpolation, each then a stop as before (a knot at the same time comes first)."""
     stops = plan.stops
     ts = plan.ts if plan.dense else stops[..., 1:]
     knots = tf.stop_gradient(tf.cast(knots, stops.dtype))
+    if knots.shape.rank == 1:
+        knots = knots[None]
     if stops.shape.rank == 1 and (knots.shape[0] == 1 or not per_sample):
         rows, knots = stops[None], tf.reshape(knots, [1, -1])
     else:
@@ -111,12 +114,14 @@ def with_jumps(plan, knots, per_sample):
         rows = tf.broadcast_to(stops if stops.shape.rank == 2 else stops[None],
                                tf.stack([batch, tf.shape(stops)[-1]]))
         knots = tf.broadcast_to(knots, tf.stack([batch, tf.shape(knots)[1]]))
+    old = tf.zeros_like(rows, tf.bool) if flags is None else tf.broadcast_to(
+        flags[None] if flags.shape.rank == 1 else flags, tf.shape(rows))
     sign = tf.sign(tf.reduce_sum(rows[:, -1] - rows[:, 0]))
     start, end = rows[:, :1], rows[:, -1:]
     inside = (sign * (knots - start) > 0) & (sign * (end - knots) > 0)
     knots = tf.where(inside, knots, tf.broadcast_to(end, tf.shape(knots)))
     merged = tf.concat([knots, rows], axis=1)
-    flags = tf.concat([inside, tf.zeros_like(rows, tf.bool)], axis=1)
+    flags = tf.concat([inside if jump else tf.zeros_like(inside), old], axis=1)
     order = tf.argsort(sign * merged, axis=1, stable=True)
     merged = tf.gather(merged, order, batch_dims=1)
     flags = tf.gather(flags, order, batch_dims=1)

@@ -68,9 +68,11 @@ _MESSAGES = {
     ),
     Status.DT_UNDERFLOW: (
         "The step size underflowed: the error control rejected every step until the step "
-        "was too small to advance time. The solution may have a singularity here, or "
+        "was too small to advance time, or a step of `min_step`. The solution may have a "
+        "singularity or a discontinuity here (pass its time in `jump_ts`), or "
         "`rtol`/`atol` are tighter than the floating-point precision allows (use float64 "
-        "or loosen them)."
+        "or loosen them); `force_min_step=True` accepts steps of `min_step` and counts "
+        "them (`Stats.num_forced`)."
     ),
     Status.EVENT: "A terminal event ended the solve (`Solution.event_t`, `event_index`).",
     Status.NONFINITE: (
@@ -109,12 +111,16 @@ class Stats(NamedTuple):
             method 0 (it differentiates the recorded evaluations); with the adjoint -1,
             as its reverse solve is adaptive: `AdjointGradient.backward_stats` holds it
             once the gradient has been computed.
+        num_forced: trials at `min_step` accepted although the error control rejected
+            them (`force_min_step=True`): where the solution is less accurate than
+            the tolerance asks; counted in `num_steps` too.
     """
 
     num_steps: Any
     num_rejected: Any
     num_fevals: Any
     num_fevals_backward: Any = 0
+    num_forced: Any = 0
 
 
 class Solution(NamedTuple):

@@ -14,9 +14,13 @@ from tfaca._gradients._base import (
 )
 from tfaca._gradients._replay import group_dot, setting_of
 from tfaca._loop import Groups, integrate, raise_on_failure
-from tfaca._outputs import Plan, at_stop, with_jumps
+from tfaca._outputs import Plan, at_stop, with_stops
 from tfaca._solution import Stats
 from tfaca._solvers import _weighted_sum, per_row
+
+
+# The reverse solve's error norms (`AdjointGradient(norm=...)`).
+NORMS = ("full", "seminorm")
 
 
 class AdjointGradient(AbstractGradient):
@@ -44,6 +48,15 @@ class AdjointGradient(AbstractGradient):
             forward solve (for parameter components, the smallest forward tolerance).
         max_steps: trial-step bound per output interval of the reverse solve; default:
             the forward's.
+        norm: the reverse solve's error norm: `"full"` (default) over `[y, a, g_args,
+            g_vars]`, or `"seminorm"` (Kidger, Chen & Lyons, "Hey, that's not an ODE",
+            ICML 2021) over `[y, a]` only: the parameters' adjoint is an integral that
+            nothing downstream of it in the reverse solve reads, so its local error
+            need not bound the step; fewer steps for the same gradient when the
+            parameters' adjoint is what holds the step size back
+            (`benchmarks/step_control.md`). With per-sample steps the parameters'
+            adjoint is a quadrature outside the reverse solve already, which both
+            norms then leave out.
 
     Attributes:
         backward_stats: a `Stats` of int64 `tf.Variable`s holding the counts of the
@@ -58,10 +71,14 @@ class AdjointGradient(AbstractGradient):
 
     name = "adjoint"
 
-    def __init__(self, rtol=None, atol=None, max_steps=None):
+    def __init__(self, rtol=None, atol=None, max_steps=None, norm="full"):
+        if norm not in NORMS:
+            raise ValueError(
+                f"`norm` must be one of {', '.join(map(repr, NORMS))}. Received: norm={norm!r}")
         self.rtol = rtol
         self.atol = atol
         self.max_steps = max_steps
+        self.norm = norm
         self.backward_stats = None
         # Variables cannot be created in a function being traced (a name passed to
         # `solve` there builds a fresh instance whose counters nobody could read) nor
@@ -78,7 +95,8 @@ class AdjointGradient(AbstractGradient):
                 ))
 
     def options(self):
-        return {"rtol": self.rtol, "atol": self.atol, "max_steps": self.max_steps}
+        return {"rtol": self.rtol, "atol": self.atol, "max_steps": self.max_steps,
+                "norm": self.norm}
 
     def __repr__(self):
         options = ", ".join(f"{k}={v!r}" for k, v in self.options().items())
@@ -194,7 +212,8 @@ def _reverse_solve(strategy, solver, controller, func, trajectory, times, y0, ar
 
     reverse_controller = dataclasses.replace(
         controller, rtol=tolerance(strategy.rtol, controller.rtol),
-        atol=tolerance(strategy.atol, controller.atol))
+        atol=tolerance(strategy.atol, controller.atol),
+        measured=2 * num_y if strategy.norm == "seminorm" else None)
     if strategy.max_steps is not None:
         kwargs["max_steps"] = strategy.max_steps
     start = list(trajectory.y_final) + [tf.zeros_like(y) for y in y0]
@@ -229,7 +248,8 @@ def _reverse_solve(strategy, solver, controller, func, trajectory, times, y0, ar
     # quadrature, of the time gradients and at the start.
     stats = [tf.reduce_max(x) for x in rev.stats[:3]]
     fevals = stats[2] + quadrature_fevals + time_fevals + 1
-    counts = (stats[0], stats[1], fevals, tf.constant(0, tf.int32))
+    counts = (stats[0], stats[1], fevals, tf.constant(0, tf.int32),
+              tf.reduce_max(rev.stats.num_forced))
     return grads, rev.status, rev.t_final, counts
 
 
@@ -244,7 +264,7 @@ def _reverse_jumps(stops, jumps, reverse_stops, per_sample):
     knots = tf.where(is_knot, stops, end)
     at_output = is_knot & tf.reduce_any(
         tf.equal(knots[:, :, None], reverse_stops[:, None, :]), axis=2)
-    plan, flags = with_jumps(Plan(reverse_stops, None), tf.where(at_output, end, knots),
+    plan, flags = with_stops(Plan(reverse_stops, None), tf.where(at_output, end, knots),
                              per_sample)
     merged = plan.stops
     merged = merged[None] if merged.shape.rank == 1 else merged

@@ -52,10 +52,10 @@ class MALIGradient(AbstractGradient):
                 f"leapfrog can. Received: method={solver!r}")
         if loop_kwargs.get("jumps") is not None:
             raise ValueError(
-                'gradient="mali" cannot step onto the knots of a control path whose '
-                "derivative jumps there (ALF carries dy/dt from step to step): use a "
-                "tfaca.HermitePath or tfaca.CubicPath, or another gradient. Received: a "
-                "LinearPath or RectilinearPath")
+                'gradient="mali" cannot step across a time where `func` jumps (ALF '
+                "carries dy/dt from step to step, which its inverse needs): with a control "
+                "path use a tfaca.HermitePath or tfaca.CubicPath, or use another gradient. "
+                "Received: `jump_ts`, or a LinearPath or RectilinearPath")
         options = loop_options(controller, dict(loop_kwargs, per_sample=per_sample))
 
         def forward_with(record):
