@@ -77,7 +77,7 @@ class TfacaRunner:
     op through TensorFlow's executor (tfaca before issue 12)."""
 
     def __init__(self, problem, mode, dtype="float32", rtol=None, atol=None, max_steps=None,
-                 jit_compile="auto", controller=None):
+                 jit_compile="auto", controller=None, norm="full"):
         import tensorflow as tf
 
         import tfaca
@@ -108,7 +108,8 @@ class TfacaRunner:
                   jit_compile=False if mode == "aca_nojit" else jit_compile,
                   controller=controller)
         self.tolerances = (kw["rtol"], kw["atol"])
-        strategy = tfaca.AdjointGradient() if self.gradient_mode == "adjoint" else self.gradient_mode
+        strategy = (tfaca.AdjointGradient(norm=norm) if self.gradient_mode == "adjoint"
+                    else self.gradient_mode)
         self.checkpoints = self.full_aca_steps = None
         if mode == "aca_budget":
             # K ~ sqrt(N): the full ACA solve's accepted steps N, from one forward solve.
@@ -117,6 +118,8 @@ class TfacaRunner:
             self.full_aca_steps = int(probe(self.y0))
             self.checkpoints = max(1, round(math.sqrt(self.full_aca_steps)))
             strategy = tfaca.ACAGradient(checkpoints=self.checkpoints)
+
+        self.strategy = strategy
 
         def solve(y0):
             return tfaca.solve(lambda t, y: f(y), y0, ts, gradient=strategy, **kw)

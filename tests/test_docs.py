@@ -47,6 +47,10 @@ def check_gradients(ns):
 
 def check_solving(ns):
     assert int(ns["sol"].status) == 0
+    plain, jumped = ns["plain"].stats, ns["jumped"].stats
+    assert int(jumped.num_rejected) < 0.1 * int(plain.num_rejected)
+    assert int(ns["floored"].stats.num_forced) >= 1
+    assert ns["grad"].norm == "seminorm"
 
 
 CHECKS = {"README.md": check_readme, "keras.md": check_keras,
