@@ -162,6 +162,17 @@ def test_per_sample_jump_ts_equal_each_sample_solved_alone():
         assert int(batch.stats.num_steps[b]) == int(alone.stats.num_steps)
         np.testing.assert_allclose(batch.ys[:, b, 0], switched_exact(y0[b, 0], 1.3, 2.0, tau, ts),
                                    rtol=1e-6)
+    # MALI through each sample's own jumps (ALF's v kept per sample): backprop's gradient.
+    grads = []
+    for mode in ("mali", "naive"):
+        k = f64(1.3)
+        with tf.GradientTape() as tape:
+            tape.watch(k)
+            ys = tfaca.odeint(per_tau, y0, ts, args=(k, f64(2.0)), per_sample=True,
+                              jump_ts=taus[:, None], method="alf", step_size=0.1, gradient=mode)
+            loss = tf.reduce_sum(ys ** 2 * f64([1.0, 2.0, 3.0])[:, None, None])
+        grads.append(float(tape.gradient(loss, k)))
+    np.testing.assert_allclose(grads[0], grads[1], rtol=1e-12)
     # Shared steps step onto every sample's jumps: the same outputs, to the tolerance.
     shared = tfaca.solve(per_tau, y0, ts, args=(f64(1.3), f64(2.0)), jump_ts=taus[:, None],
                          rtol=1e-7, atol=1e-9)
@@ -184,20 +195,20 @@ def _switched_loss_exact(y0, k, a):
 
 
 def test_gradients_across_jumps_in_every_mode():
-    """ACA equals backprop through the same (fixed) steps to rounding; every adaptive mode
-    matches the exact solution's derivatives (central differences of the closed form) to
-    the tolerance; MALI refuses."""
-    fixed = dict(method="rk4", step_size=0.1)
-    np.testing.assert_allclose(_switched_gradients("aca", **fixed),
-                               _switched_gradients("naive", **fixed), rtol=1e-12)
+    """ACA (RK4) and MALI (ALF) equal backprop through the same fixed steps to rounding;
+    every adaptive mode matches the exact solution's derivatives (central differences of
+    the closed form) to the tolerance."""
+    for method, mode in (("rk4", "aca"), ("alf", "mali")):
+        fixed = dict(method=method, step_size=0.1)
+        np.testing.assert_allclose(_switched_gradients(mode, **fixed),
+                                   _switched_gradients("naive", **fixed), rtol=1e-12)
     point, h = np.array([0.5, 1.3, 2.0]), 1e-6
     exact = [(_switched_loss_exact(*(point + h * e)) - _switched_loss_exact(*(point - h * e)))
              / (2 * h) for e in np.eye(3)]
-    for mode in ("aca", "naive", "adjoint", tfaca.ACAGradient(checkpoints=2)):
-        got = _switched_gradients(mode, rtol=1e-7, atol=1e-9)
+    for mode in ("aca", "naive", "adjoint", tfaca.ACAGradient(checkpoints=2), "mali"):
+        kwargs = dict(method="alf", max_steps=20000) if mode == "mali" else {}
+        got = _switched_gradients(mode, rtol=1e-7, atol=1e-9, **kwargs)
         np.testing.assert_allclose(got, exact, rtol=1e-5, err_msg=str(mode))
-    with pytest.raises(ValueError, match="cannot step across a time where `func` jumps"):
-        _switched_solve(jump_ts=[TAU], method="alf", gradient="mali", step_size=0.1)
 
 
 @pytest.mark.parametrize("per_sample", [False, True])

@@ -192,8 +192,7 @@ class ODELayer(keras.layers.Layer):
         jump_ts: times where the field jumps (a switched input or a dose at a known
             time): a step ends just before each and the next starts just after it,
             with the field evaluated afresh, so the error control does not reject a
-            cascade of trials there (`(m,)`; saved in the config as a list). Not with
-            `gradient="mali"`.
+            cascade of trials there (`(m,)`; saved in the config as a list).
         max_steps: static bound on trial steps per solve (default 1000); it sizes the
             buffers, which under XLA are allocated whole.
         safety: the controller aims at `safety` times the step it predicts would just

@@ -360,6 +360,9 @@ def integrate(solver, controller, func, stops, y0, *, step_size, first_step, max
                                      start=saved)
 
     recorded = _record.new(dtype, max_steps, t0, y0, states) if record else {}
+    if record and states == 0 and jump_at is not None:
+        # MALI's inverse steps need the derivative each jump's fresh one replaced.
+        recorded["f_jump"] = _record.new_jumps(f0, num_stops)
     few_ulps = _few_ulps(dtype)
     restarts = (initial_step, selects) if restart and on_land is not None else None
     found = ()
@@ -480,6 +483,7 @@ def _body(solver, controller, func, groups, stop, next_stop, few_ulps, adaptive,
             at_stop = stop(s.i_out)
             t_new = tf.where(jumped, tf.math.nextafter(at_stop, at_stop + sign), t_new)
             fresh.append(jumped)
+            replaced = f_new
         num_trials = s.num_trials + tf.cast(active, tf.int32)
         if on_land is not None:
             landed = accept & hit & (next_stop(s.i_out) < num_stops)
@@ -518,6 +522,9 @@ def _body(solver, controller, func, groups, stop, next_stop, few_ulps, adaptive,
         i_out = tf.where(accept & hit, next_stop(s.i_out), s.i_out)
         k = tf.where(accept & hit, 0, s.k + tf.cast(accept, tf.int32))
         record = _record.write(s, dt, hit, accept, active, states, dtype)
+        if "f_jump" in record:
+            record["f_jump"] = _record.at_jumps(record["f_jump"], s.i_out, jumped, replaced,
+                                               groups.shared)
         fevals *= tf.cast(active, tf.int32)
         if adaptive:
             # Underflow: the proposed step no longer changes t in this precision. Only |t|

@@ -331,9 +331,8 @@ def solve(
             path's values and times as they reach `args`, in every gradient mode. Where
             the path's derivative jumps (linear, rectilinear) the solver steps onto
             every knot inside the solve: a step ends just before the knot and the next
-            starts just after it, so no step straddles a jump, and `gradient="mali"`
-            refuses such a path. The smooth paths' (Hermite, cubic) knots are left to
-            the error control. See also `tfaca.cdeint`.
+            starts just after it, so no step straddles a jump (as `jump_ts`). The
+            smooth paths' (Hermite, cubic) knots are left to the error control. See also `tfaca.cdeint`.
         event: a `tfaca.Event`: the solve ends where its condition `condition(t, y,
             *args)` crosses zero (per sample when it returns one value per sample:
             each sample stops at its own with `per_sample=True`; shared steps run until
@@ -389,8 +388,8 @@ def solve(
             torchdiffeq's `jump_t`): no step, nor its interpolant, straddles the jump,
             so the error control meets no discontinuity (no cascade of rejected
             trials) and a left-continuous `func` is evaluated on each step's own
-            side. Every gradient mode but `"mali"` (whose ALF steps carry dy/dt
-            across) steps through them.
+            side. Every gradient mode steps through them (MALI keeps ALF's `v` as
+            each jump's step left it, one state per jump, to invert the steps before).
         max_steps: the largest number of trial steps (accepted or rejected), a Python
             int, with `interpolate=False` at least `len(ts) - 1`; a solve that needs more fails with
             `Status.MAX_STEPS_REACHED`. Default 1000. Outside XLA it costs nothing up

@@ -30,6 +30,10 @@ class Checkpoints(NamedTuple):
             XLA all `K + 1` slots, the last unused).
         y_end, f_end: with `states` given, the state and the carried derivative where
             the solve ended (`states=0`, MALI's, keeps no other state).
+        f_jump: with `states=0` and jumps, the carried derivative (ALF's `v`) as each
+            step that landed on a jump left it, before `func` was evaluated afresh
+            there: flat list of `[S, ...]` (`[S, batch, ...]` per sample), at the
+            jump's stop index, which MALI's inverse steps need to go on past the jump.
     """
 
     t: Any
@@ -42,6 +46,7 @@ class Checkpoints(NamedTuple):
     stride: Any = ()
     y_end: Any = ()
     f_end: Any = ()
+    f_jump: Any = ()
 
 
 def _keep_thinned(slots, stride, n, y, budget):
@@ -225,4 +230,37 @@ def checkpoints(state, y0, states, dtype):
         stride=rec["stride"] if states else (),
         y_end=list(state.y) if states is not None else (),
         f_end=list(state.f) if states is not None else (),
+        f_jump=rec.get("f_jump", ()),
     )
+
+
+def new_jumps(f0, num_stops):
+    """The empty `f_jump` buffers (`Checkpoints`): `num_stops` entries shaped like `f0`."""
+    return [tf.zeros(tf.concat([[num_stops], tf.shape(f)], 0), f.dtype) for f in f0]
+
+
+def at_jumps(buffers, stop, keep, f, shared):
+    """`f_jump` after a trial: `f` (each group's carried derivative) written at its stop
+    index `stop` (`[G]`) where `keep` (`[G]`: the step landed on a jump)."""
+    out = []
+    for buf, x in zip(buffers, f):
+        stop = tf.minimum(stop, tf.shape(buf)[0] - 1)
+        if shared:
+            old = tf.gather(buf, stop[0])
+            out.append(tf.tensor_scatter_nd_update(buf, stop[:1, None],
+                                                   tf.where(keep[0], x, old)[None]))
+        else:
+            index = tf.stack([stop, tf.range(tf.shape(stop)[0])], 1)
+            old = tf.gather_nd(buf, index)
+            keep_x = tf.reshape(keep, tf.concat([tf.shape(keep), [1] * (x.shape.rank - 1)], 0))
+            out.append(tf.tensor_scatter_nd_update(buf, index, tf.where(keep_x, x, old)))
+    return out
+
+
+def before_jump(buffers, stop, shared):
+    """The carried derivative each group's step left at stop `stop` (`[G]`), from
+    `f_jump`."""
+    if shared:
+        return [tf.gather(buf, stop[0]) for buf in buffers]
+    index = tf.stack([stop, tf.range(tf.shape(stop)[0])], 1)
+    return [tf.gather_nd(buf, index) for buf in buffers]

@@ -13,8 +13,9 @@ from tfaca._gradients._base import (
 )
 from tfaca._internals import could_possibly_record, stop_recording
 from tfaca._gradients._replay import (
-    add_landed, covered, group_dot, onto_stops, setting_of, to_groups,
+    add_landed, covered, group_dot, jumped, onto_stops, setting_of, to_groups,
 )
+from tfaca._record import before_jump
 
 
 class MALIGradient(AbstractGradient):
@@ -34,6 +35,11 @@ class MALIGradient(AbstractGradient):
     Hermite interpolant through `(y_i, v_i)` and `(y_{i+1}, v_{i+1})`, the states the
     backward pass rebuilds: their cotangents are pulled back through it there, at no
     evaluation of `func`. Per-sample steps are replayed entry by entry as ACA's are.
+    Where `func` jumps (`jump_ts`, the knots of a linear or rectilinear path), the step
+    after the jump starts from `v = func(t+, y)`, evaluated afresh: the forward keeps the
+    `v` the step before left (one state per jump, `Checkpoints.f_jump`), and the
+    backward pulls `a_v` through that evaluation (one more evaluation per jump) and
+    inverts on from the kept `v`.
 
     The gradient is that of the accepted ALF steps with their sizes fixed, as ACA's is of
     the Runge–Kutta steps; it differs from backprop through those steps only by the
@@ -50,12 +56,6 @@ class MALIGradient(AbstractGradient):
                 'gradient="mali" needs an invertible method, method="alf": it rebuilds each '
                 "step from the next by inverting the step, which only ALF's asynchronous "
                 f"leapfrog can. Received: method={solver!r}")
-        if loop_kwargs.get("jumps") is not None:
-            raise ValueError(
-                'gradient="mali" cannot step across a time where `func` jumps (ALF '
-                "carries dy/dt from step to step, which its inverse needs): with a control "
-                "path use a tfaca.HermitePath or tfaca.CubicPath, or use another gradient. "
-                "Received: `jump_ts`, or a LinearPath or RectilinearPath")
         options = loop_options(controller, dict(loop_kwargs, per_sample=per_sample))
 
         def forward_with(record):
@@ -69,10 +69,12 @@ class MALIGradient(AbstractGradient):
             if not record:
                 with stop_recording():
                     trajectory = forward_with(True)(times, y0, args)
-            replay = compiled(lambda checkpoints, times, y0, g_ys, args: _mali_replay(
+            replay = compiled(lambda checkpoints, times, y0, g_ys, args, jumps: _mali_replay(
                 solver, lambda t, y: func(t, y, args), checkpoints, times, y0,
-                sources_with(sources, args), g_ys, variables, per_sample), jit, ("replay",))
-            drifted, grads = replay(trajectory.checkpoints, times, y0, g_ys, args)
+                sources_with(sources, args), g_ys, variables, per_sample, jumps),
+                jit, ("replay",))
+            drifted, grads = replay(trajectory.checkpoints, times, y0, g_ys, args,
+                                    loop_kwargs.get("jumps"))
             return check_replay(drifted, grads, throw, DRIFTED)
 
         trajectory = solve_with_custom_gradient(
@@ -91,6 +93,9 @@ def _mali_entry(solver, f, setting, cp, i, y1, v1, a_y, a_v, g_stops, g_sources,
     """Entry `i` of MALI's backward pass: rebuilds the step's start `(y_i, v_i)` from its
     end `(y1, v1)` and pulls `(a_y, a_v)` back through the step and its outputs."""
     groups, lam = setting.groups, solver.damping
+    if setting.jumps is not None:
+        y1, v1, a_y, a_v, g_sources, g_vars = _back_across_jump(
+            f, setting, cp, i, y1, v1, a_y, a_v, g_sources, g_vars, sources, variables)
     t, dt, accepted = (tf.gather(x, i) for x in (cp.t, cp.dt, cp.accepted))
     hit, j = tf.gather(cp.hit, i) & accepted, tf.gather(cp.interval, i)
     if not setting.dense:
@@ -135,13 +140,46 @@ def _mali_entry(solver, f, setting, cp, i, y1, v1, a_y, a_v, g_stops, g_sources,
             select(accepted, new_a_v, a_v), g_stops, g_sources, g_vars, g_ts)
 
 
-def _mali_replay(solver, f, checkpoints, times, y0, sources, g_ys, variables, per_sample):
+def _back_across_jump(f, setting, cp, i, y1, v1, a_y, a_v, g_sources, g_vars, sources,
+                      variables):
+    """Where entry `i` landed on a jump, the next step started from `v = func(t+, y)`,
+    evaluated afresh one ulp past it: `a_v` is pulled back through that evaluation into
+    `a_y` (and the sources and variables), and `v` becomes what the step left there
+    (`Checkpoints.f_jump`), from which the inverse steps go on."""
+    groups = setting.groups
+    here = jumped(setting, cp, i)
+
+    def across():
+        t_after = tf.gather(cp.t, i + 1)
+        g_fresh = [tf.where(groups.spread(here, a), a, tf.zeros_like(a)) for a in a_v]
+        with tf.GradientTape() as tape:
+            tape.watch(list(y1) + list(sources))
+            fresh = f(groups.lane(t_after), list(y1))
+        g_y, g_s, g_v = tape.gradient(
+            fresh, [list(y1), list(sources), list(variables)], output_gradients=g_fresh,
+            unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        stop = tf.gather(cp.interval, i)
+        v_before = before_jump(cp.f_jump, stop, groups.shared)
+        return ([a + tf.convert_to_tensor(g) for a, g in zip(a_y, g_y)],
+                groups.select(here, v_before, v1),
+                groups.select(here, [tf.zeros_like(a) for a in a_v], a_v),
+                accumulate(g_sources, g_s), accumulate(g_vars, g_v))
+
+    def stay():
+        return list(a_y), list(v1), list(a_v), list(g_sources), list(g_vars)
+
+    a_y, v1, a_v, g_sources, g_vars = tf.cond(tf.reduce_any(here), across, stay)
+    return y1, v1, a_y, a_v, g_sources, g_vars
+
+
+def _mali_replay(solver, f, checkpoints, times, y0, sources, g_ys, variables, per_sample,
+                 jumps=None):
     """MALI's backward pass (see `MALIGradient`). Returns `(drifted, grads)`: the number of
     steps if the rebuilt start differs from `y0` by more than `sqrt(eps)` relative, else
     -1 (`check_replay` reports it), and the gradients of the times, `y0`, the sources and
     the variables, as one flat list."""
     cp = checkpoints
-    setting = setting_of(times, g_ys, per_sample, y0)
+    setting = setting_of(times, g_ys, per_sample, y0, jumps)
     groups = setting.groups
 
     def body(i, *carry):
