@@ -430,6 +430,8 @@ def height(t, y):
     return y[:, 0]
 
 
+@pytest.mark.slow  # 35-43 s, the quick suite at CI's limit (stop 45); the bouncing-ball
+# example's quick run fits ODELayer(event=...) and the config test below round-trips it
 def test_layer_learns_gravity_from_hitting_times_saves_and_serves(tmp_path):
     heights = np.linspace(0.5, 3.0, 64)
     x = np.stack([heights, np.zeros_like(heights)], 1).astype("float32")

@@ -321,8 +321,8 @@ def integrate(solver, controller, func, stops, y0, *, step_size, first_step, max
 
     jump_at = None
     if jumps is not None:
-        jumps = jumps[None] if jumps.shape.rank == 1 else jumps
-        jump_at = functools.partial(_outputs.at_stop, tf.broadcast_to(jumps, tf.shape(stops)))
+        jumps = tf.broadcast_to(jumps[None] if jumps.shape.rank == 1 else jumps, tf.shape(stops))
+        jump_at = functools.partial(_outputs.at_stop, jumps)
 
     adaptive = step_size is None
     # Whether choosing a first step evaluates `func` (once).
@@ -362,7 +362,7 @@ def integrate(solver, controller, func, stops, y0, *, step_size, first_step, max
     recorded = _record.new(dtype, max_steps, t0, y0, states) if record else {}
     if record and states == 0 and jump_at is not None:
         # MALI's inverse steps need the derivative each jump's fresh one replaced.
-        recorded["f_jump"] = _record.new_jumps(f0, num_stops)
+        recorded["f_jump"] = _record.new_jumps(f0, jumps)
     few_ulps = _few_ulps(dtype)
     restarts = (initial_step, selects) if restart and on_land is not None else None
     found = ()
@@ -371,7 +371,7 @@ def integrate(solver, controller, func, stops, y0, *, step_size, first_step, max
                               _events.lanes_of(groups), event.slots)
     body = _body(solver, controller, func, groups, stop, next_stop, few_ulps, adaptive, save,
                  buffer, on_land, restarts, states, max_steps, num_stops, dtype, jump_at, sign,
-                 event)
+                 event, jumps)
     zero = tf.zeros_like(t0, tf.int32)
     # Non-finite times (XLA's report of times that are not monotone, see `_odeint`) fail
     # at once too, rather than after `max_steps` trials that cannot advance.
@@ -427,10 +427,10 @@ def _read_outputs(state, buffer, save, first, y0):
 
 
 def _body(solver, controller, func, groups, stop, next_stop, few_ulps, adaptive, save, buffer,
-          on_land, restarts, states, max_steps, num_stops, dtype, jump_at, sign, event):
+          on_land, restarts, states, max_steps, num_stops, dtype, jump_at, sign, event, jumps):
     """The loop's body: one trial for every group that is still running. `restarts`:
     `(initial_step, selects)` with `integrate(restart=True)`, else None; `jump_at(i)`:
-    whether stop `i` is a jump (`integrate`'s `jumps`), or None."""
+    whether stop `i` is a jump (`integrate`'s `jumps`, `[G, S]` here), or None."""
     lane, fsal = groups.lane, solver.fsal
 
     def body(s):
@@ -523,8 +523,8 @@ def _body(solver, controller, func, groups, stop, next_stop, few_ulps, adaptive,
         k = tf.where(accept & hit, 0, s.k + tf.cast(accept, tf.int32))
         record = _record.write(s, dt, hit, accept, active, states, dtype)
         if "f_jump" in record:
-            record["f_jump"] = _record.at_jumps(record["f_jump"], s.i_out, jumped, replaced,
-                                               groups.shared)
+            record["f_jump"] = _record.at_jumps(record["f_jump"], jumps, s.i_out, jumped,
+                                               replaced, groups.shared)
         fevals *= tf.cast(active, tf.int32)
         if adaptive:
             # Underflow: the proposed step no longer changes t in this precision. Only |t|

@@ -5,6 +5,7 @@ from typing import Any, NamedTuple
 
 import tensorflow as tf
 
+from tfaca import _outputs
 from tfaca._internals import in_xla_context
 
 
@@ -32,8 +33,9 @@ class Checkpoints(NamedTuple):
             the solve ended (`states=0`, MALI's, keeps no other state).
         f_jump: with `states=0` and jumps, the carried derivative (ALF's `v`) as each
             step that landed on a jump left it, before `func` was evaluated afresh
-            there: flat list of `[S, ...]` (`[S, batch, ...]` per sample), at the
-            jump's stop index, which MALI's inverse steps need to go on past the jump.
+            there: flat list of `[J, ...]` (`[J, batch, ...]` per sample; `J` the most
+            jumps of a group), by the jump's rank (`jump_rank`), which MALI's inverse
+            steps need to go on past the jump.
     """
 
     t: Any
@@ -234,33 +236,46 @@ def checkpoints(state, y0, states, dtype):
     )
 
 
-def new_jumps(f0, num_stops):
-    """The empty `f_jump` buffers (`Checkpoints`): `num_stops` entries shaped like `f0`."""
-    return [tf.zeros(tf.concat([[num_stops], tf.shape(f)], 0), f.dtype) for f in f0]
+def jump_rank(jumps, stop):
+    """`[G]`: which of its group's jumps (`jumps`: `[G, S]` bool, the stops where `func`
+    jumps) stop `stop` (`[G]`) is, counting from 0; -1 before the first."""
+    return _outputs.at_stop(tf.cumsum(tf.cast(jumps, tf.int32), axis=1) - 1, stop)
 
 
-def at_jumps(buffers, stop, keep, f, shared):
-    """`f_jump` after a trial: `f` (each group's carried derivative) written at its stop
-    index `stop` (`[G]`) where `keep` (`[G]`: the step landed on a jump)."""
+def new_jumps(f0, jumps):
+    """The empty `f_jump` buffers (`Checkpoints`): one entry shaped like `f0` per jump of
+    the group with the most (at least one); under XLA, whose shapes are static, one per
+    stop."""
+    if in_xla_context():
+        size = tf.shape(jumps)[1]
+    else:
+        size = tf.maximum(tf.reduce_max(tf.reduce_sum(tf.cast(jumps, tf.int32), axis=1)), 1)
+    return [tf.zeros(tf.concat([[size], tf.shape(f)], 0), f.dtype) for f in f0]
+
+
+def at_jumps(buffers, jumps, stop, keep, f, shared):
+    """`f_jump` after a trial: `f` (each group's carried derivative) written at the rank
+    of the jump at stop `stop` (`[G]`) where `keep` (`[G]`: the step landed on it)."""
+    rank = tf.maximum(jump_rank(jumps, stop), 0)
     out = []
     for buf, x in zip(buffers, f):
-        stop = tf.minimum(stop, tf.shape(buf)[0] - 1)
         if shared:
-            old = tf.gather(buf, stop[0])
-            out.append(tf.tensor_scatter_nd_update(buf, stop[:1, None],
+            old = tf.gather(buf, rank[0])
+            out.append(tf.tensor_scatter_nd_update(buf, rank[:1, None],
                                                    tf.where(keep[0], x, old)[None]))
         else:
-            index = tf.stack([stop, tf.range(tf.shape(stop)[0])], 1)
+            index = tf.stack([rank, tf.range(tf.shape(rank)[0])], 1)
             old = tf.gather_nd(buf, index)
             keep_x = tf.reshape(keep, tf.concat([tf.shape(keep), [1] * (x.shape.rank - 1)], 0))
             out.append(tf.tensor_scatter_nd_update(buf, index, tf.where(keep_x, x, old)))
     return out
 
 
-def before_jump(buffers, stop, shared):
-    """The carried derivative each group's step left at stop `stop` (`[G]`), from
-    `f_jump`."""
+def before_jump(buffers, jumps, stop, shared):
+    """The carried derivative each group's step left at the jump at stop `stop` (`[G]`),
+    from `f_jump`."""
+    rank = tf.maximum(jump_rank(jumps, stop), 0)
     if shared:
-        return [tf.gather(buf, stop[0]) for buf in buffers]
-    index = tf.stack([stop, tf.range(tf.shape(stop)[0])], 1)
+        return [tf.gather(buf, rank[0]) for buf in buffers]
+    index = tf.stack([rank, tf.range(tf.shape(rank)[0])], 1)
     return [tf.gather_nd(buf, index) for buf in buffers]

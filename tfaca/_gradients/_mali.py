@@ -159,7 +159,7 @@ def _back_across_jump(f, setting, cp, i, y1, v1, a_y, a_v, g_sources, g_vars, so
             fresh, [list(y1), list(sources), list(variables)], output_gradients=g_fresh,
             unconnected_gradients=tf.UnconnectedGradients.ZERO)
         stop = tf.gather(cp.interval, i)
-        v_before = before_jump(cp.f_jump, stop, groups.shared)
+        v_before = before_jump(cp.f_jump, setting.jumps, stop, groups.shared)
         return ([a + tf.convert_to_tensor(g) for a, g in zip(a_y, g_y)],
                 groups.select(here, v_before, v1),
                 groups.select(here, [tf.zeros_like(a) for a in a_v], a_v),
