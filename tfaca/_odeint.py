@@ -332,7 +332,8 @@ def solve(
             the path's derivative jumps (linear, rectilinear) the solver steps onto
             every knot inside the solve: a step ends just before the knot and the next
             starts just after it, so no step straddles a jump (as `jump_ts`). The
-            smooth paths' (Hermite, cubic) knots are left to the error control. See also `tfaca.cdeint`.
+            smooth paths' (Hermite, cubic) knots are left to the error control. See
+            also `tfaca.cdeint`.
         event: a `tfaca.Event`: the solve ends where its condition `condition(t, y,
             *args)` crosses zero (per sample when it returns one value per sample:
             each sample stops at its own with `per_sample=True`; shared steps run until
