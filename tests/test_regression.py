@@ -47,17 +47,19 @@ def _import_make_reference():
 make_reference = _import_make_reference()
 META, INPUTS, RECORDS = make_reference.load(REFERENCE_FILE)
 
-# Eager Runge-Kutta configurations take 0.2-3 s each on 2 cores. Each compiled one traces
-# (and compiles) anew, 2-11 s, and ALF takes over 800 steps at rtol 1e-6 (6-15 s
-# eagerly). The quick suite runs the eager Runge-Kutta ones and one in a `tf.function`
-# (whose loops `jit_compile="auto"` compiles); the slow suite all of them.
+# Eager Runge-Kutta configurations take 0.2-3 s each on 2 cores, Bosh3's (third order,
+# more steps) 4-11 s. Each compiled one traces (and compiles) anew, 2-11 s, and ALF takes
+# over 800 steps at rtol 1e-6 (6-15 s eagerly). The quick suite runs the eager
+# Runge-Kutta ones but Bosh3's (whose order and steps test_solvers checks there) and one
+# in a `tf.function` (whose loops `jit_compile="auto"` compiles); the slow suite all of
+# them (stop 45: the quick suite at CI's limit).
 QUICK_COMPILED = "t6-dense-shared-aca-dopri5-function"
 
 
 def _marks(key):
     spec = META["configs"][key]["spec"]
     if spec["mode"] == "eager":
-        slow = spec["method"] == "alf"
+        slow = spec["method"] in ("alf", "bosh3")
     else:
         slow = key != QUICK_COMPILED
     return (pytest.mark.slow,) if slow else ()
