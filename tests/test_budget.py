@@ -91,6 +91,7 @@ def _counted_backward(field, y0, gradient, interpolate, **kwargs):
 
 
 @pytest.mark.parametrize("interpolate", [False, True], ids=["land", "dense"])
+@pytest.mark.slow_variants  # "dense" 12-23 s: the quick suite at CI's limit (stop 45)
 def test_budget_counts_its_evaluations(interpolate):
     """With a budget, `num_fevals_backward` is what the replay calls: the entries' stages
     and the forward steps it rebuilds, one fewer per segment than the segment's entries
@@ -112,6 +113,7 @@ def test_budget_counts_its_evaluations(interpolate):
             assert 0 < rebuilt < n * stages, budget
 
 
+@pytest.mark.slow  # 11-23 s: the quick suite at CI's limit (stop 45)
 def test_compiled_aca_keeps_at_most_xla_states(monkeypatch):
     """Where XLA compiles the loop and `max_steps` exceeds `_record.XLA_STATES`, ACA keeps
     at most that many states, as `ACAGradient(checkpoints=XLA_STATES)`: the same gradient

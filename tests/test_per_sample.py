@@ -107,6 +107,7 @@ def test_sample_in_batch_equals_sample_alone_float64(method, gradient, interpola
         assert steps[5] > 2 * max(steps[:5])
 
 
+@pytest.mark.slow  # 9-18 s, the float64 check stays quick (stop 45: CI's limit)
 def test_sample_in_batch_equals_sample_alone_float32():
     dtype = tf.float32
     y0, rate = batch_of(dtype)
