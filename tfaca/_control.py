@@ -180,9 +180,10 @@ class StepSizeController:
         return tf.sign(dt) * size
 
     def at_floor(self, dt):
-        """`[G]` bool: the trials no shorter step may follow (at most `min_step`)."""
+        """`[G]` bool: the trials no shorter step may follow (at most `min_step`); None
+        without a `min_step`."""
         if self.min_step is None:
-            return tf.zeros_like(dt, tf.bool)
+            return None
         return tf.abs(dt) <= self.min_step
 
     def first_step(self, func, t0, y0, f0, error_order, direction):

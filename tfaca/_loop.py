@@ -447,9 +447,14 @@ def _body(solver, controller, func, groups, stop, next_stop, few_ulps, adaptive,
             accept = err <= 1.0  # False for NaN
             err_finite = tf.math.is_finite(err)
             # A trial at `min_step` that the control rejects: forced (if finite), or the end.
-            at_floor = controller.at_floor(dt) & active
-            forced = at_floor & err_finite & tf.logical_not(accept) & controller.force_min_step
-            accept |= forced
+            # Without a floor, nothing of it enters the loop.
+            at_floor = controller.at_floor(dt)
+            forced = None
+            if at_floor is not None:
+                at_floor &= active
+                if controller.force_min_step:
+                    forced = at_floor & err_finite & tf.logical_not(accept)
+                    accept |= forced
             dt_next = controller.next_step(dt, err, solver.error_order, s.history)
             # A step shortened to land on a stop says nothing against the longer step
             # proposed before it.
@@ -532,13 +537,15 @@ def _body(solver, controller, func, groups, stop, next_stop, few_ulps, adaptive,
             # the ulps of a distant stop (scipy's `min_step` is 10 ulps of t). Tested
             # after a rejection only: an accepted landing step may be a few ulps long and
             # is no failure. If the last trial was non-finite, that is the cause.
-            failed = tf.logical_not(accept) & (
-                (tf.abs(dt_next) <= few_ulps(tf.abs(t_new))) | at_floor)
+            failed = tf.abs(dt_next) <= few_ulps(tf.abs(t_new))
+            if at_floor is not None:
+                failed |= at_floor
+            failed &= tf.logical_not(accept)
             failure = tf.where(err_finite, int(Status.DT_UNDERFLOW), int(Status.NONFINITE))
         else:
             failed = tf.logical_not(accept)
             failure = tf.constant(int(Status.NONFINITE))
-            forced = tf.zeros_like(accept)
+            forced = None
         status = tf.where(
             i_out >= num_stops, int(Status.SUCCESS),
             tf.where(failed, failure,
@@ -560,7 +567,8 @@ def _body(solver, controller, func, groups, stop, next_stop, few_ulps, adaptive,
             t=t_new, dt=dt_next, y=y_new, f=f_new, i_out=i_out, k=k, num_trials=num_trials,
             num_steps=s.num_steps + tf.cast(accept, tf.int32),
             num_rejected=s.num_rejected + tf.cast(rejected, tf.int32),
-            num_forced=s.num_forced + tf.cast(forced, tf.int32),
+            num_forced=(s.num_forced if forced is None
+                        else s.num_forced + tf.cast(forced, tf.int32)),
             num_fevals=s.num_fevals + fevals, status=tf.where(active, status, s.status),
             outputs=outputs, saved=saved, record=record,
             entries=s.entries + tf.cast(tf.reduce_any(accept), tf.int32), found=found,

@@ -256,26 +256,30 @@ def new_jumps(f0, jumps):
 def at_jumps(buffers, jumps, stop, keep, f, shared):
     """`f_jump` after a trial: `f` (each group's carried derivative) written at the rank
     of the jump at stop `stop` (`[G]`) where `keep` (`[G]`: the step landed on it)."""
-    rank = tf.maximum(jump_rank(jumps, stop), 0)
+    index = _jump_index(jumps, stop, shared)
     out = []
-    for buf, x in zip(buffers, f):
+    for buf, old, x in zip(buffers, before_jump(buffers, jumps, stop, shared), f):
         if shared:
-            old = tf.gather(buf, rank[0])
-            out.append(tf.tensor_scatter_nd_update(buf, rank[:1, None],
-                                                   tf.where(keep[0], x, old)[None]))
+            new = tf.where(keep[0], x, old)[None]
         else:
-            index = tf.stack([rank, tf.range(tf.shape(rank)[0])], 1)
-            old = tf.gather_nd(buf, index)
-            keep_x = tf.reshape(keep, tf.concat([tf.shape(keep), [1] * (x.shape.rank - 1)], 0))
-            out.append(tf.tensor_scatter_nd_update(buf, index, tf.where(keep_x, x, old)))
+            new = tf.where(tf.reshape(keep, [-1] + [1] * (x.shape.rank - 1)), x, old)
+        out.append(tf.tensor_scatter_nd_update(buf, index, new))
     return out
+
+
+def _jump_index(jumps, stop, shared):
+    """Where `f_jump` holds each group's entry for the jump at stop `stop` (`[G]`): the
+    `gather_nd` indices, `[[rank]]` when shared, else `[[rank_g, g]]`."""
+    rank = tf.maximum(jump_rank(jumps, stop), 0)
+    if shared:
+        return rank[:1, None]
+    return tf.stack([rank, tf.range(tf.shape(rank)[0])], 1)
 
 
 def before_jump(buffers, jumps, stop, shared):
     """The carried derivative each group's step left at the jump at stop `stop` (`[G]`),
     from `f_jump`."""
-    rank = tf.maximum(jump_rank(jumps, stop), 0)
+    index = _jump_index(jumps, stop, shared)
     if shared:
-        return [tf.gather(buf, rank[0]) for buf in buffers]
-    index = tf.stack([rank, tf.range(tf.shape(rank)[0])], 1)
+        return [tf.gather_nd(buf, index)[0] for buf in buffers]
     return [tf.gather_nd(buf, index) for buf in buffers]

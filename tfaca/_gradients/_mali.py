@@ -94,7 +94,7 @@ def _mali_entry(solver, f, setting, cp, i, y1, v1, a_y, a_v, g_stops, g_sources,
     end `(y1, v1)` and pulls `(a_y, a_v)` back through the step and its outputs."""
     groups, lam = setting.groups, solver.damping
     if setting.jumps is not None:
-        y1, v1, a_y, a_v, g_sources, g_vars = _back_across_jump(
+        v1, a_y, a_v, g_sources, g_vars = _back_across_jump(
             f, setting, cp, i, y1, v1, a_y, a_v, g_sources, g_vars, sources, variables)
     t, dt, accepted = (tf.gather(x, i) for x in (cp.t, cp.dt, cp.accepted))
     hit, j = tf.gather(cp.hit, i) & accepted, tf.gather(cp.interval, i)
@@ -169,7 +169,7 @@ def _back_across_jump(f, setting, cp, i, y1, v1, a_y, a_v, g_sources, g_vars, so
         return list(a_y), list(v1), list(a_v), list(g_sources), list(g_vars)
 
     a_y, v1, a_v, g_sources, g_vars = tf.cond(tf.reduce_any(here), across, stay)
-    return y1, v1, a_y, a_v, g_sources, g_vars
+    return v1, a_y, a_v, g_sources, g_vars
 
 
 def _mali_replay(solver, f, checkpoints, times, y0, sources, g_ys, variables, per_sample,
