@@ -27,8 +27,9 @@ from tfaca._solvers import (
     HeunEuler,
     Midpoint,
     Tsit5,
-    get_solver,
 )
+from tfaca._implicit import AbstractImplicitSolver, Kvaerno3, Kvaerno5
+from tfaca._methods import get_solver
 from tfaca._tableau import ButcherTableau
 
 __version__ = "0.1.0"
@@ -38,6 +39,7 @@ __all__ = [
     "AbstractPath",
     "ACAGradient",
     "AbstractGradient",
+    "AbstractImplicitSolver",
     "AbstractSolver",
     "AdjointGradient",
     "Bosh3",
@@ -49,6 +51,8 @@ __all__ = [
     "Event",
     "HermitePath",
     "HeunEuler",
+    "Kvaerno3",
+    "Kvaerno5",
     "LinearPath",
     "MALIGradient",
     "Midpoint",

@@ -304,6 +304,7 @@ def integrate(solver, controller, func, stops, y0, *, step_size, first_step, max
         A `Trajectory`; its `checkpoints` are set when `record`.
     """
     groups = Groups(shared=not per_sample)
+    solver = solver.bind(controller)
     dtype = stops.dtype
     stops = stops[None] if stops.shape.rank == 1 else stops
     num_stops = tf.shape(stops)[1]
@@ -440,8 +441,7 @@ def _body(solver, controller, func, groups, stop, next_stop, few_ulps, adaptive,
         # computes can overflow, nor reach a gradient as NaN.
         dt = tf.where(active, dt, tf.zeros_like(dt))
         t1 = tf.where(active, t1, s.t)
-        y1, f1, y_error, stages = solver.step(func, lane(s.t), s.y, s.f, lane(dt),
-                                              return_stages=True)
+        y1, f1, y_error, stages, fevals = solver.trial(func, lane(s.t), s.y, s.f, lane(dt))
         if adaptive:
             err = groups.grouped(controller.error_ratio(s.y, y1, y_error))
             accept = err <= 1.0  # False for NaN
@@ -470,12 +470,11 @@ def _body(solver, controller, func, groups, stop, next_stop, few_ulps, adaptive,
         y_new = groups.select(accept, y1, s.y)
         if fsal:
             f_new = groups.select(accept, f1, s.f)
-            fevals = solver.trial_fevals
         else:
             f_new = tf.cond(tf.reduce_any(accept),
                             lambda: groups.select(accept, func(lane(t1), y1), s.f),
                             lambda: list(s.f))
-            fevals = solver.trial_fevals + tf.cast(accept, tf.int32)
+            fevals += tf.cast(accept, tf.int32)
         t_new = tf.where(accept, t1, s.t)
         # The groups whose `func` is evaluated afresh at the end of the step (after its
         # outputs are saved, which read the step's own last stage): past a jump, or

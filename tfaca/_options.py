@@ -26,7 +26,7 @@ import tensorflow as tf
 from tfaca import _jit
 from tfaca._control import PIDController
 from tfaca._gradients import _GRADIENTS, get_gradient
-from tfaca._solvers import _SOLVERS, get_solver
+from tfaca._methods import _SOLVERS, get_solver
 
 
 def _check_positive(name, value, allow_zero=False, allow_none=False):

@@ -93,6 +93,8 @@ class AbstractSolver:
     # from its end (MALI).
     replayable = True
     invertible = False
+    # Whether the stages are equations solved by Newton's method (`_implicit`).
+    implicit = False
 
     def __init__(self):
         if not isinstance(self.tableau, ButcherTableau):
@@ -110,6 +112,26 @@ class AbstractSolver:
                 f"set (adaptive) or both be None (fixed step). Received: "
                 f"error_order={self.error_order!r}, b_error={self.tableau.b_error!r}"
             )
+        if self.tableau.implicit and not self.implicit:
+            raise ValueError(
+                f"{type(self).__name__}.tableau has a non-zero `a_diagonal` (implicit "
+                "stages), which the explicit step would ignore: subclass "
+                "tfaca.AbstractImplicitSolver instead.")
+
+    def bind(self, controller):
+        """The solver as a solve with `controller` runs it: itself (an implicit solver
+        takes the controller's tolerances for its Newton iterations)."""
+        del controller
+        return self
+
+    def trial(self, func, t0, y0, f0, dt):
+        """The loop's trial step: `(y1, f1, y_error, stages, fevals)`, `fevals` the
+        evaluations of `func` it cost (`step` with `return_stages=True`)."""
+        return (*self.step(func, t0, y0, f0, dt, return_stages=True), self.trial_fevals)
+
+    def replay_step(self, func, t0, y0, f0, dt):
+        """`y1` as ACA's replay differentiates it: the step's solution stages."""
+        return self.step(func, t0, y0, f0, dt, solution_only=True)[0]
 
     @property
     def adaptive(self):
@@ -562,33 +584,3 @@ class ALF(AbstractSolver):
 
     def __repr__(self):
         return f"ALF(damping={self.damping})" if self.damping != 1.0 else "ALF()"
-
-
-_SOLVERS = {
-    "alf": ALF,
-    "euler": Euler,
-    "midpoint": Midpoint,
-    "rk4": RK4,
-    "heun_euler": HeunEuler,
-    "bosh3": Bosh3,
-    "dopri5": Dopri5,
-    "tsit5": Tsit5,
-}
-
-
-def get_solver(method):
-    """Returns a solver instance from a name ("dopri5"), a solver class, an instance, or
-    a config dict `{"name": "alf", "damping": 0.8}` (a built-in with its options)."""
-    if isinstance(method, AbstractSolver):
-        return method
-    if isinstance(method, dict) and method.get("name") in _SOLVERS:
-        options = {k: v for k, v in method.items() if k != "name"}
-        return _SOLVERS[method["name"]](**options)
-    if isinstance(method, type) and issubclass(method, AbstractSolver):
-        return method()
-    if isinstance(method, str) and method.lower() in _SOLVERS:
-        return _SOLVERS[method.lower()]()
-    raise ValueError(
-        f"`method` must be one of {sorted(_SOLVERS)} or an AbstractSolver. "
-        f"Received: method={method!r}"
-    )

@@ -1,4 +1,5 @@
-"""Butcher tableaus: the validated data that defines an explicit Runge–Kutta method.
+"""Butcher tableaus: the validated data that defines a Runge–Kutta method, explicit or
+diagonally implicit.
 
 A tableau is plain Python floats, checked once when it is built, so that a typo in a
 coefficient fails at import time instead of silently lowering a solver's order. The
@@ -16,10 +17,12 @@ _TOLERANCE = 1e-12
 
 @dataclasses.dataclass(frozen=True)
 class ButcherTableau:
-    """Coefficients of an explicit Runge–Kutta method, with an optional embedded pair.
+    """Coefficients of a Runge–Kutta method, with an optional embedded pair.
 
     Stage `i` is evaluated at `t0 + c[i] * dt` on
-    `y0 + dt * sum_j a_lower[i - 1][j] * k[j]`; the step is
+    `z_i = y0 + dt * sum_j a_lower[i - 1][j] * k[j] + dt * a_diagonal[i] * k[i]`
+    (`k[i] = f(t0 + c[i] dt, z_i)`: an equation for `z_i` where `a_diagonal[i]` is not 0,
+    solved by `_implicit`); the step is
     `y1 = y0 + dt * sum_i b_sol[i] * k[i]` and its local error estimate is
     `y_error = dt * sum_i b_error[i] * k[i]`, where `b_error = b_sol - b_embedded`.
 
@@ -37,6 +40,10 @@ class ButcherTableau:
             b_i(theta) * k[i]` for `theta` in [0, 1]. Each `b_i(1)` must equal
             `b_sol[i]` (the extension ends on the step's solution) and the weights must
             sum to `theta` (it is exact for `dy/dt = 1`).
+        a_diagonal: the diagonal of the Runge–Kutta matrix, one entry per stage, or
+            `None` for an explicit method (all zero). Row `i` of `a_lower` plus
+            `a_diagonal[i + 1]` must sum to `c[i + 1]`; `a_diagonal[0]` must be 0 (the
+            first stage is `f(t0, y0)`, explicit: an ESDIRK method).
 
     Raises:
         ValueError: if the shapes or the consistency conditions do not hold.
@@ -47,6 +54,7 @@ class ButcherTableau:
     b_sol: tuple
     b_error: tuple = None
     b_dense: tuple = None
+    a_diagonal: tuple = None
 
     def __post_init__(self):
         object.__setattr__(self, "c", tuple(float(x) for x in self.c))
@@ -62,6 +70,14 @@ class ButcherTableau:
             )
 
         stages = len(self.c)
+        diagonal = (0.0,) * stages
+        if self.a_diagonal is not None:
+            object.__setattr__(self, "a_diagonal", tuple(float(x) for x in self.a_diagonal))
+            if len(self.a_diagonal) != stages or self.a_diagonal[0] != 0.0:
+                raise ValueError(
+                    f"`a_diagonal` must have one entry per stage ({stages}), the first 0 "
+                    f"(an explicit first stage). Received: a_diagonal={self.a_diagonal}")
+            diagonal = self.a_diagonal
         if stages < 1 or self.c[0] != 0.0:
             raise ValueError(f"`c` must be non-empty and start with 0. Received: c={self.c}")
         if len(self.a_lower) != stages - 1:
@@ -74,10 +90,11 @@ class ButcherTableau:
                 raise ValueError(
                     f"Row {i} of `a_lower` must have {i + 1} entries. Received: {row}"
                 )
-            if not math.isclose(math.fsum(row), self.c[i + 1], abs_tol=_TOLERANCE):
+            total = math.fsum(row + (diagonal[i + 1],))
+            if not math.isclose(total, self.c[i + 1], abs_tol=_TOLERANCE):
                 raise ValueError(
-                    f"Row {i} of `a_lower` must sum to c[{i + 1}]={self.c[i + 1]}. "
-                    f"Received: sum={math.fsum(row)}"
+                    f"Row {i} of `a_lower` (with a_diagonal[{i + 1}]) must sum to "
+                    f"c[{i + 1}]={self.c[i + 1]}. Received: sum={total}"
                 )
         if len(self.b_sol) != stages:
             raise ValueError(
@@ -132,10 +149,16 @@ class ButcherTableau:
         return 1 + max(i for i, b in enumerate(self.b_sol) if b != 0.0)
 
     @property
+    def implicit(self):
+        """Whether some stage is an equation in itself (a non-zero `a_diagonal` entry)."""
+        return self.a_diagonal is not None and any(x != 0.0 for x in self.a_diagonal)
+
+    @property
     def fsal(self):
         """First Same As Last: the last stage is f(t1, y1), so the next step reuses it."""
         return (
-            self.stages > 1
+            not self.implicit
+            and self.stages > 1
             and self.c[-1] == 1.0
             and self.a_lower[-1] == self.b_sol[:-1]
             and self.b_sol[-1] == 0.0

@@ -57,6 +57,7 @@ from tfaca._gradients._base import (
 from tfaca._gradients._replay import (
     add_landed, covered, jumped, onto_stops, setting_of, to_groups, to_rows,
 )
+from tfaca._control import StepSizeController
 from tfaca._internals import could_possibly_record, in_xla_context, stop_recording
 from tfaca._jit import compiles
 
@@ -147,16 +148,20 @@ class ACAGradient(AbstractGradient):
             # The `sources` that `func` closes over reach the compiled function as
             # captures, as `func` reads them, so that the tape inside watches what
             # `func` uses; the `args` as arguments.
-            replay = compiled(lambda checkpoints, times, y0, g_ys, args, jumps, events: _replay(
-                solver, lambda t, y: func(t, y, args), checkpoints, times, y0,
-                sources_with(sources, args), g_ys, variables, per_sample, jumps,
-                reproduction_tolerance(times[0].dtype, func),
-                None if events is None else (*events, event.by_batch)), jit, ("replay",))
+            # The controller's fields as an argument: an implicit solver's Newton
+            # iterations measure their corrections with its tolerances.
+            replay = compiled(
+                lambda checkpoints, times, y0, g_ys, args, jumps, events, control: _replay(
+                    solver.bind(StepSizeController(**control)),
+                    lambda t, y: func(t, y, args), checkpoints, times, y0,
+                    sources_with(sources, args), g_ys, variables, per_sample, jumps,
+                    reproduction_tolerance(times[0].dtype, func),
+                    None if events is None else (*events, event.by_batch)), jit, ("replay",))
             events = None
             if event is not None:
                 events = (trajectory.found.t, trajectory.found.entry, g_event)
             mismatch, grads = replay(trajectory.checkpoints, times, y0, g_ys, args,
-                                     loop_kwargs.get("jumps"), events)
+                                     loop_kwargs.get("jumps"), events, options["controller"])
             return check_replay(mismatch, grads, throw)
 
         second_order = None
@@ -164,6 +169,11 @@ class ACAGradient(AbstractGradient):
             second_order = SECOND_ORDER.format(
                 what="ACA with per-sample steps or an event does not support yet",
                 instead='Use per_sample=False without an event, or gradient="naive".')
+        elif solver.implicit:
+            second_order = SECOND_ORDER.format(
+                what=f"ACA through the implicit steps of method={solver!r} does not "
+                     "support (its Newton matrices are held constant)",
+                instead='Use gradient="naive", or an explicit method.')
         trajectory = solve_with_custom_gradient(
             forward_with(record), backward, func, times_of(plan), y0, args,
             second_order=second_order, t_shape=y0[0].shape[:1] if per_sample else (),
@@ -288,8 +298,7 @@ def _replay_entry(solver, f, setting, cp, i, y, y_next, carry, sources, variable
         tape.watch([t, dt_replay] + list(y) + list(sources))
         f0 = f(groups.lane(t), y)
         if not setting.dense:
-            y1, _, _ = solver.step(f, groups.lane(t), y, f0, groups.lane(dt_replay),
-                                   solution_only=True)
+            y1 = solver.replay_step(f, groups.lane(t), y, f0, groups.lane(dt_replay))
         else:
             y1, k = solver.replay_stages(f, groups.lane(t), y, f0, groups.lane(dt_replay))
             f_end = list(c.f_end)

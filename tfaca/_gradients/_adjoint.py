@@ -104,6 +104,16 @@ class AdjointGradient(AbstractGradient):
 
     def solve(self, solver, controller, func, plan, y0, args, *, per_sample=False, throw=True,
               jit=False, **loop_kwargs):
+        if solver.implicit:
+            # The reverse solve of [y, a, dL/dtheta] would need the Jacobian of the
+            # adjoint's own dynamics (a^T df/dy differentiated again, and the parameters'
+            # block) at every Newton matrix: refused rather than solved explicitly, which
+            # a stiff problem's adjoint, as stiff as the problem, would not survive.
+            raise ValueError(
+                f"gradient=\"adjoint\" integrates the adjoint backwards with the solver, and "
+                f"for method={solver!r} that reverse solve would be implicit too, which tfaca "
+                'does not do: use gradient="aca" (exact through the implicit steps, by the '
+                'implicit function theorem) or "naive". Received: gradient="adjoint"')
         options = loop_options(controller, dict(loop_kwargs, per_sample=per_sample))
         # The reverse solve needs the outputs and the end state, not the steps.
         run = forward_solve(solver, func, jit, record=False, checkpoints=False)
