@@ -248,3 +248,74 @@ def test_cde_step_benchmark_runs_and_tfaca_matches_the_float64_reference(tmp_pat
     assert "## Diagnostics (not in the target)" in text
     # No peer ran: the target is not met.
     assert "no such peer ran (target ≤ 0.7: MISS)" in text
+
+
+def test_stiff_fields_match_numpy_and_their_jacobians():
+    """benchmarks/stiff.py: one formula per field in NumPy and TensorFlow, and the analytic
+    Jacobians SciPy's reference solves are given (Radau, BDF) against TensorFlow's."""
+    import stiff
+
+    rng = np.random.default_rng(0)
+    for name in ("robertson", "vdp"):
+        p = stiff.make_problems(quick=True)[name]
+        for _ in range(3):
+            y = np.abs(rng.standard_normal(p.y0.shape)) * np.maximum(np.abs(p.y0), 1e-3)
+            params = p.params * np.exp(0.1 * rng.standard_normal(p.params.shape))
+            yt = tf.constant(y)
+            with tf.GradientTape() as tape:
+                tape.watch(yt)
+                f = p.field(tf.stack, yt, tf.constant(params))
+            np.testing.assert_allclose(f.numpy(), p.field(np.stack, y, params), rtol=1e-12)
+            want = tape.jacobian(f, yt).numpy()
+            got = p.scipy_jac(params)(0.0, y)
+            np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12 * np.abs(want).max())
+    # The batch's Jacobian is block diagonal, one block per system.
+    p = stiff.make_problems(quick=True)["robertson_batch"]
+    y = np.abs(rng.standard_normal(p.y0.shape))
+    blocks = p.scipy_jac(p.params)(0.0, y.ravel())
+    assert blocks.shape == (p.y0.size, p.y0.size)
+    np.testing.assert_allclose(blocks[3:6, 3:6], stiff.robertson_jacobian(y[1], p.params[1]))
+    assert not blocks[:3, 3:].any()
+
+
+@pytest.mark.slow
+def test_stiff_benchmark_quick_run_has_every_solver_and_tfaca_meets_its_tolerance(tmp_path):
+    """benchmarks/stiff.py --quick (Robertson to t = 40): a row per solver, tfaca's
+    Kvaerno5 within 100 rtol of the Radau reference, its ACA gradient at the finite
+    differences (and at diffrax's, where diffrax is installed), Dopri5 stopped by
+    max_steps."""
+    import stiff
+
+    out = tmp_path / "stiff.md"
+    results = stiff.main(["--quick", "--out", str(out)])
+    assert list(results) == ["robertson"]
+    forward, gradients = results["robertson"]["forward"], results["robertson"]["gradients"]
+    peer = stiff.diffrax_available()
+    expected = ["tfaca-kvaerno5", "scipy-radau", "scipy-bdf", "tfaca-dopri5"]
+    expected += ["diffrax-kvaerno5"] if peer else []
+    for key in expected:
+        assert "error" not in forward[key], forward[key]
+    rtol = stiff.make_problems(quick=True)["robertson"].rtol
+    tfaca_fwd = forward["tfaca-kvaerno5"]
+    assert tfaca_fwd["status"] == "SUCCESS"
+    assert 5 <= tfaca_fwd["steps"] <= 500
+    assert tfaca_fwd["jacobians"] == tfaca_fwd["steps"] + tfaca_fwd["rejected"]
+    assert tfaca_fwd["rel_err"] <= 100 * rtol
+    for key in ("scipy-radau", "scipy-bdf") + (("diffrax-kvaerno5",) if peer else ()):
+        assert forward[key]["rel_err"] <= 100 * rtol, key
+    # The explicit solver cannot cross the stiff span in 10,000 trials.
+    dopri = forward["tfaca-dopri5"]
+    assert dopri["status"] == "MAX_STEPS_REACHED" and dopri["t_final"] < 40.0
+    grad = gradients["tfaca-kvaerno5"]
+    assert "error" not in grad, grad
+    assert np.all(np.isfinite(grad["grad"])) and grad["fwdbwd_ms"] > 0
+    assert grad["vs_fd"] < 1e-3
+    if peer:
+        assert gradients["diffrax-kvaerno5"]["vs_fd"] < 1e-3
+        assert grad["vs_other"] < 1e-3
+    text = out.read_text()
+    labels = ["tfaca Kvaerno5", "SciPy Radau", "SciPy BDF", "tfaca Dopri5", "tfaca Kvaerno5, ACA"]
+    labels += ["diffrax Kvaerno5", "diffrax Kvaerno5, RecursiveCheckpointAdjoint"] if peer else []
+    for label in labels:
+        assert f"\n| {label} | " in text, label
+    assert "## Forward+backward: tfaca / diffrax (target ≤ 1.0)" in text

@@ -51,6 +51,11 @@ def check_solving(ns):
     assert int(jumped.num_rejected) < 0.1 * int(plain.num_rejected)
     assert int(ns["floored"].stats.num_forced) >= 1
     assert ns["grad"].norm == "seminorm"
+    explicit, implicit = ns["explicit"], ns["implicit"]
+    assert int(explicit.status) == int(ns["tfaca"].Status.MAX_STEPS_REACHED)
+    assert int(implicit.status) == 0 and int(implicit.stats.num_steps) < 100
+    np.testing.assert_allclose(implicit.ys[-1].numpy(), [0.7158271, 9.185535e-06, 0.2841637],
+                               rtol=1e-5)
 
 
 CHECKS = {"README.md": check_readme, "keras.md": check_keras,

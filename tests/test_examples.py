@@ -186,7 +186,7 @@ def test_long_solve_runs_with_mali_and_a_budget(capsys):
 
 @pytest.mark.parametrize(
     "name", ["three_body", "time_series", "image_classification", "gradient_accuracy",
-             "irregular_classification", "bouncing_ball"])
+             "irregular_classification", "bouncing_ball", "stiff_kinetics"])
 def test_quick_runs_never_write_over_the_committed_results(name):
     example = _load(name)
 
@@ -289,3 +289,55 @@ def test_bouncing_ball_quick_learns_from_events(tmp_path, capsys):
     assert abs(hitting["k"] - hitting["true_k"]) < 0.2 * hitting["true_k"]
     assert "| aca |" in (tmp_path / "results.md").read_text()
     assert _png(tmp_path / "bouncing_ball.png")
+
+
+def test_stiff_kinetics_dynamics_are_robertsons():
+    example = _load("stiff_kinetics")
+    assert example.TRUE_K == (0.04, 1e4, 3e7) and example.Y0 == (1.0, 0.0, 0.0)
+    y = np.array([0.7, 2e-5, 0.3])
+    k1, k2, k3 = example.TRUE_K
+    expected = [-k1 * y[0] + k2 * y[1] * y[2], k1 * y[0] - k2 * y[1] * y[2] - k3 * y[1] ** 2,
+                k3 * y[1] ** 2]
+    dy = example.robertson(0.0, tf.constant(y), tf.constant(np.log(example.TRUE_K))).numpy()
+    np.testing.assert_allclose(dy, expected, rtol=1e-12)
+    np.testing.assert_allclose(example.rhs(y), expected, rtol=1e-12)
+    assert abs(dy.sum()) < 1e-12  # mass is conserved
+    # The Jacobian the diagnostics read, against central differences.
+    eps = 1e-9
+    columns = [(example.rhs(y + eps * e) - example.rhs(y - eps * e)) / (2 * eps) for e in np.eye(3)]
+    np.testing.assert_allclose(example.jacobian(y), np.stack(columns, 1), rtol=1e-5, atol=1e-6)
+    # Each constant starts a factor 2-5 from the truth.
+    assert all(2 <= max(f, 1 / f) <= 5 for f in example.START_FACTORS)
+
+
+@pytest.mark.slow  # about 30 s on 2 cores (tracing and XLA-compiling six solves)
+def test_stiff_kinetics_quick_learns_the_rates_where_dopri5_stalls(tmp_path, capsys):
+    example = _load("stiff_kinetics")
+    result = example.main(["--quick", "--out-dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    fit = result["fit"]
+    start = np.array(example.START_K)
+    truth = np.array(example.TRUE_K)
+    learned = np.array(fit["k"])
+    # Each learned constant is far closer to the truth than where it started (off by
+    # factors 3, 1/4, 4), and the loss falls to near the noise's.
+    off, start_off = np.abs(np.log(learned / truth)), np.abs(np.log(start / truth))
+    assert np.all(off < 0.1 * start_off), learned
+    assert fit["losses"][-1] < 1e-2 * fit["losses"][0]
+    assert fit["losses"][-1] < 2 * result["noise_loss"]
+    assert 0 < fit["last_stats"]["steps"] < 200 and fit["last_stats"]["fevals_backward"] > 0
+    kvaerno5, kvaerno3, _, dopri5, kvaerno5_short = result["solvers"]
+    assert [r["method"] for r in result["solvers"]] == [
+        "kvaerno5", "kvaerno3", "dopri5", "dopri5", "kvaerno5"]
+    assert kvaerno5["status"] == kvaerno3["status"] == "SUCCESS"
+    assert kvaerno5["t_final"] == example.T_END and kvaerno5["steps"] < 200
+    # Dopri5 runs out of steps far from the end, having taken 10x Kvaerno5's steps over
+    # the whole span in the few seconds it got through, a fifth of its trials rejected.
+    assert dopri5["status"] == "MAX_STEPS_REACHED" and dopri5["t_final"] < 1e-3 * example.T_END
+    assert dopri5["steps"] > 10 * kvaerno5["steps"]
+    assert 0.05 < dopri5["rejected"] / (dopri5["steps"] + dopri5["rejected"]) < 0.5
+    assert kvaerno5_short["t_final"] == dopri5["t_final"]
+    assert kvaerno5_short["steps"] < 0.01 * dopri5["steps"]
+    assert "MAX_STEPS_REACHED" in out and "k1 (y1 -> y2)" in out
+    assert "| dopri5 |" in (tmp_path / "results.md").read_text()
+    assert _png(tmp_path / "stiff_kinetics.png")

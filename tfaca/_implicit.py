@@ -198,7 +198,16 @@ class AbstractImplicitSolver(AbstractSolver):
         v = tf.stop_gradient(layout.vec(y))
         t = tf.stop_gradient(t)
         if self.jac is not None:
-            return tf.stop_gradient(tf.convert_to_tensor(self.jac(t, v), v.dtype))
+            jacobian = self.jac(t, v)
+            if not tf.is_tensor(jacobian):
+                jacobian = tf.convert_to_tensor(jacobian, v.dtype)
+            if jacobian.dtype != v.dtype or jacobian.shape.rank != 2 + int(layout.batched):
+                raise ValueError(
+                    f"`jac` must return the Jacobian as a {v.dtype.name} tensor of shape "
+                    f"{'(batch, d, d)' if layout.batched else '(N, N)'} for the state as a "
+                    f"vector of shape {tuple(v.shape)}. Received: {jacobian.dtype.name} of "
+                    f"shape {tuple(jacobian.shape)}")
+            return tf.stop_gradient(jacobian)
         # ACA's forward solve runs with tapes paused; this tape must record.
         with recording():
             with tf.GradientTape() as tape:
@@ -318,11 +327,16 @@ class AbstractImplicitSolver(AbstractSolver):
             k.append([(x - b) / per_row(h_safe, x) for x, b in zip(z, base)])
         y1 = _weighted_sum(y0, dt, tableau.b_sol, k)
         y_error = None
-        if error:
-            y_error = _weighted_sum(None, dt, tableau.b_error, k)
+        spread = (lambda x: per_row(failed, x)) if per_sample else (lambda x: failed)
+        if error and tableau.b_error is not None:
+            # A failed trial's error is infinite: rejected, the step shrinks.
             inf = tf.constant(float("inf"), y1[0].dtype)
-            y_error = [tf.where(per_row(failed, e) if per_sample else failed, inf, e)
-                       for e in y_error]
+            y_error = [tf.where(spread(e), inf, e)
+                       for e in _weighted_sum(None, dt, tableau.b_error, k)]
+        elif error:
+            # A fixed step cannot be retried: its end is NaN, which the loop reports.
+            nan = tf.constant(float("nan"), y1[0].dtype)
+            y1 = [tf.where(spread(y), nan, y) for y in y1]
         return y1, y_error, k, fevals
 
     def _implicit_stage(self, func, z_star, base, h, t_i, layout):

@@ -155,7 +155,9 @@ class ODELayer(keras.layers.Layer):
             output times. Default `(0.0, 1.0)`. Ignored when times come as a second input.
         method: solver name (`"dopri5"` default; `"heun_euler"` is the paper's choice
             for images at `rtol = atol = 1e-2`; `"alf"`, the asynchronous leapfrog,
-            with `gradient="mali"`), or a solver object (a built-in with options, such
+            with `gradient="mali"`; `"kvaerno5"` for stiff dynamics, best as
+            `{"name": "kvaerno5", "jacobian": "batch"}` whose Jacobian is one block per
+            sample), or a solver object (a built-in with options, such
             as `tfaca.ALF(damping=0.8)`, is saved with them; a user-defined solver
             works, but cannot be saved in a config).
         rtol, atol: relative and absolute tolerances: scalars, or arrays broadcastable to

@@ -347,7 +347,11 @@ def solve(
         method: a solver name (`"euler"`, `"midpoint"`, `"rk4"`, `"heun_euler"`, `"bosh3"`,
             `"dopri5"`, `"tsit5"`, `"alf"`), class or instance. Default `"dopri5"`.
             `"alf"` (`tfaca.ALF`, the asynchronous leapfrog) is the invertible solver
-            of `gradient="mali"`.
+            of `gradient="mali"`. `"kvaerno3"`, `"kvaerno5"` (`tfaca.Kvaerno5`, options
+            `jacobian`, `jac`, `kappa`, `max_iterations`): implicit (ESDIRK) solvers
+            for stiff problems, each stage solved by Newton's method with the Jacobian
+            of `func`; not with `gradient="adjoint"` (docs/solving.md, "Stiff
+            problems").
         rtol, atol: relative and absolute tolerances: scalars, or structures like `y0`
             of values broadcastable to each component. Defaults 1e-3 and 1e-6, as
             scipy's `solve_ivp` and the ACA reference code (TorchDiffEqPack); loose
