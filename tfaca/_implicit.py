@@ -109,6 +109,7 @@ class AbstractImplicitSolver(AbstractSolver):
     """
 
     implicit = True
+    hold_after_reject = True
     fsal = False  # the stage slopes are (z - base) / h; f(t1, y1) is evaluated afresh
     order = None
     error_order = None

@@ -119,6 +119,7 @@ class _State(NamedTuple):
     entries: Any  # scalar: checkpoint entries written (iterations that accepted)
     found: Any  # with an event, its `_events.Found`, else ()
     history: Any  # a PID controller's last accepted error ratios ([2, G]), else ()
+    retry: Any  # [G], whether the last trial was rejected (`solver.hold_after_reject`), or ()
 
 
 def graph_assert(condition, data, summarize=3):
@@ -387,6 +388,7 @@ def integrate(solver, controller, func, stops, y0, *, step_size, first_step, max
         outputs=() if buffer is None else buffer.arrays, saved=saved, record=recorded,
         entries=tf.constant(0, tf.int32), found=found,
         history=controller.history(t0) if adaptive else (),
+        retry=tf.zeros_like(t0, tf.bool) if adaptive and solver.hold_after_reject else (),
     )
     # With restarts, `max_steps` trials per interval (the status stops each one).
     bound = max_steps * tf.maximum(num_stops - 1, 1) if restart else max_steps
@@ -466,6 +468,13 @@ def _body(solver, controller, func, groups, stop, next_stop, few_ulps, adaptive,
             dt_next = s.dt
         accept &= active
         history = controller.remember(s.history, err, accept) if adaptive else ()
+        retry = s.retry
+        if adaptive and solver.hold_after_reject:
+            # The step after a rejected trial does not grow (Hairer's RADAU5): an implicit
+            # trial whose Newton iterations failed is rejected and shrunk, and the next,
+            # accepted, would otherwise grow straight back to the size that failed.
+            dt_next = tf.where(accept & s.retry & (tf.abs(dt_next) > tf.abs(dt)), dt, dt_next)
+            retry = tf.where(active, tf.logical_not(accept), s.retry)
         dt_next = tf.where(active, dt_next, s.dt)
         y_new = groups.select(accept, y1, s.y)
         if fsal:
@@ -571,7 +580,7 @@ def _body(solver, controller, func, groups, stop, next_stop, few_ulps, adaptive,
             num_fevals=s.num_fevals + fevals, status=tf.where(active, status, s.status),
             outputs=outputs, saved=saved, record=record,
             entries=s.entries + tf.cast(tf.reduce_any(accept), tf.int32), found=found,
-            history=history,
+            history=history, retry=retry,
         ),)
 
     return body

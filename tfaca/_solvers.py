@@ -93,8 +93,10 @@ class AbstractSolver:
     # from its end (MALI).
     replayable = True
     invertible = False
-    # Whether the stages are equations solved by Newton's method (`_implicit`).
+    # Whether the stages are equations solved by Newton's method (`_implicit`), and whether
+    # the step after a rejected trial may not grow (the loop's rule for such solvers).
     implicit = False
+    hold_after_reject = False
 
     def __init__(self):
         if not isinstance(self.tableau, ButcherTableau):
