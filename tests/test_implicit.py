@@ -271,35 +271,53 @@ def _rate_loss(ys):
     return tf.reduce_sum(ys[-1] * f64([1.0, 1e4, 0.5])) + tf.reduce_sum(ys[1] ** 2)
 
 
+def vdp_jac_np(y, mu):
+    return [[0.0, 1.0], [-2 * mu * y[0] * y[1] - 1, mu * (1 - y[0] ** 2)]]
+
+
+# Robertson to t = 0.1 (45 steps, 25 s eagerly: the slow suite); Van der Pol with
+# mu = 100 over its first 0.3 (the quick one).
+SAME_STEPS = [
+    pytest.param(robertson, f64(ROBERTSON_K), [1.0, 0.0, 0.0], [0.0, 1e-3, 1e-1],
+                 lambda t, y: f64(robertson_jac_np(t, y.numpy())), 1e-7, 1e-12,
+                 marks=pytest.mark.slow, id="robertson"),
+    pytest.param(van_der_pol, f64(100.0), [2.0, 0.0], [0.0, 0.1, 0.3],
+                 lambda t, y: f64(vdp_jac_np(y.numpy(), 100.0)), 1e-7, 1e-9, id="van_der_pol"),
+]
+
+
+@pytest.mark.parametrize("func, params, y0, ts, jac, rtol, atol", SAME_STEPS)
 def test_aca_equals_backprop_through_the_same_steps_with_converged_stages(
-        robertson_reference):
+        func, params, y0, ts, jac, rtol, atol):
     """ACA (replay by the implicit function theorem, default Newton) against a tape
     through the same accepted steps whose stages iterate to rounding (`kappa=1e-10`, 50
-    iterations allowed), to t = 0.1: gradients for `y0` and the rate constants to 1e-8."""
-    ts = f64(robertson_reference[0][:3])
-    k, y0, rtol, atol = f64(ROBERTSON_K), f64([1.0, 0.0, 0.0]), 1e-7, 1e-12
-    steps = accepted_steps(robertson, y0, ts, args=(k,), method="kvaerno5", rtol=rtol,
+    iterations allowed, the analytic Jacobian): gradients for `y0` and the parameters to
+    1e-8."""
+    y0, ts = f64(y0), f64(ts)
+    steps = accepted_steps(func, y0, ts, args=(params,), method="kvaerno5", rtol=rtol,
                            atol=atol, max_steps=2000)
-    # The analytic Jacobian (`jac`): eagerly, an automatic one costs a vectorized trace.
-    converged = tfaca.Kvaerno5(kappa=1e-10, max_iterations=50,
-                               jac=lambda t, y: f64(robertson_jac_np(t, y.numpy()))).bind(
+    converged = tfaca.Kvaerno5(kappa=1e-10, max_iterations=50, jac=jac).bind(
         tfaca.StepSizeController(rtol=[f64(1e-13)], atol=[f64(1e-16)]))
+
+    def loss_of(ys):
+        return tf.reduce_sum(ys[-1] * tf.range(1.0, ys.shape[-1] + 1, dtype=ys.dtype)) + \
+            tf.reduce_sum(ys[1] ** 2)
 
     @tf.function
     def aca():
         with tf.GradientTape() as tape:
-            tape.watch([y0, k])
-            sol = tfaca.solve(robertson, y0, ts, args=(k,), method="kvaerno5", rtol=rtol,
+            tape.watch([y0, params])
+            sol = tfaca.solve(func, y0, ts, args=(params,), method="kvaerno5", rtol=rtol,
                               atol=atol, interpolate=False, max_steps=2000)
-            loss = _rate_loss(sol.ys)
-        return sol.stats.num_steps, tape.gradient(loss, [y0, k])
+            loss = loss_of(sol.ys)
+        return sol.stats.num_steps, tape.gradient(loss, [y0, params])
 
     with tf.GradientTape() as tape:
-        tape.watch([y0, k])
-        loss = _rate_loss(unrolled_solve(robertson, y0, ts, steps, args=(k,), method=converged))
-    expected = tape.gradient(loss, [y0, k])
+        tape.watch([y0, params])
+        loss = loss_of(unrolled_solve(func, y0, ts, steps, args=(params,), method=converged))
+    expected = tape.gradient(loss, [y0, params])
     num_steps, actual = aca()
-    assert int(num_steps) == len(steps)
+    assert int(num_steps) == len(steps) > 3
     for a, e in zip(actual, expected):
         assert relative_error(a.numpy(), e.numpy()) < 1e-8, (a.numpy(), e.numpy())
 
@@ -336,13 +354,13 @@ def test_aca_gradients_match_finite_differences(interpolate, robertson_reference
 
 def test_naive_through_newton_equals_aca_on_the_same_fixed_steps():
     lam = tf.Variable(50.0, dtype=tf.float64)
-    y0, ts = f64([1.0, 2.0]), f64([0.0, 0.5, 1.0])
+    y0, ts = f64([1.0, 2.0]), f64([0.0, 0.2, 0.4])
 
     def grads(gradient):
         with tf.GradientTape() as tape:
             tape.watch(y0)
             sol = tfaca.solve(lambda t, y: -lam * (y - tf.cos(t)), y0, ts, method="kvaerno5",
-                              gradient=gradient, step_size=0.05, rtol=1e-12, atol=1e-12)
+                              gradient=gradient, step_size=0.1, rtol=1e-12, atol=1e-12)
             loss = tf.reduce_sum(sol.ys**2)
         return tape.gradient(loss, [lam, y0])
 
@@ -351,9 +369,9 @@ def test_naive_through_newton_equals_aca_on_the_same_fixed_steps():
         assert relative_error(n.numpy(), a.numpy()) < 1e-10
 
 
-def test_per_sample_gradients_and_xla():
-    """Per-sample steps (each sample's own Jacobian block) under XLA give the graph's
-    outputs and gradients; each sample equals itself solved alone."""
+def test_per_sample_steps_equal_each_sample_alone():
+    """Per-sample steps (each sample's own Jacobian block): each sample's outputs, steps
+    and gradients equal its own solved alone."""
     lam = tf.Variable([[30.0], [300.0], [3000.0]], dtype=tf.float64)
     y0, ts = f64([[1.0, 2.0], [0.5, 0.1], [2.0, 3.0]]), f64([0.0, 0.3, 0.7, 1.0])
 
@@ -367,13 +385,10 @@ def test_per_sample_gradients_and_xla():
         return sol.ys, sol.stats.num_steps, [tf.convert_to_tensor(g) for g in
                                              tape.gradient(loss, [lam, y0])]
 
+    # A plain graph (whose loops `jit_compile="auto"` compiles with XLA); under
+    # `tf.function(jit_compile=True)` in the slow suite.
     ys, steps, grads = tf.function(run)()
-    ys_x, steps_x, grads_x = tf.function(run, jit_compile=True)()
-    np.testing.assert_array_equal(steps_x.numpy(), steps.numpy())
     assert len(set(steps.numpy().tolist())) == 3  # each sample its own steps
-    assert relative_error(ys_x.numpy(), ys.numpy()) < COMPILED_RTOL
-    for g, g_x in zip(grads, grads_x):
-        assert relative_error(g_x.numpy(), g.numpy()) < COMPILED_RTOL
     # Sample 2 alone takes the steps it took in the batch.
     alone = tf.function(lambda: run(y0=y0[2:], rows=[2]))()
     assert int(alone[1][0]) == int(steps[2])
@@ -382,9 +397,11 @@ def test_per_sample_gradients_and_xla():
 
 
 @pytest.mark.slow
-def test_a_checkpoint_budget_rebuilds_implicit_steps():
-    """ACA with 2 states kept rebuilds the others by implicit steps (values) and replays
-    them: the gradient of every state kept, to rounding, shared steps and per sample."""
+def test_xla_and_a_checkpoint_budget():
+    """Under `tf.function(jit_compile=True)`, the plain graph's outputs, steps and
+    gradients; ACA with 2 states kept (the others rebuilt by implicit steps, values only,
+    then replayed), the gradient of every state kept to rounding; shared steps and per
+    sample."""
     lam = tf.Variable([[30.0], [300.0], [3000.0]], dtype=tf.float64)
     y0, ts = f64([[1.0, 2.0], [0.5, 0.1], [2.0, 3.0]]), f64([0.0, 0.3, 0.7, 1.0])
 
@@ -399,8 +416,10 @@ def test_a_checkpoint_budget_rebuilds_implicit_steps():
     for per_sample in (False, True):
         every = tf.function(lambda: run("aca", per_sample))()
         budget = tf.function(lambda: run(tfaca.ACAGradient(checkpoints=2), per_sample))()
-        for g, g_b in zip(every, budget):
+        compiled = tf.function(lambda: run("aca", per_sample), jit_compile=True)()
+        for g, g_b, g_x in zip(every, budget, compiled):
             assert relative_error(g_b.numpy(), g.numpy()) < 1e-12
+            assert relative_error(g_x.numpy(), g.numpy()) < COMPILED_RTOL
 
 
 def test_events_and_jump_ts_through_implicit_steps():
@@ -414,7 +433,7 @@ def test_events_and_jump_ts_through_implicit_steps():
         with tf.GradientTape() as tape:
             tape.watch(lam)
             sol = tfaca.solve(lambda t, y, lam: -lam * (y - tf.cast(t < 1.0, y.dtype)), y0, ts,
-                              args=(lam,), method="kvaerno5", rtol=1e-9, atol=1e-12,
+                              args=(lam,), method="kvaerno5", rtol=1e-8, atol=1e-11,
                               jump_ts=[1.0], event=tfaca.Event(lambda t, y, lam: y[0] - 0.5,
                                                                direction=-1))
         return sol.event_t, sol.status, tape.gradient(sol.event_t, lam)
@@ -426,9 +445,9 @@ def test_events_and_jump_ts_through_implicit_steps():
     event_t, status, g = run(f64(lam))
     assert int(status) == int(tfaca.Status.EVENT)
     assert abs(float(event_t) - expected_t) < 1e-8
-    # The event is found on the steps' cubic Hermite interpolant: its derivative is the
-    # least accurate part (3e-6 relative seen at rtol 1e-9).
-    assert abs(float(g) - expected_g) < 1e-5 * abs(expected_g), (float(g), expected_g)
+    # The event is found on the steps' cubic Hermite interpolant, whose derivative is the
+    # least accurate part (1.4e-5 relative seen at rtol 1e-8, 3e-6 at 1e-9).
+    assert abs(float(g) - expected_g) < 5e-5 * abs(expected_g), (float(g), expected_g)
 
 
 def test_eager_solve_equals_the_graph():

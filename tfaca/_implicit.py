@@ -100,7 +100,9 @@ class AbstractImplicitSolver(AbstractSolver):
             for a state of one tensor, the state itself), `J` is `[N, N]` or
             `[batch, d, d]`. It must be exact where ACA's replay uses it (the converged
             stages). Read by the solver only: parameters it needs are closed over.
-            Default: by automatic differentiation of `func`.
+            Default: by automatic differentiation of `func`. In an `ODELayer`'s config
+            it is saved as Keras saves functions: register it
+            (`keras.saving.register_keras_serializable`) to load it back.
         kappa: the Newton iterations stop when their predicted remaining error is below
             `kappa` times the tolerances (`rtol`, `atol`): 0.01, as Hairer's RADAU5 and
             diffrax. Smaller: more iterations, stages closer to their equations.
@@ -211,7 +213,7 @@ class AbstractImplicitSolver(AbstractSolver):
             return tf.stop_gradient(jacobian)
         # ACA's forward solve runs with tapes paused; this tape must record.
         with recording():
-            with tf.GradientTape() as tape:
+            with tf.GradientTape(persistent=tf.executing_eagerly()) as tape:
                 tape.watch(v)
                 fv = layout.vec(func(t, layout.unvec(v)))
                 if layout.batched:
@@ -220,7 +222,11 @@ class AbstractImplicitSolver(AbstractSolver):
                     # the same with a shape assertion, which XLA logs as ignored on every
                     # compile.)
                     fv = tf.reduce_sum(fv, axis=0)
-            jacobian = tape.jacobian(fv, v, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+            # Vectorized (pfor) in graphs; eagerly, pfor would trace a new function on
+            # every call (slow, and TensorFlow warns of retracing): a loop of
+            # vector-Jacobian products instead.
+            jacobian = tape.jacobian(fv, v, unconnected_gradients=tf.UnconnectedGradients.ZERO,
+                                     experimental_use_pfor=not tf.executing_eagerly())
             if layout.batched:
                 jacobian = tf.transpose(jacobian, [1, 0, 2])
         return tf.stop_gradient(jacobian)

@@ -107,7 +107,10 @@ class Stats(NamedTuple):
             interpolated outputs, the stages the interpolant uses), plus the
             interpolant's last stage, `f(t1, y1)`, for each step with outputs inside,
             plus, with a checkpoint budget, the solution's stages of each forward step
-            the replay rebuilds; known when the forward ends; with the naive
+            the replay rebuilds; known when the forward ends (with an implicit
+            solver, one per stage as for the explicit ones: the Newton iterations that
+            rebuild each stage and the Jacobians are left out, 2-5 times as many in
+            `benchmarks/stiff.md`); with the naive
             method 0 (it differentiates the recorded evaluations); with the adjoint -1,
             as its reverse solve is adaptive: `AdjointGradient.backward_stats` holds it
             once the gradient has been computed.

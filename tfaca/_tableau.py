@@ -92,8 +92,9 @@ class ButcherTableau:
                 )
             total = math.fsum(row + (diagonal[i + 1],))
             if not math.isclose(total, self.c[i + 1], abs_tol=_TOLERANCE):
+                with_diagonal = "" if self.a_diagonal is None else f" (with a_diagonal[{i + 1}])"
                 raise ValueError(
-                    f"Row {i} of `a_lower` (with a_diagonal[{i + 1}]) must sum to "
+                    f"Row {i} of `a_lower`{with_diagonal} must sum to "
                     f"c[{i + 1}]={self.c[i + 1]}. Received: sum={total}"
                 )
         if len(self.b_sol) != stages:
