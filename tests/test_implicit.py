@@ -352,6 +352,27 @@ def test_aca_gradients_match_finite_differences(interpolate, robertson_reference
     assert abs(float(g_y0[0]) - fd) <= 1e-5 * abs(fd), (float(g_y0[0]), fd)
 
 
+def test_aca_gradients_reach_the_times():
+    """d y(t_k) / d t_k = f(t_k, y(t_k)): the gradients of the outputs' times, stepped onto
+    and interpolated, against the field at the outputs (a stiff non-autonomous decay)."""
+    lam, y0 = f64(300.0), f64([1.0, -0.5])
+
+    @tf.function
+    def run(ts, interpolate):
+        with tf.GradientTape() as tape:
+            tape.watch(ts)
+            ys = tfaca.odeint(_stiff_linear, y0, ts, args=(lam,), method="kvaerno5",
+                              rtol=1e-10, atol=1e-12, interpolate=interpolate)
+            loss = tf.reduce_sum(ys[1:])
+        return ys, tape.gradient(loss, ts)
+
+    ts = f64([0.0, 0.37, 1.0])
+    for interpolate, rtol in ((False, 1e-7), (True, 1e-4)):
+        ys, g_ts = run(ts, interpolate)
+        field = np.array([np.sum(_stiff_linear(ts[k], ys[k], lam).numpy()) for k in (1, 2)])
+        np.testing.assert_allclose(g_ts.numpy()[1:], field, rtol=rtol)
+
+
 def test_naive_through_newton_equals_aca_on_the_same_fixed_steps():
     lam = tf.Variable(50.0, dtype=tf.float64)
     y0, ts = f64([1.0, 2.0]), f64([0.0, 0.2, 0.4])
@@ -509,3 +530,25 @@ def test_ode_layer_with_kvaerno5():
     clone.build(x.shape)
     clone.set_weights(layer.get_weights())
     np.testing.assert_allclose(clone(x).numpy(), y.numpy(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_ode_layer_with_kvaerno5_fits_exports_and_serves(tmp_path):
+    """Keras' default `fit` (a graph, the solver's loops compiled with XLA) lowers the loss
+    of a model with a stiff-solver `ODELayer`; the model exported as a SavedModel serves
+    what it predicts."""
+    keras.utils.set_random_seed(1)
+    x = np.random.default_rng(0).normal(size=(32, 3)).astype("float32")
+    y = np.tanh(x[:, ::-1])
+    dynamics = keras.Sequential([keras.layers.Dense(16, activation="tanh"),
+                                 keras.layers.Dense(3)])
+    model = keras.Sequential([keras.Input((3,)), tfaca.ODELayer(
+        dynamics, method={"name": "kvaerno5", "jacobian": "batch"}, rtol=1e-4, atol=1e-6)])
+    model.compile(keras.optimizers.Adam(0.02), "mse")
+    history = model.fit(x, y, epochs=4, batch_size=16, verbose=0)
+    loss = history.history["loss"]
+    assert loss[-1] < loss[0]
+    model.export(str(tmp_path / "served"), verbose=False)
+    served = tf.saved_model.load(str(tmp_path / "served"))
+    np.testing.assert_allclose(served.serve(tf.constant(x[:8])).numpy(),
+                               model.predict(x[:8], verbose=0), rtol=1e-4, atol=1e-5)
