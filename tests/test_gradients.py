@@ -685,3 +685,27 @@ def test_keras_tf_function_no_retrace():
         loss = tf.reduce_sum(tf.square(ys[-1]))
     assert_grads_close(out2[1], tape.gradient(loss, model.trainable_variables), 1e-12,
                        "tf.function vs eager keras")
+
+
+def test_throw_false_with_an_integer_variable_read_by_func():
+    """A trainable integer variable that `func` updates (a call counter) gets an integer
+    gradient, which `throw=False`'s NaN masking leaves as it is (it raised a TypeError)."""
+    counter = tf.Variable(0, dtype=tf.int64)
+
+    def func(t, y, k):
+        counter.assign_add(1)
+        return -k * y
+
+    @tf.function
+    def grads(y0, k):
+        with tf.GradientTape() as tape:
+            tape.watch([y0, k])
+            sol = tfaca.solve(func, y0, [0.0, 1.0], args=(k,), rtol=1e-8, atol=1e-10,
+                              throw=False)
+            loss = tf.reduce_sum(sol.ys[-1])
+        return tape.gradient(loss, [y0, k])
+
+    g_y0, g_k = grads(tf.constant([1.0], tf.float64), tf.constant(2.0, tf.float64))
+    np.testing.assert_allclose(g_y0.numpy(), [np.exp(-2.0)], rtol=1e-6)
+    np.testing.assert_allclose(g_k.numpy(), -np.exp(-2.0), rtol=1e-6)
+    assert int(counter.numpy()) > 0

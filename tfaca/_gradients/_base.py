@@ -316,8 +316,10 @@ def check_replay(mismatch, grads, throw, message=NOT_REPRODUCED):
 
 def nan_where(failed, grads):
     """`grads`, all NaN where `failed` (a scalar bool): a gradient that could not be
-    computed reads as one."""
-    return [tf.where(failed, tf.constant(float("nan"), g.dtype), g) for g in grads]
+    computed reads as one. A gradient of a non-floating dtype (an integer variable that
+    `func` reads, a counter say) has no NaN and stays as it is (zero)."""
+    return [tf.where(failed, tf.constant(float("nan"), g.dtype), g) if g.dtype.is_floating
+            else g for g in grads]
 
 
 def reproduction_tolerance(dtype, func):
