@@ -138,9 +138,13 @@ def test_convergence_order_on_a_nonstiff_nonlinear_problem(method):
     exact = scipy.integrate.solve_ivp(fun, (0, T), y0, method="DOP853", rtol=1e-13,
                                       atol=1e-13).y[:, -1]
 
+    # Newton to rounding (which a fixed step of 1/4 takes more than 10 iterations to reach:
+    # failing iterations fail a fixed-step solve).
+    solver = IMPLICIT[method][0](max_iterations=50)
+
     @tf.function
     def run(h):
-        return tfaca.odeint(van_der_pol, f64(y0), f64([0.0, T]), args=(mu,), method=method,
+        return tfaca.odeint(van_der_pol, f64(y0), f64([0.0, T]), args=(mu,), method=solver,
                             step_size=h, rtol=1e-14, atol=1e-14, max_steps=1000)[-1]
 
     exponents = range(3, 8) if order == 3 else range(2, 6)
@@ -552,3 +556,30 @@ def test_ode_layer_with_kvaerno5_fits_exports_and_serves(tmp_path):
     served = tf.saved_model.load(str(tmp_path / "served"))
     np.testing.assert_allclose(served.serve(tf.constant(x[:8])).numpy(),
                                model.predict(x[:8], verbose=0), rtol=1e-4, atol=1e-5)
+
+
+@keras.saving.register_keras_serializable(package="tfaca_tests")
+def _decay_jacobian(t, y):
+    """The Jacobian of dy/dt = -2 y in the batch layout: -2 I per sample."""
+    return -2.0 * tf.eye(3, batch_shape=tf.shape(y)[:1], dtype=y.dtype)
+
+
+def test_a_registered_jac_survives_the_layer_config():
+    """A `jac` registered with Keras is saved in the layer's config and loaded back."""
+    layer = tfaca.ODELayer(keras.layers.Dense(3, use_bias=False),
+                           method=tfaca.Kvaerno5(jacobian="batch", jac=_decay_jacobian))
+    clone = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(layer))
+    solver = clone.solver_options.method
+    assert solver.jac is _decay_jacobian and solver.jacobian == "batch"
+
+
+def test_a_fixed_step_whose_newton_iterations_fail_fails_the_solve():
+    """A fixed step cannot shrink: unconverged stages fail the solve (non-finite) rather
+    than being kept (dy/dt = -5 y^3 from 1 with one step of 1: 7.5e158 was returned)."""
+    sol = tf.function(lambda: tfaca.solve(lambda t, y: -5.0 * y**3, f64([1.0]), [0.0, 1.0],
+                                          method="kvaerno3", step_size=1.0, throw=False))()
+    assert int(sol.status) == int(tfaca.Status.NONFINITE)
+    fine = tf.function(lambda: tfaca.solve(lambda t, y: -5.0 * y**3, f64([1.0]), [0.0, 1.0],
+                                           method="kvaerno3", step_size=0.05, rtol=1e-10,
+                                           atol=1e-12, throw=False))()
+    assert int(fine.status) == 0 and abs(float(fine.ys[-1, 0]) - 1 / math.sqrt(11)) < 1e-3

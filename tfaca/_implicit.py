@@ -13,7 +13,8 @@ Hairer's criterion (the contraction rate `rate` of successive corrections predic
 remaining error `rate / (1 - rate) * |correction|`, in the step-size controller's scaled
 norm, below `kappa`); a rate of 1 or more, or `max_iterations` without converging, fails
 the trial: its error ratio is infinite, so the controller rejects it and shrinks the step,
-as diffrax and Hairer's codes do. The stage's slope is `k_i = (z_i - base_i) / h`, not
+as diffrax and Hairer's codes do (with a fixed `step_size`, which cannot shrink, the solve
+fails as non-finite). The stage's slope is `k_i = (z_i - base_i) / h`, not
 `f(t_i, z_i)`: the iterate's residual error then enters `y1` once instead of multiplied by
 the problem's stiffness (Hairer & Wanner IV.8, and an evaluation saved).
 
@@ -96,9 +97,12 @@ class AbstractImplicitSolver(AbstractSolver):
             the samples do interact, the Newton iterations converge slower and ACA's
             gradient is wrong. `"auto"`: `"batch"` with per-sample steps, else `"full"`.
         jac: optional `jac(t, y) -> J`, the Jacobian of `func` supplied by the user in
-            the layout above: `y` is the state as that vector (`[N]`, or `[batch, d]`:
-            for a state of one tensor, the state itself), `J` is `[N, N]` or
-            `[batch, d, d]`. It must be exact where ACA's replay uses it (the converged
+            the layout above: `y` is the state as that vector, its components (in
+            `tf.nest.flatten` order) flattened and concatenated: `[N]` for `"full"`
+            (a `[batch, d]` state with shared steps arrives as `[batch * d]`), or
+            `[batch, d]` for `"batch"` (each sample's elements on the last axis); `J`
+            is `[N, N]` or `[batch, d, d]`; `t` is a scalar, `[batch]` with per-sample
+            steps. It must be exact where ACA's replay uses it (the converged
             stages). Read by the solver only: parameters it needs are closed over.
             Default: by automatic differentiation of `func`. In an `ODELayer`'s config
             it is saved as Keras saves functions: register it
@@ -341,7 +345,9 @@ class AbstractImplicitSolver(AbstractSolver):
             y_error = [tf.where(spread(e), inf, e)
                        for e in _weighted_sum(None, dt, tableau.b_error, k)]
         elif error:
-            # A fixed step cannot be retried: its end is NaN, which the loop reports.
+            # A method without an error estimate runs with fixed steps only, which
+            # cannot be retried: its end is NaN, which the loop reports. (With an
+            # estimate, the loop reads the infinite error of a fixed step the same way.)
             nan = tf.constant(float("nan"), y1[0].dtype)
             y1 = [tf.where(spread(y), nan, y) for y in y1]
         return y1, y_error, k, fevals

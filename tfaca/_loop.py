@@ -464,6 +464,10 @@ def _body(solver, controller, func, groups, stop, next_stop, few_ulps, adaptive,
             dt_next = tf.where(accept & hit & longer, s.dt, dt_next)
         else:
             err_finite = groups.all_finite(y1)
+            if solver.implicit and y_error is not None:
+                # A fixed implicit step whose Newton iterations failed cannot be retried:
+                # its infinite error estimate fails the solve (non-finite).
+                err_finite &= groups.all_finite(y_error)
             accept = err_finite
             dt_next = s.dt
         accept &= active
@@ -473,7 +477,9 @@ def _body(solver, controller, func, groups, stop, next_stop, few_ulps, adaptive,
             # The step after a rejected trial does not grow (Hairer's RADAU5): an implicit
             # trial whose Newton iterations failed is rejected and shrunk, and the next,
             # accepted, would otherwise grow straight back to the size that failed.
-            dt_next = tf.where(accept & s.retry & (tf.abs(dt_next) > tf.abs(dt)), dt, dt_next)
+            # (Against the size proposed, not the step shortened to land on a stop.)
+            dt_next = tf.where(accept & s.retry & (tf.abs(dt_next) > tf.abs(s.dt)), s.dt,
+                               dt_next)
             retry = tf.where(active, tf.logical_not(accept), s.retry)
         dt_next = tf.where(active, dt_next, s.dt)
         y_new = groups.select(accept, y1, s.y)

@@ -321,6 +321,11 @@ def revive(config):
         value = config.get(name)
         if isinstance(value, dict) and value.get("class_name") in ("__numpy__", "__tensor__"):
             config[name] = keras.saving.deserialize_keras_object(value)
+    method = config.get("method")
+    if isinstance(method, dict) and isinstance(method.get("jac"), dict):
+        # An implicit solver's `jac`, saved as Keras saves a function (registered, or a
+        # lambda loaded with `safe_mode=False`).
+        config["method"] = {**method, "jac": keras.saving.deserialize_keras_object(method["jac"])}
     return config
 
 
