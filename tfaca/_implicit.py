@@ -76,10 +76,9 @@ def _static_or(static, dynamic):
     return dynamic if static is None else static
 
 
-def _rows(v, like):
-    """`v` (a scalar, or `[batch]` with per-sample steps) as a scale of `[batch, d]` or
-    `[batch, d, d]`."""
-    return per_row(v, like)
+def _residual(func, z, base, h, t):
+    """`z - base - h f(t, z)`: the stage equation's residual."""
+    return [x - b - per_row(h, f) * f for x, b, f in zip(z, base, func(t, z))]
 
 
 class AbstractImplicitSolver(AbstractSolver):
@@ -313,43 +312,37 @@ class AbstractImplicitSolver(AbstractSolver):
         for c_i, a_i in zip(tableau.c[1:], tableau.a_lower):
             t_i = t0 + c_i * dt
             base = _weighted_sum(y0, dt, a_i, k)
-            base_values = [tf.stop_gradient(b) for b in base]
-            h_value, t_value = tf.stop_gradient(h), tf.stop_gradient(t_i)
-
-            def residual(z, base=base_values, h=h_value, t=t_value):
-                fz = func(t, z)
-                return [x - b - per_row(h, f) * f for x, b, f in zip(z, base, fz)]
-
+            # Replayed, the iterations only find the stage's value (its derivative comes
+            # from the implicit function theorem, `_implicit_stage`); otherwise they are
+            # what naive backpropagation differentiates.
             if replay:
-                guess = [b + per_row(h_value, kp) * tf.stop_gradient(kp)
-                         for b, kp in zip(base_values, k[-1])]
-                z, n, fail = self._newton(residual, guess, factors, layout, y0_values,
-                                          per_sample)
+                base_n, h_n, t_n, slope = ([tf.stop_gradient(b) for b in base],
+                                           tf.stop_gradient(h), tf.stop_gradient(t_i),
+                                           [tf.stop_gradient(x) for x in k[-1]])
+            else:
+                base_n, h_n, t_n, slope = base, h, t_i, k[-1]
+            guess = [b + per_row(h_n, kp) * kp for b, kp in zip(base_n, slope)]
+            z, n, fail = self._newton(lambda z: _residual(func, z, base_n, h_n, t_n), guess,
+                                      factors, layout, y0_values, per_sample)
+            if replay:
                 z = self._implicit_stage(func, [tf.stop_gradient(x) for x in z], base, h, t_i,
                                          layout)
-            else:
-                guess = [b + per_row(h, kp) * kp for b, kp in zip(base, k[-1])]
-                z, n, fail = self._newton(
-                    lambda z, base=base, t=t_i: [
-                        x - b - per_row(h, f) * f for x, b, f in zip(z, base, func(t, z))],
-                    guess, factors, layout, y0_values, per_sample)
             fevals += n
             failed |= fail
             k.append([(x - b) / per_row(h_safe, x) for x, b in zip(z, base)])
         y1 = _weighted_sum(y0, dt, tableau.b_sol, k)
         y_error = None
-        spread = (lambda x: per_row(failed, x)) if per_sample else (lambda x: failed)
-        if error and tableau.b_error is not None:
-            # A failed trial's error is infinite: rejected, the step shrinks.
-            inf = tf.constant(float("inf"), y1[0].dtype)
-            y_error = [tf.where(spread(e), inf, e)
-                       for e in _weighted_sum(None, dt, tableau.b_error, k)]
-        elif error:
-            # A method without an error estimate runs with fixed steps only, which
-            # cannot be retried: its end is NaN, which the loop reports. (With an
-            # estimate, the loop reads the infinite error of a fixed step the same way.)
+        if error:
+            # A failed trial ends in NaN with an infinite error: adaptively it is rejected
+            # and the step shrinks; a fixed step, which cannot be retried, fails the solve
+            # as non-finite (the loop's check of every fixed step).
+            spread = (lambda x: per_row(failed, x)) if per_sample else (lambda x: failed)
             nan = tf.constant(float("nan"), y1[0].dtype)
             y1 = [tf.where(spread(y), nan, y) for y in y1]
+            if tableau.b_error is not None:
+                inf = tf.constant(float("inf"), y1[0].dtype)
+                y_error = [tf.where(spread(e), inf, e)
+                           for e in _weighted_sum(None, dt, tableau.b_error, k)]
         return y1, y_error, k, fevals
 
     def _implicit_stage(self, func, z_star, base, h, t_i, layout):
@@ -357,8 +350,7 @@ class AbstractImplicitSolver(AbstractSolver):
         `func` reads (module docstring): value `z*`, derivative `-M*^-1 dr`."""
         factors = self._factor(self._jacobian(func, t_i, z_star, layout), tf.stop_gradient(h),
                                layout)
-        fz = func(t_i, z_star)
-        r = [x - b - per_row(h, f) * f for x, b, f in zip(z_star, base, fz)]
+        r = _residual(func, z_star, base, h, t_i)
         correction = self._solve(factors, [x - tf.stop_gradient(x) for x in r], layout)
         return [x - c for x, c in zip(z_star, correction)]
 

@@ -464,10 +464,6 @@ def _body(solver, controller, func, groups, stop, next_stop, few_ulps, adaptive,
             dt_next = tf.where(accept & hit & longer, s.dt, dt_next)
         else:
             err_finite = groups.all_finite(y1)
-            if solver.implicit and y_error is not None:
-                # A fixed implicit step whose Newton iterations failed cannot be retried:
-                # its infinite error estimate fails the solve (non-finite).
-                err_finite &= groups.all_finite(y_error)
             accept = err_finite
             dt_next = s.dt
         accept &= active
